@@ -1,0 +1,277 @@
+"""The ``mer`` command. Thin: parse arguments, load the config, call library functions."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from mer.config import ConfigError, MerConfig, dump_config, load_config
+
+log = logging.getLogger("mer")
+
+
+def _common() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--config", default=None, help="config file (default: the repo's ray_config.yaml)")
+    p.add_argument("--profile", choices=["default", "tiny"], default=None,
+                   help="model profile; tiny builds offline tiny models on first use")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set train.lr=3e-4 (repeatable)")
+    p.add_argument("--log-level", default="INFO")
+    return p
+
+
+def _cfg(args: argparse.Namespace) -> MerConfig:
+    return load_config(args.config, overrides=args.overrides, profile=args.profile)
+
+
+def _print(obj: Any) -> None:
+    print(json.dumps(obj, indent=2, sort_keys=True, default=str))
+
+
+# --- handlers: each loads the config and calls one library function --------------------------------
+
+def _models_tiny(args: argparse.Namespace) -> None:
+    from mer.models.tiny import build_tiny_models
+
+    _print(build_tiny_models(args.out, force=args.force))
+
+
+def _data_synth(args: argparse.Namespace) -> None:
+    from mer.data.synth import synth_dataset
+
+    _print(synth_dataset(args.out, n_train=args.n_train, n_unlabeled=args.n_unlabeled,
+                         n_test=args.n_test, seed=args.seed))
+
+
+def _data_import(args: argparse.Namespace) -> None:
+    from mer.data.mer2025 import import_mer2025
+
+    _cfg(args)  # validates config / storage overrides
+    kwargs: dict[str, Any] = {}
+    if args.test_labels:
+        kwargs["test_labels"] = args.test_labels
+    _print(import_mer2025(args.root, args.out, **kwargs))
+
+
+def _extract(args: argparse.Namespace) -> None:
+    from mer.extract.pipeline import extract_features
+    from mer.runtime import init_ray
+
+    cfg = _cfg(args)
+    init_ray(cfg)
+    _print(extract_features(cfg, args.manifest, args.out, limit=args.limit))
+
+
+def _enrich(args: argparse.Namespace) -> None:
+    from mer.enrich.run import enrich_manifest
+    from mer.runtime import init_ray
+
+    cfg = _cfg(args)
+    init_ray(cfg)
+    _print(enrich_manifest(cfg, args.manifest, args.out))
+
+
+def _train(args: argparse.Namespace) -> None:
+    from mer.runtime import init_ray
+    from mer.train import train_run
+
+    cfg = _cfg(args)
+    init_ray(cfg)
+    mods = args.modalities.split(",") if args.modalities else None
+    _print(train_run(cfg, args.features, args.out, resume=args.resume, labels_uri=args.labels,
+                     modalities=mods))
+
+
+def _ablation(args: argparse.Namespace) -> None:
+    from mer.runtime import init_ray
+    from mer.train import ablation_table
+
+    cfg = _cfg(args)
+    init_ray(cfg)
+    _print(ablation_table(cfg, args.features, args.out))
+
+
+def _relabel(args: argparse.Namespace) -> None:
+    from mer.labels.relabel import relabel_run
+
+    cfg = _cfg(args)
+    _print(relabel_run(cfg, args.run, args.features, args.out, extra_sources=args.source))
+
+
+def _pseudolabel(args: argparse.Namespace) -> None:
+    from mer.labels.pseudolabel import pseudolabel_rounds
+    from mer.runtime import init_ray
+
+    cfg = _cfg(args)
+    init_ray(cfg)
+    _print(pseudolabel_rounds(cfg, args.features, args.out, base_run=args.run, labels_uri=args.labels,
+                              rounds=args.rounds))
+
+
+def _score(args: argparse.Namespace) -> None:
+    from mer.runtime import init_ray
+    from mer.score import score
+
+    cfg = _cfg(args)
+    init_ray(cfg)
+    _print(score(cfg, args.run, args.out, features_uri=args.features, manifest_uri=args.manifest,
+                 features_out=args.features_out))
+
+
+def _evaluate(args: argparse.Namespace) -> None:
+    from mer.evaluate import evaluate, format_report
+
+    _cfg(args)
+    report = evaluate(args.pred, args.labels, out_dir=args.out)
+    print(format_report(report))
+
+
+def _demo(args: argparse.Namespace) -> None:
+    from mer.demo import run_demo
+
+    cfg = load_config(args.config, overrides=args.overrides, profile=args.profile or "tiny")
+    run_demo(cfg, args.workdir, n_train=args.n_train, n_unlabeled=args.n_unlabeled, n_test=args.n_test)
+
+
+def _bench(args: argparse.Namespace) -> None:
+    from mer.runtime import init_ray
+
+    cfg = _cfg(args)
+    init_ray(cfg)
+    if args.what == "extract":
+        from mer.extract.bench import bench_extract
+
+        _print(bench_extract(cfg, args.manifest, n_clips=args.n))
+    elif args.what == "train":
+        from mer.train.bench import bench_train
+
+        _print(bench_train(cfg))
+    else:
+        from mer.enrich.bench import bench_enrich
+
+        _print(bench_enrich(cfg, n_prompts=args.n))
+
+
+def _config_show(args: argparse.Namespace) -> None:
+    cfg = _cfg(args)
+    print(dump_config(cfg), end="")
+    print(f"# config hash: {cfg.hash()}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``mer`` command (exposed for tests and docs)."""
+    common = _common()
+    parser = argparse.ArgumentParser(prog="mer", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def add(name: str, fn: Callable[[argparse.Namespace], None], help_: str,
+            parent: Any = sub) -> argparse.ArgumentParser:
+        p = parent.add_parser(name, parents=[common], help=help_)
+        p.set_defaults(fn=fn)
+        return p
+
+    models = sub.add_parser("models", help="model utilities").add_subparsers(dest="sub", required=True)
+    p = add("tiny", _models_tiny, "build offline tiny models of every branch", models)
+    p.add_argument("--out", required=True)
+    p.add_argument("--force", action="store_true")
+
+    data = sub.add_parser("data", help="datasets").add_subparsers(dest="sub", required=True)
+    p = add("synth", _data_synth, "generate a dataset in the MER2025 layout", data)
+    p.add_argument("--out", required=True)
+    p.add_argument("--n-train", type=int, default=120)
+    p.add_argument("--n-unlabeled", type=int, default=40)
+    p.add_argument("--n-test", type=int, default=60)
+    p.add_argument("--seed", type=int, default=0)
+    p = add("import-mer2025", _data_import, "MER2025/2026 release layout -> manifest", data)
+    p.add_argument("--root", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--test-labels", default=None, help="optional CSV name,discrete of a labelled test split")
+
+    p = add("extract", _extract, "manifest -> Parquet feature store (Ray Data)")
+    p.add_argument("--manifest", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--limit", type=int, default=None)
+
+    p = add("enrich", _enrich, "LLM-enrich the transcripts of a manifest (vLLM / transformers)")
+    p.add_argument("--manifest", required=True)
+    p.add_argument("--out", required=True)
+
+    p = add("train", _train, "k-fold ECMF training with Ray Train + DeepSpeed")
+    p.add_argument("--features", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--resume", action="store_true")
+    p.add_argument("--labels", default=None, help="label table (clip_id,label,weight,source)")
+    p.add_argument("--modalities", default=None, help="comma list, e.g. audio,text")
+
+    p = add("ablation", _ablation, "single-modality vs fused WAF table")
+    p.add_argument("--features", required=True)
+    p.add_argument("--out", required=True)
+
+    p = add("relabel", _relabel, "multi-source label refinement of the train split")
+    p.add_argument("--run", required=True, help="a finished training run (its OOF predictions)")
+    p.add_argument("--features", required=True)
+    p.add_argument("--out", required=True, help="refined label table (Parquet)")
+    p.add_argument("--source", action="append", default=[], metavar="NAME=URI",
+                   help="extra label source table (clip_id,label[,confidence])")
+
+    p = add("pseudolabel", _pseudolabel, "rounds of train -> pseudo-label -> retrain")
+    p.add_argument("--features", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--run", default=None, help="start from this trained run (round 0)")
+    p.add_argument("--labels", default=None, help="label table to start from (e.g. refined labels)")
+    p.add_argument("--rounds", type=int, default=None)
+
+    p = add("score", _score, "batch scoring -> predictions Parquet + submission CSV")
+    p.add_argument("--run", required=True)
+    p.add_argument("--out", required=True)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--features")
+    src.add_argument("--manifest")
+    p.add_argument("--features-out", default=None,
+                   help="with --manifest: where the extracted features go (default <out>/features)")
+
+    p = add("evaluate", _evaluate, "WAF / accuracy / per-class F1 of predictions")
+    p.add_argument("--pred", required=True)
+    p.add_argument("--labels", required=True, help="labels CSV/Parquet (name|clip_id, discrete|label)")
+    p.add_argument("--out", default=None, help="directory for report.json and confusion_matrix.png")
+
+    p = add("demo", _demo, "the whole loop on generated data with tiny models")
+    p.add_argument("--workdir", default="runs/demo")
+    p.add_argument("--n-train", type=int, default=150)
+    p.add_argument("--n-unlabeled", type=int, default=90)
+    p.add_argument("--n-test", type=int, default=90)
+
+    p = add("bench", _bench, "benchmarks: extract | train | enrich")
+    p.add_argument("what", choices=["extract", "train", "enrich"])
+    p.add_argument("--manifest", default=None, help="bench extract: manifest (default: generated clips)")
+    p.add_argument("-n", type=int, default=32, help="clips / prompts")
+
+    cfgp = sub.add_parser("config", help="configuration").add_subparsers(dest="sub", required=True)
+    add("show", _config_show, "print the resolved, validated config", cfgp)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``mer`` console script."""
+    args = build_parser().parse_args(argv)
+    from mer.runtime import setup_logging
+
+    setup_logging(args.log_level)
+    try:
+        args.fn(args)
+    except ConfigError as e:
+        print(f"mer: {e}", file=sys.stderr)
+        return 2
+    except FileNotFoundError as e:
+        print(f"mer: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
