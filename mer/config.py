@@ -181,8 +181,8 @@ class TrainConfig(_Strict):
 class RelabelConfig(_Strict):
     # A sample is relabelled when at least `min_agree` non-original sources agree on another label
     # with mean confidence >= `min_confidence`; down-weighted when sources disagree with the original.
-    min_agree: int = Field(2, ge=1)
-    min_confidence: float = Field(0.7, ge=0.0, le=1.0)
+    min_agree: int = Field(1, ge=1)
+    min_confidence: float = Field(0.85, ge=0.0, le=1.0)
     downweight: float = Field(0.5, ge=0.0, le=1.0)
     source_weights: dict[str, float] = Field(default_factory=lambda: {"original": 1.0, "oof": 1.0})
 

@@ -1,0 +1,1 @@
+"""Label refinement and semi-supervised pseudo-labelling."""
