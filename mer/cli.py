@@ -9,7 +9,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from mer.config import ConfigError, MerConfig, dump_config, load_config
+from mer.config import ConfigError, MerConfig, cpu_only, dump_config, load_config
 
 log = logging.getLogger("mer")
 
@@ -21,12 +21,14 @@ def _common() -> argparse.ArgumentParser:
                    help="model profile; tiny builds offline tiny models on first use")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set train.lr=3e-4 (repeatable)")
+    p.add_argument("--cpu", action="store_true", help="zero every GPU request (laptop / CI)")
     p.add_argument("--log-level", default="INFO")
     return p
 
 
 def _cfg(args: argparse.Namespace) -> MerConfig:
-    return load_config(args.config, overrides=args.overrides, profile=args.profile)
+    cfg = load_config(args.config, overrides=args.overrides, profile=args.profile)
+    return cpu_only(cfg) if args.cpu else cfg
 
 
 def _print(obj: Any) -> None:
@@ -134,7 +136,8 @@ def _evaluate(args: argparse.Namespace) -> None:
 def _demo(args: argparse.Namespace) -> None:
     from mer.demo import run_demo
 
-    cfg = load_config(args.config, overrides=args.overrides, profile=args.profile or "tiny")
+    # The demo is the laptop path by definition: local Ray, CPU, tiny models unless told otherwise.
+    cfg = cpu_only(load_config(args.config, overrides=args.overrides, profile=args.profile or "tiny"))
     run_demo(cfg, args.workdir, n_train=args.n_train, n_unlabeled=args.n_unlabeled, n_test=args.n_test)
 
 
