@@ -1,0 +1,1 @@
+"""Model registry and offline tiny models."""

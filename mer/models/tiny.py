@@ -1,0 +1,299 @@
+"""Offline tiny random-weight models of every ECMF branch (same architectures as the default profile).
+
+Each slot is saved with ``save_pretrained`` (model + processor/tokenizer) into ``<out_dir>/<slot>`` so the
+rest of the system loads them through exactly the ``from_pretrained`` path used for real hub models.
+Builds are deterministic (fixed seed, deterministic tokenizer training), idempotent (a completion marker
+per slot) and safe under concurrent callers (each slot is built in a temp dir and moved with
+``os.rename``, which is atomic on one filesystem).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+log = logging.getLogger(__name__)
+
+SLOTS: tuple[str, ...] = ("llm", "global_visual", "face", "audio", "text")
+SEED = 0
+# Bump when a slot's recipe changes: existing builds with another version are rebuilt.
+TINY_VERSION = "1"
+MARKER = ".mer-tiny-complete"
+
+# Emotion vocabulary and everyday subtitle phrases so that the tokenizers learn merges for them; the
+# byte-level alphabet still covers every other character.
+_ZH_WORDS = (
+    "中性 平静 生气 愤怒 气死 开心 高兴 快乐 哈哈 难过 伤心 悲伤 哭 担心 焦虑 害怕 紧张 惊讶 吃惊 意外 天哪 "
+    "我 你 他 她 我们 你们 他们 是 不 没有 真的 什么 为什么 怎么 这 那 个 的 了 吗 呢 吧 啊 很 太 好 坏 "
+    "今天 明天 昨天 工作 家 朋友 妈妈 爸爸 孩子 老师 学校 钱 事情 知道 觉得 喜欢 讨厌 可以 不能 一定 "
+    "说 看 听 想 走 来 去 回来 出去 吃饭 睡觉 电话 时间 问题 情绪 表情 声音 语气 字幕 视频 说话人 描述"
+)
+_EN_WORDS = (
+    "neutral calm angry furious happy glad joy laugh sad sorrow cry worried anxious afraid nervous "
+    "surprise surprised shocked wow I you he she we they is not no really what why how this that "
+    "today tomorrow work home friend mother father child teacher school money know think like hate "
+    "can cannot say look listen want go come back eat sleep phone time problem emotion expression "
+    "voice tone subtitle video speaker describe the a an of to and in it"
+)
+
+
+def _corpus(n_lines: int = 600) -> list[str]:
+    """A generated Chinese + English corpus; deterministic (no RNG beyond index arithmetic)."""
+    zh = _ZH_WORDS.split()
+    en = _EN_WORDS.split()
+    lines = []
+    for i in range(n_lines):
+        z = "".join(zh[(i * 7 + k * 13) % len(zh)] for k in range(6 + i % 5))
+        e = " ".join(en[(i * 5 + k * 11) % len(en)] for k in range(5 + i % 4))
+        lines.append(f"{z}。{e}." if i % 3 else f"{e}! {z}？")
+    # Every CJK char that appears in emotion words as a standalone line, so each gets a token.
+    lines.extend(sorted(set("".join(zh))))
+    return lines
+
+
+def _train_byte_bpe(vocab_size: int, special_tokens: list[str]):
+    """Byte-level BPE trained on the generated corpus; any Unicode text maps (no unknown tokens)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=special_tokens,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_corpus(), trainer=trainer)
+    return tok
+
+
+_CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if loop.first and message['role'] != 'system' %}"
+    "{{ '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}"
+    "{% endif %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+def _seed() -> None:
+    import torch
+
+    torch.manual_seed(SEED)
+
+
+def _build_llm(dst: Path) -> None:
+    """Qwen2ForCausalLM (hidden 128, 4 heads / 2 KV heads -> head_dim 32, which vLLM's CPU attention accepts)."""
+    from transformers import GenerationConfig, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    raw = _train_byte_bpe(1024, specials)
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=raw,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        bos_token=None,
+        unk_token=None,
+        additional_special_tokens=["<|im_start|>", "<|im_end|>"],
+        model_max_length=2048,
+        clean_up_tokenization_spaces=False,
+    )
+    tok.chat_template = _CHATML_TEMPLATE
+    eos_id = tok.convert_tokens_to_ids("<|im_end|>")
+    pad_id = tok.convert_tokens_to_ids("<|endoftext|>")
+    config = Qwen2Config(
+        vocab_size=len(tok),
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=32,
+        max_position_embeddings=2048,
+        max_window_layers=2,
+        tie_word_embeddings=True,
+        bos_token_id=pad_id,
+        eos_token_id=eos_id,
+        pad_token_id=pad_id,
+        rope_theta=10000.0,
+        torch_dtype="float32",
+    )
+    _seed()
+    model = Qwen2ForCausalLM(config)
+    model.generation_config = GenerationConfig(
+        bos_token_id=pad_id, eos_token_id=[eos_id], pad_token_id=pad_id, do_sample=False, max_new_tokens=64
+    )
+    model.save_pretrained(dst)
+    tok.save_pretrained(dst)
+
+
+def _build_global_visual(dst: Path) -> None:
+    """CLIPVisionModel (hidden 64, 2 layers, patch 16, 64 px) + CLIPImageProcessor."""
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
+
+    config = CLIPVisionConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        image_size=64, patch_size=16, projection_dim=64,
+    )
+    _seed()
+    CLIPVisionModel(config).save_pretrained(dst)
+    CLIPImageProcessor(size={"shortest_edge": 64}, crop_size={"height": 64, "width": 64}).save_pretrained(dst)
+
+
+def _build_face(dst: Path) -> None:
+    """ViTModel (hidden 64, 2 layers, patch 16, 64 px) + ViTImageProcessor."""
+    from transformers import ViTConfig, ViTImageProcessor, ViTModel
+
+    config = ViTConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        image_size=64, patch_size=16,
+    )
+    _seed()
+    ViTModel(config).save_pretrained(dst)
+    ViTImageProcessor(size={"height": 64, "width": 64}, image_mean=[0.5] * 3, image_std=[0.5] * 3).save_pretrained(dst)
+
+
+def _build_audio(dst: Path) -> None:
+    """HubertModel (hidden 64, 2 layers, 3-layer conv stack, 20x downsampling) + Wav2Vec2FeatureExtractor."""
+    from transformers import HubertConfig, HubertModel, Wav2Vec2FeatureExtractor
+
+    # Same variant as chinese-hubert-large: layer-norm feature extractor + stable layer norm.
+    config = HubertConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        conv_dim=(32, 32, 32), conv_kernel=(10, 3, 3), conv_stride=(5, 2, 2),
+        num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4,
+        feat_extract_norm="layer", do_stable_layer_norm=True, vocab_size=32,
+    )
+    _seed()
+    HubertModel(config).save_pretrained(dst)
+    Wav2Vec2FeatureExtractor(
+        feature_size=1, sampling_rate=16000, padding_value=0.0, do_normalize=True, return_attention_mask=True
+    ).save_pretrained(dst)
+
+
+def _build_text(dst: Path) -> None:
+    """XLMRobertaModel (hidden 64, 2 layers) + a byte-level BPE tokenizer with XLM-R's special tokens."""
+    from tokenizers import processors
+    from transformers import PreTrainedTokenizerFast, XLMRobertaConfig, XLMRobertaModel
+
+    # XLM-R's ids: <s>=0, <pad>=1, </s>=2, <unk>=3; <mask> last.
+    specials = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
+    raw = _train_byte_bpe(1024, specials)
+    raw.post_processor = processors.TemplateProcessing(
+        single="<s> $A </s>", pair="<s> $A </s> </s> $B </s>",
+        special_tokens=[("<s>", 0), ("</s>", 2)],
+    )
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=raw, bos_token="<s>", eos_token="</s>", sep_token="</s>", cls_token="<s>",
+        unk_token="<unk>", pad_token="<pad>", mask_token="<mask>", model_max_length=512,
+        clean_up_tokenization_spaces=False,
+    )
+    config = XLMRobertaConfig(
+        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=514, type_vocab_size=1,
+        pad_token_id=1, bos_token_id=0, eos_token_id=2,
+    )
+    _seed()
+    XLMRobertaModel(config).save_pretrained(dst)
+    tok.save_pretrained(dst)
+
+
+_BUILDERS: dict[str, Callable[[Path], None]] = {
+    "llm": _build_llm,
+    "global_visual": _build_global_visual,
+    "face": _build_face,
+    "audio": _build_audio,
+    "text": _build_text,
+}
+
+
+def _is_complete(slot_dir: Path) -> bool:
+    try:
+        return (slot_dir / MARKER).read_text().strip() == TINY_VERSION
+    except OSError:
+        return False
+
+
+def _build_slot(out_dir: Path, slot: str, force: bool) -> Path:
+    """Build one slot into a temp dir next to its final place and move it there atomically."""
+    dst = out_dir / slot
+    if not force and _is_complete(dst):
+        return dst
+    tmp = Path(tempfile.mkdtemp(prefix=f".{slot}.build-", dir=out_dir))
+    os.chmod(tmp, 0o755)  # mkdtemp makes 0700; the models are shared with Ray workers and other users
+    try:
+        _BUILDERS[slot](tmp)
+        (tmp / MARKER).write_text(TINY_VERSION)
+        if dst.exists():
+            if not force and _is_complete(dst):  # another process finished first
+                return dst
+            # Stale/partial/forced: move it aside first so the final rename is a single atomic step.
+            trash = Path(tempfile.mkdtemp(prefix=f".{slot}.old-", dir=out_dir))
+            try:
+                os.rename(dst, trash / slot)
+            except FileNotFoundError:
+                pass
+            shutil.rmtree(trash, ignore_errors=True)
+        try:
+            os.rename(tmp, dst)
+        except OSError:
+            # A concurrent builder renamed its copy in between; theirs is equivalent (same seed).
+            if not _is_complete(dst):
+                raise
+        log.info("built tiny model %s -> %s", slot, dst)
+        return dst
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def build_tiny_models(out_dir: str | os.PathLike, force: bool = False,
+                      slots: tuple[str, ...] | list[str] | None = None) -> dict[str, str]:
+    """Build the tiny models of ``slots`` (default: all, LLM first) into ``out_dir/<slot>``.
+
+    Returns ``{slot: absolute directory}``. Slots with a completion marker are skipped unless ``force``.
+    """
+    out = Path(out_dir).expanduser().resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    wanted = list(slots) if slots is not None else list(SLOTS)
+    unknown = [s for s in wanted if s not in _BUILDERS]
+    if unknown:
+        raise ValueError(f"unknown tiny model slots {unknown}; choose from {list(SLOTS)}")
+    return {slot: str(_build_slot(out, slot, force)) for slot in wanted}
+
+
+def build_tiny_llm(out_dir: str | os.PathLike, force: bool = False) -> str:
+    """Build only the tiny Qwen2 LLM slot; returns its directory."""
+    return build_tiny_models(out_dir, force=force, slots=["llm"])["llm"]
+
+
+def tiny_models_dir(cfg) -> Path:
+    """Absolute ``cfg.storage.tiny_models_dir`` (relative paths are taken from the current directory)."""
+    return Path(cfg.storage.tiny_models_dir).expanduser().resolve()
+
+
+def ensure_tiny_models(cfg) -> dict[str, str]:
+    """Build any missing tiny model into ``cfg.storage.tiny_models_dir``; returns ``{slot: directory}``."""
+    return build_tiny_models(tiny_models_dir(cfg))
+
+
+def describe(out_dir: str | os.PathLike) -> dict[str, dict]:
+    """Slot -> {complete, path} for the CLI and tests."""
+    out = Path(out_dir).expanduser().resolve()
+    return {s: {"path": str(out / s), "complete": _is_complete(out / s)} for s in SLOTS}
+
+
+__all__ = ["SLOTS", "build_tiny_models", "build_tiny_llm", "ensure_tiny_models", "tiny_models_dir", "describe"]
+
+if __name__ == "__main__":  # pragma: no cover - convenience: python -m mer.models.tiny <dir>
+    import sys
+
+    print(json.dumps(build_tiny_models(sys.argv[1] if len(sys.argv) > 1 else ".cache/mer/tiny-models"), indent=1))
