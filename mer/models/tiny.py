@@ -21,8 +21,9 @@ log = logging.getLogger(__name__)
 
 SLOTS: tuple[str, ...] = ("llm", "global_visual", "face", "audio", "text")
 SEED = 0
-# Bump when a slot's recipe changes: existing builds with another version are rebuilt.
-TINY_VERSION = "1"
+# Hidden sizes differ per branch (64/48/32/96) so a test mixing branches up fails on the dimension.
+# Bump a slot's version when its recipe changes: existing builds with another version are rebuilt.
+_VERSIONS: dict[str, str] = {"llm": "1", "global_visual": "2", "face": "2", "audio": "2", "text": "2"}
 MARKER = ".mer-tiny-complete"
 
 # Emotion vocabulary and everyday subtitle phrases so that the tokenizers learn merges for them; the
@@ -149,11 +150,11 @@ def _build_global_visual(dst: Path) -> None:
 
 
 def _build_face(dst: Path) -> None:
-    """ViTModel (hidden 64, 2 layers, patch 16, 64 px) + ViTImageProcessor."""
+    """ViTModel (hidden 48, 2 layers, patch 16, 64 px) + ViTImageProcessor."""
     from transformers import ViTConfig, ViTImageProcessor, ViTModel
 
     config = ViTConfig(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
         image_size=64, patch_size=16,
     )
     _seed()
@@ -162,12 +163,12 @@ def _build_face(dst: Path) -> None:
 
 
 def _build_audio(dst: Path) -> None:
-    """HubertModel (hidden 64, 2 layers, 3-layer conv stack, 20x downsampling) + Wav2Vec2FeatureExtractor."""
+    """HubertModel (hidden 32, 2 layers, 3-layer conv stack, 20x downsampling) + Wav2Vec2FeatureExtractor."""
     from transformers import HubertConfig, HubertModel, Wav2Vec2FeatureExtractor
 
     # Same variant as chinese-hubert-large: layer-norm feature extractor + stable layer norm.
     config = HubertConfig(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
         conv_dim=(32, 32, 32), conv_kernel=(10, 3, 3), conv_stride=(5, 2, 2),
         num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4,
         feat_extract_norm="layer", do_stable_layer_norm=True, vocab_size=32,
@@ -180,7 +181,7 @@ def _build_audio(dst: Path) -> None:
 
 
 def _build_text(dst: Path) -> None:
-    """XLMRobertaModel (hidden 64, 2 layers) + a byte-level BPE tokenizer with XLM-R's special tokens."""
+    """XLMRobertaModel (hidden 96, 2 layers) + a byte-level BPE tokenizer with XLM-R's special tokens."""
     from tokenizers import processors
     from transformers import PreTrainedTokenizerFast, XLMRobertaConfig, XLMRobertaModel
 
@@ -197,7 +198,7 @@ def _build_text(dst: Path) -> None:
         clean_up_tokenization_spaces=False,
     )
     config = XLMRobertaConfig(
-        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        vocab_size=len(tok), hidden_size=96, intermediate_size=192, num_hidden_layers=2,
         num_attention_heads=4, max_position_embeddings=514, type_vocab_size=1,
         pad_token_id=1, bos_token_id=0, eos_token_id=2,
     )
@@ -217,7 +218,7 @@ _BUILDERS: dict[str, Callable[[Path], None]] = {
 
 def _is_complete(slot_dir: Path) -> bool:
     try:
-        return (slot_dir / MARKER).read_text().strip() == TINY_VERSION
+        return (slot_dir / MARKER).read_text().strip() == _VERSIONS[slot_dir.name]
     except OSError:
         return False
 
@@ -231,7 +232,7 @@ def _build_slot(out_dir: Path, slot: str, force: bool) -> Path:
     os.chmod(tmp, 0o755)  # mkdtemp makes 0700; the models are shared with Ray workers and other users
     try:
         _BUILDERS[slot](tmp)
-        (tmp / MARKER).write_text(TINY_VERSION)
+        (tmp / MARKER).write_text(_VERSIONS[slot])
         if dst.exists():
             if not force and _is_complete(dst):  # another process finished first
                 return dst

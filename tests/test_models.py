@@ -1,0 +1,164 @@
+"""Tiny offline models and the model registry: build, reload via from_pretrained, determinism, tokenizers."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import torch
+
+from mer.config import BRANCHES
+from mer.models import registry
+from mer.models.tiny import SLOTS, build_tiny_llm, build_tiny_models, describe
+
+EXPECTED_CLASSES = {
+    "global_visual": "CLIPVisionModel",
+    "face": "ViTModel",
+    "audio": "HubertModel",
+    "text": "XLMRobertaModel",
+    "llm": "Qwen2ForCausalLM",
+}
+ZH = "今天我真的很生气，为什么没有人告诉我？哈哈，太意外了！龘"
+
+
+def test_all_slots_built_and_reload_through_registry(tiny_models_dir: Path, tiny_config) -> None:
+    state = describe(tiny_models_dir)
+    assert sorted(state) == sorted(SLOTS)
+    assert all(s["complete"] for s in state.values()), state
+    for slot in SLOTS:
+        spec = getattr(tiny_config.models, slot)
+        path = registry.resolve_model_id(spec, tiny_config)
+        assert Path(path) == tiny_models_dir / slot
+        assert (Path(path) / "config.json").is_file() and (Path(path) / "model.safetensors").is_file()
+        model = registry.load_model(spec, tiny_config)
+        assert type(model).__name__ == EXPECTED_CLASSES[slot]
+        assert not model.training
+        assert next(model.parameters()).dtype == torch.float32  # dtype auto on CPU
+        assert registry.load_processor(spec, tiny_config) is not None
+
+
+def test_build_is_deterministic_and_idempotent(tmp_path: Path) -> None:
+    a = build_tiny_models(tmp_path / "a", slots=["face", "text"])
+    b = build_tiny_models(tmp_path / "b", slots=["face", "text"])
+    from transformers import AutoModel
+
+    for slot in ("face", "text"):
+        sa = AutoModel.from_pretrained(a[slot]).state_dict()
+        sb = AutoModel.from_pretrained(b[slot]).state_dict()
+        assert sa.keys() == sb.keys()
+        assert all(torch.equal(sa[k], sb[k]) for k in sa)
+        assert (Path(a[slot]) / "tokenizer.json").exists() == (slot == "text")
+    assert (Path(a["text"]) / "tokenizer.json").read_bytes() == (Path(b["text"]) / "tokenizer.json").read_bytes()
+
+    weights = Path(a["face"]) / "model.safetensors"
+    before = weights.stat().st_mtime_ns
+    assert build_tiny_models(tmp_path / "a", slots=["face"]) == {"face": a["face"]}
+    assert weights.stat().st_mtime_ns == before  # completion marker present: not rebuilt
+    build_tiny_models(tmp_path / "a", slots=["face"], force=True)
+    assert (Path(a["face"]) / "model.safetensors").stat().st_mtime_ns != before
+    assert not [p for p in (tmp_path / "a").iterdir() if p.name.startswith(".")]  # no temp dirs left
+
+    with pytest.raises(ValueError, match="unknown tiny model slots"):
+        build_tiny_models(tmp_path / "a", slots=["nope"])
+
+
+def test_partial_slot_is_rebuilt_and_concurrent_builds_agree(tmp_path: Path) -> None:
+    out = tmp_path / "m"
+    (out / "audio").mkdir(parents=True)
+    (out / "audio" / "config.json").write_text("{}")  # a crashed build: no completion marker
+    with ThreadPoolExecutor(2) as pool:
+        results = list(pool.map(lambda _: build_tiny_models(out, slots=["audio"]), range(2)))
+    assert results[0] == results[1]
+    assert describe(out)["audio"]["complete"]
+    assert json.loads((out / "audio" / "config.json").read_text())["model_type"] == "hubert"
+    assert sorted(p.name for p in out.iterdir()) == ["audio"]
+
+
+def test_text_tokenizer_chinese_round_trip(tiny_models_dir: Path) -> None:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_models_dir / "text")
+    enc = tok([ZH, "hello"], padding=True)
+    ids = enc["input_ids"][0]
+    assert ids[0] == tok.cls_token_id == 0 and ids[-1] == tok.sep_token_id == 2
+    assert tok.unk_token_id not in ids
+    assert tok.decode(ids, skip_special_tokens=True) == ZH
+    assert enc["input_ids"][1][-1] == tok.pad_token_id == 1 and enc["attention_mask"][1][-1] == 0
+    # Emotion words were in the training corpus: they merge into fewer tokens than their UTF-8 bytes.
+    assert len(tok("生气", add_special_tokens=False)["input_ids"]) < len("生气".encode())
+    assert len(tok) == json.loads((tiny_models_dir / "text" / "config.json").read_text())["vocab_size"]
+
+
+def test_llm_tokenizer_chat_template_and_generate(tiny_models_dir: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    path = tiny_models_dir / "llm"
+    tok = AutoTokenizer.from_pretrained(path)
+    assert tok.eos_token == "<|im_end|>" and tok.pad_token is not None
+    ids = tok(ZH, add_special_tokens=False)["input_ids"]
+    assert tok.decode(ids) == ZH
+    prompt = tok.apply_chat_template([{"role": "user", "content": ZH}], tokenize=False, add_generation_prompt=True)
+    assert prompt.endswith("<|im_start|>assistant\n") and f"<|im_start|>user\n{ZH}<|im_end|>" in prompt
+    gen = GenerationConfig.from_pretrained(path)
+    assert tok.eos_token_id in (gen.eos_token_id if isinstance(gen.eos_token_id, list) else [gen.eos_token_id])
+    model = AutoModelForCausalLM.from_pretrained(path)
+    cfg = model.config
+    assert (cfg.hidden_size // cfg.num_attention_heads, cfg.num_key_value_heads) == (32, 2)
+    assert cfg.vocab_size == len(tok) and cfg.max_position_embeddings == 2048
+    enc = tok(prompt, return_tensors="pt")
+    out = model.generate(**enc, max_new_tokens=4, do_sample=False)
+    assert out.shape[1] > enc["input_ids"].shape[1]
+    assert build_tiny_llm(tiny_models_dir) == str(path)
+
+
+def test_llm_loads_in_vllm(tiny_models_dir: Path, tmp_path: Path) -> None:
+    pytest.importorskip("vllm")
+    script = textwrap.dedent(f"""
+        from vllm import LLM, SamplingParams
+        llm = LLM(model={str(tiny_models_dir / 'llm')!r}, enforce_eager=True, max_model_len=256, dtype="float32")
+        out = llm.chat([[{{"role": "user", "content": "今天我很伤心"}}]], SamplingParams(max_tokens=8, temperature=0))
+        print("NTOK", len(out[0].outputs[0].token_ids))
+    """)
+    env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_CPU_KVCACHE_SPACE="1", TMPDIR=str(tmp_path))
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ntok = [line for line in proc.stdout.splitlines() if line.startswith("NTOK")]
+    assert ntok and 1 <= int(ntok[0].split()[1]) <= 8
+
+
+def test_registry_rejects_non_transformers_classes(tiny_config) -> None:
+    spec = tiny_config.models.face.model_copy(update={"model_class": "os"})
+    with pytest.raises(registry.ModelConfigError, match=r"profiles\.tiny\.face\.model_class.*'os'"):
+        registry.load_model(spec, tiny_config)
+    spec = tiny_config.models.face.model_copy(update={"model_class": "logging"})
+    with pytest.raises(registry.ModelConfigError, match="not a loadable class"):
+        registry.load_model(spec, tiny_config)
+    spec = tiny_config.models.text.model_copy(update={"processor_class": "__import__"})
+    with pytest.raises(registry.ModelConfigError, match=r"profiles\.tiny\.text\.processor_class"):
+        registry.load_processor(spec, tiny_config)
+    spec = tiny_config.models.text.model_copy(update={"model_id": "tiny:nope"})
+    with pytest.raises(registry.ModelConfigError, match="unknown tiny model"):
+        registry.resolve_model_id(spec, tiny_config)
+
+
+def test_registry_resolution_device_and_dtype(tiny_config) -> None:
+    from mer.config import load_config
+
+    default = load_config(profile="default")
+    assert registry.resolve_model_id(default.models.text, default) == "FacebookAI/xlm-roberta-large"
+    assert registry.model_ids(default)["llm"] == "Qwen/Qwen2.5-7B-Instruct"
+    assert registry.pick_device(0) == "cpu"
+    expected_gpu = "cuda" if torch.cuda.is_available() else "cpu"
+    assert registry.pick_device(0.25) == expected_gpu
+    assert registry.resolve_dtype("auto", "cpu") == torch.float32
+    assert registry.resolve_dtype("auto", "cuda") == torch.bfloat16
+    assert registry.resolve_dtype("float16", "cpu") == torch.float16
+    model = registry.load_model(tiny_config.models.text, tiny_config, dtype="bfloat16")
+    assert next(model.parameters()).dtype == torch.bfloat16
+    assert set(BRANCHES) < set(registry.SLOTS)
