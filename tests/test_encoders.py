@@ -171,3 +171,22 @@ def test_encoder_in_ray_data_actor_pool(tiny_config: MerConfig, ray_local) -> No
     local = TextEncoder(tiny_config)({"text": np.array(["她很伤心"], dtype=object)})["text"][0]
     assert np.asarray(got[2]["text"]).shape == (96,)
     assert _close(np.asarray(got[2]["text"], dtype=np.float32), local)
+
+
+@pytest.mark.gpu
+def test_encoders_on_cuda_bf16(tiny_config: MerConfig) -> None:
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    changes = {f"extract.encoders.{b}.resources.num_gpus": 0.25 for b in ENCODERS}
+    cfg = _cfg(tiny_config, **changes)
+    vis = GlobalVisualEncoder(cfg)
+    assert vis.device == "cuda" and next(vis.model.parameters()).dtype == torch.bfloat16
+    out = vis({"frames": object_column([_frames(1), None])})
+    assert out["global_visual"][0].dtype == np.float32 and out["global_visual"][0].shape == (64,)
+    cpu = GlobalVisualEncoder(tiny_config)({"frames": object_column([_frames(1)])})["global_visual"][0]
+    assert np.corrcoef(cpu, out["global_visual"][0])[0, 1] > 0.98  # bf16 vs fp32: same features
+    audio = AudioEncoder(cfg)({"audio": object_column([np.ones(16000, np.float32) * 0.1])})
+    assert audio["audio"][0].shape == (32,)
+    text = TextEncoder(cfg)({"text": np.array(["我很开心"], dtype=object)})
+    assert text["text"][0].shape == (96,)
