@@ -75,6 +75,13 @@ class StorageConfig(_Strict):
     s3_region: str | None = None
     tiny_models_dir: str = ".cache/mer/tiny-models"
 
+    @field_validator("tiny_models_dir")
+    @classmethod
+    def _absolute(cls, v: str) -> str:
+        # Resolved once on the driver: Ray workers may start in another directory and would otherwise
+        # rebuild the tiny models there.
+        return v if v.startswith("s3://") else os.path.abspath(os.path.expanduser(v))
+
 
 class DecodeConfig(_Strict):
     num_frames: int = Field(16, ge=1)
@@ -88,6 +95,13 @@ class DecodeConfig(_Strict):
     # "uniform": decord get_batch on uniform indices; "keyframe": snap samples to keyframes and decode at
     # reduced resolution, which avoids decoding every reference frame (see bench extract).
     sampling: Literal["uniform", "keyframe"] = "keyframe"
+    # keyframe sampling: a target frame snaps to the nearest keyframe within this fraction of the sample
+    # stride (a keyframe decodes alone; any other frame needs its whole GOP prefix decoded).
+    keyframe_tolerance: float = Field(0.5, ge=0.0, le=1.0)
+    threads: int = Field(1, ge=0)  # decoder threads per clip (0 = library default: all cores)
+    # The decode runs in a child process per decode actor; it is replaced after this many clips so a
+    # decoder that leaks memory (decord) cannot grow without bound.
+    recycle_every: int = Field(500, ge=1)
     resources: StageResources = StageResources(batch_size=4, concurrency=2, num_cpus=1.0)
 
 
@@ -97,6 +111,9 @@ class FaceConfig(_Strict):
     cascade: str = "haarcascade_frontalface_default.xml"
     crop_size: int = Field(112, ge=16)
     min_face_frac: float = Field(0.08, gt=0, lt=1)
+    margin: float = Field(0.25, ge=0.0, le=1.0)  # context around the box, per side, as a box fraction
+    scale_factor: float = Field(1.1, gt=1.0)
+    min_neighbors: int = Field(4, ge=1)
     resources: StageResources = StageResources(batch_size=4, concurrency=1, num_cpus=1.0)
 
 
@@ -163,6 +180,12 @@ class ExtractConfig(_Strict):
     encoders: EncodersConfig = EncodersConfig()
     # Rows per output Parquet part; each part is committed atomically, which is what resume keys on.
     rows_per_part: int = Field(64, ge=1)
+    # Manifest rows per input block: small blocks spread clips over the decode actors and keep the
+    # decoded frames in flight bounded (0 = the decode batch size).
+    input_block_rows: int = Field(0, ge=0)
+    # Actor fault tolerance (Ray restarts a dead actor and retries its in-flight batches).
+    max_restarts: int = Field(3, ge=-1)
+    max_task_retries: int = Field(3, ge=-1)
 
 
 class TrainConfig(_Strict):
@@ -188,6 +211,7 @@ class TrainConfig(_Strict):
     zero_stage: Literal[0, 1, 2, 3] = 2
     precision: Literal["fp32", "bf16"] = "fp32"
     max_failures: int = Field(2, ge=0)
+    checkpoints_to_keep: int = Field(2, ge=1)  # per fold, in <run>/ray/fold_<k> (latest ones)
     label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
 
     @field_validator("modalities")
