@@ -112,6 +112,8 @@ class FaceConfig(_Strict):
     crop_size: int = Field(112, ge=16)
     min_face_frac: float = Field(0.08, gt=0, lt=1)
     margin: float = Field(0.25, ge=0.0, le=1.0)  # context around the box, per side, as a box fraction
+    # Frames whose shorter side is below this are upscaled for detection (the cascade's window is 24 px).
+    detect_min_size: int = Field(160, ge=24)
     scale_factor: float = Field(1.1, gt=1.0)
     min_neighbors: int = Field(4, ge=1)
     resources: StageResources = StageResources(batch_size=4, concurrency=1, num_cpus=1.0)

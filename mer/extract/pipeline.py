@@ -1,0 +1,321 @@
+"""The streaming extraction pipeline: manifest → decode once → face → encoders → feature store.
+
+::
+
+    manifest rows (small blocks) ─► [dataset stages, e.g. enrichment] ─► decode (CPU actors, child process,
+    timeout + fallback) ─► face detect/crop (CPU actors) ─► global_visual ─► face ─► audio ─► [extra
+    map_batches stages] ─► text encoder actor pools ─► assemble (drops frames/audio/crops) ─► driver
+    commits Parquet parts (exactly once)
+
+The driver consumes the stream with ``iter_batches`` and commits parts itself (see :mod:`store`), so
+large arrays never reach the driver or the store, and memory is bounded by the in-flight blocks.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections import Counter
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from mer import storage
+from mer.config import BRANCHES, MerConfig, StageResources
+from mer.extract import store
+from mer.extract.decode import ClipDecoder
+from mer.extract.face import FaceDetector
+from mer.extract.stages import Stage, encoder_stage, timed, validate_chain
+
+log = logging.getLogger("mer.extract")
+
+MANIFEST_COLUMNS = ("clip_id", "video_uri", "audio_uri", "text", "label", "split")
+# Columns that never leave the workers (large arrays).
+HEAVY_COLUMNS = ("frames", "audio", "face_crops", "face_mask")
+
+
+# ------------------------------------------------------------------------------------------ manifest
+def read_manifest_table(uri: str) -> pa.Table:
+    """The manifest as Arrow (through :mod:`mer.data.manifest` when present; Parquet or CSV otherwise)."""
+    try:
+        from mer.data.manifest import read_manifest
+    except ImportError:
+        read_manifest = None
+    if read_manifest is not None:
+        t = read_manifest(uri)
+        t = t if isinstance(t, pa.Table) else pa.Table.from_pandas(t, preserve_index=False)
+    elif str(uri).endswith(".csv"):
+        import io
+
+        import pyarrow.csv as pacsv
+
+        t = pacsv.read_csv(io.BytesIO(storage.read_bytes(uri)), convert_options=pacsv.ConvertOptions(
+            strings_can_be_null=True, column_types={c: pa.string() for c in MANIFEST_COLUMNS}))
+    else:
+        t = storage.read_table(uri)
+    if "clip_id" not in t.column_names or "video_uri" not in t.column_names:
+        raise ValueError(f"{uri}: a manifest needs clip_id and video_uri columns (has {t.column_names})")
+    for c in MANIFEST_COLUMNS:
+        if c not in t.column_names:
+            t = t.append_column(c, pa.nulls(t.num_rows, pa.string()))
+    keep = [c for c in t.column_names if c in MANIFEST_COLUMNS or not pa.types.is_nested(t.schema.field(c).type)]
+    t = t.select(keep)
+    return t.cast(pa.schema([(f.name, pa.string()) if f.name in MANIFEST_COLUMNS else f for f in t.schema]))
+
+
+# ------------------------------------------------------------------------------------------ stages
+def _remote_args(cfg: MerConfig) -> dict[str, Any]:
+    # Ray restarts a killed actor and re-sends its in-flight batches (the driver dedupes anyway).
+    return {"max_restarts": cfg.extract.max_restarts, "max_task_retries": cfg.extract.max_task_retries}
+
+
+def enabled_branches(cfg: MerConfig) -> list[str]:
+    return [b for b in BRANCHES if getattr(cfg.extract.encoders, b).enabled]
+
+
+def build_stages(cfg: MerConfig, extra_stages: list[Stage | Any] | None = None,
+                 branches: list[str] | None = None, include_face: bool = True) -> list[Stage]:
+    """The ordered stage list for ``cfg``.
+
+    ``extra_stages`` is the hook for extra steps such as LLM enrichment: a :class:`Stage` of kind
+    ``actor``/``task`` is inserted just before the text encoder (it sees every column but the heavy
+    arrays are still there, so keep it light); a :class:`Stage` of kind ``dataset`` or any plain
+    ``Dataset -> Dataset`` callable (e.g. ``mer.enrich.stage.EnrichStage``, which materialises its rows)
+    runs on the manifest rows before decoding. Both must leave every input row in place.
+    """
+    from mer.encoders import ENCODERS
+
+    ra = _remote_args(cfg)
+    before_decode: list[Stage] = []
+    before_text: list[Stage] = []
+    for s in extra_stages or []:
+        if not isinstance(s, Stage):
+            outs = tuple(getattr(s, "output_columns", None) or getattr(s, "OUTPUT_COLUMNS", ()) or
+                         ("text_enriched", "enrich_status", "enrich_note"))
+            s = Stage(name=type(s).__name__, fn=s, inputs=("clip_id",), outputs=outs, kind="dataset")
+        (before_decode if s.kind == "dataset" else before_text).append(s)
+
+    d = cfg.extract.decode
+    stages: list[Stage] = list(before_decode)
+    stages.append(Stage(name="decode", fn=timed(ClipDecoder, "decode"), inputs=ClipDecoder.input_columns,
+                        optional_inputs=ClipDecoder.optional_inputs, outputs=ClipDecoder.output_columns,
+                        kind="actor", resources=d.resources, constructor_args=(cfg,), remote_args=ra))
+    wanted = branches if branches is not None else enabled_branches(cfg)
+    if include_face and "face" in wanted:
+        stages.append(Stage(name="face_detect", fn=timed(FaceDetector, "face_detect"), inputs=FaceDetector.input_columns,
+                            outputs=FaceDetector.output_columns, kind="actor",
+                            resources=cfg.extract.face.resources, constructor_args=(cfg,), remote_args=ra))
+    for b in wanted:
+        if b == "text":
+            stages += before_text
+            before_text = []
+        optional = ("text_enriched",) if b == "text" else ()
+        stages.append(encoder_stage(b, ENCODERS[b], cfg, getattr(cfg.extract.encoders, b).resources, ra,
+                                    optional=optional))
+    stages += before_text
+    return stages
+
+
+# ------------------------------------------------------------------------------------------ assemble
+def _vec(v: Any) -> list[float] | None:
+    if v is None or (isinstance(v, float) and v != v):
+        return None
+    a = np.asarray(v, dtype=np.float32).reshape(-1)
+    return a.tolist() if a.size else None
+
+
+def _seq(v: Any) -> list[list[float]] | None:
+    if v is None or (isinstance(v, float) and v != v):
+        return None
+    a = np.asarray(v, dtype=np.float32)
+    return a.reshape(a.shape[0], -1).tolist() if a.size else None
+
+
+def _str(v: Any) -> str | None:
+    """A string cell; None and "" (the in-flight stand-in for a missing value) become null."""
+    if v is None or (isinstance(v, float) and v != v):
+        return None
+    return str(v) or None
+
+
+def assemble_batch(batch: dict[str, np.ndarray], schema: pa.Schema, branches: list[str], config_hash: str,
+                   model_ids: str) -> pa.Table:
+    """Encoded rows → store rows (the schema's columns + ``_t_*`` timings); heavy arrays are dropped."""
+    n = len(batch["clip_id"])
+
+    def col(name: str) -> list[Any]:
+        return list(batch[name]) if name in batch else [None] * n
+
+    vector_cols = store.vector_branches_from_schema(schema)
+    out: dict[str, list[Any]] = {}
+    statuses: dict[str, list[str]] = {}
+    for b in vector_cols:
+        out[b] = [_vec(v) for v in col(b)]
+        st = [_str(s) or ("disabled" if b not in branches and not (b == "text_enriched" and "text" in branches)
+                          else "error") for s in col(f"{b}_status")]
+        out[f"{b}_status"] = st
+        statuses[b] = st
+        if f"{b}_seq" in schema.names:
+            out[f"{b}_seq"] = [_seq(v) for v in col(f"{b}_seq")]
+    active = [b for b in vector_cols if b in branches or (b == "text_enriched" and "text" in branches)]
+    overall, errors = [], []
+    err_cols = ["decode_error", "face_error", *[f"{b}_error" for b in vector_cols], "enrich_note"]
+    err_vals = {c: col(c) for c in err_cols if c in batch}
+    for i in range(n):
+        ok = [statuses[b][i] == "ok" for b in active]
+        overall.append("ok" if ok and all(ok) else ("failed" if not any(ok) else "partial"))
+        msgs = [_str(err_vals[c][i]) for c in err_vals]
+        errors.append("; ".join(dict.fromkeys(m for m in msgs if m)) or None)
+    out["status"], out["error"] = overall, errors
+    # split/label are filled in by the driver from the manifest (they never travel through the stages).
+    for c in ("clip_id", "split", "label", "decode_status", "decode_backend", "enrich_status"):
+        out[c] = [_str(v) for v in col(c)]
+
+    def transcript(name: str) -> list[str | None]:
+        return [v if isinstance(v, str) else None for v in col(name)]
+
+    # The text encoder keeps the transcripts under transcript*; without it the manifest text is the one.
+    out["transcript"] = transcript("transcript" if "transcript" in batch else "text")
+    out["transcript_enriched"] = transcript("transcript_enriched" if "transcript_enriched" in batch
+                                            else "text_enriched")
+    out["n_face_frames"] = [int(np.asarray(m).sum()) if isinstance(m, np.ndarray) else 0
+                            for m in col("face_mask")]
+    out["config_hash"] = [config_hash] * n
+    out["model_ids"] = [model_ids] * n
+    arrays = {f.name: pa.array(out[f.name], type=f.type) for f in schema}
+    for k in batch:
+        if k.startswith("_t_"):
+            arrays[k] = pa.array(np.asarray(batch[k], dtype=np.float64))
+    return pa.table(arrays)
+
+
+# ------------------------------------------------------------------------------------------ run
+def pipeline_input(cfg: MerConfig, manifest: pa.Table) -> pa.Table:
+    """The manifest columns the stages need, nulls as "" (so every block has the same string type);
+    split/label stay on the driver."""
+    import pyarrow.compute as pc
+
+    cols = ["clip_id", "video_uri", "audio_uri", "text"]
+    if cfg.enrich.enabled:
+        cols += [c for c in cfg.enrich.context_columns if c in manifest.column_names and c not in cols]
+    return pa.table({c: pc.fill_null(manifest.column(c).cast(pa.string()), "") for c in cols})
+
+
+def add_manifest_columns(table: pa.Table, lookup: dict[str, tuple[str | None, str | None]]) -> pa.Table:
+    """Fill ``split``/``label`` of store rows from the manifest (driver side)."""
+    ids = table.column("clip_id").to_pylist()
+    for j, name in ((0, "split"), (1, "label")):
+        vals = pa.array([lookup.get(c, (None, None))[j] for c in ids], pa.string())
+        table = table.set_column(table.column_names.index(name), name, vals)
+    return table
+
+
+def build_dataset(cfg: MerConfig, manifest: pa.Table, stages: list[Stage]) -> Any:
+    """Ray Dataset of store rows for ``manifest`` (lazy): small input blocks → stages → assemble."""
+    import ray
+
+    rows = cfg.extract.input_block_rows or cfg.extract.decode.resources.batch_size
+    manifest = pipeline_input(cfg, manifest)
+    blocks = [manifest.slice(i, rows) for i in range(0, manifest.num_rows, rows)] or [manifest]
+    ds = ray.data.from_arrow(blocks)
+    validate_chain(stages, manifest.column_names)
+    for s in stages:
+        ds = s.apply(ds)
+    schema = store.feature_schema(cfg)
+    return ds.map_batches(assemble_batch, batch_format="numpy", batch_size=cfg.extract.decode.resources.batch_size,
+                          fn_kwargs=dict(schema=schema, branches=enabled_branches(cfg),
+                                         config_hash=store.config_hash(cfg), model_ids=store.model_ids_json(cfg)),
+                          num_cpus=0.0, zero_copy_batch=True)
+
+
+def default_extra_stages(cfg: MerConfig, out_uri: str) -> list[Any]:
+    """The enrichment stage when ``enrich.enabled`` (its cache lives next to the store by default)."""
+    if not cfg.enrich.enabled:
+        return []
+    from mer.enrich.cache import default_cache_dir
+    from mer.enrich.stage import build_enrich_stage
+
+    return [build_enrich_stage(cfg, cache_dir=default_cache_dir(cfg.enrich.cache_dir, out_uri))]
+
+
+def extract_features(cfg: MerConfig, manifest_uri: str, out_uri: str, *, limit: int | None = None,
+                     extra_stages: list[Stage | Any] | None = None, allow_config_change: bool = False,
+                     verbose: bool = True) -> dict[str, Any]:
+    """Extract features of every manifest clip not yet in ``out_uri`` (local dir or ``s3://``).
+
+    Resumable and exactly-once: clip_ids already committed are skipped, parts are committed atomically
+    by the driver, duplicates are dropped. ``limit`` keeps the first N manifest rows. ``extra_stages``
+    (default: the enrichment stage when ``enrich.enabled``) see :func:`build_stages`. Returns (and prints)
+    a summary: counts by status, clips/s, per-stage busy time.
+    """
+    t0 = time.time()
+    storage.configure(cfg.storage.s3_endpoint_url, cfg.storage.s3_region)
+    manifest = read_manifest_table(manifest_uri)
+    if limit is not None:
+        manifest = manifest.slice(0, limit)
+    ids = manifest.column("clip_id").to_pylist()
+    if len(set(ids)) != len(ids):
+        dup = [k for k, v in Counter(ids).items() if v > 1][:5]
+        raise ValueError(f"{manifest_uri}: duplicate clip_ids in the manifest, e.g. {dup}")
+    meta = store.ensure_meta(cfg, out_uri, allow_config_change=allow_config_change)
+    done = store.stored_ids(out_uri)
+    todo_mask = pa.array([cid not in done for cid in ids])
+    todo = manifest.filter(todo_mask)
+    schema = store.feature_schema(cfg)
+    lookup = dict(zip(ids, zip(manifest.column("split").to_pylist(), manifest.column("label").to_pylist())))
+    writer = store.PartWriter(out_uri, schema, cfg.extract.rows_per_part, already=done)
+    busy: Counter = Counter()
+    run_counts: Counter = Counter()
+    stats_text = ""
+    if todo.num_rows:
+        if extra_stages is None:
+            extra_stages = default_extra_stages(cfg, out_uri)
+        stages = build_stages(cfg, extra_stages)
+        ds = build_dataset(cfg, todo, stages)
+        log.info("extract: %d clips (%d already stored) → %s", todo.num_rows, len(done & set(ids)), out_uri)
+        for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None, prefetch_batches=1):
+            for c in batch.column_names:
+                if c.startswith("_t_"):
+                    busy[c[3:]] += float(np.nansum(batch.column(c).to_numpy(zero_copy_only=False)))
+            run_counts.update(batch.column("status").to_pylist())
+            batch = batch.drop_columns([c for c in batch.column_names if c.startswith("_t_")])
+            writer.add(add_manifest_columns(batch, lookup))
+        writer.flush()
+        try:
+            stats_text = ds.stats()
+        except Exception:  # noqa: BLE001 - stats are informational
+            stats_text = ""
+    seconds = time.time() - t0
+    summary: dict[str, Any] = {
+        "out": out_uri, "manifest_rows": manifest.num_rows, "already_stored": manifest.num_rows - todo.num_rows,
+        "processed": writer.rows_written, "parts_written": len(writer.parts),
+        "duplicates_dropped": writer.duplicates_dropped, "seconds": round(seconds, 2),
+        "clips_per_s": round(writer.rows_written / seconds, 3) if writer.rows_written else 0.0,
+        "stage_busy_s": {k: round(v, 3) for k, v in busy.items()},
+        "stage_ms_per_clip": {k: round(1000 * v / max(1, writer.rows_written), 2) for k, v in busy.items()},
+        "run_status_counts": dict(run_counts), "config_hash": meta["config_hash"],
+    }
+    try:
+        summary["status_counts"] = store.status_counts(store.read_features(
+            out_uri, columns=["status", *[f"{b}_status" for b in store.vector_branches(cfg)], "decode_status"]))
+    except FileNotFoundError:
+        summary["status_counts"] = {}
+    if verbose:
+        if stats_text:
+            log.info("ray data stats:\n%s", stats_text)
+        print(format_summary(summary), flush=True)
+    return summary
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    """Human-readable end-of-run summary."""
+    lines = [f"extract → {summary['out']}: {summary['processed']} clips in {summary['seconds']} s "
+             f"({summary['clips_per_s']} clips/s), {summary['already_stored']} already stored, "
+             f"{summary['parts_written']} parts"]
+    if summary["stage_ms_per_clip"]:
+        lines.append("  busy ms/clip: " + ", ".join(f"{k}={v}" for k, v in summary["stage_ms_per_clip"].items()))
+    for col, counts in summary.get("status_counts", {}).items():
+        lines.append(f"  {col}: " + json.dumps(counts, sort_keys=True))
+    return "\n".join(lines)
