@@ -36,7 +36,7 @@ class EnsemblePredictor:
     def __init__(self, run_uri: str, device: str = "cpu") -> None:
         from mer.train import load_ensemble
 
-        self.ensemble = load_ensemble(run_uri, device=device) if device != "cpu" else load_ensemble(run_uri)
+        self.ensemble = load_ensemble(run_uri, device=device)
         self.run_id = run_uri.rstrip("/").rsplit("/", 1)[-1]
 
     def __call__(self, batch: pa.Table) -> pa.Table:
