@@ -61,7 +61,7 @@ def _ray_stage(cfg: MerConfig, stage: EnrichStage, prompts_ds: Any) -> dict[str,
     wall0 = time.time()
     out = vllm_generate(cfg, stage.model_path, prompts_ds, timing=True).materialize()
     total = time.perf_counter() - t0
-    t = pa.concat_tables([b for b in out.iter_batches(batch_format="pyarrow", batch_size=None)])
+    t = pa.concat_tables(list(out.iter_batches(batch_format="pyarrow", batch_size=None)), promote_options="permissive")
     arrivals = [a for a in t["_enrich_t_arrival"].to_pylist() if a is not None]
     ends = [a + lat for a, lat in zip(t["_enrich_t_arrival"].to_pylist(), t["_enrich_latency"].to_pylist())
             if a is not None and lat is not None and lat >= 0]

@@ -183,9 +183,11 @@ def enrich_table(cfg: MerConfig, table: pa.Table, cache_dir: str | None = None,
         raise ValueError("enrich_table needs unique clip_ids")
     stage = build_enrich_stage(cfg, cache_dir)
     out = stage(ray.data.from_arrow(table))
-    result = pa.concat_tables([pa.Table.from_batches([b]) if isinstance(b, pa.RecordBatch) else b
-                               for b in out.iter_batches(batch_format="pyarrow", batch_size=None)]
-                              ) if stage.last_stats["rows"] else None
+    result = None
+    if stage.last_stats["rows"]:
+        # Blocks from the generated and the skipped branch can type all-null columns differently.
+        result = pa.concat_tables(list(out.iter_batches(batch_format="pyarrow", batch_size=None)),
+                                  promote_options="permissive")
     if result is None or result.num_rows == 0:
         result = _empty_like(table)
     idx = sorted(range(result.num_rows), key=lambda i: order[result["clip_id"][i].as_py()])
