@@ -214,6 +214,11 @@ class TrainConfig(_Strict):
     precision: Literal["fp32", "bf16"] = "fp32"
     max_failures: int = Field(2, ge=0)
     checkpoints_to_keep: int = Field(2, ge=1)  # per fold, in <run>/ray/fold_<k> (latest ones)
+    # Keep each worker's Ray Data shard in memory after the first pass (pooled vectors are small);
+    # false streams it from Ray Data every epoch.
+    cache_shards: bool = True
+    # Ray Train controller poll interval; each per-epoch report waits for the previous one to be polled.
+    poll_interval_s: float = Field(0.5, gt=0)
     label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
 
     @field_validator("modalities")

@@ -1,0 +1,93 @@
+"""Classification metrics of the MER challenge: weighted-average F1 (WAF), accuracy, confusion matrix.
+
+Labels are class indices into :data:`mer.config.LABELS`. A prediction of ``-1`` (no prediction for a clip)
+counts as wrong for every metric and is left out of the confusion matrix's columns.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+
+import numpy as np
+
+from mer import storage
+from mer.config import LABELS
+
+N_CLASSES = len(LABELS)
+
+
+def _arrays(y_true: Sequence[int], y_pred: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+    t = np.asarray(y_true, dtype=np.int64).reshape(-1)
+    p = np.asarray(y_pred, dtype=np.int64).reshape(-1)
+    if t.shape != p.shape:
+        raise ValueError(f"y_true has {t.size} items, y_pred {p.size}")
+    return t, p
+
+
+def accuracy(y_true: Sequence[int], y_pred: Sequence[int]) -> float:
+    """Fraction of exact matches (0.0 for empty input)."""
+    t, p = _arrays(y_true, y_pred)
+    return float((t == p).mean()) if t.size else 0.0
+
+
+def per_class_f1(y_true: Sequence[int], y_pred: Sequence[int]) -> dict[str, float]:
+    """F1 of each class, keyed by label name (0.0 for a class with no true and no predicted sample)."""
+    t, p = _arrays(y_true, y_pred)
+    out: dict[str, float] = {}
+    for k, name in enumerate(LABELS):
+        tp = float(np.sum((t == k) & (p == k)))
+        fp = float(np.sum((t != k) & (p == k)))
+        fn = float(np.sum((t == k) & (p != k)))
+        denom = 2 * tp + fp + fn
+        out[name] = 2 * tp / denom if denom else 0.0
+    return out
+
+
+def weighted_f1(y_true: Sequence[int], y_pred: Sequence[int]) -> float:
+    """Weighted-average F1 (the MER2025 WAF): per-class F1 weighted by the class's true support."""
+    t, _ = _arrays(y_true, y_pred)
+    if not t.size:
+        return 0.0
+    f1 = per_class_f1(y_true, y_pred)
+    support = np.bincount(t[(t >= 0) & (t < N_CLASSES)], minlength=N_CLASSES).astype(np.float64)
+    return float(sum(f1[name] * support[k] for k, name in enumerate(LABELS)) / support.sum())
+
+
+def confusion(y_true: Sequence[int], y_pred: Sequence[int]) -> np.ndarray:
+    """Confusion matrix ``[true, pred]`` of shape (6, 6); rows with no prediction (-1) are not counted."""
+    t, p = _arrays(y_true, y_pred)
+    cm = np.zeros((N_CLASSES, N_CLASSES), dtype=np.int64)
+    ok = (t >= 0) & (t < N_CLASSES) & (p >= 0) & (p < N_CLASSES)
+    np.add.at(cm, (t[ok], p[ok]), 1)
+    return cm
+
+
+def plot_confusion(cm: np.ndarray, path_or_uri: str, title: str = "confusion matrix") -> str:
+    """Render a confusion matrix (counts, row-normalised colours) to PNG at a local path or ``s3://`` URI."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cm = np.asarray(cm)
+    rows = cm.sum(axis=1, keepdims=True).astype(np.float64)
+    norm = np.divide(cm, rows, out=np.zeros_like(cm, dtype=np.float64), where=rows > 0)
+    fig, ax = plt.subplots(figsize=(6, 5))
+    im = ax.imshow(norm, cmap="Blues", vmin=0.0, vmax=1.0)
+    ax.set_xticks(range(N_CLASSES), LABELS, rotation=45, ha="right")
+    ax.set_yticks(range(N_CLASSES), LABELS)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title)
+    for i in range(cm.shape[0]):
+        for j in range(cm.shape[1]):
+            ax.text(j, i, str(int(cm[i, j])), ha="center", va="center",
+                    color="white" if norm[i, j] > 0.5 else "black", fontsize=8)
+    fig.colorbar(im, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    storage.write_bytes(path_or_uri, buf.getvalue())
+    return path_or_uri

@@ -1,0 +1,78 @@
+"""The k-fold ensemble of a training run, loadable without DeepSpeed or Ray (scoring, pseudo-labelling)."""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from mer import storage
+
+
+@dataclass
+class Ensemble:
+    """Fold models of one run. ``predict_proba`` gives per-fold class probabilities ``[N, folds, 6]``."""
+
+    spec: dict[str, Any]
+    models: list[Any]
+    device: str = "cpu"
+    batch_size: int = 1024
+    folds: list[int] = field(default_factory=list)
+
+    @property
+    def modalities(self) -> list[str]:
+        return list(self.spec["modalities"])
+
+    @property
+    def dims(self) -> dict[str, int]:
+        return {m: int(self.spec["dims"][m]) for m in self.modalities}
+
+    def predict(self, table: pa.Table) -> tuple[np.ndarray, np.ndarray]:
+        """``(probs [N, folds, 6], modality weights [N, folds, M])`` for rows of a feature table.
+
+        Modality columns the table lacks, and null or malformed vectors, count as missing modalities.
+        """
+        import torch
+
+        from mer.train.features import table_inputs
+
+        x, mask = table_inputs(table, self.modalities, self.dims)
+        n, f, m = table.num_rows, len(self.models), len(self.modalities)
+        probs = np.zeros((n, f, len(self.spec["labels"])), dtype=np.float32)
+        weights = np.zeros((n, f, m), dtype=np.float32)
+        with torch.no_grad():
+            for s in range(0, n, self.batch_size):
+                xb = torch.from_numpy(x[s:s + self.batch_size]).to(self.device)
+                mb = torch.from_numpy(mask[s:s + self.batch_size]).to(self.device)
+                for k, model in enumerate(self.models):
+                    logits, w = model(xb, mb)
+                    probs[s:s + len(xb), k] = torch.softmax(logits.float(), dim=1).cpu().numpy()
+                    weights[s:s + len(xb), k] = w.float().cpu().numpy()
+        return probs, weights
+
+    def predict_proba(self, table: pa.Table) -> np.ndarray:
+        """Per-fold class probabilities ``[N, folds, 6]`` (average over axis 1 for the ensemble)."""
+        return self.predict(table)[0]
+
+
+def load_ensemble(run_uri: str, device: str = "cpu") -> Ensemble:
+    """Load ``<run>/models/model.json`` and every ``fold_<k>.pt`` (plain torch state dicts)."""
+    import torch
+
+    from mer.fusion import model_from_spec
+
+    spec = storage.read_json(storage.join(run_uri, "models", "model.json"))
+    files = storage.list_files(storage.join(run_uri, "models"), ".pt")
+    fold_files = sorted((int(f.rsplit("fold_", 1)[1][:-3]), f) for f in files if "fold_" in f.rsplit("/", 1)[-1])
+    if not fold_files:
+        raise FileNotFoundError(f"no fold models under {storage.join(run_uri, 'models')}")
+    models = []
+    for _, f in fold_files:
+        model = model_from_spec(spec)
+        model.load_state_dict(torch.load(io.BytesIO(storage.read_bytes(f)), map_location="cpu", weights_only=True))
+        model.to(device).eval()
+        models.append(model)
+    return Ensemble(spec=spec, models=models, device=device, folds=[k for k, _ in fold_files])

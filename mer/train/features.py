@@ -1,0 +1,99 @@
+"""Feature-store rows → model inputs (the layout of :mod:`mer.fusion.base`), and store introspection."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from mer import storage
+from mer.config import LABELS
+
+LABEL_INDEX = {lab: k for k, lab in enumerate(LABELS)}
+
+
+def vector_matrix(column: pa.ChunkedArray | pa.Array | None, dim: int, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """A nullable ``list<float>`` column → (``[n, dim]`` float32 with zeros where missing, present mask).
+
+    A vector that is null, has the wrong length or holds a non-finite value counts as missing, so one bad
+    row never poisons a batch.
+    """
+    out = np.zeros((n, dim), dtype=np.float32)
+    present = np.zeros(n, dtype=bool)
+    if column is None:
+        return out, present
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    if pa.types.is_large_list(column.type):
+        column = column.cast(pa.list_(pa.float32()))
+    lengths = pc.list_value_length(column).to_numpy(zero_copy_only=False)
+    ok = column.is_valid().to_numpy(zero_copy_only=False) & (np.nan_to_num(lengths, nan=-1) == dim)
+    if ok.any():
+        flat = pc.list_flatten(column.filter(pa.array(ok))).to_numpy(zero_copy_only=False)
+        vals = np.asarray(flat, dtype=np.float32).reshape(-1, dim)
+        finite = np.isfinite(vals).all(axis=1)
+        idx = np.flatnonzero(ok)
+        out[idx[finite]] = vals[finite]
+        present[idx[finite]] = True
+    return out, present
+
+
+def table_inputs(table: pa.Table, modalities: list[str], dims: dict[str, int]) -> tuple[np.ndarray, np.ndarray]:
+    """Rows of a feature table → (``x [N, sum(dims)]`` float32, ``mask [N, M]`` bool) in modality order.
+
+    A modality column absent from the table is missing for every row.
+    """
+    n = table.num_rows
+    xs, masks = [], []
+    for m in modalities:
+        col = table.column(m) if m in table.column_names else None
+        x, present = vector_matrix(col, dims[m], n)
+        xs.append(x)
+        masks.append(present)
+    return np.concatenate(xs, axis=1), np.stack(masks, axis=1)
+
+
+def store_files(features_uri: str) -> list[str]:
+    """The Parquet parts of a feature store (or the file itself when given one)."""
+    fs, path = storage.filesystem(features_uri)
+    if fs.get_file_info(path).type == pafs.FileType.File:
+        return [features_uri]
+    files = storage.list_files(features_uri, ".parquet")
+    if not files:
+        raise FileNotFoundError(f"no feature parts under {features_uri}")
+    return files
+
+
+def store_columns(features_uri: str) -> list[str]:
+    """Column names of the store (from the first part's schema)."""
+    fs, path = storage.filesystem(store_files(features_uri)[0])
+    return pq.read_schema(path, filesystem=fs).names
+
+
+def modality_dims(features_uri: str, modalities: list[str]) -> dict[str, int]:
+    """Vector size of each modality: the length of its first non-null vector in the store.
+
+    Reads one column at a time, part by part, only until a vector is found.
+    """
+    cols = set(store_columns(features_uri))
+    missing = [m for m in modalities if m not in cols]
+    if missing:
+        raise ValueError(f"feature store {features_uri} has no column for modalities {missing}")
+    dims: dict[str, int] = {}
+    for m in modalities:
+        for part in store_files(features_uri):
+            col = storage.read_table(part, columns=[m]).column(m).drop_null()
+            if len(col):
+                dims[m] = len(col[0].as_py())
+                break
+        else:
+            raise ValueError(f"feature store {features_uri}: modality {m!r} has no vector in any row")
+    return dims
+
+
+def label_index(labels: list[str | None]) -> np.ndarray:
+    """Label names → class indices (-1 for null/unknown)."""
+    return np.array([LABEL_INDEX.get(str(lab).strip().lower(), -1) if lab is not None else -1
+                     for lab in labels], dtype=np.int64)

@@ -1,0 +1,148 @@
+"""One fold = one Ray Train ``TorchTrainer`` run (DeepSpeed inside), checkpointed under ``<out>/ray/fold_<k>``."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from mer import storage
+from mer.config import MerConfig
+
+log = logging.getLogger("mer.train")
+
+# Test hook (read on the driver, forwarded to the workers): "<epoch>:<marker path>[:<rank>]" kills one
+# worker process with SIGKILL at that epoch, once (the marker file records that it happened).
+FAULT_ENV = "MER_TRAIN_FAULT"
+
+
+def ray_storage(uri: str) -> tuple[str, pafs.FileSystem | None]:
+    """``RunConfig(storage_path, storage_filesystem)`` for a local path or an ``s3://`` URI.
+
+    For S3 the filesystem is pyarrow's, built here with the endpoint and (when set in the environment)
+    the credentials, because it is pickled to the Ray Train controller and workers, whose environment
+    may predate them.
+    """
+    if not storage.is_s3(uri):
+        return os.path.abspath(os.path.expanduser(uri)), None
+    kw: dict[str, Any] = {}
+    ep = storage.endpoint_url()
+    if ep:
+        parsed = urlparse(ep if "://" in ep else f"https://{ep}")
+        kw["endpoint_override"] = parsed.netloc
+        kw["scheme"] = parsed.scheme
+    if os.environ.get("AWS_ACCESS_KEY_ID") and os.environ.get("AWS_SECRET_ACCESS_KEY"):
+        kw["access_key"] = os.environ["AWS_ACCESS_KEY_ID"]
+        kw["secret_key"] = os.environ["AWS_SECRET_ACCESS_KEY"]
+        if os.environ.get("AWS_SESSION_TOKEN"):
+            kw["session_token"] = os.environ["AWS_SESSION_TOKEN"]
+    region = os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION")
+    if region:
+        kw["region"] = region
+    return uri[len("s3://"):], pafs.S3FileSystem(**kw)
+
+
+@contextlib.contextmanager
+def _controller_poll_interval(seconds: float) -> Iterator[None]:
+    """How often the Ray Train controller polls workers (its default, 2 s, also paces every report:
+    a worker's report waits until the previous one was consumed). Ray Train forwards this variable from
+    the driver to the controller; a value the user set in the environment wins."""
+    var = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
+    if var in os.environ:
+        yield
+        return
+    os.environ[var] = str(seconds)
+    try:
+        yield
+    finally:
+        os.environ.pop(var, None)
+
+
+def fault_from_env() -> dict[str, Any] | None:
+    """Parse :data:`FAULT_ENV` (test hook) into the loop's ``fault`` setting."""
+    spec = os.environ.get(FAULT_ENV)
+    if not spec:
+        return None
+    parts = spec.split(":")
+    fault = {"epoch": int(parts[0]), "marker": parts[1], "rank": int(parts[2]) if len(parts) > 2 else 0}
+    if len(parts) > 3:
+        fault["fold"] = int(parts[3])
+    return fault
+
+
+def run_fold(cfg: MerConfig, *, fold: int, arch: str, dims: dict[str, int], train_ds: Any, val_ds: Any,
+             ray_dir: str, fault: dict | None = None, max_failures: int | None = None) -> dict[str, Any]:
+    """Train one fold through Ray Train; returns ``state`` (history, best epoch...), ``best`` (state-dict
+    bytes) and ``val_pred`` (table) from the final checkpoint.
+
+    Re-running with the same ``ray_dir`` continues from the fold's latest checkpoint (Ray Train restores
+    its checkpoint snapshot for the same storage path and run name).
+    """
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from mer.train.loop import train_loop_per_worker
+
+    tc = cfg.train
+    storage_path, fs = ray_storage(ray_dir)
+    resources: dict[str, float] = {"CPU": tc.cpus_per_worker}
+    if tc.use_gpu:
+        resources["GPU"] = tc.gpus_per_worker
+    if fault and "fold" in fault and int(fault["fold"]) != fold:
+        fault = None
+    loop_config = {"train": tc.model_dump(mode="json"), "arch": arch, "dims": dims, "fold": fold,
+                   "fault": fault, "threads": max(1, int(tc.cpus_per_worker))}
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop_config,
+        torch_config=TorchConfig(backend="nccl" if tc.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu,
+                                     resources_per_worker=resources),
+        run_config=RunConfig(
+            name=f"fold_{fold}", storage_path=storage_path, storage_filesystem=fs,
+            failure_config=FailureConfig(max_failures=tc.max_failures if max_failures is None else max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=tc.checkpoints_to_keep),
+        ),
+        datasets={"train": train_ds, "val": val_ds},
+        # Every worker validates on the whole (small) validation fold, so all reach the same WAF.
+        dataset_config=DataConfig(datasets_to_split=["train"]),
+    )
+    t0 = time.time()
+    with _controller_poll_interval(tc.poll_interval_s):
+        result = trainer.fit()
+    log.info("fold %d: trainer.fit %.1f s", fold, time.time() - t0)
+    if result.checkpoint is None:
+        raise RuntimeError(f"fold {fold}: training produced no checkpoint ({result.error})")
+    with result.checkpoint.as_directory() as d:
+        state = json.loads((Path(d) / "state.json").read_text())
+        if not state.get("finished"):
+            raise RuntimeError(f"fold {fold}: latest checkpoint is not final (epoch {state.get('epoch')})")
+        best = (Path(d) / "best.pt").read_bytes()
+        val_pred = pq.read_table(io.BytesIO((Path(d) / "val_pred.parquet").read_bytes()))
+    log.info("fold %d: best val WAF %.4f at epoch %d (%d epochs, resumed from %s)", fold, state["best_waf"],
+             state["best_epoch"], state["epoch"], state["resumed_from"])
+    return {"state": state, "best": best, "val_pred": val_pred, "checkpoint_path": result.checkpoint.path}
+
+
+def checkpoint_dirs(ray_dir: str, fold: int) -> list[str]:
+    """Checkpoint directory names kept for a fold (for tests and reports)."""
+    storage_path, fs = ray_storage(ray_dir)
+    fs = fs or pafs.LocalFileSystem()
+    base = f"{storage_path}/fold_{fold}"
+    if fs.get_file_info(base).type == pafs.FileType.NotFound:
+        return []
+    infos = fs.get_file_info(pafs.FileSelector(base, recursive=False))
+    return sorted(i.base_name for i in infos if i.type == pafs.FileType.Directory
+                  and i.base_name.startswith("checkpoint"))
+

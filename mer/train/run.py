@@ -1,0 +1,344 @@
+"""``train_run``: k-fold cross-validation of a fusion model with Ray Train + DeepSpeed, and its run directory.
+
+Layout of ``out_uri`` (docs/architecture.md "Training run directory"): ``config.yaml``, ``metrics.json``,
+``fold_metrics.parquet``, ``history.parquet``, ``oof.parquet``, ``test_predictions.parquet``,
+``models/fold_<k>.pt`` + ``models/model.json``, ``confusion_matrix.png``, ``curves.png``,
+``modality_weights.json``, ``ray/`` (Ray Train checkpoints), and ``folds/`` (per-fold commit records:
+a fold whose ``folds/fold_<k>.json`` exists is finished and skipped by ``resume=True``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
+
+from mer import storage
+from mer.config import LABELS, MerConfig, dump_config
+from mer.metrics import accuracy, confusion, per_class_f1, plot_confusion, weighted_f1
+from mer.train.features import LABEL_INDEX, label_index, modality_dims, store_columns, store_files
+from mer.train.report import PROB_COLUMNS, plot_curves, prediction_table, weight_summary
+
+log = logging.getLogger("mer.train")
+
+
+# --------------------------------------------------------------------------------------------- labels
+def _label_rows(features_uri: str, labels_uri: str | None) -> tuple[pa.Table, pa.Table, dict[str, str]]:
+    """(cross-validation rows, pseudo rows, clip → split). Rows: clip_id, y, w.
+
+    Without a label table the CV rows are the store's labelled ``train`` split. With one, its labels and
+    weights override; ``source=pseudo`` rows only ever train. Test-split clips never train.
+    """
+    store = storage.read_table(features_uri, columns=["clip_id", "split", "label"])
+    split_of = dict(zip(store.column("clip_id").to_pylist(), store.column("split").to_pylist()))
+    if labels_uri is None:
+        ids = [c for c, s, lab in zip(store.column("clip_id").to_pylist(), split_of.values(),
+                                      store.column("label").to_pylist()) if s == "train" and lab is not None]
+        labels = dict(zip(store.column("clip_id").to_pylist(), store.column("label").to_pylist()))
+        y = label_index([labels[c] for c in ids])
+        keep = y >= 0
+        cv = pa.table({"clip_id": [c for c, k in zip(ids, keep) if k], "y": y[keep],
+                       "w": np.ones(int(keep.sum()), np.float32)})
+        return cv, pa.table({"clip_id": pa.array([], pa.string()), "y": pa.array([], pa.int64()),
+                             "w": pa.array([], pa.float32())}), split_of
+    lt = storage.read_table(labels_uri)
+    if "clip_id" not in lt.column_names or "label" not in lt.column_names:
+        raise ValueError(f"label table {labels_uri}: needs clip_id and label columns")
+    n = lt.num_rows
+    ids = lt.column("clip_id").to_pylist()
+    y = label_index(lt.column("label").to_pylist())
+    w = (np.asarray(lt.column("weight").fill_null(1.0).to_numpy(zero_copy_only=False), np.float32)
+         if "weight" in lt.column_names else np.ones(n, np.float32))
+    src = lt.column("source").to_pylist() if "source" in lt.column_names else ["original"] * n
+    usable = np.array([yy >= 0 and ww > 0 and split_of.get(c) not in (None, "test")
+                       for c, yy, ww in zip(ids, y, w)], dtype=bool)
+    dropped = int(n - usable.sum())
+    if dropped:
+        log.warning("label table %s: %d rows unusable (unknown label, weight 0, clip not in the store or "
+                    "in the test split)", labels_uri, dropped)
+    pseudo = np.array([s == "pseudo" for s in src], dtype=bool)
+
+    def pick(sel: np.ndarray) -> pa.Table:
+        return pa.table({"clip_id": pa.array([c for c, k in zip(ids, sel) if k], pa.string()),
+                         "y": pa.array(y[sel], pa.int64()), "w": pa.array(w[sel], pa.float32())})
+
+    return pick(usable & ~pseudo), pick(usable & pseudo), split_of
+
+
+def _fold_assignment(y: np.ndarray, folds: int, seed: int) -> np.ndarray:
+    """Stratified, seeded fold index per CV row."""
+    from sklearn.model_selection import StratifiedKFold
+
+    if len(y) < folds:
+        raise ValueError(f"{len(y)} labelled rows cannot make {folds} folds")
+    counts = np.bincount(y, minlength=len(LABELS))
+    # StratifiedKFold needs every class to have >= folds members to stratify it; rarer ones are spread.
+    strat = np.where(counts[y] >= folds, y, -1)
+    out = np.zeros(len(y), dtype=np.int64)
+    for k, (_, val_idx) in enumerate(StratifiedKFold(folds, shuffle=True, random_state=seed).split(y, strat)):
+        out[val_idx] = k
+    return out
+
+
+# ------------------------------------------------------------------------------------------ Ray Data
+def _attach_targets(batch: pa.Table, targets: dict[str, tuple[int, float]]) -> pa.Table:
+    """Keep the rows of ``targets`` and add their label index ``y`` and sample weight ``w``."""
+    ids = batch.column("clip_id").to_pylist()
+    keep = [c in targets for c in ids]
+    batch = batch.filter(pa.array(keep, pa.bool_()))
+    kept = [c for c, k in zip(ids, keep) if k]
+    batch = batch.append_column("y", pa.array([targets[c][0] for c in kept], pa.int64()))
+    return batch.append_column("w", pa.array([targets[c][1] for c in kept], pa.float32()))
+
+
+@contextlib.contextmanager
+def quiet_data() -> Iterator[None]:
+    """Datasets created inside don't draw progress bars (per-epoch iterations would flood the logs).
+
+    A dataset deep-copies the current DataContext when it is created, so restoring it afterwards leaves
+    everyone else's datasets as they were.
+    """
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    old = (ctx.enable_progress_bars, ctx.print_on_execution_start)
+    ctx.enable_progress_bars, ctx.print_on_execution_start = False, False
+    try:
+        yield
+    finally:
+        ctx.enable_progress_bars, ctx.print_on_execution_start = old
+
+
+def _read_store(features_uri: str, columns: list[str]) -> Any:
+    import ray
+
+    files = store_files(features_uri)
+    return ray.data.read_parquet([storage.ray_path(f) for f in files], columns=columns,
+                                 filesystem=storage.ray_filesystem(features_uri))
+
+
+def _score_split(features_uri: str, run_uri: str, modalities: list[str], split: str) -> pa.Table | None:
+    """Fold-ensemble predictions (mean over folds) for one split of the store, part by part on the driver.
+
+    Evaluation only touches the held-out split's rows of one part at a time, so memory stays bounded;
+    starting a Ray Data actor pool for it would cost more than the scoring itself.
+    """
+    from mer.train.ensemble import load_ensemble
+
+    ens = load_ensemble(run_uri)
+    out = []
+    for part in store_files(features_uri):
+        cols = [c for c in ["clip_id", "split", "label", *modalities] if c in set(store_columns(part))]
+        t = storage.read_table(part, columns=cols)
+        t = t.filter(pa.array([s == split for s in t.column("split").to_pylist()], pa.bool_()))
+        if not t.num_rows:
+            continue
+        probs, weights = ens.predict(t)
+        mean_p, mean_w = probs.mean(axis=1), weights.mean(axis=1)
+        cols_out: dict[str, Any] = {"clip_id": t.column("clip_id"), "label": t.column("label")}
+        for k, c in enumerate(PROB_COLUMNS):
+            cols_out[c] = pa.array(mean_p[:, k], pa.float32())
+        for j, m in enumerate(ens.modalities):
+            cols_out[f"weight_{m}"] = pa.array(mean_w[:, j], pa.float32())
+        out.append(pa.table(cols_out))
+    return pa.concat_tables(out).sort_by("clip_id") if out else None
+
+
+# ------------------------------------------------------------------------------------------- helpers
+def _delete_dir(uri: str) -> None:
+    fs, path = storage.filesystem(uri)
+    if fs.get_file_info(path).type == pafs.FileType.Directory:
+        fs.delete_dir(path)
+
+
+def _table_bytes(table: pa.Table) -> bytes:
+    import pyarrow.parquet as pq
+
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    return buf.getvalue()
+
+
+def _resolve_modalities(cfg: MerConfig, features_uri: str, modalities: list[str] | None) -> list[str]:
+    from mer.config import TrainConfig
+
+    mods = list(modalities or cfg.train.modalities)
+    TrainConfig.model_validate({**cfg.train.model_dump(), "modalities": mods})  # same checks as the config
+    cols = set(store_columns(features_uri))
+    if modalities is None:
+        # The config lists every branch; a store built with some branches disabled simply lacks them.
+        mods = [m for m in mods if m in cols]
+    missing = [m for m in mods if m not in cols]
+    if missing or not mods:
+        raise ValueError(f"modalities {missing or mods} not in feature store {features_uri}")
+    return mods
+
+
+# ----------------------------------------------------------------------------------------- train_run
+def train_run(cfg: MerConfig, features_uri: str, out_uri: str, *, resume: bool = False,
+              labels_uri: str | None = None, modalities: list[str] | None = None,
+              run_name: str | None = None) -> dict:
+    """k-fold training of ``cfg.train.model`` on a feature store; writes the run directory, returns metrics.
+
+    ``resume=True`` returns a finished run's metrics as they are, skips finished folds and continues the
+    unfinished one from its latest Ray Train checkpoint; ``resume=False`` starts over (clears checkpoints).
+    ``labels_uri``: label table (clip_id, label, weight, source) overriding labels and sample weights.
+    ``modalities`` restricts the branches (ablations). Needs a Ray connection (started locally if none).
+    """
+    import ray
+
+    from mer.fusion import build_model
+    from mer.train.fold import fault_from_env, run_fold
+
+    t_start = time.time()
+    metrics_uri = storage.join(out_uri, "metrics.json")
+    if resume and storage.exists(metrics_uri):
+        log.info("run %s already finished; resume returns its metrics", out_uri)
+        return storage.read_json(metrics_uri)
+    if not ray.is_initialized():
+        from mer.runtime import init_ray
+
+        init_ray(cfg)
+    if not resume:
+        for sub in ("ray", "folds", "models"):
+            _delete_dir(storage.join(out_uri, sub))
+
+    mods = _resolve_modalities(cfg, features_uri, modalities)
+    cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"modalities": mods})})
+    tc = cfg.train
+    dims = modality_dims(features_uri, mods)
+    spec = build_model(tc.model, dims, tc).spec()
+    storage.write_text(storage.join(out_uri, "config.yaml"), dump_config(cfg))
+    storage.write_json(storage.join(out_uri, "models", "model.json"), spec)
+
+    cv, pseudo, split_of = _label_rows(features_uri, labels_uri)
+    cv_ids = cv.column("clip_id").to_pylist()
+    cv_y = np.asarray(cv.column("y").to_numpy(), np.int64)
+    cv_w = np.asarray(cv.column("w").to_numpy(), np.float32)
+    fold_of = _fold_assignment(cv_y, tc.folds, tc.seed)
+    pseudo_targets = {c: (int(y), float(w)) for c, y, w in zip(pseudo.column("clip_id").to_pylist(),
+                                                                pseudo.column("y").to_pylist(),
+                                                                pseudo.column("w").to_pylist())}
+    log.info("train_run %s: %d CV rows, %d pseudo rows, %d folds, modalities %s", out_uri, len(cv_ids),
+             len(pseudo_targets), tc.folds, mods)
+
+    # Ray Data, not the driver, holds the vectors; materialised once so that the training workers (which
+    # may hold every CPU of a small cluster) never wait for read tasks.
+    with quiet_data():
+        base = _read_store(features_uri, ["clip_id", *mods]).materialize()
+    fault = fault_from_env()
+    fold_records: list[dict] = []
+    skipped: list[int] = []
+    for k in range(tc.folds):
+        record_uri = storage.join(out_uri, "folds", f"fold_{k}.json")
+        if resume and storage.exists(record_uri):
+            fold_records.append(storage.read_json(record_uri))
+            skipped.append(k)
+            continue
+        t0 = time.time()
+        tr = fold_of != k
+        train_targets = {c: (int(y), float(w)) for c, y, w, t in zip(cv_ids, cv_y, cv_w, tr) if t}
+        train_targets.update(pseudo_targets)
+        val_targets = {c: (int(y), 1.0) for c, y, t in zip(cv_ids, cv_y, tr) if not t}
+        with quiet_data():
+            train_ds = base.map_batches(_attach_targets, fn_kwargs={"targets": train_targets},
+                                        batch_format="pyarrow").materialize()
+            val_ds = base.map_batches(_attach_targets, fn_kwargs={"targets": val_targets},
+                                      batch_format="pyarrow").materialize()
+        log.info("fold %d: datasets ready in %.1f s", k, time.time() - t0)
+        res = run_fold(cfg, fold=k, arch=tc.model, dims=dims, train_ds=train_ds, val_ds=val_ds,
+                       ray_dir=storage.join(out_uri, "ray"), fault=fault)
+        storage.write_bytes(storage.join(out_uri, "models", f"fold_{k}.pt"), res["best"])
+        vp = res["val_pred"].sort_by("clip_id")
+        storage.write_bytes(storage.join(out_uri, "folds", f"oof_{k}.parquet"), _table_bytes(vp))
+        st = res["state"]
+        record = {"fold": k, "best_epoch": st["best_epoch"], "val_waf": st["best_waf"],
+                  "val_acc": next((r["val_acc"] for r in st["history"] if r["epoch"] == st["best_epoch"]), None),
+                  "epochs": st["epoch"], "n_train": len(train_targets), "n_val": len(val_targets),
+                  "n_pseudo": len(pseudo_targets), "resumed_from": st["resumed_from"],
+                  "seconds": round(time.time() - t0, 2), "history": st["history"],
+                  "checkpoint": str(res["checkpoint_path"]), "config_hash": cfg.hash()}
+        storage.write_json(record_uri, record)  # written last: the fold's commit record
+        fold_records.append(record)
+
+    t_fin = time.time()
+    metrics = _finish_run(cfg, features_uri, out_uri, fold_records, mods, split_of)
+    metrics.update({"skipped_folds": skipped, "seconds": round(time.time() - t_start, 2),
+                    "run_name": run_name or out_uri.rstrip("/").rsplit("/", 1)[-1], "labels": labels_uri,
+                    "n_cv": len(cv_ids), "n_pseudo": len(pseudo_targets)})
+    storage.write_json(metrics_uri, metrics)
+    log.info("train_run %s: reports in %.1f s, total %.1f s", out_uri, time.time() - t_fin, metrics["seconds"])
+    return metrics
+
+
+def _finish_run(cfg: MerConfig, features_uri: str, out_uri: str, records: list[dict], mods: list[str],
+                split_of: dict[str, str]) -> dict:
+    """Assemble OOF predictions, test-split ensemble evaluation, tables and plots."""
+    tc = cfg.train
+    oof_parts = []
+    for r in records:
+        t = storage.read_table(storage.join(out_uri, "folds", f"oof_{r['fold']}.parquet"))
+        oof_parts.append(t.append_column("fold", pa.array([r["fold"]] * t.num_rows, pa.int32())))
+    oof_raw = pa.concat_tables(oof_parts).sort_by("clip_id")
+    y_oof = np.asarray(oof_raw.column("y").to_numpy(), np.int64)
+    p_oof = np.stack([oof_raw.column(c).to_numpy() for c in PROB_COLUMNS], axis=1).astype(np.float32)
+    w_oof = np.stack([oof_raw.column(f"weight_{m}").to_numpy() for m in mods], axis=1).astype(np.float32)
+    oof = prediction_table(oof_raw.column("clip_id").to_pylist(), [LABELS[i] for i in y_oof], p_oof, w_oof,
+                           mods, extra={"fold": oof_raw.column("fold")})
+    storage.write_table(storage.join(out_uri, "oof.parquet"), oof)
+    pred_oof = p_oof.argmax(axis=1)
+
+    history = [dict(h) for r in records for h in r["history"]]
+    storage.write_table(storage.join(out_uri, "history.parquet"), pa.Table.from_pylist(history))
+    fold_rows = [{k: v for k, v in r.items() if k not in ("history",)} for r in records]
+    for row in fold_rows:
+        row["resumed_from"] = ",".join(str(e) for e in row["resumed_from"])
+    storage.write_table(storage.join(out_uri, "fold_metrics.parquet"), pa.Table.from_pylist(fold_rows))
+    plot_curves(history, storage.join(out_uri, "curves.png"))
+
+    metrics: dict[str, Any] = {
+        "model": tc.model, "modalities": mods, "folds": [{k: r[k] for k in ("fold", "val_waf", "val_acc",
+                                                                            "best_epoch", "epochs",
+                                                                            "resumed_from", "seconds")}
+                                                         for r in records],
+        "waf": weighted_f1(y_oof, pred_oof), "accuracy": accuracy(y_oof, pred_oof),
+        "per_class_f1": per_class_f1(y_oof, pred_oof),
+        "cv_waf_mean": float(np.mean([r["val_waf"] for r in records])),
+        "test": None,
+    }
+    weights_report: dict[str, Any] = {"modalities": mods, "oof": weight_summary(y_oof, w_oof, mods)}
+    cm, cm_title = confusion(y_oof, pred_oof), "out-of-fold"
+
+    test = None
+    if any(s == "test" for s in split_of.values()):
+        test = _score_split(features_uri, out_uri, mods, "test")
+    if test is not None:
+        p = np.stack([test.column(c).to_numpy() for c in PROB_COLUMNS], axis=1).astype(np.float32)
+        w = np.stack([test.column(f"weight_{m}").to_numpy() for m in mods], axis=1).astype(np.float32)
+        labels = test.column("label").to_pylist()
+        storage.write_table(storage.join(out_uri, "test_predictions.parquet"),
+                            prediction_table(test.column("clip_id").to_pylist(), labels, p, w, mods))
+        y_t = np.array([LABEL_INDEX.get(lab, -1) if lab else -1 for lab in labels], dtype=np.int64)
+        has = y_t >= 0
+        if has.any():
+            pred_t = p[has].argmax(axis=1)
+            metrics["test"] = {"waf": weighted_f1(y_t[has], pred_t), "accuracy": accuracy(y_t[has], pred_t),
+                               "per_class_f1": per_class_f1(y_t[has], pred_t), "n": int(has.sum())}
+            weights_report["test"] = weight_summary(y_t[has], w[has], mods)
+            cm, cm_title = confusion(y_t[has], pred_t), "test split (fold ensemble)"
+    metrics["confusion"] = cm.tolist()
+    metrics["confusion_source"] = cm_title
+    plot_confusion(cm, storage.join(out_uri, "confusion_matrix.png"), title=f"confusion matrix — {cm_title}")
+    # Headline per-class weights: test split when labelled, else OOF.
+    src = weights_report.get("test") or weights_report["oof"]
+    weights_report["per_class"] = src["per_class"]
+    weights_report["overall"] = src["overall"]
+    storage.write_json(storage.join(out_uri, "modality_weights.json"), weights_report)
+    return metrics

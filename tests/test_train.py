@@ -1,0 +1,142 @@
+"""k-fold DeepSpeed training through Ray Train on 2 CPU workers, on a generated feature store.
+
+One ablation (each single modality, then both fused) is trained once per module; the tests read its runs.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from mer import storage
+from mer.config import LABELS
+from mer.train import ablation_table, load_ensemble, train_run
+from mer.train.fold import checkpoint_dirs
+from mer.train.run import _fold_assignment, _label_rows
+from mer.train.synthetic import make_feature_store, small_config
+
+DIMS = {"audio": 16, "text": 24}
+
+
+def train_config(**extra: object):
+    """Small, fast settings shared by the training tests (2 workers x 1 CPU, 2 folds, ZeRO-2, fp32)."""
+    return small_config(list(DIMS), **{"train.zero_stage": 2, **extra})
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory) -> str:
+    out = str(tmp_path_factory.mktemp("store") / "features")
+    make_feature_store(out, n=240, dims=DIMS, seed=0, noise=1.0, missing=0.1)
+    return out
+
+
+@pytest.fixture(scope="module")
+def ablation(ray_local, store: str, tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path]:
+    out = tmp_path_factory.mktemp("ablation")
+    return ablation_table(train_config(), store, str(out)), out
+
+
+def test_fused_learns_and_beats_every_single_modality(ablation) -> None:
+    table, _ = ablation
+    assert set(table) == {"audio", "text", "fused"}
+    assert table["fused"] > 0.5, table  # chance is ~1/6
+    for m in ("audio", "text"):
+        assert table["fused"] > table[m] + 0.05, table
+        assert table[m] > 0.2, table  # each branch alone is informative
+
+
+def test_run_directory_contract(ablation, store: str) -> None:
+    _, out = ablation
+    run = out / "fused"
+    for name in ("config.yaml", "metrics.json", "fold_metrics.parquet", "history.parquet", "oof.parquet",
+                 "test_predictions.parquet", "confusion_matrix.png", "curves.png", "modality_weights.json",
+                 "models/model.json", "models/fold_0.pt", "models/fold_1.pt"):
+        assert (run / name).exists(), name
+    metrics = storage.read_json(str(run / "metrics.json"))
+    assert len(metrics["folds"]) == 2 and metrics["modalities"] == ["audio", "text"]
+    assert 0.5 < metrics["waf"] <= 1.0 and metrics["test"]["n"] == 60
+    assert metrics["test"]["waf"] == pytest.approx(ablation[0]["fused"])
+
+    n_train = sum(1 for s in pq.read_table(store, columns=["split"]).column("split").to_pylist() if s == "train")
+    oof = pq.read_table(run / "oof.parquet")
+    assert oof.num_rows == n_train and set(oof.column("fold").to_pylist()) == {0, 1}
+    probs = np.stack([oof.column(f"prob_{lab}").to_numpy() for lab in LABELS], axis=1)
+    assert np.allclose(probs.sum(axis=1), 1.0, atol=1e-4)
+
+    hist = pq.read_table(run / "history.parquet").to_pylist()
+    assert {(r["fold"], r["epoch"]) for r in hist} == {(f, e) for f in (0, 1) for e in range(1, 9)}
+    assert hist[-1]["train_loss"] < hist[0]["train_loss"]
+    fm = pq.read_table(run / "fold_metrics.parquet").to_pylist()
+    assert [r["fold"] for r in fm] == [0, 1] and all(r["n_val"] + r["n_train"] == n_train for r in fm)
+
+    weights = storage.read_json(str(run / "modality_weights.json"))
+    assert set(weights["per_class"]) == set(LABELS)
+    for per_mod in weights["per_class"].values():
+        assert set(per_mod) == {"audio", "text"} and 0.9 < sum(per_mod.values()) <= 1.0 + 1e-5
+    assert "zero_stage: 2" in (run / "config.yaml").read_text()
+
+    # Ray Train checkpoints: DeepSpeed shards of both ranks merged in one directory + our state.
+    ckpts = checkpoint_dirs(str(run / "ray"), 0)
+    assert 1 <= len(ckpts) <= 2  # checkpoints_to_keep
+    files = {p.name for p in (run / "ray" / "fold_0" / ckpts[-1]).rglob("*")}
+    assert {"state.json", "best.pt", "val_pred.parquet"} <= files
+    assert any("zero_pp_rank_1" in f for f in files) and any("zero_pp_rank_0" in f for f in files)
+
+
+def test_ensemble_matches_test_predictions(ablation, store: str) -> None:
+    _, out = ablation
+    ens = load_ensemble(str(out / "fused"))
+    assert ens.modalities == ["audio", "text"] and len(ens.models) == 2
+    table = pq.read_table(store)
+    test = table.filter(pa.compute.equal(table.column("split"), "test"))
+    p = ens.predict_proba(test)
+    assert p.shape == (test.num_rows, 2, len(LABELS))
+    mean = p.mean(axis=1)
+    preds = pq.read_table(out / "fused" / "test_predictions.parquet")
+    order = {c: i for i, c in enumerate(test.column("clip_id").to_pylist())}
+    idx = [order[c] for c in preds.column("clip_id").to_pylist()]
+    got = np.stack([preds.column(f"prob_{lab}").to_numpy() for lab in LABELS], axis=1)
+    assert np.allclose(got, mean[idx], atol=1e-5)
+    # A clip with every modality missing still gets a (finite) prediction; text-only works too.
+    blank = test.slice(0, 2).drop_columns(["audio"])
+    assert np.isfinite(ens.predict_proba(blank)).all()
+
+
+def test_resume_skips_finished_run_and_folds(ablation, store: str) -> None:
+    _, out = ablation
+    run = out / "fused"
+    before = storage.read_json(str(run / "metrics.json"))
+    ckpts = checkpoint_dirs(str(run / "ray"), 0)
+    t0 = time.time()
+    again = train_run(train_config(), store, str(run), resume=True)
+    assert again == before and time.time() - t0 < 5  # returned the finished run as it is
+    # Without the run-level record, every fold is skipped by its own record and only reports are redone.
+    (run / "metrics.json").unlink()
+    redone = train_run(train_config(), store, str(run), resume=True)
+    assert redone["skipped_folds"] == [0, 1]
+    assert checkpoint_dirs(str(run / "ray"), 0) == ckpts
+    assert redone["test"]["waf"] == pytest.approx(before["test"]["waf"])
+
+
+def test_label_table_pseudo_rows_only_train(tmp_path: Path, store: str) -> None:
+    labels = pq.read_table(store, columns=["clip_id", "split", "label"]).to_pylist()
+    train = [r for r in labels if r["split"] == "train"]
+    test = [r for r in labels if r["split"] == "test"]
+    rows = [{"clip_id": r["clip_id"], "label": r["label"], "weight": 0.5, "source": "refined"} for r in train[:60]]
+    rows += [{"clip_id": r["clip_id"], "label": "happy", "weight": 0.8, "source": "pseudo"} for r in train[60:80]]
+    rows += [{"clip_id": r["clip_id"], "label": "sad", "weight": 1.0, "source": "pseudo"} for r in test[:5]]
+    rows += [{"clip_id": "not-in-store", "label": "sad", "weight": 1.0, "source": "original"}]
+    uri = str(tmp_path / "labels.parquet")
+    storage.write_table(uri, pa.Table.from_pylist(rows))
+    cv, pseudo, _ = _label_rows(store, uri)
+    assert cv.num_rows == 60 and np.allclose(cv.column("w").to_numpy(), 0.5)
+    assert pseudo.num_rows == 20, "test-split clips never train, pseudo rows never validate"
+    assert set(pseudo.column("y").to_pylist()) == {LABELS.index("happy")}
+    folds = _fold_assignment(np.asarray(cv.column("y").to_numpy()), 2, seed=0)
+    assert sorted(np.bincount(folds).tolist()) == [30, 30]
+    assert (folds == _fold_assignment(np.asarray(cv.column("y").to_numpy()), 2, seed=0)).all()
