@@ -134,10 +134,11 @@ def _evaluate(args: argparse.Namespace) -> None:
 
 
 def _demo(args: argparse.Namespace) -> None:
-    from mer.demo import run_demo
+    from mer.demo import DEMO_OVERRIDES, run_demo
 
     # The demo is the laptop path by definition: local Ray, CPU, tiny models unless told otherwise.
-    cfg = cpu_only(load_config(args.config, overrides=args.overrides, profile=args.profile or "tiny"))
+    cfg = cpu_only(load_config(args.config, overrides=[*DEMO_OVERRIDES, *args.overrides],
+                               profile=args.profile or "tiny"))
     run_demo(cfg, args.workdir, n_train=args.n_train, n_unlabeled=args.n_unlabeled, n_test=args.n_test)
 
 

@@ -21,6 +21,22 @@ from mer.config import BRANCHES, LABELS, MerConfig
 
 log = logging.getLogger("mer.demo")
 
+# Laptop scale for the demo (applied before the user's --set flags, which win): small frames for the tiny
+# 64-px models, and fractional CPUs so decode, face and four encoder actors fit on a 2-core local Ray
+# (whole-CPU actors would leave most stages pending forever there).
+DEMO_OVERRIDES: list[str] = [
+    "extract.decode.num_frames=8",
+    "extract.decode.frame_size=64",
+    "extract.decode.resources.concurrency=1",
+    "extract.decode.resources.num_cpus=0.5",
+    "extract.face.resources.num_cpus=0.25",
+    *[f"extract.encoders.{b}.resources.num_cpus=0.25" for b in BRANCHES],
+    "train.folds=3",
+    "train.max_epochs=25",
+    "train.patience=6",
+    "score.num_cpus=0.5",
+]
+
 
 def inject_label_noise(manifest: pa.Table, fraction: float, seed: int) -> tuple[pa.Table, int]:
     """Flip ``fraction`` of the train split's labels to another class (simulated annotator noise)."""
@@ -57,6 +73,7 @@ def run_demo(cfg: MerConfig, workdir: str, *, n_train: int = 150, n_unlabeled: i
     from mer.runtime import init_ray
     from mer.score import score
     from mer.train import train_run
+    from mer.train.features import store_columns
 
     if enrich:
         cfg = cfg.model_copy(update={"enrich": cfg.enrich.model_copy(update={"enabled": True,
@@ -89,7 +106,7 @@ def run_demo(cfg: MerConfig, workdir: str, *, n_train: int = 150, n_unlabeled: i
     step("extract", t)
 
     # Ablation on the labelled split only: each single modality, then the fusion of all.
-    store_cols = storage.read_table(features, columns=None).column_names
+    store_cols = store_columns(features)
     fused_mods = [m for m in (*BRANCHES, "text_enriched") if m in store_cols]
     settings = {m: [m] for m in BRANCHES} | {"fused": fused_mods}
     waf: dict[str, float] = {}

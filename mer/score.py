@@ -18,6 +18,7 @@ import pyarrow as pa
 
 from mer import storage
 from mer.config import LABELS, MerConfig
+from mer.extract.store import PartWriter, part_files, read_features, stored_ids
 
 log = logging.getLogger("mer.score")
 
@@ -72,14 +73,6 @@ class EnsemblePredictor:
         return pa.table(cols, schema=PRED_SCHEMA)
 
 
-def scored_ids(out_uri: str) -> set[str]:
-    """Clip ids already committed under a predictions directory."""
-    ids: set[str] = set()
-    for part in storage.list_files(out_uri, ".parquet"):
-        ids.update(storage.read_table(part, columns=["clip_id"]).column("clip_id").to_pylist())
-    return ids
-
-
 def _filter_ids(ids: frozenset[str], keep: bool):
     """A batch filter keeping (``keep=True``) or dropping the rows whose clip_id is in ``ids``."""
 
@@ -99,15 +92,15 @@ def score_features(cfg: MerConfig, run_uri: str, features_uri: str, out_uri: str
 
     t0 = time.time()
     modalities = list(load_ensemble(run_uri).modalities)
-    store_cols = storage.read_table(features_uri, columns=["clip_id", "split"])
+    store_cols = read_features(features_uri, columns=["split"])
     wanted = [cid for cid, sp in zip(store_cols.column("clip_id").to_pylist(),
                                      store_cols.column("split").to_pylist())
               if splits is None or sp in splits]
-    done = scored_ids(out_uri)
+    done = stored_ids(out_uri)
     pending = [c for c in wanted if c not in done]
     summary: dict[str, Any] = {"out": out_uri, "total": len(wanted), "skipped_done": len(wanted) - len(pending)}
     if pending:
-        files = storage.list_files(features_uri, ".parquet")
+        files = part_files(features_uri)
         ds = ray.data.read_parquet([storage.ray_path(f) for f in files],
                                    filesystem=storage.ray_filesystem(features_uri))
         keep_cols = ["clip_id", "split", "label", "error", *modalities]
@@ -118,18 +111,14 @@ def score_features(cfg: MerConfig, run_uri: str, features_uri: str, out_uri: str
         ds = ds.map_batches(EnsemblePredictor, fn_constructor_args=(run_uri, device), batch_format="pyarrow",
                             batch_size=sc.batch_size, concurrency=sc.concurrency, num_gpus=sc.num_gpus,
                             num_cpus=sc.num_cpus, max_restarts=-1, max_task_retries=-1)
-        written = 0
-        for k, batch in enumerate(ds.iter_batches(batch_size=sc.rows_per_part, batch_format="pyarrow")):
-            # Guard against a retried block re-emitting rows that an earlier part already committed.
-            batch = _filter_ids(frozenset(done), keep=False)(batch)
-            if batch.num_rows == 0:
-                continue
-            part = storage.join(out_uri, f"part-{int(time.time() * 1000)}-{k:05d}.parquet")
-            storage.write_table(part, batch)
-            done.update(batch.column("clip_id").to_pylist())
-            written += batch.num_rows
-        summary["written"] = written
-    preds = storage.read_table(out_uri) if storage.list_files(out_uri, ".parquet") else PRED_SCHEMA.empty_table()
+        # The driver commits parts atomically and drops ids already committed (a retried block or a
+        # resumed run can therefore never duplicate a row).
+        writer = PartWriter(out_uri, PRED_SCHEMA, sc.rows_per_part, already=done)
+        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+            writer.add(batch)
+        writer.flush()
+        summary["written"] = writer.rows_written
+    preds = read_features(out_uri, columns=["status"]) if part_files(out_uri) else PRED_SCHEMA.empty_table()
     summary["status_counts"] = _counts(preds.column("status").to_pylist())
     summary["seconds"] = round(time.time() - t0, 2)
     return summary
@@ -173,7 +162,7 @@ def score(cfg: MerConfig, run_uri: str, out_uri: str, *, features_uri: str | Non
     assert features_uri is not None
     pred_dir = storage.join(out_uri, "predictions")
     summary["score"] = score_features(cfg, run_uri, features_uri, pred_dir, splits=splits)
-    preds = storage.read_table(pred_dir)
+    preds = read_features(pred_dir)
     summary["submission"] = storage.join(out_uri, "submission.csv")
     summary["submission_rows"] = write_submission(preds, summary["submission"])
     summary["predictions"] = pred_dir

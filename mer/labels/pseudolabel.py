@@ -18,6 +18,7 @@ import pyarrow as pa
 
 from mer import storage
 from mer.config import LABELS, MerConfig, PseudoLabelConfig
+from mer.extract.store import read_features
 from mer.labels.relabel import train_labels
 
 log = logging.getLogger("mer.pseudolabel")
@@ -112,7 +113,7 @@ def pseudolabel_rounds(cfg: MerConfig, features_uri: str, out_uri: str, *, base_
             continue
         scores_dir = storage.join(rdir, "scores")
         score_features(cfg, prev_run, features_uri, scores_dir, splits=["unlabeled"])
-        selection = select_pseudo_labels(storage.read_table(scores_dir), cfg.pseudolabel)
+        selection = select_pseudo_labels(read_features(scores_dir), cfg.pseudolabel)
         storage.write_table(storage.join(rdir, "selection.parquet"), selection)
         table = build_label_table(base, selection, cfg.pseudolabel.weight)
         round_labels = storage.join(rdir, "labels.parquet")

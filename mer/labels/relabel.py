@@ -118,7 +118,9 @@ def refine_labels(original: pa.Table, sources: dict[str, pa.Table], cfg: Relabel
 
 def train_labels(features_uri: str) -> pa.Table:
     """The original labels of the ``train`` split of a feature store (clip_id, label)."""
-    t = storage.read_table(features_uri, columns=["clip_id", "split", "label"])
+    from mer.extract.store import read_features
+
+    t = read_features(features_uri, columns=["split", "label"])
     mask = [s == "train" and lab is not None for s, lab in zip(t.column("split").to_pylist(),
                                                               t.column("label").to_pylist())]
     return t.filter(pa.array(mask)).select(["clip_id", "label"])
