@@ -145,7 +145,23 @@ def decode_video_decord(path: str, p: DecodeParams) -> tuple[np.ndarray, dict[st
     # The stream's size (a container probe, no decode) sets the reduced output size of the reader.
     w, h = probe_size(path)
     sw, sh = scaled_dims(w, h, p.frame_size)
-    vr = decord.VideoReader(path, num_threads=p.threads, width=sw, height=sh)
+    try:
+        got, idx, uniq, n, keys = _decord_keyframes(decord, path, p, sw, sh)
+    except decord.DECORDError as e:
+        # decord 0.6 mis-sizes its RGB buffer for a few output widths (e.g. 48, 72): full-size decode then.
+        if "size must exactly match" not in str(e):
+            raise
+        got, idx, uniq, n, keys = _decord_keyframes(decord, path, p, -1, -1)
+        got = np.stack([resize_crop(f, p.frame_size) for f in got])
+    pos = {u: i for i, u in enumerate(uniq)}
+    out = got[[pos[i] for i in idx]]
+    del got
+    return _finish(out, p.frame_size), {"n_frames": n, "indices": idx, "keyframes": len(keys)}
+
+
+def _decord_keyframes(decord: Any, path: str, p: DecodeParams, width: int, height: int):
+    """Keyframe-snapped sample indices decoded by one reader at (width, height) (-1: native size)."""
+    vr = decord.VideoReader(path, num_threads=p.threads, width=width, height=height)
     try:
         n = len(vr)
         if n <= 0:
@@ -156,11 +172,8 @@ def decode_video_decord(path: str, p: DecodeParams) -> tuple[np.ndarray, dict[st
         uniq = sorted(set(idx))
         got = vr.get_batch(uniq).asnumpy()
     finally:
-        del vr
-    pos = {u: i for i, u in enumerate(uniq)}
-    out = got[[pos[i] for i in idx]]
-    del got
-    return _finish(out, p.frame_size), {"n_frames": n, "indices": idx, "keyframes": len(keys)}
+        del vr  # readers hold decoder state and buffers: never keep one across clips
+    return got, idx, uniq, n, keys
 
 
 def decode_audio_decord(path: str, p: DecodeParams) -> np.ndarray:
@@ -183,15 +196,86 @@ def decode_audio_decord(path: str, p: DecodeParams) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------------------------- PyAV
-def decode_video_pyav(path: str, p: DecodeParams) -> tuple[np.ndarray, dict[str, Any]]:
-    """Sampled frames with PyAV: sequential decode up to the last target, scaled by the decoder's scaler."""
+def _threads(vs: Any, threads: int) -> None:
+    """Decoder threads of a PyAV stream: 0 = FFmpeg's choice (all cores), else frame threads."""
+    if threads != 1:
+        vs.thread_type = "AUTO"
+    vs.codec_context.thread_count = max(0, int(threads))
+
+
+def _pyav_reference_frames(path: str, p: DecodeParams) -> tuple[np.ndarray, dict[str, Any]]:
+    """Keyframe/reference-frame sampling with PyAV: the decoder skips frames nobody needs.
+
+    A first pass reads packet headers only (no decode) for the frame timestamps and keyframes. With a
+    keyframe near every sample the decoder runs with ``skip_frame=NONKEY`` (only keyframes are decoded);
+    otherwise with ``NONREF`` (B-frames no other frame references are dropped, which long-GOP H.264 has
+    plenty of). Each target takes the nearest decoded frame; only those are converted, at reduced size.
+    """
     import av
 
     with av.open(path) as c:
         if not c.streams.video:
             raise ValueError("no video stream")
         vs = c.streams.video[0]
-        vs.thread_type = "AUTO" if p.threads != 1 else "SLICE"
+        pts, keys = [], []
+        for pkt in c.demux(vs):
+            if pkt.pts is None or pkt.size == 0:
+                continue
+            pts.append(int(pkt.pts))
+            if pkt.is_keyframe:
+                keys.append(int(pkt.pts))
+    if not pts:
+        raise ValueError("no video packets")
+    order = sorted(pts)
+    n = len(order)
+    idx = sample_indices(n, p.num_frames)
+    target_pts = [order[i] for i in idx]
+    stride = n / max(1, p.num_frames)
+    key_idx = sorted(order.index(k) for k in set(keys))
+    near_key = all(min((abs(k - i) for k in key_idx), default=n) <= p.keyframe_tolerance * stride for i in idx)
+    mode = "NONKEY" if near_key else "NONREF"
+    best: list[Any] = [None] * len(target_pts)
+    dist = [float("inf")] * len(target_pts)
+    last = max(target_pts)
+    with av.open(path) as c:
+        vs = c.streams.video[0]
+        _threads(vs, p.threads)
+        vs.codec_context.skip_frame = mode
+        w, h = vs.codec_context.width, vs.codec_context.height
+        decoded = 0
+        for frame in c.decode(vs):
+            decoded += 1
+            fp = frame.pts if frame.pts is not None else -1
+            for j, tp in enumerate(target_pts):
+                if abs(fp - tp) < dist[j]:
+                    dist[j], best[j] = abs(fp - tp), frame
+            if fp >= last and all(b is not None for b in best):
+                break
+    if any(b is None for b in best):
+        raise ValueError("no frames decoded")
+    sw, sh = scaled_dims(w or p.frame_size, h or p.frame_size, p.frame_size)
+    cache: dict[int, np.ndarray] = {}
+    out = []
+    for b in best:
+        if id(b) not in cache:
+            cache[id(b)] = b.to_ndarray(width=sw, height=sh, format="rgb24")
+        out.append(cache[id(b)])
+    return _finish(np.stack(out), p.frame_size), {"n_frames": n, "indices": idx, "keyframes": len(key_idx),
+                                                   "skip": mode, "decoded": decoded}
+
+
+def decode_video_pyav(path: str, p: DecodeParams) -> tuple[np.ndarray, dict[str, Any]]:
+    """Sampled frames with PyAV: ``keyframe`` sampling skips unneeded frames (see above); ``uniform``
+    decodes sequentially up to the last target. Frames are scaled by the decoder's scaler."""
+    import av
+
+    if p.sampling == "keyframe":
+        return _pyav_reference_frames(path, p)
+    with av.open(path) as c:
+        if not c.streams.video:
+            raise ValueError("no video stream")
+        vs = c.streams.video[0]
+        _threads(vs, p.threads)
         n = int(vs.frames or 0)
         if n <= 0 and vs.duration and vs.average_rate:
             n = int(float(vs.duration * vs.time_base) * float(vs.average_rate))

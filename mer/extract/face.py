@@ -5,7 +5,7 @@ with opencv-python, or a path), loaded once per actor. Alignment is a similarity
 is centred on the face box and scaled so the face fills the same fraction of every crop.
 
 Per-row outputs: ``face_crops`` (uint8 [T, c, c, 3], zeros where no face, or None), ``face_mask`` (bool [T]
-or None), ``face_status`` (``ok``, ``no_face``, or the decode failure), ``face_error``. A clip without any
+or None), ``face_status`` (``ok``, ``no_face``, or the decode failure), ``face_detect_error``. A clip without any
 face gets ``no_face`` and None crops: the face vector is then null and masked in fusion.
 """
 
@@ -60,7 +60,7 @@ class FaceDetector:
 
     input_columns = ("frames", "decode_status")
     optional_inputs: tuple[str, ...] = ()
-    output_columns = ("face_crops", "face_mask", "face_status", "face_error")
+    output_columns = ("face_crops", "face_mask", "face_status", "face_detect_error")
 
     def __init__(self, cfg: MerConfig | FaceConfig):
         import cv2
@@ -93,7 +93,7 @@ class FaceDetector:
         """One row: crops [T, c, c, 3] (zeros where no face), mask [T], status."""
         if frames is None or not isinstance(frames, np.ndarray) or frames.ndim != 4 or frames.size == 0:
             up = decode_status if isinstance(decode_status, str) and decode_status != OK else "decode_error"
-            return {"face_crops": None, "face_mask": None, "face_status": up, "face_error": None}
+            return {"face_crops": None, "face_mask": None, "face_status": up, "face_detect_error": None}
         c = self.fc.crop_size
         crops = np.zeros((len(frames), c, c, 3), dtype=np.uint8)
         mask = np.zeros(len(frames), dtype=bool)
@@ -104,8 +104,8 @@ class FaceDetector:
                 mask[t] = True
         if not mask.any():
             return {"face_crops": None, "face_mask": mask, "face_status": NO_FACE,
-                    "face_error": f"no face in {len(frames)} sampled frames"}
-        return {"face_crops": crops, "face_mask": mask, "face_status": OK, "face_error": None}
+                    "face_detect_error": f"no face in {len(frames)} sampled frames"}
+        return {"face_crops": crops, "face_mask": mask, "face_status": OK, "face_detect_error": None}
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         n = len(batch["frames"])

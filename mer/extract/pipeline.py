@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from collections import Counter
 from typing import Any
@@ -99,9 +100,13 @@ def build_stages(cfg: MerConfig, extra_stages: list[Stage | Any] | None = None,
 
     d = cfg.extract.decode
     stages: list[Stage] = list(before_decode)
+    # The decode actors read s3:// inputs: give them the driver's S3 settings even when the Ray
+    # cluster was started before they were set (the same variables init_ray forwards).
+    s3_env = {k: v for k, v in os.environ.items() if k.startswith("AWS_")}
+    decode_args = {**ra, "runtime_env": {"env_vars": s3_env}} if s3_env else ra
     stages.append(Stage(name="decode", fn=timed(ClipDecoder, "decode"), inputs=ClipDecoder.input_columns,
                         optional_inputs=ClipDecoder.optional_inputs, outputs=ClipDecoder.output_columns,
-                        kind="actor", resources=d.resources, constructor_args=(cfg,), remote_args=ra))
+                        kind="actor", resources=d.resources, constructor_args=(cfg,), remote_args=decode_args))
     wanted = branches if branches is not None else enabled_branches(cfg)
     if include_face and "face" in wanted:
         stages.append(Stage(name="face_detect", fn=timed(FaceDetector, "face_detect"), inputs=FaceDetector.input_columns,
@@ -151,22 +156,31 @@ def assemble_batch(batch: dict[str, np.ndarray], schema: pa.Schema, branches: li
     vector_cols = store.vector_branches_from_schema(schema)
     out: dict[str, list[Any]] = {}
     statuses: dict[str, list[str]] = {}
+    active = [b for b in vector_cols if b in branches or (b == "text_enriched" and "text" in branches)]
     for b in vector_cols:
+        if b not in active:
+            # A disabled branch's name may still be an input column (the transcript ``text``, the
+            # waveform ``audio``): never read it as a vector.
+            out[b], statuses[b] = [None] * n, ["disabled"] * n
+            out[f"{b}_status"] = statuses[b]
+            if f"{b}_seq" in schema.names:
+                out[f"{b}_seq"] = [None] * n
+            continue
         out[b] = [_vec(v) for v in col(b)]
-        st = [_str(s) or ("disabled" if b not in branches and not (b == "text_enriched" and "text" in branches)
-                          else "error") for s in col(f"{b}_status")]
+        st = [_str(s) or "error" for s in col(f"{b}_status")]
         out[f"{b}_status"] = st
         statuses[b] = st
         if f"{b}_seq" in schema.names:
             out[f"{b}_seq"] = [_seq(v) for v in col(f"{b}_seq")]
-    active = [b for b in vector_cols if b in branches or (b == "text_enriched" and "text" in branches)]
     overall, errors = [], []
-    err_cols = ["decode_error", "face_error", *[f"{b}_error" for b in vector_cols], "enrich_note"]
+    err_cols = ["decode_error", "face_detect_error", *[f"{b}_error" for b in vector_cols], "enrich_note"]
     err_vals = {c: col(c) for c in err_cols if c in batch}
     for i in range(n):
         ok = [statuses[b][i] == "ok" for b in active]
         overall.append("ok" if ok and all(ok) else ("failed" if not any(ok) else "partial"))
         msgs = [_str(err_vals[c][i]) for c in err_vals]
+        # every unavailable branch is named, even when its stage left no message (no_audio, empty_text)
+        msgs += [f"{b}: {statuses[b][i]}" for b in active if statuses[b][i] != "ok"]
         errors.append("; ".join(dict.fromkeys(m for m in msgs if m)) or None)
     out["status"], out["error"] = overall, errors
     # split/label are filled in by the driver from the manifest (they never travel through the stages).

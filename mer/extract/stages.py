@@ -45,7 +45,9 @@ class Stage:
         if r.num_gpus:
             kwargs["num_gpus"] = r.num_gpus
         if self.kind == "actor":
-            kwargs["concurrency"] = r.concurrency
+            from ray.data import ActorPoolStrategy
+
+            kwargs["compute"] = ActorPoolStrategy(size=r.concurrency)
             kwargs["fn_constructor_args"] = self.constructor_args
         return ds.map_batches(self.fn, **kwargs)
 

@@ -1,0 +1,136 @@
+"""Decode: sampling, both backends, bad inputs → statuses, timeout → fallback, child recycling."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mer.config import load_config
+from mer.extract.backends import DecodeParams, decode_clip, sample_indices, snap_to_keyframes
+from mer.extract.clips import make_clip
+from mer.extract.decode import ClipDecoder
+from mer.extract.subproc import DecodeProcess, DecodeTimeout
+
+
+@pytest.fixture(scope="module")
+def clips(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    d = tmp_path_factory.mktemp("decode_clips")
+    good = make_clip(d / "good.mp4", seconds=1.0, width=160, height=120, gop=5)
+    odd = make_clip(d / "odd.mp4", seconds=0.6, width=98, height=150, fps=13, gop=50)  # odd size/rate
+    noaudio = make_clip(d / "noaudio.mp4", seconds=1.0, audio=False)
+    (d / "zero.mp4").write_bytes(b"")
+    data = Path(good).read_bytes()
+    (d / "trunc.mp4").write_bytes(data[: len(data) // 3])
+    (d / "garbage.mp4").write_bytes(b"not a video at all" * 100)
+    hang = make_clip(d / "hang_me.mp4", seconds=1.0)
+    return {"good": good, "odd": odd, "noaudio": noaudio, "zero": str(d / "zero.mp4"),
+            "trunc": str(d / "trunc.mp4"), "garbage": str(d / "garbage.mp4"),
+            "missing": str(d / "missing.mp4"), "hang": hang, "wav_src": good}
+
+
+def _cfg(*extra: str):
+    return load_config(overrides=["extract.decode.num_frames=4", "extract.decode.frame_size=64",
+                                  "extract.decode.timeout_s=20", *extra])
+
+
+def test_sampling_indices() -> None:
+    assert sample_indices(100, 4) == [12, 37, 62, 87]
+    assert sample_indices(2, 4) == [0, 0, 1, 1]  # short clips repeat frames
+    assert sample_indices(0, 4) == []
+    # snaps within half a stride (stride 25 → 12.5), keeps the others
+    assert snap_to_keyframes([12, 37, 62, 87], [0, 30, 60, 90], 100, 0.5) == [0, 30, 60, 90]
+    assert snap_to_keyframes([12, 37, 62, 87], [0], 100, 0.5) == [0, 37, 62, 87]
+    assert snap_to_keyframes([12, 37], [0, 30], 100, 0.0) == [12, 37]
+
+
+@pytest.mark.parametrize("backend", ["decord", "pyav"])
+@pytest.mark.parametrize("sampling", ["uniform", "keyframe"])
+def test_backends_decode_frames_and_audio(clips, backend: str, sampling: str) -> None:
+    p = DecodeParams(num_frames=5, frame_size=48, sampling=sampling).to_dict()
+    r = decode_clip(clips["good"], None, backend, p)
+    assert r["frames"].shape == (5, 48, 48, 3) and r["frames"].dtype == np.uint8
+    assert r["frames"].std() > 1  # real pixels, not a blank buffer
+    a = r["audio"]
+    assert a.dtype == np.float32 and a.ndim == 1
+    assert abs(len(a) - 16000) < 1600  # 1 s at 16 kHz
+    assert 0.05 < np.abs(a).max() <= 1.01  # the tone is there
+    odd = decode_clip(clips["odd"], None, backend, p)
+    assert odd["frames"].shape == (5, 48, 48, 3)
+
+
+def test_keyframe_sampling_lands_on_keyframes(clips) -> None:
+    # gop=5 at 25 fps: keyframes every 5 frames, so every sample snaps onto one.
+    r = decode_clip(clips["good"], None, "decord", DecodeParams(num_frames=4, frame_size=48,
+                                                                sampling="keyframe").to_dict())
+    assert r["video_info"]["keyframes"] == 5
+    assert all(i % 5 == 0 for i in r["video_info"]["indices"])
+
+
+def test_bad_inputs_get_statuses(clips) -> None:
+    dec = ClipDecoder(_cfg())
+    try:
+        good = dec.decode_one(clips["good"])
+        assert good["decode_status"] == "ok" and good["frames"].shape == (4, 64, 64, 3)
+        assert good["audio_status"] == "ok" and good["decode_backend"] == "decord"
+        noaudio = dec.decode_one(clips["noaudio"])
+        assert noaudio["decode_status"] == "ok" and noaudio["frames"] is not None
+        assert noaudio["audio_status"] == "no_audio" and noaudio["audio"] is None
+        for name, status in (("zero", "decode_error"), ("trunc", "decode_error"), ("garbage", "decode_error"),
+                             ("missing", "missing_file")):
+            r = dec.decode_one(clips[name])
+            assert r["decode_status"] == status, (name, r)
+            assert r["audio_status"] == status and r["frames"] is None and r["audio"] is None
+            assert r["decode_error"]
+        assert "zero-byte" in dec.decode_one(clips["zero"])["decode_error"]
+        assert dec.decode_one(None)["decode_status"] == "missing_file"
+        # a separate wav/audio file feeds the audio branch of a video without sound
+        sep = dec.decode_one(clips["noaudio"], clips["wav_src"])
+        assert sep["audio_status"] == "ok" and len(sep["audio"]) > 10000
+    finally:
+        dec.child.kill()
+
+
+def test_hanging_decoder_times_out_and_falls_back(clips, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MER_TEST_DECODE_HANG", "hang_me:decord")  # decord "hangs" on this file only
+    dec = ClipDecoder(_cfg("extract.decode.timeout_s=2"))
+    try:
+        r = dec.decode_one(clips["hang"])
+        assert r["decode_status"] == "ok" and r["decode_backend"] == "pyav"
+        assert r["frames"].shape == (4, 64, 64, 3) and r["audio_status"] == "ok"
+        assert "no answer within 2s" in r["decode_error"]
+        assert dec.timeouts == 1 and dec.fallbacks == 1 and dec.child.restarts == 1
+        # the replacement child keeps serving the next clips with the primary backend
+        assert dec.decode_one(clips["good"])["decode_backend"] == "decord"
+    finally:
+        dec.child.kill()
+
+
+def test_hang_without_fallback_is_decode_timeout(clips, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MER_TEST_DECODE_HANG", "hang_me")  # every backend hangs
+    dec = ClipDecoder(_cfg("extract.decode.timeout_s=1.5"))
+    try:
+        r = dec.decode_one(clips["hang"])
+        assert r["decode_status"] == "decode_timeout" and r["frames"] is None
+        assert r["audio_status"] == "decode_timeout"
+        assert dec.timeouts == 2  # decord, then the PyAV fallback
+    finally:
+        dec.child.kill()
+
+
+def test_child_timeout_kill_and_recycle() -> None:
+    proc = DecodeProcess(recycle_every=2)
+    try:
+        with pytest.raises(DecodeTimeout):
+            proc.call("sleep", {"seconds": 30}, timeout=1.0)
+        assert proc.proc is None and proc.restarts == 1
+        with pytest.raises(RuntimeError, match="unknown request"):
+            proc.call("os_system", {}, timeout=30)
+        first = proc.pid
+        proc.call("sleep", {"seconds": 0}, timeout=30)
+        assert proc.pid == first and proc.rss() > 0
+        proc.call("sleep", {"seconds": 0}, timeout=30)  # third call on this child: recycled first
+        assert proc.pid != first and proc.recycles == 1
+    finally:
+        proc.kill()

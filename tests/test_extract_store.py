@@ -1,0 +1,113 @@
+"""Feature store protocol without Ray: atomic parts, dedupe, resume ids, schema and config checks."""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow as pa
+import pytest
+
+from mer import storage
+from mer.config import load_config
+from mer.extract import store
+from mer.extract.stages import PipelineError, Stage, normalize_batch, validate_chain
+
+
+def _rows(cfg, ids: list[str]) -> pa.Table:
+    schema = store.feature_schema(cfg)
+    data = {f.name: [None] * len(ids) for f in schema}
+    data["clip_id"] = ids
+    data["status"] = ["ok"] * len(ids)
+    data["global_visual"] = [[float(i), 1.0] for i in range(len(ids))]
+    data["n_face_frames"] = [0] * len(ids)
+    return pa.table({f.name: pa.array(data[f.name], f.type) for f in schema})
+
+
+def test_schema_follows_config() -> None:
+    cfg = load_config()
+    names = store.feature_schema(cfg).names
+    for b in ("global_visual", "face", "audio", "text"):
+        assert b in names and f"{b}_status" in names and f"{b}_seq" not in names
+    assert store.feature_schema(cfg).field("text").type == pa.list_(pa.float32())
+    both = load_config(overrides=["enrich.text_source=both", "extract.encoders.face.keep_sequence=true"])
+    s = store.feature_schema(both)
+    assert "text_enriched" in s.names and s.field("face_seq").type == pa.list_(pa.list_(pa.float32()))
+    # resources do not change the feature hash; frame count does
+    assert store.config_hash(cfg) == store.config_hash(load_config(overrides=["extract.decode.resources.batch_size=2"]))
+    assert store.config_hash(cfg) != store.config_hash(load_config(overrides=["extract.decode.num_frames=8"]))
+
+
+def test_part_writer_exactly_once(tmp_path) -> None:
+    cfg = load_config()
+    uri = str(tmp_path / "store")
+    w = store.PartWriter(uri, store.feature_schema(cfg), rows_per_part=3, already={"c0"})
+    w.add(_rows(cfg, ["c0", "c1", "c2"]))  # c0 is already stored
+    w.add(_rows(cfg, ["c3", "c1", "c4"]))  # c1 repeated (e.g. a retried task)
+    assert len(w.parts) == 1 and w.buffered == 1 and w.duplicates_dropped == 2
+    w.flush()
+    assert [storage.read_table(p).num_rows for p in w.parts] == [3, 1]
+    assert store.stored_ids(uri) == {"c1", "c2", "c3", "c4"}
+    t = store.read_features(uri)
+    assert sorted(t["clip_id"].to_pylist()) == ["c1", "c2", "c3", "c4"]
+    assert t.schema.equals(store.feature_schema(cfg))
+    # no temp files are left next to the parts
+    assert all(p.endswith(".parquet") for p in storage.list_files(uri))
+
+
+def test_read_dedupes_and_check_reports(tmp_path) -> None:
+    cfg = load_config()
+    uri = str(tmp_path / "store")
+    store.ensure_meta(cfg, uri)
+    for run in ("a", "b"):  # two runs that both committed c1
+        w = store.PartWriter(uri, store.feature_schema(cfg), rows_per_part=10)
+        w.run = run
+        w.add(_rows(cfg, ["c1", f"c_{run}"]))
+        w.flush()
+    assert store.read_features(uri).num_rows == 3
+    report = store.check_store(uri, cfg, manifest_ids=["c1", "c_a", "c_b", "c_missing"])
+    assert report["duplicates"] == ["c1"] and report["missing"] == ["c_missing"] and not report["ok"]
+    assert report["problems"] == []
+
+
+def test_meta_refuses_other_config(tmp_path) -> None:
+    cfg = load_config()
+    uri = str(tmp_path / "store")
+    meta = store.ensure_meta(cfg, uri)
+    on_disk = json.loads((tmp_path / "store" / "_meta.json").read_text())
+    assert on_disk["config_hash"] == meta["config_hash"] and on_disk["schema_version"] == store.SCHEMA_VERSION
+    assert on_disk["model_ids"]["global_visual"] == cfg.models.global_visual.model_id
+    w = store.PartWriter(uri, store.feature_schema(cfg), rows_per_part=10)
+    w.add(_rows(cfg, ["c1"]))
+    w.flush()
+    other = load_config(overrides=["extract.decode.frame_size=112"])
+    with pytest.raises(ValueError, match="config hash"):
+        store.ensure_meta(other, uri)
+    store.ensure_meta(other, uri, allow_config_change=True)
+
+
+def test_status_counts() -> None:
+    t = pa.table({"status": ["ok", "partial", "ok"], "face_status": ["ok", "no_face", None]})
+    assert store.status_counts(t) == {"status": {"ok": 2, "partial": 1},
+                                      "face_status": {"ok": 1, "no_face": 1, "null": 1}}
+
+
+def test_chain_validation() -> None:
+    a = Stage("a", fn=None, inputs=("clip_id",), outputs=("frames",))
+    b = Stage("b", fn=None, inputs=("frames", "face_crops"), outputs=("face",))
+    with pytest.raises(PipelineError, match="'b' needs columns \\['face_crops'\\]"):
+        validate_chain([a, b], ["clip_id"])
+    c = Stage("c", fn=None, inputs=("frames", "text_enriched"), optional_inputs=("text_enriched",), outputs=("x",))
+    assert validate_chain([a, c], ["clip_id"]) == ["clip_id", "frames", "x"]
+
+
+def test_normalize_batch_keeps_block_types_consistent() -> None:
+    import numpy as np
+
+    vec = np.empty(2, dtype=object)
+    vec[0], vec[1] = np.ones(3, np.float32), None
+    err = np.array([None, "boom"], dtype=object)
+    frames = np.array([None, None], dtype=object)
+    out = normalize_batch({"face": vec, "face_error": err, "frames": frames})
+    assert out["face"][1].shape == (0,) and out["face"][1].dtype == np.float32
+    assert list(out["face_error"]) == ["", "boom"]
+    assert out["frames"][0].shape == (0, 0, 0, 0) and out["frames"][0].dtype == np.uint8
