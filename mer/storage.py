@@ -40,11 +40,15 @@ def endpoint_url() -> str | None:
     return _ENDPOINT or os.environ.get("AWS_ENDPOINT_URL") or os.environ.get("S3_ENDPOINT_URL")
 
 
-def s3fs_filesystem() -> Any:
-    """An ``s3fs.S3FileSystem`` honouring the endpoint override (cache disabled: stale listings break resume)."""
+def s3fs_filesystem(**credentials: Any) -> Any:
+    """An ``s3fs.S3FileSystem`` honouring the endpoint override (cache disabled: stale listings break resume).
+
+    ``credentials`` (key/secret/token) are passed through when given; otherwise boto's chain applies.
+    """
     import s3fs
 
-    kwargs: dict[str, Any] = {"skip_instance_cache": True, "use_listings_cache": False}
+    kwargs: dict[str, Any] = {"skip_instance_cache": True, "use_listings_cache": False,
+                              **{k: v for k, v in credentials.items() if v}}
     ep = endpoint_url()
     client_kwargs: dict[str, Any] = {}
     if ep:

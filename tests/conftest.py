@@ -99,15 +99,16 @@ def ray_local():
 
 
 @pytest.fixture(scope="session")
-def s3_server():
+def s3_server(tmp_path_factory: pytest.TempPathFactory):
     """A real S3 endpoint: moto's server on 127.0.0.1, with a ``mer-test`` bucket.
 
-    The AWS_* variables are set before Ray starts (fixtures order) so Ray workers inherit them.
+    The AWS_* variables are set before Ray starts (fixtures order) so Ray workers inherit them. The
+    server's log goes to ``<basetemp>/moto/server.log`` (a 500 from moto is only explained there).
     """
     moto = shutil.which("moto_server") or str(Path(sys.executable).parent / "moto_server")
     port = _free_port()
-    proc = subprocess.Popen([moto, "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = open(tmp_path_factory.mktemp("moto") / "server.log", "wb")
+    proc = subprocess.Popen([moto, "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=subprocess.STDOUT)
     endpoint = f"http://127.0.0.1:{port}"
     env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
            "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": endpoint}
@@ -126,6 +127,7 @@ def s3_server():
     yield endpoint
     proc.terminate()
     proc.wait(timeout=10)
+    log.close()
     for k, v in old.items():
         if v is None:
             os.environ.pop(k, None)

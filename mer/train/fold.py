@@ -11,7 +11,6 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -30,27 +29,21 @@ FAULT_ENV = "MER_TRAIN_FAULT"
 def ray_storage(uri: str) -> tuple[str, pafs.FileSystem | None]:
     """``RunConfig(storage_path, storage_filesystem)`` for a local path or an ``s3://`` URI.
 
-    For S3 the filesystem is pyarrow's, built here with the endpoint and (when set in the environment)
-    the credentials, because it is pickled to the Ray Train controller and workers, whose environment
-    may predate them.
+    For S3 this is the project's s3fs filesystem (the one every other stage uses), with the endpoint and,
+    when set in the environment, the credentials baked in: it is pickled to the Ray Train controller and
+    workers, whose environment may predate them. pyarrow's native S3 client is not used here: inside
+    the Ray Train controller its CompleteMultipartUpload of the storage marker failed against
+    S3-compatible endpoints (INTERNAL_FAILURE on a 200 reply), while s3fs writes small objects with
+    a single PUT.
     """
     if not storage.is_s3(uri):
         return os.path.abspath(os.path.expanduser(uri)), None
-    kw: dict[str, Any] = {}
-    ep = storage.endpoint_url()
-    if ep:
-        parsed = urlparse(ep if "://" in ep else f"https://{ep}")
-        kw["endpoint_override"] = parsed.netloc
-        kw["scheme"] = parsed.scheme
+    fs = storage.s3fs_filesystem()
     if os.environ.get("AWS_ACCESS_KEY_ID") and os.environ.get("AWS_SECRET_ACCESS_KEY"):
-        kw["access_key"] = os.environ["AWS_ACCESS_KEY_ID"]
-        kw["secret_key"] = os.environ["AWS_SECRET_ACCESS_KEY"]
-        if os.environ.get("AWS_SESSION_TOKEN"):
-            kw["session_token"] = os.environ["AWS_SESSION_TOKEN"]
-    region = os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION")
-    if region:
-        kw["region"] = region
-    return uri[len("s3://"):], pafs.S3FileSystem(**kw)
+        fs = storage.s3fs_filesystem(key=os.environ["AWS_ACCESS_KEY_ID"],
+                                     secret=os.environ["AWS_SECRET_ACCESS_KEY"],
+                                     token=os.environ.get("AWS_SESSION_TOKEN"))
+    return uri[len("s3://"):], pafs.PyFileSystem(pafs.FSSpecHandler(fs))
 
 
 @contextlib.contextmanager
