@@ -5,7 +5,6 @@ One ablation (each single modality, then both fused) is trained once per module;
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import numpy as np
@@ -112,9 +111,8 @@ def test_resume_skips_finished_run_and_folds(ablation, store: str) -> None:
     run = out / "fused"
     before = storage.read_json(str(run / "metrics.json"))
     ckpts = checkpoint_dirs(str(run / "ray"), 0)
-    t0 = time.time()
     again = train_run(train_config(), store, str(run), resume=True)
-    assert again == before and time.time() - t0 < 5  # returned the finished run as it is
+    assert again == before  # the finished run's record, returned as it is (its "seconds" included)
     # Without the run-level record, every fold is skipped by its own record and only reports are redone.
     (run / "metrics.json").unlink()
     redone = train_run(train_config(), store, str(run), resume=True)
@@ -140,3 +138,17 @@ def test_label_table_pseudo_rows_only_train(tmp_path: Path, store: str) -> None:
     folds = _fold_assignment(np.asarray(cv.column("y").to_numpy()), 2, seed=0)
     assert sorted(np.bincount(folds).tolist()) == [30, 30]
     assert (folds == _fold_assignment(np.asarray(cv.column("y").to_numpy()), 2, seed=0)).all()
+
+
+@pytest.mark.gpu
+def test_gpu_bf16_zero2_nccl(ray_local, store: str, tmp_path: Path) -> None:
+    """The GPU path: NCCL process group, bf16, ZeRO-2 (one worker per GPU)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    n_gpu = min(torch.cuda.device_count(), 2)
+    cfg = train_config(**{"train.use_gpu": True, "train.gpus_per_worker": 1, "train.num_workers": n_gpu,
+                          "train.precision": "bf16", "train.max_epochs": 4, "train.patience": 4})
+    metrics = train_run(cfg, store, str(tmp_path / "gpu"))
+    assert metrics["test"]["waf"] > 0.4

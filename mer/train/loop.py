@@ -215,18 +215,17 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         val_waf, val_acc = weighted_f1(y_val, pred), accuracy(y_val, pred)
         val_loss = float(-np.log(np.clip(p_val[np.arange(len(y_val)), y_val], 1e-8, None)).mean()) if len(y_val) else 0.0
 
-        improved = val_waf > state["best_waf"] + 1e-9
+        # Rank 0 decides, everyone follows: gathering ZeRO-3 weights is collective and the workers must
+        # leave the loop at the same epoch, so no rank may act on its own copy of the validation result.
+        flag = torch.tensor([1.0 if val_waf > state["best_waf"] + 1e-9 else 0.0], device=device)
+        torch.distributed.broadcast(flag, src=0)
+        improved = bool(flag.item())
         if improved:
             best = _state_dict(engine)
-        state["bad_epochs"] = 0 if improved else state["bad_epochs"] + 1
-        # Rank 0 decides, everyone follows: the workers must leave the loop at the same epoch.
-        stop = torch.tensor([1.0 if (state["bad_epochs"] >= tc.patience or epoch >= tc.max_epochs) else 0.0],
-                            device=device)
-        torch.distributed.broadcast(stop, src=0)
-        if improved:
             state["best_waf"], state["best_epoch"] = val_waf, epoch
+        state["bad_epochs"] = 0 if improved else state["bad_epochs"] + 1
         state["epoch"] = epoch
-        state["finished"] = bool(stop.item())
+        state["finished"] = state["bad_epochs"] >= tc.patience or epoch >= tc.max_epochs
         seconds = time.time() - t0
         row = {"fold": fold, "epoch": epoch, "train_loss": loss_sum / max(n_seen, 1), "val_loss": val_loss,
                "val_waf": val_waf, "val_acc": val_acc, "best_val_waf": state["best_waf"],

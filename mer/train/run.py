@@ -207,8 +207,12 @@ def train_run(cfg: MerConfig, features_uri: str, out_uri: str, *, resume: bool =
 
         init_ray(cfg)
     if not resume:
+        # Starting over: stale checkpoints would otherwise be picked up by Ray Train (same run names).
         for sub in ("ray", "folds", "models"):
             _delete_dir(storage.join(out_uri, sub))
+        if storage.exists(metrics_uri):
+            fs, path = storage.filesystem(metrics_uri)
+            fs.delete_file(path)
 
     mods = _resolve_modalities(cfg, features_uri, modalities)
     cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"modalities": mods})})
