@@ -65,6 +65,7 @@ def run_demo(cfg: MerConfig, workdir: str, *, n_train: int = 150, n_unlabeled: i
     """
     from mer.data.manifest import read_manifest, write_manifest
     from mer.data.synth import synth_dataset
+    from mer.enrich.run import enrich_manifest
     from mer.evaluate import evaluate
     from mer.extract.pipeline import extract_features
     from mer.labels.pseudolabel import pseudolabel_rounds
@@ -100,6 +101,13 @@ def run_demo(cfg: MerConfig, workdir: str, *, n_train: int = 150, n_unlabeled: i
     step("data", t)
 
     init_ray(cfg)
+    enrich_summary: dict[str, Any] = {}
+    if cfg.enrich.enabled:
+        # Enrich first as its own job: the vLLM engine then has the CPUs to itself, and extraction's
+        # enrichment stage finds every transcript in the shared cache (<workdir>/enrich_cache).
+        t = time.time()
+        enrich_summary = enrich_manifest(cfg, noisy_uri, str(wd / "enriched.parquet"))
+        step("enrich", t)
     t = time.time()
     features = str(wd / "features")
     extract_summary = extract_features(cfg, noisy_uri, features)
@@ -151,7 +159,8 @@ def run_demo(cfg: MerConfig, workdir: str, *, n_train: int = 150, n_unlabeled: i
                         "missing": len(report["missing_in_pred"])},
         "relabel": relabel_summary["rules"],
         "pseudo_labels": pseudo["rounds"][-1]["selected"] if pseudo["rounds"] else 0,
-        "extract_status": extract_summary.get("status_counts", {}),
+        "extract_status": extract_summary.get("status_counts", {}).get("status", {}),
+        "enrich_status": enrich_summary.get("status_counts", {}),
         "timings_s": timings,
         "seconds": round(time.time() - t0, 1),
         "outputs": {"features": features, "runs": str(runs), "predictions": scored["predictions"],
@@ -174,6 +183,7 @@ def format_summary(summary: dict[str, Any]) -> str:
     lines += ["", f"relabel rules: {json.dumps(summary['relabel'])}",
               f"pseudo-labels selected: {summary['pseudo_labels']}",
               f"extraction statuses: {json.dumps(summary['extract_status'])}",
+              f"enrichment statuses: {json.dumps(summary['enrich_status'])}",
               f"scored test split: WAF {summary['scored_test']['waf']}, "
               f"accuracy {summary['scored_test']['accuracy']}",
               f"total {summary['seconds']} s", "outputs:"]

@@ -56,6 +56,7 @@ class EnsemblePredictor:
             agree[present] = (fold_p.argmax(axis=2) == mean.argmax(axis=1)[:, None]).mean(axis=1)
         pred = [LABELS[int(np.argmax(p))] if ok else None for p, ok in zip(probs, present)]
         upstream = batch.column("error").to_pylist() if "error" in batch.column_names else [None] * n
+        feat_status = (batch.column("status").to_pylist() if "status" in batch.column_names else ["ok"] * n)
         cols: dict[str, Any] = {
             "clip_id": batch.column("clip_id"),
             "split": batch.column("split") if "split" in batch.column_names else pa.nulls(n, pa.string()),
@@ -67,8 +68,10 @@ class EnsemblePredictor:
         for k, c in enumerate(PROB_COLUMNS):
             cols[c] = probs[:, k]
         cols["run_id"] = [self.run_id] * n
-        cols["status"] = ["ok" if ok else "no_features" for ok in present]
-        cols["error"] = [None if ok else (e or f"no usable modality among {mods}")
+        # "partial": predicted from the modalities that survived a bad input (its error says which failed).
+        cols["status"] = [("ok" if fs == "ok" else "partial") if ok else "no_features"
+                          for ok, fs in zip(present, feat_status)]
+        cols["error"] = [e if ok else (e or f"no usable modality among {mods}")
                          for ok, e in zip(present, upstream)]
         return pa.table(cols, schema=PRED_SCHEMA)
 
@@ -98,12 +101,13 @@ def score_features(cfg: MerConfig, run_uri: str, features_uri: str, out_uri: str
               if splits is None or sp in splits]
     done = stored_ids(out_uri)
     pending = [c for c in wanted if c not in done]
-    summary: dict[str, Any] = {"out": out_uri, "total": len(wanted), "skipped_done": len(wanted) - len(pending)}
+    summary: dict[str, Any] = {"out": out_uri, "total": len(wanted), "skipped_done": len(wanted) - len(pending),
+                               "written": 0}
     if pending:
         files = part_files(features_uri)
         ds = ray.data.read_parquet([storage.ray_path(f) for f in files],
                                    filesystem=storage.ray_filesystem(features_uri))
-        keep_cols = ["clip_id", "split", "label", "error", *modalities]
+        keep_cols = ["clip_id", "split", "label", "status", "error", *modalities]
         ds = ds.select_columns([c for c in keep_cols if c in ds.schema().names])
         ds = ds.map_batches(_filter_ids(frozenset(pending), keep=True), batch_format="pyarrow")
         sc = cfg.score
