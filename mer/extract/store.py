@@ -180,7 +180,10 @@ class PartWriter:
 
 
 def read_features(uri: str, columns: list[str] | None = None) -> pa.Table:
-    """All rows of a store, one per clip_id (first committed part wins if a clip was ever written twice)."""
+    """All rows of a store, one per clip_id (first committed part wins if a clip was ever written twice).
+
+    ``columns`` narrows the read; ``clip_id`` is always kept, first.
+    """
     parts = part_files(uri)
     if not parts:
         raise FileNotFoundError(f"no feature parts under {uri}")
@@ -192,7 +195,7 @@ def read_features(uri: str, columns: list[str] | None = None) -> pa.Table:
         first.setdefault(cid, i)
     if len(first) != len(ids):
         table = table.take(pa.array(sorted(first.values()), pa.int64()))
-    return table if columns is None else table.select(columns)
+    return table if cols is None else table.select(cols)
 
 
 def check_store(uri: str, cfg: MerConfig | None = None, manifest_ids: list[str] | None = None) -> dict[str, Any]:
