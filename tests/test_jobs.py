@@ -1,0 +1,295 @@
+"""``ray job submit`` end to end: a real Ray head on 127.0.0.1, jobs submitted through the Jobs API, all
+storage (manifest, videos, features, run, predictions) on a moto S3 server.
+
+extract → train → score run as three jobs (``python -m jobs.<name>``) with a working_dir upload of the
+repository, exactly as ``ray job submit --working-dir . -- python -m jobs.train ...`` does on a cluster.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+VENV_BIN = Path(sys.executable).parent
+BUCKET = "s3://mer-test"
+PREFIX = f"{BUCKET}/jobs-e2e"
+# The same small-machine overrides as the `tiny_config` fixture (2 CPUs in all, no GPU).
+TINY_SETS = [
+    "extract.decode.num_frames=4",
+    "extract.decode.frame_size=64",
+    "extract.decode.resources.concurrency=1",
+    "extract.decode.resources.num_cpus=0.5",
+    "extract.face.resources.num_cpus=0.5",
+    "extract.encoders.global_visual.resources.num_cpus=0.25",
+    "extract.encoders.face.resources.num_cpus=0.25",
+    "extract.encoders.audio.resources.num_cpus=0.25",
+    "extract.encoders.text.resources.num_cpus=0.25",
+    "train.num_workers=2",
+    "train.folds=2",
+    "train.max_epochs=3",
+    "train.patience=2",
+    "score.num_cpus=0.5",
+]
+
+
+def _free_ports(n: int) -> list[int]:
+    socks = []
+    for _ in range(n):
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        socks.append(s)
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+class RayHead:
+    """A ``ray start --head --block`` process of its own (SIGTERM to it stops exactly this cluster)."""
+
+    STARTED = "Ray runtime started."
+
+    def __init__(self, token: str, attempts: int = 3) -> None:
+        self.token = token
+        # Unix socket paths must stay short, hence /tmp rather than pytest's deep tmp_path.
+        self.temp_dir = tempfile.mkdtemp(prefix="mer-ray-", dir="/tmp")
+        self.log_path = Path(self.temp_dir) / "head.log"
+        self._log = None
+        # On a loaded machine the raylet can give up waiting for its dashboard agent (a fixed 15 s in Ray,
+        # ray-project/ray#65983); the node then never comes up and a fresh start usually succeeds.
+        for attempt in range(attempts):
+            self._start()
+            if self._wait_started():
+                return
+            diagnostics = self.diagnostics()
+            self._terminate()
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
+        raise RuntimeError(f"ray head did not start after {attempts} attempts:\n{diagnostics}")
+
+    def _start(self) -> None:
+        gcs, dash, agent_http, agent_grpc, env_agent, metrics, node_mgr, obj_mgr, client = _free_ports(9)
+        self.dashboard = f"http://127.0.0.1:{dash}"
+        env = dict(os.environ)
+        env.update({
+            # The job entrypoint's `python` must be this venv's interpreter.
+            "PATH": f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}",
+            "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": self.token, "RAY_USAGE_STATS_ENABLED": "0",
+        })
+        for k in [k for k in env if k.startswith("AWS_")]:
+            del env[k]  # the jobs get S3 settings only through their runtime_env, as on a real cluster
+        cmd = [str(VENV_BIN / "ray"), "start", "--head", "--block", "--num-cpus", "2", "--num-gpus", "0",
+               "--node-ip-address", "127.0.0.1", "--port", str(gcs), "--dashboard-host", "127.0.0.1",
+               "--dashboard-port", str(dash), "--include-dashboard", "true",
+               "--dashboard-agent-listen-port", str(agent_http), "--dashboard-agent-grpc-port", str(agent_grpc),
+               "--runtime-env-agent-port", str(env_agent), "--metrics-export-port", str(metrics),
+               "--node-manager-port", str(node_mgr), "--object-manager-port", str(obj_mgr),
+               "--ray-client-server-port", str(client), "--temp-dir", self.temp_dir, "--disable-usage-stats"]
+        self._log = open(self.log_path, "w")  # noqa: SIM115 - closed in _terminate()
+        self.proc = subprocess.Popen(cmd, env=env, stdout=self._log, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+
+    def _wait_started(self, deadline_s: float = 240.0) -> bool:
+        deadline = time.time() + deadline_s
+        while time.time() < deadline:
+            if self.STARTED in self.log_path.read_text(errors="replace"):
+                return self.proc.poll() is None
+            if self.proc.poll() is not None:
+                return False
+            time.sleep(1.0)
+        return False
+
+    def client(self, deadline_s: float = 300.0):
+        """A JobSubmissionClient once the dashboard and its job agent accept submissions."""
+        from ray.job_submission import JobSubmissionClient
+
+        headers = {"Authorization": f"Bearer {self.token}"}
+        deadline = time.time() + deadline_s
+        last: Exception | None = None
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"ray head exited ({self.proc.returncode}):\n{self.log_path.read_text()[-3000:]}")
+            try:
+                c = JobSubmissionClient(self.dashboard, headers=headers)
+                c.list_jobs()
+                return c
+            except Exception as e:  # noqa: BLE001 - not up yet
+                last = e
+                time.sleep(1.0)
+        raise RuntimeError(f"ray head not reachable at {self.dashboard}: {last}")
+
+    def diagnostics(self) -> str:
+        """Head process state and the tails of its logs (for failure messages)."""
+        out = [f"head alive: {self.proc.poll() is None} (rc={self.proc.returncode})"]
+        logs = Path(self.temp_dir) / "session_latest" / "logs"
+        for p in [self.log_path, logs / "dashboard.log", logs / "dashboard_agent.log", logs / "raylet.out"]:
+            if p.exists():
+                out.append(f"--- {p.name} ---\n{p.read_text(errors='replace')[-2500:]}")
+        return "\n".join(out)
+
+    def _terminate(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)  # --block: shuts down its raylet, GCS, dashboard
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                pass
+        try:  # anything of this head's session still alive (all share its process group)
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.wait(timeout=10)
+        if self._log is not None:
+            self._log.close()
+
+    def stop(self) -> None:
+        self._terminate()
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def ray_head():
+    head = RayHead(secrets.token_hex(16))
+    try:
+        yield head
+    finally:
+        head.stop()
+
+
+def _submit_and_wait(head: RayHead, client, entrypoint: list[str], env_vars: dict[str, str],
+                     deadline_s: float = 900.0) -> str:
+    """Submit one job with the repo as working_dir, wait for a terminal state, return its logs."""
+    try:
+        return _run_job(client, entrypoint, env_vars, deadline_s)
+    except (ConnectionError, OSError, RuntimeError) as e:
+        pytest.fail(f"job {' '.join(entrypoint[:3])}: {e!r}\n{head.diagnostics()}")
+
+
+def _run_job(client, entrypoint: list[str], env_vars: dict[str, str], deadline_s: float) -> str:
+    from ray.job_submission import JobStatus
+
+    runtime_env = {"working_dir": str(ROOT), "env_vars": env_vars,
+                   "excludes": [".git", ".venv", ".cache", "runs", "tests", "*.png"]}
+    sub_id = None
+    deadline = time.time() + 120
+    while sub_id is None:
+        try:
+            sub_id = client.submit_job(entrypoint=" ".join(entrypoint), runtime_env=runtime_env)
+        except RuntimeError as e:  # "No available agent to submit job" while the head warms up
+            if time.time() > deadline or "agent" not in str(e):
+                raise
+            time.sleep(2.0)
+    deadline = time.time() + deadline_s
+    while True:
+        status = client.get_job_status(sub_id)
+        if status in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
+            break
+        if time.time() > deadline:
+            client.stop_job(sub_id)
+            break
+        time.sleep(2.0)
+    logs = client.get_job_logs(sub_id)
+    if status != JobStatus.SUCCEEDED:
+        info = client.get_job_info(sub_id)
+        pytest.fail(f"job {' '.join(entrypoint[:3])} ended {status}: {info.message}\n--- logs ---\n{logs[-8000:]}")
+    return logs
+
+
+def _s3_keys(fs, prefix: str) -> list[str]:
+    return [p for p in fs.find(prefix.removeprefix("s3://"))]
+
+
+def _upload_dataset(synth: dict, fs) -> tuple[str, list[str]]:
+    """Videos to the bucket, then the manifest rewritten to their s3:// URIs and written there too."""
+    import pyarrow as pa
+
+    from mer.data.manifest import read_manifest, write_manifest
+
+    manifest = read_manifest(synth["manifest"])
+    uris = []
+    for local in manifest.column("video_uri").to_pylist():
+        uri = f"{PREFIX}/data/video/{Path(local).name}"
+        if Path(local).exists():  # the synth's "missing_video" row stays missing on S3 too
+            fs.put(local, uri.removeprefix("s3://"))
+        uris.append(uri)
+    idx = manifest.column_names.index("video_uri")
+    manifest = manifest.set_column(idx, "video_uri", pa.array(uris, pa.string()))
+    uri = f"{PREFIX}/data/manifest.parquet"
+    write_manifest(manifest, uri)
+    return uri, manifest.column("clip_id").to_pylist()
+
+
+def test_jobs_extract_train_score_on_s3(ray_head, s3_server, tiny_models_dir, tmp_path):
+    """Three submitted jobs read and write only s3://, and leave features, fold models and predictions."""
+    pytest.importorskip("mer.data.synth", reason="generated dataset module not there yet")
+    from mer import storage
+    from mer.data.synth import synth_dataset
+
+    client = ray_head.client()
+    synth = synth_dataset(tmp_path / "synth", n_train=8, n_unlabeled=2, n_test=4, seed=3, seconds=1.0,
+                          size=96, fps=8)
+    fs = storage.s3fs_filesystem()
+    manifest_uri, clip_ids = _upload_dataset(synth, fs)
+    assert len(clip_ids) == 14
+
+    # A credential that must never appear in a job's output (moto accepts any).
+    secret = f"mer-secret-{secrets.token_hex(8)}"
+    env_vars = {
+        "AWS_ACCESS_KEY_ID": "mer-test-key", "AWS_SECRET_ACCESS_KEY": secret,
+        "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": s3_server,
+        "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+        "XDG_CACHE_HOME": str(ROOT / ".cache"), "RAY_USAGE_STATS_ENABLED": "0",
+    }
+    common = ["--profile", "tiny", "--cpu", "--set", f"storage.tiny_models_dir={tiny_models_dir}",
+              *[a for s in TINY_SETS for a in ("--set", s)]]
+    features, run, pred = f"{PREFIX}/features", f"{PREFIX}/run", f"{PREFIX}/pred"
+
+    logs = _submit_and_wait(ray_head, client, ["python", "-m", "jobs.extract", "--config", "ray_config.yaml",
+                                     "--manifest", manifest_uri, "--out", features, *common], env_vars)
+    assert "resolved config" in logs and secret not in logs
+    assert "AWS_SECRET_ACCESS_KEY': 'set'" in logs  # presence is logged, never the value
+    cols = ["clip_id", "status", "global_visual_status", "audio_status", "text_status"]
+    store = storage.read_table(features, columns=cols).to_pylist()
+    assert sorted(r["clip_id"] for r in store) == sorted(clip_ids)  # exactly once per clip
+    broken = set(synth["broken"].values())
+    good = [r for r in store if r["clip_id"] not in broken]
+    # Videos were decoded from S3: every intact clip has its scene, audio and text vectors.
+    assert all(r["global_visual_status"] == r["audio_status"] == r["text_status"] == "ok" for r in good), good
+    zero = next(r for r in store if r["clip_id"] == synth["broken"]["zero_byte"])
+    assert zero["status"] != "ok" and zero["global_visual_status"] != "ok"  # a per-row status, no crash
+
+    logs = _submit_and_wait(ray_head, client, ["python", "-m", "jobs.train", "--config", "ray_config.yaml",
+                                     "--features", features, "--out", run, *common], env_vars)
+    assert secret not in logs
+    metrics = storage.read_json(f"{run}/metrics.json")
+    assert metrics  # written by the run
+    keys = _s3_keys(fs, run)
+    assert any(k.endswith("models/fold_0.pt") for k in keys) and any(k.endswith("models/fold_1.pt") for k in keys)
+    assert any(k.endswith("models/model.json") for k in keys)
+    assert any(k.endswith("oof.parquet") for k in keys)
+
+    logs = _submit_and_wait(ray_head, client, ["python", "-m", "jobs.score", "--config", "ray_config.yaml",
+                                     "--run", run, "--features", features, "--out", pred, *common], env_vars)
+    assert secret not in logs
+    preds = storage.read_table(f"{pred}/predictions")
+    ids = preds.column("clip_id").to_pylist()
+    assert sorted(ids) == sorted(clip_ids)  # one row per clip, the broken ones with their status
+    ok = [s == "ok" for s in preds.column("status").to_pylist()]
+    assert sum(ok) >= 10
+    probs = [sum(row) for row in zip(*(preds.column(c).to_pylist() for c in preds.column_names
+                                       if c.startswith("prob_"))) if None not in row]
+    assert probs and all(abs(p - 1.0) < 1e-3 for p in probs)
+    with fs.open(f"{pred}/submission.csv".removeprefix("s3://"), "rb") as f:
+        lines = f.read().decode().strip().splitlines()
+    assert lines[0].split(",") == ["name", "discrete"]
+    assert sorted(line.split(",")[0] for line in lines[1:]) == sorted(clip_ids)
