@@ -205,6 +205,9 @@ class TrainConfig(_Strict):
     max_epochs: int = Field(30, ge=1)
     patience: int = Field(6, ge=1)
     folds: int = Field(5, ge=2)
+    # Folds trained at the same time, each its own Ray Train worker group (folds are independent; on a
+    # cluster with free GPUs, or a laptop where worker start-up dominates, this divides wall time).
+    parallel_folds: int = Field(1, ge=1)
     seed: int = 0
     num_workers: int = Field(2, ge=1)
     use_gpu: bool = False

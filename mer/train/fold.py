@@ -47,10 +47,11 @@ def ray_storage(uri: str) -> tuple[str, pafs.FileSystem | None]:
 
 
 @contextlib.contextmanager
-def _controller_poll_interval(seconds: float) -> Iterator[None]:
+def controller_poll_interval(seconds: float) -> Iterator[None]:
     """How often the Ray Train controller polls workers (its default, 2 s, also paces every report:
     a worker's report waits until the previous one was consumed). Ray Train forwards this variable from
-    the driver to the controller; a value the user set in the environment wins."""
+    the driver to the controller; a value the user set in the environment wins. Set once around all of
+    a run's folds: concurrent folds must not race on the process environment."""
     var = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
     if var in os.environ:
         yield
@@ -112,8 +113,7 @@ def run_fold(cfg: MerConfig, *, fold: int, arch: str, dims: dict[str, int], trai
         dataset_config=DataConfig(datasets_to_split=["train"]),
     )
     t0 = time.time()
-    with _controller_poll_interval(tc.poll_interval_s):
-        result = trainer.fit()
+    result = trainer.fit()
     log.info("fold %d: trainer.fit %.1f s", fold, time.time() - t0)
     if result.checkpoint is None:
         raise RuntimeError(f"fold {fold}: training produced no checkpoint ({result.error})")

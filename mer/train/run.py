@@ -195,7 +195,7 @@ def train_run(cfg: MerConfig, features_uri: str, out_uri: str, *, resume: bool =
     import ray
 
     from mer.fusion import build_model
-    from mer.train.fold import fault_from_env, run_fold
+    from mer.train.fold import controller_poll_interval, fault_from_env, run_fold
 
     t_start = time.time()
     metrics_uri = storage.join(out_uri, "metrics.json")
@@ -238,14 +238,18 @@ def train_run(cfg: MerConfig, features_uri: str, out_uri: str, *, resume: bool =
     with quiet_data():
         base = _read_store(features_uri, ["clip_id", *mods]).materialize()
     fault = fault_from_env()
-    fold_records: list[dict] = []
+    fold_records: dict[int, dict] = {}
     skipped: list[int] = []
+    todo: list[int] = []
     for k in range(tc.folds):
         record_uri = storage.join(out_uri, "folds", f"fold_{k}.json")
         if resume and storage.exists(record_uri):
-            fold_records.append(storage.read_json(record_uri))
+            fold_records[k] = storage.read_json(record_uri)
             skipped.append(k)
-            continue
+        else:
+            todo.append(k)
+
+    def fit_fold(k: int) -> dict:
         t0 = time.time()
         tr = fold_of != k
         train_targets = {c: (int(y), float(w)) for c, y, w, t in zip(cv_ids, cv_y, cv_w, tr) if t}
@@ -267,13 +271,35 @@ def train_run(cfg: MerConfig, features_uri: str, out_uri: str, *, resume: bool =
                   "val_acc": next((r["val_acc"] for r in st["history"] if r["epoch"] == st["best_epoch"]), None),
                   "epochs": st["epoch"], "n_train": len(train_targets), "n_val": len(val_targets),
                   "n_pseudo": len(pseudo_targets), "resumed_from": st["resumed_from"],
-                  "seconds": round(time.time() - t0, 2), "history": st["history"],
+                  "seconds": round(time.time() - t0, 2), "started_at": t0, "finished_at": time.time(),
+                  "history": st["history"],
                   "checkpoint": str(res["checkpoint_path"]), "config_hash": cfg.hash()}
-        storage.write_json(record_uri, record)  # written last: the fold's commit record
-        fold_records.append(record)
+        storage.write_json(storage.join(out_uri, "folds", f"fold_{k}.json"), record)  # the fold's commit record
+        return record
+
+    # Each fold is its own TorchTrainer; TorchTrainer.fit is safe to call from driver threads (it only
+    # installs its SIGINT handler on the main thread), and Ray schedules the worker groups as resources
+    # allow. A failed fold fails the run after the others finish, so their commit records survive for
+    # resume=True.
+    with controller_poll_interval(tc.poll_interval_s):
+        if tc.parallel_folds > 1 and len(todo) > 1:
+            from concurrent.futures import ThreadPoolExecutor
+
+            with ThreadPoolExecutor(max_workers=min(tc.parallel_folds, len(todo)),
+                                    thread_name_prefix="mer-fold") as pool:
+                futures = {k: pool.submit(fit_fold, k) for k in todo}
+            errors = {k: f.exception() for k, f in futures.items() if f.exception() is not None}
+            if errors:
+                k, err = min(errors.items())
+                raise RuntimeError(f"folds {sorted(errors)} failed (first: fold {k}: {err})") from err
+            fold_records.update({k: f.result() for k, f in futures.items()})
+        else:
+            for k in todo:
+                fold_records[k] = fit_fold(k)
+    records = [fold_records[k] for k in sorted(fold_records)]
 
     t_fin = time.time()
-    metrics = _finish_run(cfg, features_uri, out_uri, fold_records, mods, split_of)
+    metrics = _finish_run(cfg, features_uri, out_uri, records, mods, split_of)
     metrics.update({"skipped_folds": skipped, "seconds": round(time.time() - t_start, 2),
                     "run_name": run_name or out_uri.rstrip("/").rsplit("/", 1)[-1], "labels": labels_uri,
                     "n_cv": len(cv_ids), "n_pseudo": len(pseudo_targets)})
