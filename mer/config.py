@@ -220,6 +220,7 @@ class TrainConfig(_Strict):
     # Keep each worker's Ray Data shard in memory after the first pass (pooled vectors are small);
     # false streams it from Ray Data every epoch.
     cache_shards: bool = True
+    standardize_inputs: bool = True
     # Ray Train controller poll interval; each per-epoch report waits for the previous one to be polled.
     poll_interval_s: float = Field(0.5, gt=0)
     label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
@@ -236,10 +237,12 @@ class TrainConfig(_Strict):
 
 class RelabelConfig(_Strict):
     # A sample is relabelled when at least `min_agree` non-original sources agree on another label
-    # with mean confidence >= `min_confidence`; down-weighted when sources disagree with the original.
+    # with mean confidence >= `min_confidence`; down-weighted when they disagree with the original with
+    # mean confidence >= `downweight_min_confidence` (weaker disagreement keeps weight 1: rule `uncertain`).
     min_agree: int = Field(1, ge=1)
     min_confidence: float = Field(0.85, ge=0.0, le=1.0)
     downweight: float = Field(0.5, ge=0.0, le=1.0)
+    downweight_min_confidence: float = Field(0.5, ge=0.0, le=1.0)
     source_weights: dict[str, float] = Field(default_factory=lambda: {"original": 1.0, "oof": 1.0})
 
 

@@ -36,6 +36,8 @@ DEMO_OVERRIDES: list[str] = [
     "train.folds=3",
     "train.max_epochs=20",
     "train.patience=5",
+    # Each per-epoch report waits for the controller's next poll: at 0.5 s that is ~40 % of a tiny epoch.
+    "train.poll_interval_s=0.1",
     # A random-weight LLM decoded greedily repeats one token (often a byte piece that cleans to nothing);
     # seeded sampling makes it write varied noise the fusion must learn to down-weight.
     "enrich.temperature=1.0",

@@ -68,3 +68,12 @@ def test_unknown_label_in_a_source_is_named() -> None:
     bad = pa.table({"clip_id": ["a"], "label": ["bored"]})
     with pytest.raises(ValueError, match=r"'llm'.*'a'.*'bored'"):
         refine_labels(ORIGINAL, {"llm": bad}, RelabelConfig())
+
+
+def test_weak_disagreement_keeps_full_weight() -> None:
+    cfg = RelabelConfig(min_agree=1, min_confidence=0.8, downweight=0.3, downweight_min_confidence=0.5)
+    weak = refine_labels(ORIGINAL, {"oof": _probs({"a": ("angry", 0.4)})}, cfg).to_pylist()[0]
+    assert weak["rule"] == "uncertain" and weak["label"] == "happy" and weak["weight"] == 1.0
+    assert weak["consensus_label"] == "angry"
+    firm = refine_labels(ORIGINAL, {"oof": _probs({"a": ("angry", 0.55)})}, cfg).to_pylist()[0]
+    assert firm["rule"] == "downweight" and firm["weight"] == pytest.approx(0.3)

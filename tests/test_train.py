@@ -160,8 +160,9 @@ def test_parallel_folds_overlap_and_resume_the_failed_one(ray_local, store: str,
     other commits, and resume trains only the failed one."""
     from mer.train.fold import FAULT_ENV
 
-    cfg = train_config(**{"train.parallel_folds": 2, "train.cpus_per_worker": 0.5, "train.max_failures": 0,
-                          "train.max_epochs": 6, "train.patience": 6})
+    # 0.1 CPU per worker: both worker groups fit beside whatever else the session's Ray holds
+    cfg = train_config(**{"train.parallel_folds": 2, "train.cpus_per_worker": 0.1, "train.max_failures": 0,
+                          "train.max_epochs": 10, "train.patience": 10})
     out = str(tmp_path / "par")
     # fold 1, rank 0 dies at epoch 2 with no retries left: the run must fail, fold 0 must still commit.
     monkeypatch.setenv(FAULT_ENV, f"2:{tmp_path / 'fault.marker'}:0:1")
@@ -178,3 +179,21 @@ def test_parallel_folds_overlap_and_resume_the_failed_one(ray_local, store: str,
     assert metrics["skipped_folds"] == [0]
     assert [f["fold"] for f in metrics["folds"]] == [0, 1]
     assert metrics["waf"] > 0.3, metrics["waf"]
+
+
+def test_input_stats_match_numpy_over_the_chosen_rows(ray_local, store: str) -> None:
+    """Run-level standardisation statistics: Ray Data reduces blocks to moments; missing vectors and rows
+    outside the training ids don't count."""
+    from mer.train.features import input_stats, modality_dims, table_inputs
+    from mer.train.run import _read_store
+
+    table = pq.read_table(store)
+    ids = set(table.column("clip_id").to_pylist()[::3])
+    dims = modality_dims(store, list(DIMS))
+    mean, std = input_stats(_read_store(store, ["clip_id", *DIMS]), list(DIMS), dims, ids)
+    rows = table.filter(pa.array([c in ids for c in table.column("clip_id").to_pylist()]))
+    x, mask = table_inputs(rows, list(DIMS), dims)
+    a = x[mask[:, 0], :DIMS["audio"]]
+    t = x[mask[:, 1], DIMS["audio"]:]
+    np.testing.assert_allclose(mean, np.concatenate([a.mean(0), t.mean(0)]), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(std, np.concatenate([a.std(0), t.std(0)]), rtol=1e-3, atol=1e-5)

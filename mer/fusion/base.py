@@ -2,7 +2,9 @@
 
 Input layout (the contract with training and scoring): ``x`` is the concatenation of the modality vectors in
 ``modalities`` order, ``[B, sum(dims)]``, zeros where a modality is missing; ``mask`` is ``[B, M]`` bool,
-True where the modality is present. ``forward`` returns ``(logits [B, 6], weights [B, M])``; weights are 0 for
+True where the modality is present. Each vector is standardised inside the model (``in_mean``/``in_scale``
+buffers, set from the training rows by :meth:`FusionModel.set_input_stats` and saved with the weights, so
+scoring applies the same statistics). ``forward`` returns ``(logits [B, 6], weights [B, M])``; weights are 0 for
 missing modalities and sum to 1 over the present ones (all 0 for a row with nothing present).
 """
 
@@ -44,6 +46,22 @@ class FusionModel(nn.Module):
         self.dropout_p, self.modality_dropout = dropout, modality_dropout
         self.num_classes = num_classes
         self.proj = nn.ModuleDict({m: Projection(d, hidden_dim, dropout) for m, d in self.dims.items()})
+        total = sum(self.dims.values())
+        # Identity until set: pretrained encoders' pooled vectors often share a large offset per dimension
+        # that swamps the emotion signal in a small head; standardising removes it.
+        self.register_buffer("in_mean", torch.zeros(total))
+        self.register_buffer("in_scale", torch.ones(total))
+
+    def set_input_stats(self, mean: Any, std: Any) -> None:
+        """Standardise inputs with per-dimension ``mean``/``std`` (modality order, ``sum(dims)`` values each);
+        a dimension with ~zero spread is only centred."""
+        mean_t = torch.as_tensor(mean, dtype=torch.float32).reshape(-1)
+        std_t = torch.as_tensor(std, dtype=torch.float32).reshape(-1)
+        if mean_t.numel() != self.in_mean.numel() or std_t.numel() != self.in_mean.numel():
+            raise ValueError(f"input stats have {mean_t.numel()}/{std_t.numel()} values, model inputs "
+                             f"{self.in_mean.numel()}")
+        self.in_mean.copy_(mean_t)
+        self.in_scale.copy_(torch.where(std_t > 1e-6, 1.0 / std_t.clamp_min(1e-6), torch.ones_like(std_t)))
 
     # -- helpers -------------------------------------------------------------------------------------
     def spec(self) -> dict[str, Any]:
@@ -55,6 +73,7 @@ class FusionModel(nn.Module):
 
     def project(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Projected modality tokens ``[B, M, H]``, zeroed where the modality is missing."""
+        x = (x - self.in_mean.to(x.dtype)) * self.in_scale.to(x.dtype)
         parts = torch.split(x, [self.dims[m] for m in self.modalities], dim=1)
         tokens = torch.stack([self.proj[m](p) for m, p in zip(self.modalities, parts)], dim=1)
         return tokens * mask.unsqueeze(-1).to(tokens.dtype)

@@ -55,6 +55,47 @@ def table_inputs(table: pa.Table, modalities: list[str], dims: dict[str, int]) -
     return np.concatenate(xs, axis=1), np.stack(masks, axis=1)
 
 
+def _partial_moments(batch: pa.Table, modalities: list[str], dims: dict[str, int], ids: set[str] | None
+                     ) -> pa.Table:
+    """One row per batch: count, sum and sum of squares of each modality's present vectors."""
+    if ids is not None:
+        batch = batch.filter(pa.array([c in ids for c in batch.column("clip_id").to_pylist()], pa.bool_()))
+    x, mask = table_inputs(batch, modalities, dims)
+    cols: dict[str, list] = {}
+    start = 0
+    for j, m in enumerate(modalities):
+        v = x[mask[:, j], start:start + dims[m]].astype(np.float64)
+        start += dims[m]
+        cols[f"{m}.n"] = [int(v.shape[0])]
+        cols[f"{m}.sum"] = [v.sum(axis=0).tolist()]
+        cols[f"{m}.sumsq"] = [(v * v).sum(axis=0).tolist()]
+    return pa.table(cols)
+
+
+def input_stats(ds: object, modalities: list[str], dims: dict[str, int], ids: set[str] | None = None
+                ) -> tuple[list[float], list[float]]:
+    """Per-dimension mean and standard deviation of the present vectors of ``modalities`` over the rows of
+    the Ray dataset ``ds`` (restricted to ``ids``), in model input order. The workers reduce their blocks
+    to sums, so the driver only ever sees one row of moments per block. A modality with no present vector
+    gets mean 0, std 1."""
+    rows = ds.map_batches(_partial_moments, fn_kwargs={"modalities": modalities, "dims": dims, "ids": ids},  # type: ignore[attr-defined]
+                          batch_format="pyarrow", batch_size=None).take_all()
+    means: list[np.ndarray] = []
+    stds: list[np.ndarray] = []
+    for m in modalities:
+        n = sum(int(r[f"{m}.n"]) for r in rows)
+        if n == 0:
+            means.append(np.zeros(dims[m]))
+            stds.append(np.ones(dims[m]))
+            continue
+        s1 = np.sum([np.asarray(r[f"{m}.sum"], np.float64) for r in rows if r[f"{m}.n"]], axis=0)
+        s2 = np.sum([np.asarray(r[f"{m}.sumsq"], np.float64) for r in rows if r[f"{m}.n"]], axis=0)
+        mean = s1 / n
+        means.append(mean)
+        stds.append(np.sqrt(np.maximum(s2 / n - mean * mean, 0.0)))
+    return np.concatenate(means).tolist(), np.concatenate(stds).tolist()
+
+
 def store_files(features_uri: str) -> list[str]:
     """The Parquet parts of a feature store (or the file itself when given one)."""
     fs, path = storage.filesystem(features_uri)

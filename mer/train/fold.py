@@ -76,7 +76,8 @@ def fault_from_env() -> dict[str, Any] | None:
 
 
 def run_fold(cfg: MerConfig, *, fold: int, arch: str, dims: dict[str, int], train_ds: Any, val_ds: Any,
-             ray_dir: str, fault: dict | None = None, max_failures: int | None = None) -> dict[str, Any]:
+             ray_dir: str, fault: dict | None = None, max_failures: int | None = None,
+             input_stats: tuple[list[float], list[float]] | None = None) -> dict[str, Any]:
     """Train one fold through Ray Train; returns ``state`` (history, best epoch...), ``best`` (state-dict
     bytes) and ``val_pred`` (table) from the final checkpoint.
 
@@ -96,7 +97,7 @@ def run_fold(cfg: MerConfig, *, fold: int, arch: str, dims: dict[str, int], trai
     if fault and "fold" in fault and int(fault["fold"]) != fold:
         fault = None
     loop_config = {"train": tc.model_dump(mode="json"), "arch": arch, "dims": dims, "fold": fold,
-                   "fault": fault, "threads": max(1, int(tc.cpus_per_worker))}
+                   "input_stats": input_stats, "fault": fault, "threads": max(1, int(tc.cpus_per_worker))}
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,

@@ -127,7 +127,8 @@ def _maybe_fail(fault: dict | None, epoch: int, rank: int) -> None:
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
-    """Ray Train entry point. ``config``: train (TrainConfig dump), arch, dims, fold, fault (test hook)."""
+    """Ray Train entry point. ``config``: train (TrainConfig dump), arch, dims, fold, input_stats
+    (``[mean, std]`` or None), fault (test hook)."""
     import deepspeed
     import ray.train
     import torch
@@ -149,6 +150,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     torch.manual_seed(tc.seed * 1000 + fold)  # same initial weights on every rank
     model = build_model(config["arch"], dims, tc)
+    if config.get("input_stats"):
+        model.set_input_stats(*config["input_stats"])
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters()
                                                                           if p.requires_grad],
                                            config=deepspeed_config(tc))

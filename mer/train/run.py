@@ -23,7 +23,8 @@ import pyarrow.fs as pafs
 from mer import storage
 from mer.config import LABELS, MerConfig, dump_config
 from mer.metrics import accuracy, confusion, per_class_f1, plot_confusion, weighted_f1
-from mer.train.features import LABEL_INDEX, label_index, modality_dims, store_columns, store_files
+from mer.train.features import (LABEL_INDEX, input_stats, label_index, modality_dims, store_columns,
+                                 store_files)
 from mer.train.report import PROB_COLUMNS, plot_curves, prediction_table, weight_summary
 
 log = logging.getLogger("mer.train")
@@ -238,6 +239,13 @@ def train_run(cfg: MerConfig, features_uri: str, out_uri: str, *, resume: bool =
     with quiet_data():
         base = _read_store(features_uri, ["clip_id", *mods]).materialize()
     fault = fault_from_env()
+    stats = None
+    if tc.standardize_inputs:
+        t0 = time.time()
+        with quiet_data():
+            stats = input_stats(base, mods, dims, set(cv_ids) | set(pseudo_targets))
+        log.info("input statistics over %d training rows in %.1f s", len(cv_ids) + len(pseudo_targets),
+                 time.time() - t0)
     fold_records: dict[int, dict] = {}
     skipped: list[int] = []
     todo: list[int] = []
@@ -262,7 +270,7 @@ def train_run(cfg: MerConfig, features_uri: str, out_uri: str, *, resume: bool =
                                       batch_format="pyarrow").materialize()
         log.info("fold %d: datasets ready in %.1f s", k, time.time() - t0)
         res = run_fold(cfg, fold=k, arch=tc.model, dims=dims, train_ds=train_ds, val_ds=val_ds,
-                       ray_dir=storage.join(out_uri, "ray"), fault=fault)
+                       ray_dir=storage.join(out_uri, "ray"), fault=fault, input_stats=stats)
         storage.write_bytes(storage.join(out_uri, "models", f"fold_{k}.pt"), res["best"])
         vp = res["val_pred"].sort_by("clip_id")
         storage.write_bytes(storage.join(out_uri, "folds", f"oof_{k}.parquet"), _table_bytes(vp))

@@ -41,11 +41,14 @@ def _pairings(branches: list[str], rng: np.random.Generator) -> dict[str, np.nda
 
 def make_feature_store(uri: str, n: int = 240, dims: dict[str, int] | None = None, seed: int = 0,
                        noise: float = 1.0, *, missing: float = 0.1, test_frac: float = 0.25,
-                       unlabeled_frac: float = 0.0, class_signal: float = 0.3, rows_per_part: int = 64) -> dict:
+                       unlabeled_frac: float = 0.0, class_signal: float = 0.3, label_noise: float = 0.0,
+                       rows_per_part: int = 64) -> dict:
     """Write a synthetic feature store (Parquet parts + ``_meta.json``) to ``uri``; returns a summary.
 
     ``n`` rows split into ``test`` (labelled), ``unlabeled`` (label null) and ``train``; ``missing`` is the
-    chance that one branch's vector is null (a row always keeps at least one branch).
+    chance that one branch's vector is null (a row always keeps at least one branch). ``label_noise``: the
+    fraction of ``train`` labels replaced by another class (annotator noise; features keep the true class).
+    The same arguments with ``label_noise=0`` regenerate the true labels.
     """
     dims = dict(dims or DEFAULT_DIMS)
     branches = list(dims)
@@ -61,10 +64,17 @@ def make_feature_store(uri: str, n: int = 240, dims: dict[str, int] | None = Non
     empty = ~present.any(axis=1)
     present[empty, rng.integers(0, len(branches), size=int(empty.sum()))] = True
 
+    # Flips draw from their own generator so that the features do not depend on label_noise.
+    shown = y.copy()
+    train_rows = np.flatnonzero(split == "train")
+    flip_rng = np.random.default_rng([seed, 1])
+    flipped = flip_rng.choice(train_rows, size=int(round(label_noise * len(train_rows))), replace=False)
+    shown[flipped] = (y[flipped] + flip_rng.integers(1, c, size=len(flipped))) % c
+
     cols: dict[str, pa.Array] = {
         "clip_id": pa.array([f"synth_{i:05d}" for i in range(n)]),
         "split": pa.array(split.tolist()),
-        "label": pa.array([LABELS[k] if s != "unlabeled" else None for k, s in zip(y, split)], pa.string()),
+        "label": pa.array([LABELS[k] if s != "unlabeled" else None for k, s in zip(shown, split)], pa.string()),
     }
     errors: list[list[str]] = [[] for _ in range(n)]
     for j, b in enumerate(branches):
@@ -87,6 +97,7 @@ def make_feature_store(uri: str, n: int = 240, dims: dict[str, int] | None = Non
     for k, start in enumerate(range(0, n, rows_per_part)):
         storage.write_table(storage.join(uri, f"part-{k:05d}.parquet"), table.slice(start, rows_per_part))
     meta = {"synthetic": True, "n": n, "dims": dims, "seed": seed, "noise": noise, "missing": missing,
+            "label_noise": label_noise, "flipped": int(len(flipped)),
             "branches": branches, "splits": {s: int((split == s).sum()) for s in ("train", "unlabeled", "test")}}
     storage.write_json(storage.join(uri, "_meta.json"), meta)
     return {"uri": uri, **meta}
