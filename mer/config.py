@@ -368,6 +368,25 @@ def dump_config(cfg: MerConfig) -> str:
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
 
 
+def gpu_requests(cfg: MerConfig) -> list[str]:
+    """Dotted keys of every GPU request in ``cfg`` (``num_gpus`` > 0, ``use_gpu`` true)."""
+    found: list[str] = []
+
+    def walk(node: Any, path: str) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                key = f"{path}.{k}" if path else str(k)
+                if k == "num_gpus" and isinstance(v, (int, float)) and v > 0 and path != "ray":
+                    found.append(key)
+                elif k == "use_gpu" and v is True:
+                    found.append(key)
+                else:
+                    walk(v, key)
+
+    walk(cfg.model_dump(mode="json"), "")
+    return found
+
+
 def cpu_only(cfg: MerConfig) -> MerConfig:
     """A copy of ``cfg`` with every GPU request zeroed (laptops, CI, the demo).
 

@@ -8,7 +8,7 @@ import os
 from typing import Any
 
 from mer import storage
-from mer.config import MerConfig
+from mer.config import MerConfig, gpu_requests
 
 log = logging.getLogger("mer")
 
@@ -64,4 +64,10 @@ def init_ray(cfg: MerConfig, **extra: Any) -> None:
     ray.init(**kwargs)
     ctx = ray.data.DataContext.get_current()
     ctx.target_max_block_size = cfg.ray.target_max_block_size
-    log.info("ray resources: %s", ray.cluster_resources())
+    resources = ray.cluster_resources()
+    log.info("ray resources: %s", resources)
+    wanted = gpu_requests(cfg)
+    if wanted and not resources.get("GPU"):
+        # Not an error: an autoscaling cluster may add GPU nodes once the stages ask for them.
+        log.warning("the config requests GPUs (%s) but the Ray cluster has none now: those stages wait for a GPU "
+                    "node; on a CPU-only machine pass --cpu", ", ".join(wanted))

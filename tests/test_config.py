@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from mer.cli import build_parser, main
-from mer.config import BRANCHES, LABELS, ConfigError, apply_overrides, load_config
+from mer.config import BRANCHES, LABELS, ConfigError, apply_overrides, cpu_only, gpu_requests, load_config
 
 
 def test_repo_config_validates_both_profiles() -> None:
@@ -79,3 +79,12 @@ def test_cli_contract_commands_exist() -> None:
         args = parser.parse_args([*argv, "--profile", "tiny", "--set", "train.lr=0.1"])
         assert callable(args.fn)
         assert args.overrides == ["train.lr=0.1"]
+
+
+def test_gpu_requests_are_listed_and_cpu_only_clears_them() -> None:
+    cfg = load_config(overrides=["extract.encoders.audio.resources.num_gpus=0.5", "train.use_gpu=true",
+                                 "score.num_gpus=0"])
+    wanted = gpu_requests(cfg)
+    assert "extract.encoders.audio.resources.num_gpus" in wanted and "train.use_gpu" in wanted
+    assert "score.num_gpus" not in wanted
+    assert gpu_requests(cpu_only(cfg)) == []
