@@ -248,7 +248,8 @@ def build_dataset(cfg: MerConfig, manifest: pa.Table, stages: list[Stage]) -> An
     """Ray Dataset of store rows for ``manifest`` (lazy): small input blocks → stages → assemble."""
     import ray
 
-    for msg in actor_pool_shortfall(stages, ray.cluster_resources()):
+    cluster = ray.cluster_resources() if ray.is_initialized() else None  # else Ray Data starts a local one
+    for msg in actor_pool_shortfall(stages, cluster) if cluster is not None else []:
         # A warning, not an error: an autoscaling cluster adds nodes for the pending actors.
         log.warning("%s: on a fixed cluster the stream stalls; lower the stages' resources.num_cpus / "
                     "num_gpus or concurrency (the demo uses fractions of a CPU)", msg)
