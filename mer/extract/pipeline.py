@@ -248,11 +248,11 @@ def build_dataset(cfg: MerConfig, manifest: pa.Table, stages: list[Stage]) -> An
     """Ray Dataset of store rows for ``manifest`` (lazy): small input blocks → stages → assemble."""
     import ray
 
-    cluster = ray.cluster_resources() if ray.is_initialized() else None  # else Ray Data starts a local one
-    for msg in actor_pool_shortfall(stages, cluster) if cluster is not None else []:
-        # A warning, not an error: an autoscaling cluster adds nodes for the pending actors.
-        log.warning("%s: on a fixed cluster the stream stalls; lower the stages' resources.num_cpus / "
-                    "num_gpus or concurrency (the demo uses fractions of a CPU)", msg)
+    if ray.is_initialized():  # else Ray Data starts a local Ray sized to this machine later
+        for msg in actor_pool_shortfall(stages, ray.cluster_resources()):
+            # A warning, not an error: an autoscaling cluster adds nodes for the pending actors.
+            log.warning("%s: on a fixed cluster the stream stalls; lower the stages' resources.num_cpus / "
+                        "num_gpus or concurrency (the demo uses fractions of a CPU)", msg)
     rows = cfg.extract.input_block_rows or cfg.extract.decode.resources.batch_size
     manifest = pipeline_input(cfg, manifest)
     blocks = [manifest.slice(i, rows) for i in range(0, manifest.num_rows, rows)] or [manifest]
