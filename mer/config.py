@@ -390,21 +390,10 @@ def gpu_requests(cfg: MerConfig) -> list[str]:
 def cpu_only(cfg: MerConfig) -> MerConfig:
     """A copy of ``cfg`` with every GPU request zeroed (laptops, CI, the demo).
 
-    Works on the dumped mapping so new sections with ``num_gpus``/``use_gpu`` keys are covered too.
+    Clears exactly what :func:`gpu_requests` finds, so new sections with ``num_gpus``/``use_gpu`` keys are
+    covered too.
     """
-
-    def strip(node: Any) -> Any:
-        if isinstance(node, dict):
-            out = {k: strip(v) for k, v in node.items()}
-            if "num_gpus" in out and isinstance(out["num_gpus"], (int, float)):
-                out["num_gpus"] = 0 if isinstance(out["num_gpus"], int) else 0.0
-            if "use_gpu" in out:
-                out["use_gpu"] = False
-            return out
-        if isinstance(node, list):
-            return [strip(v) for v in node]
-        return node
-
-    dumped = strip(cfg.model_dump(mode="json"))
+    off = [f"{k}={'false' if k.endswith('.use_gpu') else 0}" for k in gpu_requests(cfg)]
+    dumped = apply_overrides(cfg.model_dump(mode="json"), off)
     dumped["ray"]["num_gpus"] = None
     return MerConfig.model_validate(dumped)
