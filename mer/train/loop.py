@@ -119,10 +119,11 @@ def _maybe_fail(fault: dict | None, epoch: int, rank: int) -> None:
     marker = Path(fault["marker"])
     if marker.exists():
         return
+    reached_at = time.time()
     # Give the controller time to register the previous epoch's checkpoint (it polls workers every ~2 s),
     # so the restart has a checkpoint to resume from, as it would after a crash later in a long epoch.
     time.sleep(float(fault.get("delay_s", 5.0)))
-    marker.write_text(f"killed rank {rank} at epoch {epoch} pid {os.getpid()}\n")
+    marker.write_text(f"killed rank {rank} at epoch {epoch} pid {os.getpid()} reached_at {reached_at!r}\n")
     os.kill(os.getpid(), signal.SIGKILL)
 
 
