@@ -166,6 +166,20 @@ def test_reliability_gives_single_modalities_above_chance_and_fusion_above_all()
         assert abs(acc[m] - r) < 0.03
         assert acc[m] > 1 / 6 + 0.15
     assert acc["vote"] > max(acc[m] for m in synth.RELIABILITY) + 0.08
+    # each modality's confusions are resolved by the others: the Bayes reading of all cues is far better
+    assert acc["bayes"] > acc["vote"] + 0.1
+
+
+def test_misleading_cues_mostly_show_the_modality_specific_confusion(truth: dict[str, dict[str, str]]) -> None:
+    pairs = [frozenset(p) for pairs in synth.CONFUSABLE.values() for p in pairs]
+    assert len(set(pairs)) == len(pairs) == 12, "every modality confuses different pairs"
+    for m in synth.CONFUSABLE:
+        assert {lab for p in synth.CONFUSABLE[m] for lab in p} == set(LABELS)
+        wrong = [r for r in truth.values() if r[f"{m}_cue"] != r["label"]]
+        partner = sum(r[f"{m}_cue"] == synth.confusable(m, r["label"]) for r in wrong)
+        assert wrong and partner / len(wrong) >= 0.5, (m, partner, len(wrong))
+        lik = sum(synth.cue_likelihood(m, c, "happy", 0.6) for c in LABELS)
+        assert abs(lik - 1.0) < 1e-9
 
 
 # --- hand-crafted per-modality "oracles" on the media ---------------------------------------------------

@@ -12,10 +12,12 @@ Layout written under ``out_dir`` (same names as the real release, plus the proje
     synth_truth.csv            name,split,label,face_cue,scene_cue,audio_cue,text_cue,broken
                                (hidden truth of every clip, unlabelled ones included, for analysis)
 
-How the label is carried: each clip has a true label; each *cue* (face expression, scene colour/texture,
+How the label is carried: each clip has a true label; each *cue* (face expression and colour, scene colour/texture,
 voice-like audio, subtitle words) independently shows the true label with probability
-:data:`RELIABILITY` ``[cue]`` and otherwise a uniformly drawn *other* label. So any single modality is above
-chance (1/6) but well below what combining them gives (see :func:`expected_accuracy`). Within each split
+:data:`RELIABILITY` ``[cue]`` and otherwise, mostly, the label that this modality confuses with it
+(:data:`CONFUSABLE`, a different pairing per modality), else a uniformly drawn other label. So any single
+modality is above chance (1/6) but well below what combining them gives (see :func:`expected_accuracy`:
+the modalities resolve each other's confusions). Within each split
 exactly ``round(RELIABILITY[cue] * n)`` clips (a random subset) show the true cue, so small datasets are
 as hard as large ones.
 
@@ -44,6 +46,17 @@ from mer.config import LABELS
 # --- tunable difficulty -------------------------------------------------------------------------------
 # Probability that a cue shows the clip's true label (else a random other label). Chance is 1/6.
 RELIABILITY: dict[str, float] = {"face": 0.6, "scene": 0.4, "audio": 0.55, "text": 0.6}
+# What an untruthful cue shows: with probability CONFUSION_PROB the label this modality confuses with the
+# true one (CONFUSABLE), else a uniformly drawn other label. Each modality confuses different pairs (prosody
+# mixes up labels of similar arousal, the face those with similar brows...), as in real recordings, so a
+# single modality stays ambiguous while the modalities together resolve each other's confusions.
+CONFUSION_PROB = 0.8
+CONFUSABLE: dict[str, list[tuple[str, str]]] = {
+    "scene": [("neutral", "angry"), ("happy", "sad"), ("worried", "surprise")],
+    "text": [("neutral", "sad"), ("angry", "surprise"), ("happy", "worried")],
+    "face": [("neutral", "worried"), ("angry", "sad"), ("happy", "surprise")],
+    "audio": [("neutral", "surprise"), ("angry", "happy"), ("sad", "worried")],
+}
 # Chance that a subtitle also contains one word of another (random) emotion, and of a second filler phrase.
 TEXT_DISTRACTOR_PROB = 0.5
 # Audio noise: standard deviation of white noise relative to the signal's peak amplitude.
@@ -73,6 +86,18 @@ FACE_EXPRESSION: dict[str, dict[str, float]] = {
     "worried": {"eye": 0.1, "brow_raise": 0.04, "brow_inner": -0.12},
     "surprise": {"eye": 0.105, "brow_raise": 0.07, "brow_inner": 0.0},
 }
+# Face colour: an offset (RGB) of the skin tone with the expression (a flush of anger, the glow of joy, the
+# pallor of sadness and worry...), on top of a per-clip skin-tone jitter of FACE_SKIN_JITTER. Roughly equal
+# luminance, so the Haar detector finds every expression alike.
+FACE_TINT: dict[str, tuple[int, int, int]] = {
+    "neutral": (0, 0, 0),
+    "angry": (40, -22, -22),
+    "happy": (22, 14, -30),
+    "sad": (-24, -8, 30),
+    "worried": (-18, 18, -12),
+    "surprise": (14, 22, 34),
+}
+FACE_SKIN_JITTER = 10.0
 # Voice-like signal: fundamental (Hz), pitch glide over the clip (fraction), syllable rate (Hz), syllable
 # modulation depth, loudness, vibrato rate (Hz) and depth (fraction of f0), harmonic roll-off exponent.
 AUDIO_PROFILE: dict[str, dict[str, float]] = {
@@ -117,21 +142,44 @@ def _other_label(rng: np.random.Generator, label: str) -> str:
     return others[int(rng.integers(len(others)))]
 
 
-def _cue(rng: np.random.Generator, label: str, reliability: float) -> str:
-    return label if rng.random() < reliability else _other_label(rng, label)
+def confusable(modality: str, label: str) -> str:
+    """The label that ``modality``'s cue shows in place of ``label`` when it misleads (see CONFUSABLE)."""
+    for a, b in CONFUSABLE[modality]:
+        if label in (a, b):
+            return b if label == a else a
+    raise ValueError(f"no confusable pair for {label!r} in {modality!r}")
+
+
+def _wrong_cue(rng: np.random.Generator, modality: str, label: str) -> str:
+    return confusable(modality, label) if rng.random() < CONFUSION_PROB else _other_label(rng, label)
+
+
+def _cue(rng: np.random.Generator, modality: str, label: str, reliability: float) -> str:
+    return label if rng.random() < reliability else _wrong_cue(rng, modality, label)
+
+
+def cue_likelihood(modality: str, cue: str, label: str, reliability: float) -> float:
+    """P(cue shown | true label) under the generating model."""
+    if cue == label:
+        return reliability
+    p_other = (1.0 - CONFUSION_PROB) / (len(LABELS) - 1)
+    return (1.0 - reliability) * (p_other + (CONFUSION_PROB if cue == confusable(modality, label) else 0.0))
 
 
 def expected_accuracy(reliability: dict[str, float] | None = None, n: int = 20000, seed: int = 0) -> dict[str, float]:
-    """Monte-Carlo accuracy of reading the label off each cue alone, and of a plurality vote over all cues
-    (ties broken at random) — the ceiling a perfect per-modality recogniser would reach."""
+    """Monte-Carlo accuracy of reading the label off each cue alone, of a plurality vote over all cues (ties
+    broken at random) and of the Bayes-optimal reading of all cues together (``bayes``, the ceiling of a
+    fusion of perfect per-modality recognisers)."""
     rel = reliability or RELIABILITY
     rng = np.random.default_rng(seed)
     names = list(rel)
     hits = dict.fromkeys(names, 0)
-    vote_hits = 0
+    vote_hits = bayes_hits = 0
     for i in range(n):
         y = LABELS[i % len(LABELS)]
-        cues = {m: _cue(rng, y, rel[m]) for m in names}
+        cues = {m: _cue(rng, m, y, rel[m]) for m in names}
+        post = [float(np.prod([cue_likelihood(m, cues[m], lab, rel[m]) for m in names])) for lab in LABELS]
+        bayes_hits += LABELS[int(np.argmax(post))] == y
         for m in names:
             hits[m] += cues[m] == y
         counts = {lab: sum(c == lab for c in cues.values()) for lab in LABELS}
@@ -140,6 +188,7 @@ def expected_accuracy(reliability: dict[str, float] | None = None, n: int = 2000
         vote_hits += winners[int(rng.integers(len(winners)))] == y
     out = {m: hits[m] / n for m in names}
     out["vote"] = vote_hits / n
+    out["bayes"] = bayes_hits / n
     return out
 
 
@@ -208,7 +257,9 @@ def render_frames(rng: np.random.Generator, face_label: str | None, scene_label:
     """``[n_frames, size, size, 3]`` RGB frames: the scene, and the face (unless ``face_label`` is None)
     drifting a little around a per-clip position."""
     bg = scene_background(rng, scene_label, size)
-    skin = tuple(int(c) for c in np.clip(np.array([200, 165, 140]) + rng.normal(0, 10, 3), 0, 255))
+    tint = np.array(FACE_TINT[face_label] if face_label is not None else (0, 0, 0), np.float64)
+    skin = tuple(int(c) for c in np.clip(np.array([200, 165, 140]) + tint + rng.normal(0, FACE_SKIN_JITTER, 3),
+                                         0, 255))
     r = size * rng.uniform(0.27, 0.31)
     cx0 = size / 2 + rng.uniform(-0.05, 0.05) * size
     cy0 = size / 2 + rng.uniform(-0.03, 0.05) * size
@@ -244,7 +295,10 @@ def render_audio(rng: np.random.Generator, label: str, seconds: float, sr: int =
     env = 1.0 - prof["depth"] * (0.5 + 0.5 * np.cos(2 * np.pi * rate * t + rng.uniform(0, 2 * np.pi)))
     sig = sig / np.max(np.abs(sig)) * env * prof["amp"] * rng.uniform(0.85, 1.15)
     sig = sig + rng.normal(0, AUDIO_NOISE * prof["amp"], n)
-    return np.clip(sig, -1, 1).astype(np.float32)
+    # Scale a too-loud clip down to a peak of 0.85 rather than clipping it: AAC's decoded waveform overshoots
+    # clipped (flat) peaks past full scale.
+    peak = float(np.max(np.abs(sig)))
+    return (sig * (0.85 / peak if peak > 0.85 else 1.0)).astype(np.float32)
 
 
 def render_text(rng: np.random.Generator, label: str) -> tuple[str, str]:
@@ -315,7 +369,7 @@ def _plan(n_train: int, n_unlabeled: int, n_test: int, seed: int, broken: bool) 
         y = labels[i]
         clip = {"name": f"sample_{int(ids[i]):08d}", "split": splits[i], "label": y}
         for m in RELIABILITY:
-            clip[f"{m}_cue"] = y if truthful[m][i] else _other_label(rng, y)
+            clip[f"{m}_cue"] = y if truthful[m][i] else _wrong_cue(rng, m, y)
         clip.update(seed=int(rng.integers(2 ** 31)), broken="")
         if splits[i] == "unlabeled" and kinds:
             clip["broken"] = kinds.pop(0)
