@@ -31,12 +31,14 @@ DEMO_OVERRIDES: list[str] = [
     "extract.decode.resources.num_cpus=0.5",
     "extract.face.resources.num_cpus=0.25",
     *[f"extract.encoders.{b}.resources.num_cpus=0.25" for b in BRANCHES],
-    # Folds run one after another: on 2 cores, 6 concurrent 2-worker folds (train.parallel_folds) took
-    # 285 s against 6 x 40 s sequentially, as worker start-up and DeepSpeed steps are CPU-bound.
+    # One worker per fold, the three folds at once on half a CPU each: on 2 cores a fold is mostly Ray Train
+    # and DeepSpeed start-up, which overlaps well (a 300-clip run: 133 s with two workers and folds in turn,
+    # 94 s with one worker, 58-66 s with the folds in parallel; 6 concurrent 2-worker folds were slower than
+    # sequential). The test suite runs the 2-worker DeepSpeed path.
     "train.folds=3",
-    # One worker per fold: on 2 cores a second worker process costs more start-up than it gives back
-    # (a 300-clip run took 94 s against 133 s with two); the test suite runs the 2-worker DeepSpeed path.
     "train.num_workers=1",
+    "train.parallel_folds=3",
+    "train.cpus_per_worker=0.5",
     "train.max_epochs=20",
     "train.patience=5",
     # Each per-epoch report waits for the controller's next poll: at 0.5 s that is ~40 % of a tiny epoch.
