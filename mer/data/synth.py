@@ -44,7 +44,7 @@ import numpy as np
 from mer.config import LABELS
 
 # --- tunable difficulty -------------------------------------------------------------------------------
-# Probability that a cue shows the clip's true label (else a random other label). Chance is 1/6.
+# Probability that a cue shows the clip's true label (else a misleading one, see CONFUSION_PROB). Chance is 1/6.
 RELIABILITY: dict[str, float] = {"face": 0.6, "scene": 0.4, "audio": 0.55, "text": 0.6}
 # What an untruthful cue shows: with probability CONFUSION_PROB the label this modality confuses with the
 # true one (CONFUSABLE), else a uniformly drawn other label. Each modality confuses different pairs (prosody
