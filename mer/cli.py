@@ -100,19 +100,31 @@ def _ablation(args: argparse.Namespace) -> None:
 
 def _relabel(args: argparse.Namespace) -> None:
     from mer.labels.relabel import relabel_run
+    from mer.labels.sources import parse_sources
 
     cfg = _cfg(args)
-    _print(relabel_run(cfg, args.run, args.features, args.out, extra_sources=args.source))
+    runs = {"fused": args.run, **parse_sources(args.source_run)}
+    _print(relabel_run(cfg, args.features, args.out, runs=runs, tables=parse_sources(args.source)))
 
 
-def _pseudolabel(args: argparse.Namespace) -> None:
-    from mer.labels.pseudolabel import pseudolabel_rounds
+def _llm_vote(args: argparse.Namespace) -> None:
+    from mer.labels.llm_vote import llm_vote
     from mer.runtime import init_ray
 
     cfg = _cfg(args)
     init_ray(cfg)
-    _print(pseudolabel_rounds(cfg, args.features, args.out, base_run=args.run, labels_uri=args.labels,
-                              rounds=args.rounds))
+    _print(llm_vote(cfg, args.manifest, args.out, enriched_uri=args.enriched))
+
+
+def _pseudolabel(args: argparse.Namespace) -> None:
+    from mer.labels.loop import label_loop
+    from mer.labels.sources import parse_sources
+    from mer.runtime import init_ray
+
+    cfg = _cfg(args)
+    init_ray(cfg)
+    _print(label_loop(cfg, args.features, args.out, tables=parse_sources(args.source), base_run=args.run,
+                      rounds=args.rounds))
 
 
 def _score(args: argparse.Namespace) -> None:
@@ -145,6 +157,16 @@ def _demo(args: argparse.Namespace) -> None:
 def _bench(args: argparse.Namespace) -> None:
     from mer.runtime import init_ray
 
+    if args.what == "labels":
+        from mer.labels.bench import BENCH_OVERRIDES, bench_labels, format_bench
+
+        # Laptop-scale training first; the user's --set flags win.
+        cfg = load_config(args.config, overrides=[*BENCH_OVERRIDES, *args.overrides], profile=args.profile)
+        cfg = cpu_only(cfg) if args.cpu else cfg
+        init_ray(cfg)
+        summary = bench_labels(cfg, args.out, seeds=list(range(args.seeds)), noise=args.noise)
+        print(format_bench(summary))
+        return
     cfg = _cfg(args)
     init_ray(cfg)
     if args.what == "extract":
@@ -216,22 +238,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--features", required=True)
     p.add_argument("--out", required=True)
 
-    p = add("relabel", _relabel, "multi-source label refinement of the train split")
-    p.add_argument("--run", required=True, help="a finished training run (its OOF predictions)")
+    p = add("relabel", _relabel, "multi-source label refinement of the train split (one stage, no gate)")
+    p.add_argument("--run", required=True, help="the fused run (its out-of-fold predictions vote)")
     p.add_argument("--features", required=True)
     p.add_argument("--out", required=True, help="refined label table (Parquet)")
+    p.add_argument("--source-run", action="append", default=[], metavar="NAME=RUN",
+                   help="another finished run on the same folds whose OOF predictions vote (repeatable)")
     p.add_argument("--source", action="append", default=[], metavar="NAME=URI",
-                   help="extra label source table (clip_id,label[,confidence])")
+                   help="vote table: clip_id and label or prob_<label> columns, e.g. an LLM vote (repeatable)")
 
-    p = add("pseudolabel", _pseudolabel, "rounds of train -> pseudo-label -> retrain")
+    p = add("llm-vote", _llm_vote, "ask the enrichment LLM for one label per clip (a label source)")
+    p.add_argument("--manifest", required=True)
+    p.add_argument("--out", required=True, help="vote table (Parquet): clip_id, label, vote_status, answer")
+    p.add_argument("--enriched", default=None, help="mer enrich output: its descriptions go into the prompt")
+
+    p = add("pseudolabel", _pseudolabel,
+            "the label loop: source runs -> refinement -> pseudo-label rounds, each kept only if it helps")
     p.add_argument("--features", required=True)
-    p.add_argument("--out", required=True)
-    p.add_argument("--run", default=None, help="start from this trained run (round 0)")
-    p.add_argument("--labels", default=None, help="label table to start from (e.g. refined labels)")
+    p.add_argument("--out", required=True, help="loop directory (mer score --run accepts it)")
+    p.add_argument("--run", default=None, help="reuse this finished fused run (same folds) as the labelled-only stage")
+    p.add_argument("--source", action="append", default=[], metavar="NAME=URI",
+                   help="vote table: clip_id and label or prob_<label> columns, e.g. an LLM vote (repeatable)")
     p.add_argument("--rounds", type=int, default=None)
 
     p = add("score", _score, "batch scoring -> predictions Parquet + submission CSV")
-    p.add_argument("--run", required=True)
+    p.add_argument("--run", required=True,
+                   help="a training run, or a label-loop directory (mer pseudolabel --out): its best accepted run")
     p.add_argument("--out", required=True)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--features")
@@ -246,14 +278,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("demo", _demo, "the whole loop on generated data with tiny models")
     p.add_argument("--workdir", default="runs/demo")
-    p.add_argument("--n-train", type=int, default=150)
-    p.add_argument("--n-unlabeled", type=int, default=90)
+    p.add_argument("--n-train", type=int, default=120)
+    p.add_argument("--n-unlabeled", type=int, default=300, help="unlabelled pool (MER2025: ~2.7x the labelled set)")
     p.add_argument("--n-test", type=int, default=90)
 
-    p = add("bench", _bench, "benchmarks: extract | train | enrich")
-    p.add_argument("what", choices=["extract", "train", "enrich"])
+    p = add("bench", _bench, "benchmarks: extract | train | enrich | labels")
+    p.add_argument("what", choices=["extract", "train", "enrich", "labels"])
     p.add_argument("--manifest", default=None, help="bench extract: manifest (default: generated clips)")
     p.add_argument("-n", type=int, default=32, help="clips / prompts")
+    p.add_argument("--seeds", type=int, default=3, help="bench labels: generated stores (seeds 0..N-1)")
+    p.add_argument("--noise", type=float, default=2.0, help="bench labels: feature noise of the stores")
+    p.add_argument("--out", default="runs/bench-labels", help="bench labels: working directory")
 
     cfgp = sub.add_parser("config", help="configuration").add_subparsers(dest="sub", required=True)
     add("show", _config_show, "print the resolved, validated config", cfgp)

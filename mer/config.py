@@ -235,23 +235,64 @@ class TrainConfig(_Strict):
         return v
 
 
+class LabelsConfig(_Strict):
+    """The semi-supervised label loop (``mer pseudolabel``): its sources, their reliability, the gate."""
+
+    # Single-modality runs trained next to the fused one as independent label sources (null: one per
+    # modality of the fused run; [] trains none, leaving the fused run and any --source tables).
+    source_modalities: list[str] | None = None
+    refine: bool = True  # run the refinement stage before the pseudo-label rounds
+    # Acceptance gate: a stage is kept when its out-of-fold WAF against the ORIGINAL labels is at least the
+    # last accepted stage's plus this (0: "does not lower it").
+    min_gain: float = Field(0.0, ge=-1.0, le=1.0)
+    # Per-class reliability weights of probability sources: shrinkage towards the source's mean weight, and
+    # their upper bound.
+    reliability_shrinkage: float = Field(0.5, ge=0.0)
+    reliability_max_weight: float = Field(3.0, gt=0.0)
+    # A source with fewer labelled votes than this has no say (its reliability cannot be measured).
+    min_labelled_votes: int = Field(10, ge=1)
+    # LLM vote (`mer llm-vote`): the enrichment engine asked for one label; null prompt_file = the bundled
+    # vote_<enrich.prompt_language>.txt template.
+    llm_vote_prompt_file: str | None = None
+    llm_vote_max_tokens: int = Field(8, ge=1)
+
+    @field_validator("source_modalities")
+    @classmethod
+    def _known_source_modalities(cls, v: list[str] | None) -> list[str] | None:
+        known = set(BRANCHES) | {"text_enriched"}
+        bad = [m for m in v or [] if m not in known]
+        if bad:
+            raise ValueError(f"unknown modalities {bad}; choose from {sorted(known)}")
+        return v
+
+
 class RelabelConfig(_Strict):
-    # A sample is relabelled when at least `min_agree` non-original sources agree on another label
-    # with mean confidence >= `min_confidence`; down-weighted when they disagree with the original with
-    # mean confidence >= `downweight_min_confidence` (weaker disagreement keeps weight 1: rule `uncertain`).
-    min_agree: int = Field(1, ge=1)
-    min_confidence: float = Field(0.85, ge=0.0, le=1.0)
-    downweight: float = Field(0.5, ge=0.0, le=1.0)
-    downweight_min_confidence: float = Field(0.5, ge=0.0, le=1.0)
-    source_weights: dict[str, float] = Field(default_factory=lambda: {"original": 1.0, "oof": 1.0})
+    """Refinement rules (mer/labels/relabel.py): posteriors combine every source's reliability-weighted vote."""
+
+    # Prior probability that an original annotation is right: the annotation's own vote weight.
+    annotation_accuracy: float = Field(0.85, gt=0.0, lt=1.0)
+    # Relabel when another label reaches this posterior AND this many sources vote for it themselves.
+    min_posterior: float = Field(0.7, gt=0.0, le=1.0)
+    min_agree: int = Field(2, ge=1)
+    # Below this posterior the original label is kept with weight = its posterior (at least min_weight).
+    keep_min_posterior: float = Field(0.5, ge=0.0, le=1.0)
+    min_weight: float = Field(0.1, gt=0.0, le=1.0)
 
 
 class PseudoLabelConfig(_Strict):
-    rounds: int = Field(1, ge=1)
-    min_confidence: float = Field(0.8, ge=0.0, le=1.0)
-    min_fold_agreement: float = Field(0.8, ge=0.0, le=1.0)
-    max_per_class: int | None = Field(None, ge=1)
-    max_fraction_per_class: float = Field(0.4, gt=0.0, le=1.0)
+    """Agreement-based, class-balanced pseudo-labels of the unlabelled pool (mer/labels/pseudolabel.py)."""
+
+    rounds: int = Field(2, ge=1)
+    # A pool clip qualifies for fold k when fold k's fused model and the combined posterior name the same
+    # label, at least `min_agree` other sources vote for it themselves, and its posterior is >= min_posterior.
+    min_agree: int = Field(1, ge=0)
+    min_posterior: float = Field(0.9, ge=0.0, le=1.0)
+    min_confidence: float = Field(0.0, ge=0.0, le=1.0)  # of the fused model alone
+    # Round r takes at most k_fraction * growth^(r-1) * (labelled rows) pseudo-labels per fold, split over
+    # the classes by the labelled class prior, most probable first.
+    k_fraction: float = Field(0.5, gt=0.0)
+    k_growth: float = Field(2.0, ge=1.0)
+    # Sample weight of a pseudo-label = weight * its posterior.
     weight: float = Field(1.0, gt=0.0, le=1.0)
 
 
@@ -273,6 +314,7 @@ class MerConfig(_Strict):
     extract: ExtractConfig = ExtractConfig()
     enrich: EnrichConfig = EnrichConfig()
     train: TrainConfig = TrainConfig()
+    labels: LabelsConfig = LabelsConfig()
     relabel: RelabelConfig = RelabelConfig()
     pseudolabel: PseudoLabelConfig = PseudoLabelConfig()
     score: ScoreConfig = ScoreConfig()
@@ -361,6 +403,15 @@ def load_config(
         raise ConfigError(_format_errors(e, str(path))) from None
     cfg.models  # noqa: B018 - validates that the selected profile exists
     return cfg
+
+
+def with_overrides(cfg: MerConfig, overrides: list[str]) -> MerConfig:
+    """A copy of ``cfg`` with ``key.sub=value`` overrides, validated by the same schema as the file."""
+    raw = apply_overrides(cfg.model_dump(mode="json"), overrides)
+    try:
+        return MerConfig.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(_format_errors(e, "overrides " + ", ".join(overrides))) from None
 
 
 def dump_config(cfg: MerConfig) -> str:

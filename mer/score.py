@@ -27,8 +27,18 @@ PRED_SCHEMA = pa.schema(
     [("clip_id", pa.string()), ("split", pa.string()), ("label", pa.string()),
      ("pred_label", pa.string()), ("confidence", pa.float32()), ("fold_agreement", pa.float32())]
     + [(c, pa.float32()) for c in PROB_COLUMNS]
+    # Each fold model's probabilities (fold order 0..F-1): the label loop picks fold k's pseudo-labels from
+    # fold k's models only.
+    + [("fold_probs", pa.list_(pa.list_(pa.float32())))]
     + [("run_id", pa.string()), ("status", pa.string()), ("error", pa.string())]
 )
+
+
+def run_id(run_uri: str) -> str:
+    """A run's name in predictions: the ``run_name`` its metrics record, else its directory name."""
+    metrics = storage.join(run_uri, "metrics.json")
+    name = storage.read_json(metrics).get("run_name") if storage.exists(metrics) else None
+    return str(name or run_uri.rstrip("/").rsplit("/", 1)[-1])
 
 
 class EnsemblePredictor:
@@ -38,7 +48,7 @@ class EnsemblePredictor:
         from mer.train import load_ensemble
 
         self.ensemble = load_ensemble(run_uri, device=device)
-        self.run_id = run_uri.rstrip("/").rsplit("/", 1)[-1]
+        self.run_id = run_id(run_uri)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         n = batch.num_rows
@@ -49,11 +59,14 @@ class EnsemblePredictor:
                 present |= np.asarray(batch.column(m).is_valid().to_numpy(zero_copy_only=False))
         probs = np.full((n, len(LABELS)), np.nan, dtype=np.float32)
         agree = np.full(n, np.nan, dtype=np.float32)
+        fold_probs: list[list[list[float]] | None] = [None] * n
         if present.any():
             fold_p = self.ensemble.predict_proba(batch.filter(pa.array(present)))  # [n', folds, C]
             mean = fold_p.mean(axis=1)
             probs[present] = mean
             agree[present] = (fold_p.argmax(axis=2) == mean.argmax(axis=1)[:, None]).mean(axis=1)
+            for i, fp in zip(np.flatnonzero(present), fold_p):
+                fold_probs[i] = fp.tolist()
         pred = [LABELS[int(np.argmax(p))] if ok else None for p, ok in zip(probs, present)]
         upstream = batch.column("error").to_pylist() if "error" in batch.column_names else [None] * n
         feat_status = (batch.column("status").to_pylist() if "status" in batch.column_names else ["ok"] * n)
@@ -67,6 +80,7 @@ class EnsemblePredictor:
         }
         for k, c in enumerate(PROB_COLUMNS):
             cols[c] = probs[:, k]
+        cols["fold_probs"] = fold_probs
         cols["run_id"] = [self.run_id] * n
         # "partial": predicted from the modalities that survived a bad input (its error says which failed).
         cols["status"] = [("ok" if fs == "ok" else "partial") if ok else "no_features"
@@ -152,12 +166,19 @@ def score(cfg: MerConfig, run_uri: str, out_uri: str, *, features_uri: str | Non
           splits: list[str] | None = None) -> dict:
     """``mer score``: predictions Parquet parts under ``out_uri/predictions`` + ``out_uri/submission.csv``.
 
+    ``run_uri`` is a training run or a label-loop directory, which scores its best accepted stage's run.
     With ``manifest_uri`` the raw videos are first run through the (resumable) extraction pipeline into
     ``features_out`` (default ``out_uri/features``); bad inputs keep their extraction status and error.
     """
+    from mer.labels.loop import best_run
+
     if (features_uri is None) == (manifest_uri is None):
         raise ValueError("score: give exactly one of features_uri or manifest_uri")
-    summary: dict[str, Any] = {}
+    run_uri, chosen = best_run(run_uri)
+    summary: dict[str, Any] = {"run": run_uri}
+    if chosen is not None:
+        log.info("scoring the label loop's best accepted stage %s: %s (%s)", chosen["stage"], run_uri, chosen["why"])
+        summary["stage"] = chosen
     if manifest_uri is not None:
         from mer.extract.pipeline import extract_features
 

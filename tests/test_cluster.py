@@ -35,7 +35,7 @@ EXPECTED_YAMLS = {"aws-gpu.yaml", "ray_config.gpu.yaml", "kuberay/raycluster.yam
 PLACEHOLDERS = {"key=value"}  # the flag's own description (`--set key=value`)
 INVALID_EXAMPLES = {"train.not_a_key"}  # README's example of the error an unknown key gives
 QUOTES = "'\""
-SECTIONS = ("storage", "extract", "enrich", "train", "relabel", "pseudolabel", "score")  # `ray.` is too ambiguous
+SECTIONS = ("storage", "extract", "enrich", "train", "labels", "relabel", "pseudolabel", "score")  # `ray.` is too ambiguous
 
 
 def _yamls() -> list[Path]:

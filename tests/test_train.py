@@ -16,7 +16,7 @@ from mer import storage
 from mer.config import LABELS
 from mer.train import ablation_table, load_ensemble, train_run
 from mer.train.fold import checkpoint_dirs
-from mer.train.run import _fold_assignment, _label_rows
+from mer.train.run import _label_rows, cv_folds
 from mer.train.synthetic import make_feature_store, small_config
 
 DIMS = {"audio": 16, "text": 24}
@@ -125,19 +125,26 @@ def test_label_table_pseudo_rows_only_train(tmp_path: Path, store: str) -> None:
     labels = pq.read_table(store, columns=["clip_id", "split", "label"]).to_pylist()
     train = [r for r in labels if r["split"] == "train"]
     test = [r for r in labels if r["split"] == "test"]
-    rows = [{"clip_id": r["clip_id"], "label": r["label"], "weight": 0.5, "source": "refined"} for r in train[:60]]
-    rows += [{"clip_id": r["clip_id"], "label": "happy", "weight": 0.8, "source": "pseudo"} for r in train[60:80]]
+    rows = [{"clip_id": r["clip_id"], "label": r["label"], "weight": 0.5, "source": "refined", "fold": None}
+            for r in train[:60]]
+    rows += [{"clip_id": r["clip_id"], "label": "happy", "weight": 0.8, "source": "pseudo",
+              "fold": None if i % 2 else 1} for i, r in enumerate(train[60:80])]
     rows += [{"clip_id": r["clip_id"], "label": "sad", "weight": 1.0, "source": "pseudo"} for r in test[:5]]
     rows += [{"clip_id": "not-in-store", "label": "sad", "weight": 1.0, "source": "original"}]
     uri = str(tmp_path / "labels.parquet")
     storage.write_table(uri, pa.Table.from_pylist(rows))
-    cv, pseudo, _ = _label_rows(store, uri)
+    cv, pseudo, _, store_train = _label_rows(store, uri)
     assert cv.num_rows == 60 and np.allclose(cv.column("w").to_numpy(), 0.5)
     assert pseudo.num_rows == 20, "test-split clips never train, pseudo rows never validate"
     assert set(pseudo.column("y").to_pylist()) == {LABELS.index("happy")}
-    folds = _fold_assignment(np.asarray(cv.column("y").to_numpy()), 2, seed=0)
-    assert sorted(np.bincount(folds).tolist()) == [30, 30]
-    assert (folds == _fold_assignment(np.asarray(cv.column("y").to_numpy()), 2, seed=0)).all()
+    assert pseudo.column("fold").to_pylist() == [1, None] * 10  # per-fold pseudo rows keep their fold
+    # Folds come from the store's labelled train rows: a clip keeps its fold whatever the label table holds.
+    all_ids = store_train.column("clip_id").to_pylist()
+    every = dict(zip(all_ids, cv_folds(store_train, all_ids, 2, seed=0).tolist()))
+    sizes = np.bincount(list(every.values()))
+    assert sizes.sum() == len(train) and abs(int(sizes[0]) - int(sizes[1])) <= len(LABELS)
+    subset = cv_folds(store_train, cv.column("clip_id").to_pylist(), 2, seed=0)
+    assert subset.tolist() == [every[c] for c in cv.column("clip_id").to_pylist()]
 
 
 @pytest.mark.gpu
