@@ -1,6 +1,6 @@
 """Failure for real: a training worker is SIGKILLed mid-epoch and Ray Train restarts the worker group from
-the last checkpoint (FailureConfig); the restarted fold continues the same run, bit for bit. The
-interrupted-run + ``resume=True`` case is in test_train_s3.py."""
+the last checkpoint (FailureConfig), or the run dies and ``resume=True`` continues it: either way the fold
+continues the same run, bit for bit. Checkpoints on S3 are in test_train_s3.py."""
 
 from __future__ import annotations
 
@@ -83,6 +83,24 @@ def test_killed_worker_resumes_from_checkpoint(ray_local, store: str, uninterrup
 
     # Only checkpoints Ray Train registered are left (at most checkpoints_to_keep per fold).
     assert 1 <= len(checkpoint_dirs(str(run / "ray"), 0)) <= train_config().train.checkpoints_to_keep
+
+
+def test_interrupted_run_resumed_equals_the_uninterrupted_one(ray_local, store: str, uninterrupted: Path,
+                                                              tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The run dies (no retries left) in fold 0's epoch 3; ``resume=True`` in a new call continues it from the
+    checkpoint in storage: the finished run is the uninterrupted one."""
+    marker = tmp_path / "killed.txt"
+    monkeypatch.setenv(FAULT_ENV, f"3:{marker}:0:0")
+    run = tmp_path / "run"
+    with pytest.raises(Exception):
+        train_run(train_config(), store, str(run))
+    assert marker.exists()
+    monkeypatch.delenv(FAULT_ENV)
+    metrics = train_run(train_config(), store, str(run), resume=True)
+    resumed = metrics["folds"][0]["resumed_from"]
+    assert len(resumed) == 1 and 1 <= resumed[0] <= 2, resumed
+    assert _computed(run) == _computed(uninterrupted)
+    assert pq.read_table(run / "oof.parquet").equals(pq.read_table(uninterrupted / "oof.parquet"))
 
 
 def test_shard_ids_partition_equally_whatever_the_order() -> None:
