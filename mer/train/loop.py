@@ -7,10 +7,13 @@ A restarted worker group (``FailureConfig``) or a resumed run finds it via ``ray
 and continues with the next epoch, optimizer state included. The final checkpoint also holds
 ``val_pred.parquet``: the best model's predictions on the fold's validation rows.
 
-A resumed fold continues the same run, bit for bit: every rank also saves ``rng_rank_<r>.json`` (torch
-incl. CUDA, numpy and Python ``random`` states, taken after the epoch's validation) and restores it, and the
-data a rank sees is a pure function of (seed, fold, epoch, the training clip ids, world size) — see
-:func:`shard_ids` — never of the order in which Ray Data happened to produce blocks.
+A resumed fold continues the same run: every rank also saves ``rng_rank_<r>.json`` (torch incl. CUDA,
+numpy and Python ``random`` states, taken after the epoch's validation) and restores it, and the data a rank
+sees is a pure function of (seed, fold, epoch, the training clip ids, world size) — see :func:`shard_ids` —
+never of the order in which Ray Data happened to produce blocks. On CPU (gloo, fp32 ZeRO checkpoints, a
+fixed thread count per worker, ``train.cache_shards``) that makes a restarted or resumed fold bit-identical
+to an uninterrupted one (tests/test_train_resume.py). On GPUs the same states are restored, but cuDNN
+kernels and NCCL reductions need not be deterministic, so runs agree only statistically there.
 """
 
 from __future__ import annotations
