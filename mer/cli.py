@@ -57,6 +57,7 @@ def _data_import(args: argparse.Namespace) -> None:
     kwargs: dict[str, Any] = {}
     if args.test_labels:
         kwargs["test_labels"] = args.test_labels
+    kwargs["keep_missing"] = args.keep_missing
     _print(import_mer2025(args.root, args.out, **kwargs))
 
 
@@ -134,7 +135,7 @@ def _score(args: argparse.Namespace) -> None:
     cfg = _cfg(args)
     init_ray(cfg)
     _print(score(cfg, args.run, args.out, features_uri=args.features, manifest_uri=args.manifest,
-                 features_out=args.features_out))
+                 features_out=args.features_out, splits=args.splits.split(",") if args.splits else None))
 
 
 def _evaluate(args: argparse.Namespace) -> None:
@@ -217,6 +218,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--root", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--test-labels", default=None, help="optional CSV name,discrete of a labelled test split")
+    p.add_argument("--keep-missing", choices=["candidates", "all", "none"], default="candidates",
+                   help="rows whose video is missing that stay (status missing_file): candidates (unlabeled and "
+                        "test, the default), all, none; every missing video is listed in <out>.missing.csv")
 
     p = add("extract", _extract, "manifest -> Parquet feature store (Ray Data)")
     p.add_argument("--manifest", required=True)
@@ -270,6 +274,8 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--manifest")
     p.add_argument("--features-out", default=None,
                    help="with --manifest: where the extracted features go (default <out>/features)")
+    p.add_argument("--splits", default=None,
+                   help="comma-separated splits to score, e.g. unlabeled,test (the MER2025 candidates); default all")
 
     p = add("evaluate", _evaluate, "WAF / accuracy / per-class F1 of predictions")
     p.add_argument("--pred", required=True)

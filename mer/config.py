@@ -185,9 +185,11 @@ class ExtractConfig(_Strict):
     # Manifest rows per input block: small blocks spread clips over the decode actors and keep the
     # decoded frames in flight bounded (0 = the decode batch size).
     input_block_rows: int = Field(0, ge=0)
-    # Actor fault tolerance (Ray restarts a dead actor and retries its in-flight batches).
-    max_restarts: int = Field(3, ge=-1)
-    max_task_retries: int = Field(3, ge=-1)
+    # Actor fault tolerance (Ray restarts a dead actor and retries its in-flight batches). -1 = unlimited,
+    # Ray Data's own default for actor pools: Ray takes ~15 s to declare a lost node dead, and a bounded
+    # count was spent in seconds, failing the whole job instead of waiting for a replacement node.
+    max_restarts: int = Field(-1, ge=-1)
+    max_task_retries: int = Field(-1, ge=-1)
 
 
 class TrainConfig(_Strict):

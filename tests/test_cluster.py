@@ -441,6 +441,26 @@ def test_credentials_come_only_from_secrets() -> None:
             assert not literal.search(path.read_text()), f"{path}: looks like a literal AWS credential"
 
 
+# --- Ray token authentication ---------------------------------------------------------------------------
+
+def test_every_recipe_shares_one_ray_auth_token() -> None:
+    """Ray >= 2.52 refuses a node or client without the cluster's token (InvalidAuthToken) once a head runs
+    with token auth, which Ray 2.60 switches on by itself for `ray start --head` when ~/.ray/auth_token
+    exists: every recipe sets the mode explicitly and hands the same token to every node and submitter."""
+    aws = yaml.safe_load((CLUSTER / "aws-gpu.yaml").read_text())
+    env = dict(o.split(None, 1)[1].split("=", 1) for o in aws["docker"]["run_options"] if o.startswith("--env "))
+    assert env.get("RAY_AUTH_MODE") == "token", "aws-gpu.yaml: containers must run with RAY_AUTH_MODE=token"
+    token_path = env.get("RAY_AUTH_TOKEN_PATH")
+    assert token_path in aws["file_mounts"], "aws-gpu.yaml: RAY_AUTH_TOKEN_PATH must be a synced file mount"
+    assert aws["file_mounts"][token_path] == "~/.ray/auth_token", "the token `ray job submit` uses locally"
+    assert "ray get-auth-token --generate" in (CLUSTER / "aws-gpu.yaml").read_text()
+    for where, spec in _cluster_specs():
+        assert spec.get("authOptions") == {"mode": "token"}, f"{where}: no KubeRay token authentication"
+    for needle in ("RAY_AUTH_MODE=token", "ray get-auth-token --generate", "RAY_AUTH_MODE=disabled",
+                   "kubectl get secret mer -o jsonpath='{.data.auth_token}'"):
+        assert needle in DOCS.read_text(), f"docs/cluster.md lacks {needle!r}"
+
+
 # --- docs ---------------------------------------------------------------------------------------------
 
 def test_docs_cover_every_path_and_name_existing_files() -> None:
@@ -459,9 +479,12 @@ def test_docs_cover_every_path_and_name_existing_files() -> None:
 
 STUB = """#!/bin/bash
 echo "$*" >> "$RAY_STUB_LOG"
+echo "${RAY_AUTH_MODE:-unset} $*" >> "$RAY_STUB_LOG.auth"
 case "$1 $2" in
   "status "*) exit "${RAY_STUB_STATUS_RC:-1}" ;;
   "job submit") exit "${RAY_STUB_SUBMIT_RC:-0}" ;;
+  "get-auth-token --generate") mkdir -p "$HOME/.ray" && printf stub-token-value > "$HOME/.ray/auth_token" \
+                                 && printf stub-token-value ;;
 esac
 exit 0
 """
@@ -503,7 +526,7 @@ def test_local_sh_starts_submits_stops(stub_ray: dict[str, str]) -> None:
     rc, out, calls = _local(stub_ray, "--num-cpus", "3", "--overlay", "cluster/ray_config.gpu.yaml", "extract",
                             "--manifest", "s3://b/m.parquet", "--out", "s3://b/f")
     assert rc == 0, out
-    assert calls[0].startswith("status"), calls
+    assert [c for c in calls if c.startswith(("status", "start"))][0].startswith("status"), calls
     start = next(c for c in calls if c.startswith("start "))
     assert "--head" in start and "--num-cpus 3" in start and "--dashboard-host 127.0.0.1" in start
     submit = next(c for c in calls if c.startswith("job submit"))
@@ -520,6 +543,33 @@ def test_local_sh_starts_submits_stops(stub_ray: dict[str, str]) -> None:
     Path(stub_ray["RAY_STUB_LOG"]).unlink()
     rc, _, calls = _local(stub_ray, "--keep", "score", "--run", "r", "--features", "f", "--out", "o")
     assert rc == 0 and "stop" not in calls, calls
+
+
+def test_local_sh_shares_one_auth_mode_and_token_with_every_ray_call(stub_ray: dict[str, str]) -> None:
+    """Ray 2.60's `ray start --head` turns token auth on by itself when ~/.ray/auth_token exists, while
+    joining nodes and `ray job` clients only send the token with RAY_AUTH_MODE=token: every call must say it."""
+    auth_log = Path(stub_ray["RAY_STUB_LOG"] + ".auth")
+    job = ("extract", "--manifest", "m", "--out", "o")
+    rc, out, calls = _local(stub_ray, *job)
+    assert rc == 0, out
+    assert calls[0] == "get-auth-token --generate", calls  # no token yet: one is made before Ray starts
+    assert (Path(stub_ray["HOME"]) / ".ray" / "auth_token").is_file()
+    assert "stub-token-value" not in out, "the token must never be printed"
+    modes = auth_log.read_text().splitlines()
+    assert len(modes) == len(calls) and all(m.startswith("token ") for m in modes), modes
+    # The token exists now: reused, not regenerated; --keep says how another node joins.
+    for f in (Path(stub_ray["RAY_STUB_LOG"]), auth_log):
+        f.unlink()
+    rc, out, calls = _local(stub_ray, "--keep", *job)
+    assert rc == 0 and not any(c.startswith("get-auth-token") for c in calls), calls
+    assert "RAY_AUTH_MODE=token ray start --address 127.0.0.1:6379" in out
+    # An explicit RAY_AUTH_MODE (here: opting out) is respected everywhere.
+    (Path(stub_ray["HOME"]) / ".ray" / "auth_token").unlink()
+    for f in (Path(stub_ray["RAY_STUB_LOG"]), auth_log):
+        f.unlink()
+    rc, out, calls = _local(stub_ray, *job, RAY_AUTH_MODE="disabled")
+    assert rc == 0 and not any(c.startswith("get-auth-token") for c in calls), calls
+    assert all(m.startswith("disabled ") for m in auth_log.read_text().splitlines())
 
 
 def test_local_sh_refuses_a_running_cluster(stub_ray: dict[str, str]) -> None:

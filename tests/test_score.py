@@ -87,3 +87,65 @@ def test_score_resumes_after_a_lost_part(small_run, tmp_path: Path) -> None:
     assert resumed["written"] == lost and resumed["skipped_done"] == n - lost
     assert sorted(read_features(storage.join(out, "predictions")).column("clip_id").to_pylist()) == \
         sorted(read_features(store, columns=["split"]).column("clip_id").to_pylist())
+
+
+def _release_with_missing_videos(synth_root: Path, root: Path) -> dict[str, list[str]]:
+    """A small MER2025 release cut from the generated one, where a train clip, a test clip and two
+    unlabelled candidates (the generator's own missing one among them) have no video file."""
+    truth = pacsv.read_csv(synth_root / "synth_truth.csv").to_pylist()
+    by_split = {s: [r["name"] for r in truth if r["split"] == s and r["broken"] in (None, "")]
+                for s in ("train", "test", "unlabeled")}
+    missing_pool = next(r["name"] for r in truth if r["broken"] == "missing_video")
+    picked = {"train": by_split["train"][:3], "test": by_split["test"][:2],
+              "unlabeled": [missing_pool, *by_split["unlabeled"][:2]]}
+    no_video = {picked["train"][0], picked["test"][0], picked["unlabeled"][1], missing_pool}
+    (root / "video").mkdir(parents=True)
+    for name in sum(picked.values(), []):
+        if name not in no_video:
+            (root / "video" / f"{name}.mp4").symlink_to(synth_root / "video" / f"{name}.mp4")
+
+    def subset(csv_name: str, names: list[str]) -> None:
+        t = pacsv.read_csv(synth_root / csv_name, convert_options=pacsv.ConvertOptions(strings_can_be_null=True))
+        pacsv.write_csv(t.filter([n in names for n in t.column("name").to_pylist()]), root / csv_name)
+
+    subset("track1_train_disdim.csv", picked["train"])
+    subset("test_labels.csv", picked["test"])
+    subset("track_all_candidates.csv", picked["unlabeled"] + picked["test"])
+    subset("subtitle_chieng.csv", sum(picked.values(), []))
+    return {**picked, "no_video": sorted(no_video)}
+
+
+def test_release_with_missing_videos_one_submission_row_per_candidate(small_run, synth_root: Path,
+                                                                      tmp_path: Path) -> None:
+    """import -> extract -> score: every candidate (unlabelled pool + test) gets exactly one submission row,
+    the ones without a video predicted from their subtitle and audio-less text features."""
+    from mer.cli import main
+    from mer.config import dump_config
+    from mer.data.mer2025 import import_mer2025
+
+    cfg, run = small_run
+    release = _release_with_missing_videos(synth_root, tmp_path / "release")
+    candidates = sorted(release["unlabeled"] + release["test"])
+    manifest_uri = str(tmp_path / "manifest.parquet")
+    summary = import_mer2025(str(tmp_path / "release"), manifest_uri)
+    assert summary["n_missing_video"] == 4 and summary["n_missing_kept"] == 3  # the train clip is dropped
+    assert summary["splits"] == {"train": 2, "unlabeled": 3, "test": 2}
+
+    config = tmp_path / "config.yaml"
+    config.write_text(dump_config(cfg))
+    out = tmp_path / "pred"
+    assert main(["score", "--config", str(config), "--run", run, "--manifest", manifest_uri, "--out", str(out),
+                 "--splits", "unlabeled,test"]) == 0
+    sub = pacsv.read_csv(out / "submission.csv", convert_options=pacsv.ConvertOptions(
+        column_types={"name": "string", "discrete": "string"}))
+    assert sorted(sub.column("name").to_pylist()) == candidates  # each candidate once, nothing else
+    assert set(sub.column("discrete").to_pylist()) <= set(LABELS)
+
+    feats = {r["clip_id"]: r for r in read_features(str(out / "features")).to_pylist()}
+    preds = {r["clip_id"]: r for r in read_features(str(out / "predictions")).to_pylist()}
+    for cid in set(release["no_video"]) & set(candidates):
+        f = feats[cid]
+        assert (f["global_visual_status"], f["face_status"], f["audio_status"]) == ("missing_file",) * 3, f
+        assert f["text_status"] == "ok" and f["text"] is not None and f["status"] == "partial"
+        assert preds[cid]["status"] == "partial" and preds[cid]["pred_label"] in LABELS
+        assert "missing file" in preds[cid]["error"]

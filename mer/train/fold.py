@@ -96,8 +96,12 @@ def run_fold(cfg: MerConfig, *, fold: int, arch: str, dims: dict[str, int], trai
         resources["GPU"] = tc.gpus_per_worker
     if fault and "fold" in fault and int(fault["fold"]) != fold:
         fault = None
+    # The ids only (not the vectors) pass through the driver: each worker picks its rows by id, so that a
+    # restarted worker group sees the rows the first one saw (loop.shard_ids).
+    train_ids = [r["clip_id"] for r in train_ds.select_columns(["clip_id"]).take_all()]
     loop_config = {"train": tc.model_dump(mode="json"), "arch": arch, "dims": dims, "fold": fold,
-                   "input_stats": input_stats, "fault": fault, "threads": max(1, int(tc.cpus_per_worker))}
+                   "input_stats": input_stats, "train_ids": train_ids, "fault": fault,
+                   "threads": max(1, int(tc.cpus_per_worker))}
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
@@ -110,14 +114,20 @@ def run_fold(cfg: MerConfig, *, fold: int, arch: str, dims: dict[str, int], trai
             checkpoint_config=CheckpointConfig(num_to_keep=tc.checkpoints_to_keep),
         ),
         datasets={"train": train_ds, "val": val_ds},
-        # Every worker validates on the whole (small) validation fold, so all reach the same WAF.
-        dataset_config=DataConfig(datasets_to_split=["train"]),
+        # Nothing is split by Ray Data: every worker validates on the whole (small) validation fold, so all
+        # reach the same WAF, and keeps its own training rows of the whole training set by clip id.
+        dataset_config=DataConfig(datasets_to_split=[]),
     )
     t0 = time.time()
     result = trainer.fit()
     log.info("fold %d: trainer.fit %.1f s", fold, time.time() - t0)
     if result.checkpoint is None:
         raise RuntimeError(f"fold {fold}: training produced no checkpoint ({result.error})")
+    removed = remove_unregistered_checkpoints(ray_dir, fold, [result.checkpoint.path,
+                                                              *(c.path for c, _ in result.best_checkpoints or [])])
+    if removed:
+        log.info("fold %d: removed %d checkpoint directories no restart registered: %s", fold, len(removed),
+                 removed)
     with result.checkpoint.as_directory() as d:
         state = json.loads((Path(d) / "state.json").read_text())
         if not state.get("finished"):
@@ -140,3 +150,20 @@ def checkpoint_dirs(ray_dir: str, fold: int) -> list[str]:
     return sorted(i.base_name for i in infos if i.type == pafs.FileType.Directory
                   and i.base_name.startswith("checkpoint"))
 
+
+
+def remove_unregistered_checkpoints(ray_dir: str, fold: int, registered: list[str]) -> list[str]:
+    """Delete the fold's checkpoint directories that Ray Train never registered; returns their names.
+
+    When a worker group dies after its workers uploaded an epoch's checkpoint but before the controller
+    registered it, the restarted group resumes from the previous registered checkpoint and the uploaded
+    one is never referenced again: ``CheckpointConfig(num_to_keep)`` only prunes registered checkpoints.
+    The registered ones stay (Ray Train's snapshot refers to them, a resume checks they exist).
+    """
+    storage_path, fs = ray_storage(ray_dir)
+    fs = fs or pafs.LocalFileSystem()
+    keep = {p.rstrip("/").rsplit("/", 1)[-1] for p in registered}
+    removed = [name for name in checkpoint_dirs(ray_dir, fold) if name not in keep]
+    for name in removed:
+        fs.delete_dir(f"{storage_path}/fold_{fold}/{name}")
+    return removed
