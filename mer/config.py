@@ -244,6 +244,9 @@ class LabelsConfig(_Strict):
     # modality of the fused run; [] trains none, leaving the fused run and any --source tables).
     source_modalities: list[str] | None = None
     refine: bool = True  # run the refinement stage before the pseudo-label rounds
+    # Stage-0 runs (fused + single-modality) trained, and their pools scored, this many at a time: they are
+    # independent, and Ray schedules their worker groups as the cluster's resources allow.
+    parallel_runs: int = Field(1, ge=1)
     # Acceptance gate: a stage is kept when its out-of-fold WAF against the ORIGINAL labels is at least the
     # last accepted stage's plus this (0: "does not lower it").
     min_gain: float = Field(0.0, ge=-1.0, le=1.0)

@@ -6,8 +6,9 @@ is scored by the fold model that did not train on it, and it is compared with th
 — not with a refined label, which would let a stage confirm itself. Pseudo-labels for fold ``k`` come only
 from fold ``k``'s models (:mod:`mer.labels.pseudolabel`), so no validation row reaches its fold's training
 through the pool. Refinement is the one stage whose training labels were decided with out-of-fold votes of
-models that saw other folds; its gate figure can lean slightly optimistic, which is why a refined stage must
-also not lower the figure (``labels.min_gain``) rather than merely change labels.
+models that did see the other folds' rows: a second-order leak that can make its gate figure a little
+optimistic. ``labels.min_gain`` > 0 demands a margin; ``mer bench labels`` checks the decisions against a test
+split the loop never sees.
 """
 
 from __future__ import annotations

@@ -134,15 +134,19 @@ class LabelLoop:
         """Stage 0: the fused and single-modality runs, their OOF votes and pool votes, vote tables, and
         every source's reliability. Returns (the labelled-only stage, labelled-row sources, pool sources,
         reliabilities)."""
-        fused_run = self.base_run or storage.join(self.out, "sources", "fused")
-        fused_metrics = self._train(fused_run, "labelled_only")
-        runs = {"fused": fused_run}
-        for m in self.source_mods:
-            runs[m] = storage.join(self.out, "sources", m)
-            self._train(runs[m], f"source_{m}", modalities=[m])
-        labelled = [run_oof_votes(n, u) for n, u in runs.items()]
+        from concurrent.futures import ThreadPoolExecutor
+
+        runs = {"fused": self.base_run or storage.join(self.out, "sources", "fused")}
+        runs.update({m: storage.join(self.out, "sources", m) for m in self.source_mods})
         pools = {n: storage.join(self.out, "sources", "pool", n) for n in runs}
-        pool = [_pool_scores(self.cfg, n, u, self.features, pools[n]) for n, u in runs.items()]
+        with ThreadPoolExecutor(max_workers=self.cfg.labels.parallel_runs, thread_name_prefix="mer-source") as ex:
+            trained = {n: ex.submit(self._train, u, "labelled_only" if n == "fused" else f"source_{n}",
+                                    modalities=None if n == "fused" else [n]) for n, u in runs.items()}
+            fused_metrics = {n: f.result() for n, f in trained.items()}["fused"]
+            scored = {n: ex.submit(_pool_scores, self.cfg, n, u, self.features, pools[n]) for n, u in runs.items()}
+            pool = [f.result() for f in scored.values()]
+        labelled = [run_oof_votes(n, u) for n, u in runs.items()]
+        fused_run = runs["fused"]
         for name, uri in self.tables.items():
             table = read_source(name, uri)
             labelled.append(table)

@@ -7,6 +7,7 @@ import io
 import json
 import logging
 import os
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -46,21 +47,35 @@ def ray_storage(uri: str) -> tuple[str, pafs.FileSystem | None]:
     return uri[len("s3://"):], pafs.PyFileSystem(pafs.FSSpecHandler(fs))
 
 
+_POLL_VAR = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
+_poll_lock = threading.Lock()
+_poll_users = 0  # runs inside controller_poll_interval that set the variable (runs may overlap in threads)
+
+
 @contextlib.contextmanager
 def controller_poll_interval(seconds: float) -> Iterator[None]:
     """How often the Ray Train controller polls workers (its default, 2 s, also paces every report:
     a worker's report waits until the previous one was consumed). Ray Train forwards this variable from
-    the driver to the controller; a value the user set in the environment wins. Set once around all of
-    a run's folds: concurrent folds must not race on the process environment."""
-    var = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
-    if var in os.environ:
-        yield
-        return
-    os.environ[var] = str(seconds)
+    the driver to the controller; a value the user set in the environment wins. Runs trained at the same
+    time (threads of one driver) share the process environment: the first sets the variable, the last one
+    out removes it."""
+    global _poll_users
+    with _poll_lock:
+        if _poll_users == 0 and _POLL_VAR in os.environ:
+            owned = False
+        else:
+            owned = True
+            if _poll_users == 0:
+                os.environ[_POLL_VAR] = str(seconds)
+            _poll_users += 1
     try:
         yield
     finally:
-        os.environ.pop(var, None)
+        if owned:
+            with _poll_lock:
+                _poll_users -= 1
+                if _poll_users == 0:
+                    os.environ.pop(_POLL_VAR, None)
 
 
 def fault_from_env() -> dict[str, Any] | None:
