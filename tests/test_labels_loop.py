@@ -65,15 +65,18 @@ def test_refinement_finds_flipped_labels_and_pseudo_labels_are_right(bench: dict
 
 
 def test_pseudo_labels_are_per_fold_and_never_labelled_clips(bench: dict) -> None:
-    stage = next(s for s in bench["loop"]["stages"] if s["stage"] == "round_1")
-    table = storage.read_table(stage["labels"])
-    pseudo = table.filter(pa.compute.equal(table.column("source"), "pseudo")).to_pylist()
-    base = table.filter(pa.compute.not_equal(table.column("source"), "pseudo")).to_pylist()
-    assert len(base) == 200 and all(r["fold"] is None for r in base)
-    assert pseudo and all(r["fold"] in (0, 1, 2) and 0 < r["weight"] <= 1 for r in pseudo)
-    assert not {r["clip_id"] for r in pseudo} & {r["clip_id"] for r in base}
-    sel = storage.read_table(stage["selection"])
-    assert sel.num_rows == 3 * 500  # every pool clip, once per fold
+    for stage in (s for s in bench["loop"]["stages"] if s["stage"].startswith("round_")):
+        table = storage.read_table(stage["labels"])
+        pseudo = table.filter(pa.compute.equal(table.column("source"), "pseudo")).to_pylist()
+        base = table.filter(pa.compute.not_equal(table.column("source"), "pseudo")).to_pylist()
+        # a round builds on the labelled rows of the stage it was built on, never on an earlier round's picks
+        assert len(base) == 200 and all(r["fold"] is None for r in base), stage["stage"]
+        assert pseudo and all(r["fold"] in (0, 1, 2) and 0 < r["weight"] <= 1 for r in pseudo)
+        assert len({(r["clip_id"], r["fold"]) for r in pseudo}) == len(pseudo)
+        assert not {r["clip_id"] for r in pseudo} & {r["clip_id"] for r in base}
+        assert len(pseudo) == stage["pseudo"]["selected"]
+        sel = storage.read_table(stage["selection"])
+        assert sel.num_rows == 3 * 500  # every pool clip, once per fold
 
 
 def test_rerun_resumes_without_training(bench: dict) -> None:

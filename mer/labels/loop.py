@@ -35,6 +35,7 @@ import time
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 
 from mer import storage
 from mer.config import MerConfig
@@ -119,6 +120,17 @@ class LabelLoop:
         return {"stage": name, "run": run_uri, "labels": labels_uri, "pool": pool_uri, "gate": gate,
                 "accepted": accepted, "decision": why, "test": _test_figures(metrics), **extra}
 
+    def _base_labels(self, base: dict[str, Any]) -> pa.Table:
+        """The labelled rows of an accepted stage (original or refined), without its pseudo-labels: each
+        round picks its pool clips afresh (k grows), and an earlier round's per-fold picks must not leak
+        into other folds."""
+        if not base.get("labels"):
+            return self.original_table.append_column("weight", pa.array(np.ones(len(self.y), np.float32)))
+        table = storage.read_table(base["labels"])
+        if "source" in table.column_names:
+            table = table.filter(pa.array([s != "pseudo" for s in table.column("source").to_pylist()], pa.bool_()))
+        return table
+
     def _finished(self, stage_dir: str) -> dict[str, Any] | None:
         uri = storage.join(stage_dir, "stage.json")
         return storage.read_json(uri) if storage.exists(uri) else None
@@ -177,8 +189,6 @@ class LabelLoop:
     def pseudo_round(self, r: int, base: dict[str, Any], others: list[SourceVotes],
                      rel: dict[str, Reliability], best_gate: float) -> dict[str, Any]:
         """Round ``r``: pool pseudo-labels from the accepted stage ``base`` and the sources, retrained, gated."""
-        import pyarrow as pa
-
         sdir = storage.join(self.out, f"round_{r}")
         done = self._finished(sdir)
         if done:
@@ -194,9 +204,7 @@ class LabelLoop:
         selection = select_pseudo_labels(fused_pool.ids, fused_pool, others, rel, self.prior, quota,
                                          self.cfg.pseudolabel)
         storage.write_table(storage.join(sdir, "selection.parquet"), selection)
-        base_labels = (storage.read_table(base["labels"]) if base.get("labels")
-                       else self.original_table.append_column("weight", pa.array(np.ones(len(self.y), np.float32))))
-        table = build_label_table(base_labels, selection)
+        table = build_label_table(self._base_labels(base), selection)
         labels_uri = storage.join(sdir, "labels.parquet")
         write_label_table(labels_uri, table, rel, {"quota_per_fold": dict(zip(
             [str(x) for x in range(len(quota))], quota.tolist())), "built_on": base["stage"]})
