@@ -184,8 +184,9 @@ def run_demo(cfg: MerConfig, workdir: str, *, n_train: int = 120, n_unlabeled: i
         "waf": waf,
         "accuracy": acc["fused"],
         "accuracy_by_setting": acc,
-        "label_stages_waf": {name: s["test"]["waf"] for name, s in stages.items()},
-        "label_stages": [{"stage": s["stage"], "test_waf": s["test"]["waf"], "gate_waf": s["gate"]["waf"],
+        "label_stages_waf": {name: (s["test"] or {}).get("waf") for name, s in stages.items()},
+        "label_stages": [{"stage": s["stage"], "test_waf": (s["test"] or {}).get("waf"),
+                          "gate_waf": (s["gate"] or {}).get("waf"),
                           "accepted": s["accepted"], "decision": s["decision"],
                           **({"rules": s["rules"]} if "rules" in s else {}),
                           **({"pseudo_labels": s["pseudo"]["selected"]} if "pseudo" in s else {})}
@@ -224,7 +225,8 @@ def format_summary(summary: dict[str, Any]) -> str:
         what = ("kept" if s["accepted"] else "REJECTED") + f" ({s['decision']})"
         extra = (f"; rules {json.dumps(s['rules'])}" if "rules" in s else
                  f"; {s['pseudo_labels']} pseudo-labels" if "pseudo_labels" in s else "")
-        lines.append(f"{s['stage']:<16}{s['test_waf']:>9.4f}{s['gate_waf']:>9.4f}  {what}{extra}")
+        fig = "".join(f"{'-':>9}" if v is None else f"{v:>9.4f}" for v in (s["test_waf"], s["gate_waf"]))
+        lines.append(f"{s['stage']:<16}{fig}  {what}{extra}")
     best = summary["best_stage"]
     lines += [f"scored with: {best['stage']} ({best['why']})",
               f"label quality vs the generator's truth: {json.dumps(summary['label_quality'])}",

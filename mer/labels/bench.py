@@ -83,6 +83,7 @@ def bench_seed(cfg: MerConfig, root: str, seed: int, *, n_train: int, pool_ratio
     t0 = time.time()
     loop = label_loop(cfg, features, storage.join(root, "loop"))
     stages = {s["stage"]: s for s in loop["stages"]}
+    stages = {name: s for name, s in stages.items() if s["run"]}  # a round with no pool trains nothing
     out: dict[str, Any] = {"seed": seed, "seconds": round(time.time() - t0, 1),
                            "test_waf": {name: s["test"]["waf"] for name, s in stages.items()},
                            "gate_waf": {name: s["gate"]["waf"] for name, s in stages.items()},

@@ -194,6 +194,12 @@ class LabelLoop:
         if done:
             return done
         fused_pool = _pool_scores(self.cfg, "fused", base["run"], self.features, base["pool"])
+        if not fused_pool.ids:
+            # Nothing to pseudo-label: a retrain would only repeat the accepted stage.
+            return self._commit(sdir, {"stage": f"round_{r}", "run": None, "labels": None, "pool": base["pool"],
+                                       "gate": None, "accepted": False, "built_on": base["stage"], "test": None,
+                                       "decision": f"no clip in the store's {POOL_SPLIT!r} split: nothing to "
+                                                   "pseudo-label, not trained"})
         # The accepted run's own reliability: its OOF predictions against the original labels.
         lc = self.cfg.labels
         rel = dict(rel)
