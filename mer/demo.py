@@ -119,7 +119,9 @@ def run_demo(cfg: MerConfig, workdir: str, *, n_train: int = 120, n_unlabeled: i
     from mer.score import score
 
     if enrich:
-        cfg = with_overrides(cfg, ["enrich.enabled=true", "enrich.text_source=both"])
+        # The text branch encodes the subtitle and its enriched version; the fusion gets both vectors.
+        cfg = with_overrides(cfg, ["enrich.enabled=true", "enrich.text_source=both",
+                                   f"train.modalities=[{','.join([*BRANCHES, 'text_enriched'])}]"])
     t0 = time.time()
     wd = Path(workdir).resolve()
     wd.mkdir(parents=True, exist_ok=True)
@@ -203,6 +205,9 @@ def run_demo(cfg: MerConfig, workdir: str, *, n_train: int = 120, n_unlabeled: i
         "outputs": {"features": features, "label_loop": str(wd / "labels"), "predictions": scored["predictions"],
                     "submission": scored["submission"], "evaluation": str(wd / "eval")},
     }
+    from mer.report import write_demo_report
+
+    summary["outputs"]["report"] = write_demo_report(str(wd), summary)
     storage.write_json(str(wd / "summary.json"), summary)
     print(format_summary(summary))
     return summary

@@ -136,3 +136,28 @@ def test_a_harmful_stage_is_rejected_and_scoring_uses_the_earlier_run(bench: dic
     assert set(preds.column("run_id").to_pylist()) == {loop["best"]["stage"]}
     with pytest.raises(FileNotFoundError, match="not a training run"):
         best_run(str(tmp_path))
+
+
+def test_reports_are_self_contained_and_show_the_stages(bench: dict) -> None:
+    from mer.report import write_demo_report
+
+    loop_dir = bench["root"] / "loop"
+    report = (loop_dir / "report.html").read_text()
+    for stage in ("labelled_only", "refined", "round_1", "round_2"):
+        assert stage in report
+    assert "gate WAF" in report and "Mean modality weights per class" in report and "Per-class F1" in report
+    assert report.count("data:image/png;base64,") >= 2  # the best run's confusion matrix and curves
+    assert "<script" not in report and 'src="http' not in report
+    run = loop_dir / "sources" / "audio"
+    run_report = (run / "report.html").read_text()
+    assert "test split (fold ensemble)" in run_report and "Feature store statuses" in run_report
+    assert "audio_status" in run_report
+    summary = {"waf": {"audio": 0.5, "fused": 0.8}, "accuracy_by_setting": {"audio": 0.5, "fused": 0.8},
+               "label_quality": {"refinement": {"flipped": 30, "flagged": 27, "flagged_and_flipped": 24},
+                                 "round_1": {"pseudo_labels": 300, "right": 299}},
+               "scored_test": {"waf": 0.9, "accuracy": 0.9, "missing": 0, "run": "r"},
+               "extract_status": {"ok": 5}, "enrich_status": {"ok": 4, "empty_text": 1},
+               "llm_vote_status": {"unparsed": 5}, "timings_s": {"extract": 1.0}, "seconds": 2.0,
+               "outputs": {"label_loop": str(loop_dir), "evaluation": str(bench["root"] / "eval")}}
+    demo = Path(write_demo_report(str(bench["root"]), summary)).read_text()
+    assert "24 of 30 flipped" in demo and "299 of 300" in demo and "unparsed" in demo and "round_2" in demo

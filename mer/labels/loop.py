@@ -249,6 +249,12 @@ class LabelLoop:
             "seconds": round(time.time() - t0, 1),
         }
         storage.write_json(storage.join(self.out, LOOP_FILE), result)
+        try:
+            from mer.report import write_loop_report
+
+            result["report"] = write_loop_report(self.out)
+        except Exception as e:  # noqa: BLE001 - loop.json is committed; the report is only a view of it
+            log.warning("label loop %s: report.html not written: %s: %s", self.out, type(e).__name__, e)
         return result
 
 

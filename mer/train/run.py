@@ -349,10 +349,21 @@ def train_run(cfg: MerConfig, features_uri: str, out_uri: str, *, resume: bool =
     metrics = _finish_run(cfg, features_uri, out_uri, records, mods, split_of)
     metrics.update({"skipped_folds": skipped, "seconds": round(time.time() - t_start, 2),
                     "run_name": run_name or out_uri.rstrip("/").rsplit("/", 1)[-1], "labels": labels_uri,
-                    "n_cv": len(cv_ids), "n_pseudo": len(pseudo_ids)})
+                    "n_cv": len(cv_ids), "n_pseudo": len(pseudo_ids), "features": features_uri})
     storage.write_json(metrics_uri, metrics)
+    _write_report(out_uri)
     log.info("train_run %s: reports in %.1f s, total %.1f s", out_uri, time.time() - t_fin, metrics["seconds"])
     return metrics
+
+
+def _write_report(run_uri: str) -> None:
+    """``RUN/report.html``; a report that cannot be drawn never fails a finished run."""
+    from mer.report import write_run_report
+
+    try:
+        write_run_report(run_uri)
+    except Exception as e:  # noqa: BLE001 - the run's outputs are committed; the report is a view of them
+        log.warning("run %s: report.html not written: %s: %s", run_uri, type(e).__name__, e)
 
 
 def _finish_run(cfg: MerConfig, features_uri: str, out_uri: str, records: list[dict], mods: list[str],
