@@ -20,6 +20,9 @@ from mer.config import LABELS, load_config
 from mer.labels.bench import BENCH_OVERRIDES, bench_seed
 from mer.labels.loop import LOOP_FILE, best_run, label_loop
 
+# The module fixture runs the whole loop (8 k-fold runs): ~6 min on 2 quiet cores, more on a loaded machine.
+pytestmark = pytest.mark.timeout(2400)
+
 
 @pytest.fixture(scope="module")
 def bench(ray_local, tmp_path_factory: pytest.TempPathFactory) -> dict:
