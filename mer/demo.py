@@ -89,7 +89,7 @@ def _label_quality(loop: dict[str, Any], truth: dict[str, str]) -> dict[str, Any
             flagged = {r["clip_id"] for r in rows if r["rule"] in ("relabel", "downweight")}
             out["refinement"] = {"flipped": len(flipped), "flagged": len(flagged),
                                  "flagged_and_flipped": len(flipped & flagged)}
-        elif s["stage"].startswith("round_"):
+        elif s["stage"].startswith("round_") and s.get("selection"):
             sel = storage.read_table(s["selection"])
             picked = sel.filter(sel.column("selected"))
             right = sum(truth[c] == lab for c, lab in zip(picked.column("clip_id").to_pylist(),

@@ -113,9 +113,11 @@ def test_a_harmful_stage_is_rejected_and_scoring_uses_the_earlier_run(bench: dic
     from mer.score import score
 
     root = bench["root"]
-    # Refinement told to distrust the annotators and to follow a single vote: it relabels by the trap.
+    # Refinement told to distrust the annotators and to follow a single vote: it relabels by the trap. The round
+    # asks for more agreeing sources than there are: nothing qualifies, so it is recorded and not trained.
     cfg = load_config(overrides=[*BENCH_OVERRIDES, "labels.source_modalities=[]", "relabel.annotation_accuracy=0.2",
-                                 "relabel.min_agree=1", "relabel.min_posterior=0.3", "pseudolabel.rounds=1"])
+                                 "relabel.min_agree=1", "relabel.min_posterior=0.3", "pseudolabel.rounds=1",
+                                 "pseudolabel.min_agree=10"])
     out = str(tmp_path / "harmful")
     loop = label_loop(cfg, str(root / "features"), out, tables={"trap": _trap_votes(root)},
                       base_run=str(root / "loop" / "sources" / "fused"))
@@ -125,7 +127,10 @@ def test_a_harmful_stage_is_rejected_and_scoring_uses_the_earlier_run(bench: dic
     # harmful indeed: the test split (never seen by the loop) agrees
     assert refined["test"]["waf"] < stages["labelled_only"]["test"]["waf"]
     assert not refined["accepted"] and "<" in refined["decision"]
-    assert stages["round_1"]["built_on"] == "labelled_only"
+    round_1 = stages["round_1"]
+    assert round_1["built_on"] == "labelled_only" and not round_1["accepted"] and round_1["run"] is None
+    assert "no pool clip qualified" in round_1["decision"] and round_1["pseudo"]["selected"] == 0
+    assert round_1["pseudo"]["reasons"] == {"too few sources agree": 3 * 500}
     assert loop["best"]["stage"] != "refined"
     on_disk = json.loads((Path(out) / LOOP_FILE).read_text())
     assert [s["accepted"] for s in on_disk["stages"]] == [s["accepted"] for s in loop["stages"]]

@@ -210,13 +210,20 @@ class LabelLoop:
         selection = select_pseudo_labels(fused_pool.ids, fused_pool, others, rel, self.prior, quota,
                                          self.cfg.pseudolabel)
         storage.write_table(storage.join(sdir, "selection.parquet"), selection)
+        summary = selection_summary(selection)
+        if not summary["selected"]:
+            # No pool clip has the agreement the rules ask for: a retrain would only repeat the accepted stage.
+            return self._commit(sdir, {"stage": f"round_{r}", "run": None, "labels": None, "pool": base["pool"],
+                                       "gate": None, "accepted": False, "built_on": base["stage"], "test": None,
+                                       "pseudo": summary, "selection": storage.join(sdir, "selection.parquet"),
+                                       "decision": "no pool clip qualified (see selection.parquet reasons): "
+                                                   "not trained"})
         table = build_label_table(self._base_labels(base), selection)
         labels_uri = storage.join(sdir, "labels.parquet")
         write_label_table(labels_uri, table, rel, {"quota_per_fold": dict(zip(
             [str(x) for x in range(len(quota))], quota.tolist())), "built_on": base["stage"]})
         run_uri = storage.join(sdir, "run")
         metrics = self._train(run_uri, f"round_{r}", labels_uri=labels_uri)
-        summary = selection_summary(selection)
         summary["quota_per_class"] = quota.tolist()
         return self._commit(sdir, self._stage_record(f"round_{r}", run_uri, metrics, labels_uri,
                                                      storage.join(sdir, "pool"), best_gate,
