@@ -1,6 +1,6 @@
 """Batch scoring: a fold ensemble applied to a feature store (or raw videos) as a Ray Data job.
 
-The classifier runs as an actor pool of model replicas (``score.concurrency``, ``score.num_gpus``); the
+The classifier runs as an actor pool of model replicas (``score.resources``); the
 driver commits prediction parts atomically, so a re-run skips clips already scored and the output holds
 every input clip exactly once. Raw videos go through the extraction pipeline first (same resumable store).
 """
@@ -125,10 +125,9 @@ def score_features(cfg: MerConfig, run_uri: str, features_uri: str, out_uri: str
         ds = ds.select_columns([c for c in keep_cols if c in ds.schema().names])
         ds = ds.map_batches(_filter_ids(frozenset(pending), keep=True), batch_format="pyarrow")
         sc = cfg.score
-        device = "cuda" if sc.num_gpus > 0 else "cpu"
+        device = "cuda" if sc.resources.num_gpus > 0 else "cpu"
         ds = ds.map_batches(EnsemblePredictor, fn_constructor_args=(run_uri, device), batch_format="pyarrow",
-                            batch_size=sc.batch_size, concurrency=sc.concurrency, num_gpus=sc.num_gpus,
-                            num_cpus=sc.num_cpus, max_restarts=-1, max_task_retries=-1)
+                            max_restarts=-1, max_task_retries=-1, **sc.resources.map_batches_args())
         # The driver commits parts atomically and drops ids already committed (a retried block or a
         # resumed run can therefore never duplicate a row).
         writer = PartWriter(out_uri, PRED_SCHEMA, sc.rows_per_part, already=done)

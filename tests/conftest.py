@@ -56,10 +56,10 @@ def synth_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_config(tiny_models_dir: Path):
-    """The repo config with the tiny profile, 2-CPU local Ray and small batches."""
-    from mer.config import load_config
+    """The repo config with the tiny profile, 2-CPU local Ray and small batches, no GPU."""
+    from mer.config import cpu_only, load_config
 
-    return load_config(
+    return cpu_only(load_config(
         profile="tiny",
         overrides=[
             f"storage.tiny_models_dir={tiny_models_dir}",
@@ -67,22 +67,17 @@ def tiny_config(tiny_models_dir: Path):
             "extract.decode.num_frames=4",
             "extract.decode.frame_size=64",
             "extract.decode.resources.concurrency=1",
-            "extract.encoders.global_visual.resources.num_gpus=0",
-            "extract.encoders.face.resources.num_gpus=0",
-            "extract.encoders.audio.resources.num_gpus=0",
-            "extract.encoders.text.resources.num_gpus=0",
             "extract.encoders.global_visual.resources.num_cpus=0.25",
             "extract.encoders.face.resources.num_cpus=0.25",
             "extract.encoders.audio.resources.num_cpus=0.25",
             "extract.encoders.text.resources.num_cpus=0.25",
             "extract.face.resources.num_cpus=0.5",
             "extract.decode.resources.num_cpus=0.5",
-            "train.num_workers=2",
+            "train.resources.concurrency=2",
             "train.folds=2",
             "train.max_epochs=15",
-            "enrich.num_gpus=0",
         ],
-    )
+    ))
 
 
 @pytest.fixture(scope="session")

@@ -13,6 +13,7 @@ import pytest
 pytest.importorskip("vllm")
 
 from mer import storage  # noqa: E402
+from mer.config import with_overrides  # noqa: E402
 from mer.enrich.bench import bench_prompts  # noqa: E402
 from mer.enrich.stage import enrich_table  # noqa: E402
 
@@ -21,14 +22,14 @@ MAX_CHARS = 60
 
 
 def _vllm_cfg(tiny_config):
-    e = tiny_config.enrich.model_copy(update=dict(
-        backend="vllm", num_gpus=0.0, max_tokens=24, max_model_len=1024, max_output_chars=MAX_CHARS,
+    return with_overrides(tiny_config, [
+        "enrich.backend=vllm", "enrich.resources.num_gpus=0", "enrich.max_tokens=24", "enrich.max_model_len=1024",
+        f"enrich.max_output_chars={MAX_CHARS}",
         # Sampling (seeded) rather than greedy: the random-weight model's greedy answer is whitespace,
         # which would leave the `ok` path untested.
-        temperature=1.0, seed=0, truncate_input=False, batch_size=4, max_num_seqs=16,
-        enforce_eager=True, cpu_kv_cache_bytes=256 << 20, aux_num_cpus=0.1, dtype="float32",
-        prompt_language="zh"))
-    return tiny_config.model_copy(update={"enrich": e})
+        "enrich.temperature=1.0", "enrich.seed=0", "enrich.truncate_input=false", "enrich.resources.batch_size=4",
+        "enrich.max_num_seqs=16", "enrich.enforce_eager=true", f"enrich.cpu_kv_cache_bytes={256 << 20}",
+        "enrich.aux_resources.num_cpus=0.1", "enrich.resources.dtype=float32", "enrich.prompt_language=zh"])
 
 
 @pytest.fixture(scope="module")
@@ -102,11 +103,10 @@ def test_gpu_processor_is_configured_from_config(ray_local, tiny_config):
     """The GPU path: same builder, placement/resources from enrich.num_gpus + tensor_parallel_size."""
     from ray.data.llm import build_processor, vLLMEngineProcessorConfig
 
-    from mer.enrich.backends import engine_kwargs, placement_group_config
+    from mer.enrich.generators import engine_kwargs, placement_group_config
     from mer.enrich.stage import resolve_llm_path
 
-    e = tiny_config.enrich.model_copy(update=dict(num_gpus=1.0, tensor_parallel_size=1))
-    cfg = tiny_config.model_copy(update={"enrich": e})
+    cfg = with_overrides(tiny_config, ["enrich.resources.num_gpus=1.0", "enrich.tensor_parallel_size=1"])
     proc = build_processor(vLLMEngineProcessorConfig(
         model_source=resolve_llm_path(cfg), engine_kwargs=engine_kwargs(cfg), batch_size=8,
         placement_group_config=placement_group_config(cfg), chat_template_stage=False,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from mer.config import with_overrides
 from mer.extract.bench import bench_extract
 
 
@@ -30,10 +31,8 @@ def _ray_started():
 
 
 def test_bench_extract_reports_all_figures(ray_local, tiny_config, tmp_path) -> None:
-    enc = tiny_config.extract.encoders.model_copy(update={
-        b: getattr(tiny_config.extract.encoders, b).model_copy(update={"enabled": b in ("global_visual", "text")})
-        for b in ("global_visual", "face", "audio", "text")})
-    cfg = tiny_config.model_copy(update={"extract": tiny_config.extract.model_copy(update={"encoders": enc})})
+    cfg = with_overrides(tiny_config, [f"extract.encoders.{b}.enabled={b in ('global_visual', 'text')}"
+                                       for b in ("global_visual", "face", "audio", "text")])
     r = bench_extract(cfg, n_clips=4, workdir=str(tmp_path), clip_seconds=1.0, clip_width=160, clip_height=120,
                       gop=5, rss_decodes=20)
     assert r["clips"] == 4 and r["branches"] == ["global_visual", "text"]

@@ -14,6 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from mer import storage
+from mer.config import with_overrides
 from mer.extract import store
 from mer.extract.clips import make_clip_set
 from mer.extract.pipeline import extract_features
@@ -94,15 +95,12 @@ def combined_manifest(clip_manifest, synth_subset, tmp_path_factory: pytest.Temp
 
 
 def _cfg(tiny_config, **extract):
-    ex = tiny_config.extract.model_copy(update=extract)
-    return tiny_config.model_copy(update={"extract": ex})
+    return with_overrides(tiny_config, [f"extract.{k}={v}" for k, v in extract.items()])
 
 
 def _only(cfg, branches: list[str]):
-    enc = cfg.extract.encoders.model_copy(update={
-        b: getattr(cfg.extract.encoders, b).model_copy(update={"enabled": b in branches})
-        for b in ("global_visual", "face", "audio", "text")})
-    return cfg.model_copy(update={"extract": cfg.extract.model_copy(update={"encoders": enc})})
+    return with_overrides(cfg, [f"extract.encoders.{b}.enabled={b in branches}"
+                                for b in ("global_visual", "face", "audio", "text")])
 
 
 @pytest.fixture(scope="module")

@@ -35,11 +35,11 @@ TINY_SETS = [
     "extract.encoders.face.resources.num_cpus=0.25",
     "extract.encoders.audio.resources.num_cpus=0.25",
     "extract.encoders.text.resources.num_cpus=0.25",
-    "train.num_workers=2",
+    "train.resources.concurrency=2",
     "train.folds=2",
     "train.max_epochs=3",
     "train.patience=2",
-    "score.num_cpus=0.5",
+    "score.resources.num_cpus=0.5",
 ]
 
 

@@ -132,17 +132,25 @@ def test_llm_loads_in_vllm(tiny_models_dir: Path, tmp_path: Path) -> None:
     assert ntok and 1 <= int(ntok[0].split()[1]) <= 8
 
 
+def _spec(cfg, change: str):
+    """A model spec of ``cfg``'s profile with one field changed (``slot.field=value``)."""
+    from mer.config import with_overrides
+
+    slot = change.split(".", 1)[0]
+    return getattr(with_overrides(cfg, [f"profiles.{cfg.profile}.{change}"]).models, slot)
+
+
 def test_registry_rejects_non_transformers_classes(tiny_config) -> None:
-    spec = tiny_config.models.face.model_copy(update={"model_class": "os"})
+    spec = _spec(tiny_config, "face.model_class=os")
     with pytest.raises(registry.ModelConfigError, match=r"profiles\.tiny\.face\.model_class.*'os'"):
         registry.load_model(spec, tiny_config)
-    spec = tiny_config.models.face.model_copy(update={"model_class": "logging"})
+    spec = _spec(tiny_config, "face.model_class=logging")
     with pytest.raises(registry.ModelConfigError, match="not a loadable class"):
         registry.load_model(spec, tiny_config)
-    spec = tiny_config.models.text.model_copy(update={"processor_class": "__import__"})
+    spec = _spec(tiny_config, "text.processor_class=__import__")
     with pytest.raises(registry.ModelConfigError, match=r"profiles\.tiny\.text\.processor_class"):
         registry.load_processor(spec, tiny_config)
-    spec = tiny_config.models.text.model_copy(update={"model_id": "tiny:nope"})
+    spec = _spec(tiny_config, "text.model_id=tiny:nope")
     with pytest.raises(registry.ModelConfigError, match="unknown tiny model"):
         registry.resolve_model_id(spec, tiny_config)
 

@@ -8,7 +8,7 @@ import pyarrow.csv as pacsv
 import pytest
 
 from mer import storage
-from mer.config import LABELS
+from mer.config import LABELS, with_overrides
 from mer.data.manifest import read_manifest
 from mer.extract.store import read_features
 
@@ -21,8 +21,7 @@ def small_run(tmp_path_factory: pytest.TempPathFactory, ray_local, tiny_config) 
     from mer.train.synthetic import make_feature_store
 
     tmp = tmp_path_factory.mktemp("score")
-    cfg = tiny_config.model_copy(update={"train": tiny_config.train.model_copy(
-        update={"folds": 2, "max_epochs": 3, "patience": 2})})
+    cfg = with_overrides(tiny_config, ["train.folds=2", "train.max_epochs=3", "train.patience=2"])
     dims = {b: d for b, d in encoder_dims(cfg).items() if b in ("global_visual", "face", "audio", "text")}
     store = str(tmp / "store")
     make_feature_store(store, n=96, dims=dims, seed=3)
@@ -75,7 +74,7 @@ def test_score_resumes_after_a_lost_part(small_run, tmp_path: Path) -> None:
 
     cfg, run = small_run
     store = str(Path(run).parent / "store")
-    cfg = cfg.model_copy(update={"score": cfg.score.model_copy(update={"rows_per_part": 20})})
+    cfg = with_overrides(cfg, ["score.rows_per_part=20"])
     out = str(tmp_path / "p")
     first = score(cfg, run, out, features_uri=store)
     n = first["score"]["total"]

@@ -155,8 +155,8 @@ def test_gpu_bf16_zero2_nccl(ray_local, store: str, tmp_path: Path) -> None:
     if not torch.cuda.is_available():
         pytest.skip("no CUDA device")
     n_gpu = min(torch.cuda.device_count(), 2)
-    cfg = train_config(**{"train.use_gpu": True, "train.gpus_per_worker": 1, "train.num_workers": n_gpu,
-                          "train.precision": "bf16", "train.max_epochs": 4, "train.patience": 4})
+    cfg = train_config(**{"train.resources.num_gpus": 1, "train.resources.concurrency": n_gpu,
+                          "train.resources.dtype": "bfloat16", "train.max_epochs": 4, "train.patience": 4})
     metrics = train_run(cfg, store, str(tmp_path / "gpu"))
     assert metrics["test"]["waf"] > 0.4
 
@@ -168,7 +168,7 @@ def test_parallel_folds_overlap_and_resume_the_failed_one(ray_local, store: str,
     from mer.train.fold import FAULT_ENV
 
     # 0.1 CPU per worker: both worker groups fit beside whatever else the session's Ray holds
-    cfg = train_config(**{"train.parallel_folds": 2, "train.cpus_per_worker": 0.1, "train.max_failures": 0,
+    cfg = train_config(**{"train.parallel_folds": 2, "train.resources.num_cpus": 0.1, "train.max_failures": 0,
                           "train.max_epochs": 10, "train.patience": 10})
     out = str(tmp_path / "par")
     # fold 1, rank 0 dies in epoch 1 with no retries left: the run must fail, fold 0 must still commit.

@@ -15,11 +15,10 @@ import logging
 from typing import Any
 
 import pyarrow as pa
-from ray.data import ActorPoolStrategy
 
 from mer.config import MerConfig
 from mer.enrich import guard
-from mer.enrich.backends import transformers_generate, vllm_generate
+from mer.enrich.generators import transformers_generate, vllm_generate
 from mer.enrich.cache import EnrichCache
 from mer.enrich.prepare import (
     DESC, ERR, GEN, GEN_ERR, GEN_TOKENS, IDS, INTERNAL, ROUTE, ROUTE_CACHE, ROUTE_ENGINE, SHA, STATUS,
@@ -121,8 +120,7 @@ class EnrichStage:
                 context_columns=list(e.context_columns), max_model_len=e.max_model_len,
                 max_tokens=e.max_tokens, truncate_input=e.truncate_input, cache_hits=hits,
                 trust_remote_code=self.cfg.models.llm.trust_remote_code),
-            batch_format="pyarrow", batch_size=max(e.batch_size, 64), compute=ActorPoolStrategy(size=1),
-            num_cpus=e.aux_num_cpus,
+            batch_format="pyarrow", **e.aux_resources.map_batches_args(),
         )
 
     def generate(self, ds: Any) -> Any:
@@ -138,7 +136,9 @@ class EnrichStage:
             fn_kwargs=dict(max_output_chars=e.max_output_chars, compose=e.compose, model_id=self.model_id,
                            p_hash=self.prompt_hash, cache_uri=self.cache_dir if write_cache else None,
                            keep_internal=keep_internal),
-            batch_format="pyarrow", batch_size=e.batch_size, num_cpus=e.aux_num_cpus,
+            batch_format="pyarrow", **{**e.aux_resources.map_batches_args(actors=False),
+                                       # one call per engine batch (each writes one cache part)
+                                       "batch_size": e.resources.batch_size},
         )
 
     def __call__(self, ds: Any) -> Any:
@@ -150,8 +150,8 @@ class EnrichStage:
                            "model_id": self.model_id, "prompt_hash": self.prompt_hash,
                            "backend": self.cfg.enrich.backend}
         log.info("enrich: %d rows, %d to the %s engine", n_engine + n_rest, n_engine, self.cfg.enrich.backend)
-        done_rest = self._finalize(rest.map_batches(_add_empty_gen, batch_format="pyarrow", batch_size=None,
-                                                    num_cpus=self.cfg.enrich.aux_num_cpus), write_cache=False)
+        done_rest = self._finalize(rest.map_batches(_add_empty_gen, batch_format="pyarrow", **{
+            **self.cfg.enrich.aux_resources.map_batches_args(actors=False), "batch_size": None}), write_cache=False)
         if n_engine == 0:
             return done_rest
         done_engine = self._finalize(self.generate(engine))

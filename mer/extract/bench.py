@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from mer.config import MerConfig
+from mer.config import MerConfig, with_overrides
 from mer.extract.backends import VIDEO, DecodeParams, decode_clip
 from mer.extract.decode import ClipDecoder
 from mer.extract.face import FaceDetector
@@ -77,8 +77,7 @@ def _decode_ms(paths: list[str], backend: str, params: DecodeParams) -> float:
 
 def _rss_growth(cfg: MerConfig, paths: list[str], decodes: int) -> dict[str, Any]:
     """Decode-child RSS over ``decodes`` clips with recycling off (what an unrecycled decord worker does)."""
-    dec = ClipDecoder(cfg.model_copy(update={"extract": cfg.extract.model_copy(update={
-        "decode": cfg.extract.decode.model_copy(update={"recycle_every": 10 ** 9})})}))
+    dec = ClipDecoder(with_overrides(cfg, [f"extract.decode.recycle_every={10 ** 9}"]))
     samples = []
     try:
         for i in range(decodes):

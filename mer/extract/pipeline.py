@@ -24,7 +24,7 @@ import numpy as np
 import pyarrow as pa
 
 from mer import storage
-from mer.config import BRANCHES, MerConfig, StageResources
+from mer.config import BRANCHES, MerConfig, Resources
 from mer.extract import store
 from mer.extract.decode import ClipDecoder
 from mer.extract.face import FaceDetector
@@ -237,7 +237,7 @@ def actor_pool_shortfall(stages: list[Stage], cluster: dict[str, float]) -> list
     for st in stages:
         if st.kind != "actor":
             continue
-        r = st.resources or StageResources()
+        r = st.resources or Resources()
         need["CPU"] += r.concurrency * r.num_cpus
         need["GPU"] += r.concurrency * (r.num_gpus or 0.0)
     return [f"the extraction actor pools hold {need[k]:g} {k} at once, the cluster has {cluster.get(k, 0.0):g}"

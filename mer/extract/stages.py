@@ -12,7 +12,7 @@ from typing import Any, Callable, Literal
 
 import numpy as np
 
-from mer.config import StageResources
+from mer.config import Resources
 
 
 class PipelineError(ValueError):
@@ -30,7 +30,7 @@ class Stage:
     outputs: tuple[str, ...]
     kind: Literal["actor", "task", "dataset"] = "actor"
     optional_inputs: tuple[str, ...] = ()
-    resources: StageResources | None = None
+    resources: Resources | None = None
     constructor_args: tuple[Any, ...] = ()
     remote_args: dict[str, Any] = field(default_factory=dict)
     batch_format: str = "numpy"
@@ -39,15 +39,10 @@ class Stage:
         """Add this stage to a Ray Dataset (lazy)."""
         if self.kind == "dataset":
             return self.fn(ds)
-        r = self.resources or StageResources()
-        kwargs: dict[str, Any] = dict(batch_size=r.batch_size, batch_format=self.batch_format,
-                                      num_cpus=r.num_cpus, **self.remote_args)
-        if r.num_gpus:
-            kwargs["num_gpus"] = r.num_gpus
+        r = self.resources or Resources()
+        kwargs: dict[str, Any] = dict(batch_format=self.batch_format, **self.remote_args,
+                                      **r.map_batches_args(actors=self.kind == "actor"))
         if self.kind == "actor":
-            from ray.data import ActorPoolStrategy
-
-            kwargs["compute"] = ActorPoolStrategy(size=r.concurrency)
             kwargs["fn_constructor_args"] = self.constructor_args
         return ds.map_batches(self.fn, **kwargs)
 
@@ -118,7 +113,7 @@ def timed(cls: type, key: str) -> type:
     return type(cls.__name__, (cls,), {"__call__": __call__, "__qualname__": cls.__qualname__})
 
 
-def encoder_stage(name: str, cls: type, cfg: Any, resources: StageResources, remote_args: dict[str, Any],
+def encoder_stage(name: str, cls: type, cfg: Any, resources: Resources, remote_args: dict[str, Any],
                   optional: tuple[str, ...] = ()) -> Stage:
     """Stage of one branch encoder (``mer.encoders`` callable class with input/output column attributes)."""
     inputs = tuple(getattr(cls, "input_columns", ()))

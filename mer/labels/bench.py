@@ -24,8 +24,8 @@ from mer.config import MerConfig
 # Laptop-scale training for the bench (applied before the user's --set flags): 3 folds trained at once, one
 # worker each, as the demo does on 2 cores, and the five source runs at once.
 BENCH_OVERRIDES: list[str] = [
-    "train.folds=3", "train.num_workers=1", "train.parallel_folds=3", "train.cpus_per_worker=0.5",
-    "train.max_epochs=20", "train.patience=5", "train.poll_interval_s=0.1", "score.num_cpus=0.5",
+    "train.folds=3", "train.resources.concurrency=1", "train.parallel_folds=3", "train.resources.num_cpus=0.5",
+    "train.max_epochs=20", "train.patience=5", "train.poll_interval_s=0.1", "score.resources.num_cpus=0.5",
     "labels.parallel_runs=5",
 ]
 STORE = {"dims": {"global_visual": 32, "face": 24, "audio": 16, "text": 24}, "missing": 0.1}

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from mer import storage
-from mer.config import MerConfig
+from mer.config import MerConfig, with_overrides
 
 log = logging.getLogger("mer.train")
 
@@ -61,12 +61,13 @@ def bench_train(cfg: MerConfig, *, n: int = 4000, dim: int = 256, epochs: int = 
 
     results: dict[str, Any] = {"model": cfg.train.model, "modalities": mods, "dims": dims,
                                "n_train": len(train_t), "epochs": epochs, "zero_stage": cfg.train.zero_stage,
-                               "precision": cfg.train.precision, "use_gpu": cfg.train.use_gpu,
-                               "batch_size": cfg.train.batch_size, "runs": {}}
+                               "precision": "bf16" if cfg.train.bf16 else "fp32",
+                               "use_gpu": cfg.train.resources.num_gpus > 0,
+                               "batch_size": cfg.train.resources.batch_size, "runs": {}}
     for w in workers:
-        tc = cfg.train.model_copy(update={"num_workers": w, "max_epochs": epochs, "patience": epochs,
-                                          "max_failures": 0})
-        run_cfg = cfg.model_copy(update={"train": tc})
+        run_cfg = with_overrides(cfg, [f"train.resources.concurrency={w}", f"train.max_epochs={epochs}",
+                                       f"train.patience={epochs}", "train.max_failures=0"])
+        tc = run_cfg.train
         t0 = time.time()
         with controller_poll_interval(tc.poll_interval_s):
             res = run_fold(run_cfg, fold=0, arch=tc.model, dims=dims, train_ds=train_ds, val_ds=val_ds,

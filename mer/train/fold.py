@@ -99,16 +99,14 @@ def run_fold(cfg: MerConfig, *, fold: int, arch: str, dims: dict[str, int], trai
     Re-running with the same ``ray_dir`` continues from the fold's latest checkpoint (Ray Train restores
     its checkpoint snapshot for the same storage path and run name).
     """
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from mer.train.loop import train_loop_per_worker
 
     tc = cfg.train
     storage_path, fs = ray_storage(ray_dir)
-    resources: dict[str, float] = {"CPU": tc.cpus_per_worker}
-    if tc.use_gpu:
-        resources["GPU"] = tc.gpus_per_worker
+    gpu = tc.resources.num_gpus > 0
     if fault and "fold" in fault and int(fault["fold"]) != fold:
         fault = None
     # The ids only (not the vectors) pass through the driver: each worker picks its rows by id, so that a
@@ -116,13 +114,12 @@ def run_fold(cfg: MerConfig, *, fold: int, arch: str, dims: dict[str, int], trai
     train_ids = [r["clip_id"] for r in train_ds.select_columns(["clip_id"]).take_all()]
     loop_config = {"train": tc.model_dump(mode="json"), "arch": arch, "dims": dims, "fold": fold,
                    "input_stats": input_stats, "train_ids": train_ids, "fault": fault,
-                   "threads": max(1, int(tc.cpus_per_worker))}
+                   "threads": max(1, int(tc.resources.num_cpus))}
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
-        torch_config=TorchConfig(backend="nccl" if tc.use_gpu else "gloo"),
-        scaling_config=ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu,
-                                     resources_per_worker=resources),
+        torch_config=TorchConfig(backend="nccl" if gpu else "gloo"),
+        scaling_config=tc.resources.scaling_config(),
         run_config=RunConfig(
             name=f"fold_{fold}", storage_path=storage_path, storage_filesystem=fs,
             failure_config=FailureConfig(max_failures=tc.max_failures if max_failures is None else max_failures),

@@ -41,13 +41,13 @@ RNG_FILE = "rng_rank_{rank}.json"
 def deepspeed_config(tc: Any) -> dict[str, Any]:
     """DeepSpeed config from ``TrainConfig``: ZeRO stage, precision, accumulation, AdamW (torch impl)."""
     return {
-        "train_micro_batch_size_per_gpu": tc.batch_size,
+        "train_micro_batch_size_per_gpu": tc.resources.batch_size,
         "gradient_accumulation_steps": tc.grad_accum_steps,
         # torch_adam: DeepSpeed's fused CPU/GPU Adam ops are not compiled in this environment.
         "optimizer": {"type": "AdamW", "params": {"lr": tc.lr, "weight_decay": tc.weight_decay,
                                                   "torch_adam": True}},
         "zero_optimization": {"stage": tc.zero_stage, "stage3_gather_16bit_weights_on_model_save": True},
-        "bf16": {"enabled": tc.precision == "bf16"},
+        "bf16": {"enabled": tc.bf16},
         "gradient_clipping": 1.0,
         "steps_per_print": 1 << 30,
         "wall_clock_breakdown": False,
@@ -229,7 +229,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters()
                                                                           if p.requires_grad],
                                            config=deepspeed_config(tc))
-    dtype = torch.bfloat16 if tc.precision == "bf16" else torch.float32
+    dtype = torch.bfloat16 if tc.bf16 else torch.float32
     torch.manual_seed(tc.seed * 1000 + fold * 10 + rank + 1)  # modality dropout differs per rank
 
     state: dict[str, Any] = {"epoch": 0, "best_waf": -1.0, "best_epoch": 0, "bad_epochs": 0,
@@ -255,7 +255,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         return  # a finished fold's final checkpoint already holds everything
 
     shuffle_seed = tc.seed * 1000 + fold * 100
-    train_src = ShardBatches(ray.train.get_dataset_shard("train"), mods, dims, tc.batch_size, tc.cache_shards,
+    train_src = ShardBatches(ray.train.get_dataset_shard("train"), mods, dims, tc.resources.batch_size, tc.cache_shards,
                              shuffle=True, keep=shard_ids(config["train_ids"], world, rank, shuffle_seed))
     val_src = ShardBatches(ray.train.get_dataset_shard("val"), mods, dims, 256, tc.cache_shards, shuffle=False)
     fault = config.get("fault")

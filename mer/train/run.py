@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 
 from mer import storage
-from mer.config import LABELS, MerConfig, dump_config
+from mer.config import LABELS, MerConfig, dump_config, with_overrides
 from mer.metrics import accuracy, confusion, per_class_f1, plot_confusion, weighted_f1
 from mer.train.features import (LABEL_INDEX, input_stats, label_index, modality_dims, store_columns,
                                  store_files)
@@ -244,7 +244,7 @@ def train_run(cfg: MerConfig, features_uri: str, out_uri: str, *, resume: bool =
             fs.delete_file(path)
 
     mods = _resolve_modalities(cfg, features_uri, modalities)
-    cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"modalities": mods})})
+    cfg = with_overrides(cfg, [f"train.modalities=[{','.join(mods)}]"])
     tc = cfg.train
     dims = modality_dims(features_uri, mods)
     spec = build_model(tc.model, dims, tc).spec()
