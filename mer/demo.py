@@ -121,6 +121,7 @@ def run_demo(cfg: MerConfig, workdir: str, *, n_train: int = 120, n_unlabeled: i
     from mer.models.tiny import ensure_tiny_models
     from mer.runtime import init_ray
     from mer.score import score
+    from mer.train.ablation import run_figures
 
     t0 = time.time()
     wd = Path(workdir).resolve()
@@ -177,11 +178,11 @@ def run_demo(cfg: MerConfig, workdir: str, *, n_train: int = 120, n_unlabeled: i
     step("score + evaluate", t)
 
     stages = {s["stage"]: s for s in loop["stages"]}
+    # The loop's source runs are the ablation: each modality alone, then fused.
     runs = storage.read_json(str(wd / "labels" / "sources" / "reliability.json"))["runs"]
-    waf: dict[str, float] = {}
-    acc: dict[str, float] = {}
-    for name, run in [*[(m, runs[m]) for m in runs if m != "fused"], ("fused", runs["fused"])]:
-        waf[name], acc[name] = _test_metrics(storage.read_json(storage.join(run, "metrics.json")))
+    figures = run_figures({**{m: runs[m] for m in runs if m != "fused"}, "fused": runs["fused"]})
+    waf = {name: f["waf"] for name, f in figures.items()}
+    acc = {name: f["accuracy"] for name, f in figures.items()}
     summary = {
         "waf": waf,
         "accuracy": acc["fused"],
@@ -207,11 +208,6 @@ def run_demo(cfg: MerConfig, workdir: str, *, n_train: int = 120, n_unlabeled: i
     storage.write_json(str(wd / "summary.json"), summary)
     print(format_summary(summary))
     return summary
-
-
-def _test_metrics(metrics: dict) -> tuple[float, float]:
-    test = metrics.get("test") or {}
-    return float(test.get("waf", float("nan"))), float(test.get("accuracy", float("nan")))
 
 
 def format_summary(summary: dict[str, Any]) -> str:

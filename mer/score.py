@@ -17,12 +17,11 @@ import numpy as np
 import pyarrow as pa
 
 from mer import storage
-from mer.config import LABELS, MerConfig
+from mer.config import LABELS, PROB_COLUMNS, MerConfig
 from mer.extract.store import PartWriter, part_files, read_features, stored_ids
 
 log = logging.getLogger("mer.score")
 
-PROB_COLUMNS = [f"prob_{lab}" for lab in LABELS]
 PRED_SCHEMA = pa.schema(
     [("clip_id", pa.string()), ("split", pa.string()), ("label", pa.string()),
      ("pred_label", pa.string()), ("confidence", pa.float32()), ("fold_agreement", pa.float32())]

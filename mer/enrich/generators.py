@@ -17,6 +17,7 @@ import os
 from typing import Any
 
 import pyarrow as pa
+from mer.batches import isolate_rows
 from mer.config import MerConfig
 from mer.enrich.prepare import GEN, GEN_ERR, GEN_TOKENS, IDS
 from mer.enrich.prompt import sampling_params
@@ -212,18 +213,14 @@ class TransformersGenerator:
             else:
                 ok_idx.append(i)
         if ok_idx:
-            try:
-                res = self._generate([prompts[i] for i in ok_idx])
-            except Exception:  # noqa: BLE001 - isolate the failing row(s) by retrying one at a time
-                res = []
-                for i in ok_idx:
-                    try:
-                        res.extend(self._generate([prompts[i]]))
-                    except Exception as ex:  # noqa: BLE001
-                        res.append(("", 0))
-                        err[i] = f"{type(ex).__name__}: {ex}"
-            for i, (text, n) in zip(ok_idx, res):
+            def forward(rows: list[int]) -> dict[int, tuple[str, int]]:
+                return dict(zip(rows, self._generate([prompts[i] for i in rows])))
+
+            failed: dict[int, str] = {}
+            for i, (text, n) in isolate_rows(ok_idx, forward, failed).items():
                 gen[i], ntok[i] = text, n
+            for i, message in failed.items():
+                err[i] = message
         batch = batch.append_column(GEN, pa.array(gen, pa.string()))
         batch = batch.append_column(GEN_TOKENS, pa.array(ntok, pa.int64()))
         return batch.append_column(GEN_ERR, pa.array(err, pa.string()))

@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from mer.config import LABELS
+from mer.config import LABELS, PROB_COLUMNS
 
 DS_TAG = "ds"
 RNG_FILE = "rng_rank_{rank}.json"
@@ -359,8 +359,8 @@ def _write_val_predictions(path: Path, config: dict, tc: Any, best: dict | None,
             logits, w = model(torch.from_numpy(x), torch.from_numpy(mask))
         probs, weights = torch.softmax(logits, dim=1).numpy(), w.numpy()
     cols: dict[str, Any] = {"clip_id": pa.array(ids, pa.string()), "y": pa.array(y, pa.int64())}
-    for k, lab in enumerate(LABELS):
-        cols[f"prob_{lab}"] = pa.array(probs[:, k], pa.float32())
+    for k, c in enumerate(PROB_COLUMNS):
+        cols[c] = pa.array(probs[:, k], pa.float32())
     for j, m in enumerate(mods):
         cols[f"weight_{m}"] = pa.array(weights[:, j], pa.float32())
     import pyarrow.parquet as pq

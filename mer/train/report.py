@@ -9,9 +9,7 @@ import numpy as np
 import pyarrow as pa
 
 from mer import storage
-from mer.config import LABELS
-
-PROB_COLUMNS = [f"prob_{lab}" for lab in LABELS]
+from mer.config import LABELS, PROB_COLUMNS
 
 
 def plot_curves(history: list[dict[str, Any]], uri: str) -> str:

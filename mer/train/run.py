@@ -21,11 +21,11 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 
 from mer import storage
-from mer.config import LABELS, MerConfig, dump_config, with_overrides
+from mer.config import LABELS, PROB_COLUMNS, MerConfig, dump_config, with_overrides
 from mer.metrics import accuracy, confusion, per_class_f1, plot_confusion, weighted_f1
 from mer.train.features import (LABEL_INDEX, input_stats, label_index, modality_dims, store_columns,
                                  store_files)
-from mer.train.report import PROB_COLUMNS, plot_curves, prediction_table, weight_summary
+from mer.train.report import plot_curves, prediction_table, weight_summary
 
 log = logging.getLogger("mer.train")
 
