@@ -62,6 +62,13 @@ def resolve_config(args: argparse.Namespace) -> MerConfig:
     return cfg
 
 
+def _with_ray(args: argparse.Namespace) -> MerConfig:
+    """The command's config (:func:`resolve_config`), with Ray joined or started for it."""
+    from mer.runtime import init_ray
+
+    cfg = resolve_config(args)
+    init_ray(cfg)
+    return cfg
 
 
 def _print(obj: Any) -> None:
@@ -96,39 +103,31 @@ def _data_import(args: argparse.Namespace) -> None:
 
 def _extract(args: argparse.Namespace) -> None:
     from mer.extract.pipeline import extract_features
-    from mer.runtime import init_ray
 
-    cfg = resolve_config(args)
-    init_ray(cfg)
+    cfg = _with_ray(args)
     _print(extract_features(cfg, args.manifest, args.out, limit=args.limit))
 
 
 def _enrich(args: argparse.Namespace) -> None:
     from mer.enrich.run import enrich_manifest
-    from mer.runtime import init_ray
 
-    cfg = resolve_config(args)
-    init_ray(cfg)
+    cfg = _with_ray(args)
     _print(enrich_manifest(cfg, args.manifest, args.out))
 
 
 def _train(args: argparse.Namespace) -> None:
-    from mer.runtime import init_ray
     from mer.train import train_run
 
-    cfg = resolve_config(args)
-    init_ray(cfg)
+    cfg = _with_ray(args)
     mods = args.modalities.split(",") if args.modalities else None
     _print(train_run(cfg, args.features, args.out, resume=args.resume, labels_uri=args.labels,
                      modalities=mods))
 
 
 def _ablation(args: argparse.Namespace) -> None:
-    from mer.runtime import init_ray
     from mer.train import ablation_table
 
-    cfg = resolve_config(args)
-    init_ray(cfg)
+    cfg = _with_ray(args)
     _print(ablation_table(cfg, args.features, args.out))
 
 
@@ -143,30 +142,24 @@ def _relabel(args: argparse.Namespace) -> None:
 
 def _llm_vote(args: argparse.Namespace) -> None:
     from mer.labels.llm_vote import llm_vote
-    from mer.runtime import init_ray
 
-    cfg = resolve_config(args)
-    init_ray(cfg)
+    cfg = _with_ray(args)
     _print(llm_vote(cfg, args.manifest, args.out, enriched_uri=args.enriched))
 
 
 def _pseudolabel(args: argparse.Namespace) -> None:
     from mer.labels.loop import label_loop
     from mer.labels.sources import parse_sources
-    from mer.runtime import init_ray
 
-    cfg = resolve_config(args)
-    init_ray(cfg)
+    cfg = _with_ray(args)
     _print(label_loop(cfg, args.features, args.out, tables=parse_sources(args.source), base_run=args.run,
                       rounds=args.rounds))
 
 
 def _score(args: argparse.Namespace) -> None:
-    from mer.runtime import init_ray
     from mer.score import score
 
-    cfg = resolve_config(args)
-    init_ray(cfg)
+    cfg = _with_ray(args)
     _print(score(cfg, args.run, args.out, features_uri=args.features, manifest_uri=args.manifest,
                  features_out=args.features_out, splits=args.splits.split(",") if args.splits else None))
 
@@ -182,14 +175,12 @@ def _evaluate(args: argparse.Namespace) -> None:
 def _demo(args: argparse.Namespace) -> None:
     from mer.demo import run_demo
 
-    run_demo(resolve_config(args), args.workdir, n_train=args.n_train, n_unlabeled=args.n_unlabeled, n_test=args.n_test)
+    run_demo(resolve_config(args), args.workdir, n_train=args.n_train, n_unlabeled=args.n_unlabeled,
+             n_test=args.n_test)
 
 
 def _bench(args: argparse.Namespace) -> None:
-    from mer.runtime import init_ray
-
-    cfg = resolve_config(args)
-    init_ray(cfg)
+    cfg = _with_ray(args)
     if args.what == "labels":
         from mer.labels.bench import bench_labels, format_bench
 

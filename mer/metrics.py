@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -86,9 +87,16 @@ def plot_confusion(cm: np.ndarray, path_or_uri: str, title: str = "confusion mat
             ax.text(j, i, str(int(cm[i, j])), ha="center", va="center",
                     color="white" if norm[i, j] > 0.5 else "black", fontsize=8)
     fig.colorbar(im, ax=ax, fraction=0.046)
+    return save_png(fig, path_or_uri)
+
+
+def save_png(fig: Any, uri: str) -> str:
+    """Write a matplotlib figure as PNG to a local path or ``s3://`` URI, and close it."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)
     plt.close(fig)
-    storage.write_bytes(path_or_uri, buf.getvalue())
-    return path_or_uri
+    storage.write_bytes(uri, buf.getvalue())
+    return uri

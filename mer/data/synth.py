@@ -318,7 +318,7 @@ def render_text(rng: np.random.Generator, label: str) -> tuple[str, str]:
     return zh, en[0].upper() + en[1:]
 
 
-def write_wav(path: str, audio: np.ndarray, sr: int = SAMPLE_RATE) -> None:
+def save_wav(path: str, audio: np.ndarray, sr: int = SAMPLE_RATE) -> None:
     """A float waveform in [-1, 1] as a 16-bit mono wav."""
     with wave.open(path, "wb") as w:
         w.setnchannels(1)
@@ -401,7 +401,7 @@ def _render_clip(clip: dict[str, Any], out: Path, seconds: float, size: int, fps
         wav = None
         if kind != "no_audio":
             wav = str(out / "audio" / f"{clip['name']}.wav") if write_wav else os.path.join(tmp, "a.wav")
-            write_wav(wav, audio)
+            save_wav(wav, audio)
         target = os.path.join(tmp, "v.mp4")
         encode_mp4(target, frames, fps, wav)
         data = Path(target).read_bytes()

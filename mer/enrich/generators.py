@@ -21,6 +21,7 @@ from mer.batches import isolate_rows
 from mer.config import MerConfig
 from mer.enrich.prepare import GEN, GEN_ERR, GEN_TOKENS, IDS
 from mer.enrich.prompt import sampling_params
+from mer.stream import Stage
 
 # Columns the vLLM processor adds to each row; an input column with one of these names would be
 # overwritten, so the stage refuses such inputs.
@@ -147,9 +148,9 @@ def vllm_generate(cfg: MerConfig, model_path: str, ds: Any, timing: bool = False
         preprocess_map_kwargs=aux,
         postprocess_map_kwargs=aux,
     )
-    out = processor(ds)
-    return out.map_batches(_vllm_normalize, fn_kwargs={"keep": keep, "timing": timing}, batch_format="pyarrow",
-                           batch_size=None, zero_copy_batch=True, **aux)
+    return Stage(name="vllm_normalize", fn=_vllm_normalize, kind="task", resources=e.aux_resources,
+                 fn_kwargs={"keep": keep, "timing": timing}, batch_format="pyarrow",
+                 map_args={"batch_size": None, "zero_copy_batch": True}).apply(processor(ds))
 
 
 class TransformersGenerator:
@@ -230,10 +231,8 @@ def transformers_generate(cfg: MerConfig, model_path: str, ds: Any) -> Any:
     """Run ``ds`` (rows with prompt ids) through :class:`TransformersGenerator` actors (``enrich.resources``)."""
     e = cfg.enrich
     r = e.resources
-    return ds.map_batches(
-        TransformersGenerator,
-        fn_constructor_kwargs=dict(
-            model_path=model_path, max_tokens=e.max_tokens, max_model_len=e.max_model_len,
-            temperature=e.temperature, top_p=e.top_p, seed=e.seed, dtype=r.dtype, use_gpu=r.num_gpus > 0,
-            trust_remote_code=cfg.models.llm.trust_remote_code),
-        batch_format="pyarrow", **r.map_batches_args())
+    return Stage(name="generate", fn=TransformersGenerator, resources=r, batch_format="pyarrow",
+                 constructor_kwargs=dict(
+                     model_path=model_path, max_tokens=e.max_tokens, max_model_len=e.max_model_len,
+                     temperature=e.temperature, top_p=e.top_p, seed=e.seed, dtype=r.dtype, use_gpu=r.num_gpus > 0,
+                     trust_remote_code=cfg.models.llm.trust_remote_code)).apply(ds)

@@ -16,7 +16,7 @@ def make_clip(path: str | os.PathLike[str], *, seconds: float = 1.0, width: int 
               fps: int = 25, face: bool = True, audio: bool = True, gop: int = 12, seed: int = 0,
               tone_hz: float = 440.0) -> str:
     """Write one mp4; the face (if any) drifts a little so frames differ; ``gop`` = keyframe interval."""
-    from mer.data.synth import SAMPLE_RATE, draw_face, encode_mp4, write_wav
+    from mer.data.synth import SAMPLE_RATE, draw_face, encode_mp4, save_wav
 
     rng = np.random.default_rng(seed)
     n = max(1, int(round(seconds * fps)))
@@ -41,7 +41,7 @@ def make_clip(path: str | os.PathLike[str], *, seconds: float = 1.0, width: int 
         if audio:
             wav = os.path.join(tmp, "tone.wav")
             t_s = np.arange(int(round(seconds * SAMPLE_RATE))) / SAMPLE_RATE
-            write_wav(wav, (0.2 * np.sin(2 * np.pi * tone_hz * t_s)).astype(np.float32))
+            save_wav(wav, (0.2 * np.sin(2 * np.pi * tone_hz * t_s)).astype(np.float32))
         encode_mp4(str(path), frames, fps, wav, gop=gop)
     return str(path)
 

@@ -24,7 +24,7 @@ import numpy as np
 from mer import storage
 from mer.batches import object_column
 from mer.config import MerConfig
-from mer.extract.backends import DecodeParams
+from mer.extract.decoders import DecodeParams
 from mer.extract.subproc import ChildDied, DecodeProcess, DecodeTimeout
 
 log = logging.getLogger("mer.extract")

@@ -12,10 +12,10 @@ def ablation_table(cfg: MerConfig, features_uri: str, out_uri: str) -> dict[str,
     Returns ``{setting: WAF}`` (test split when labelled, else out-of-fold), also written to
     ``<out>/ablation.json``; each setting's run lives in ``<out>/<setting>`` and is resumed if present.
     """
-    from mer.train.features import store_columns
+    from mer.parts import part_columns
     from mer.train.run import train_run
 
-    cols = set(store_columns(features_uri))
+    cols = set(part_columns(features_uri))
     mods = [m for m in cfg.train.modalities if m in cols]
     if not mods:
         raise ValueError(f"none of {cfg.train.modalities} in feature store {features_uri}")

@@ -23,7 +23,6 @@ import io
 import json
 import os
 import random
-import signal
 import tempfile
 import time
 from pathlib import Path
@@ -184,25 +183,10 @@ def _weighted_ce(logits: Any, y: Any, w: Any, smoothing: float) -> Any:
     return (per * w).sum() / w.sum().clamp_min(1e-6)
 
 
-def _maybe_fail(fault: dict | None, epoch: int, rank: int) -> None:
-    """Test hook: kill this worker process for real, once (a marker file remembers it happened)."""
-    if not fault or epoch != int(fault["epoch"]) or rank != int(fault.get("rank", 0)):
-        return
-    marker = Path(fault["marker"])
-    if marker.exists():
-        return
-    reached_at = time.time()
-    # Give the controller time to register the previous epoch's checkpoint (it polls workers every ~2 s),
-    # so the restart has a checkpoint to resume from, as it would after a crash later in a long epoch.
-    time.sleep(float(fault.get("delay_s", 5.0)))
-    marker.write_text(f"killed rank {rank} at epoch {epoch} pid {os.getpid()} reached_at {reached_at!r}\n")
-    os.kill(os.getpid(), signal.SIGKILL)
-
-
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Ray Train entry point. ``config``: train (TrainConfig dump), arch, dims, fold, input_stats
     (``[mean, std]`` or None), train_ids (every training clip id; each rank trains on its
-    :func:`shard_ids`), fault (test hook)."""
+    :func:`shard_ids`)."""
     import deepspeed
     import ray.train
     import torch
@@ -258,7 +242,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     train_src = ShardBatches(ray.train.get_dataset_shard("train"), mods, dims, tc.resources.batch_size, tc.cache_shards,
                              shuffle=True, keep=shard_ids(config["train_ids"], world, rank, shuffle_seed))
     val_src = ShardBatches(ray.train.get_dataset_shard("val"), mods, dims, 256, tc.cache_shards, shuffle=False)
-    fault = config.get("fault")
 
     def to_t(a: np.ndarray, dt: Any = None) -> Any:
         t = torch.from_numpy(np.ascontiguousarray(a)).to(device)
@@ -269,9 +252,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         t0 = time.time()
         engine.train()
         loss_sum, n_seen = 0.0, 0
-        for step, (_, x, mask, y, w) in enumerate(train_src.epoch(shuffle_seed + epoch)):
-            if step == 1:
-                _maybe_fail(fault, epoch, rank)
+        for _, x, mask, y, w in train_src.epoch(shuffle_seed + epoch):
             logits, _ = engine(to_t(x, dtype), to_t(mask))
             loss = _weighted_ce(logits, to_t(y), to_t(w), tc.label_smoothing)
             engine.backward(loss)
@@ -332,7 +313,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                                            np.concatenate(xs)[by_id] if xs else None,
                                            np.concatenate(masks)[by_id] if masks else None)
             t_rep = time.time()
-            ray.train.report(row, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+            # Which process trained the epoch: lets a Ray Train callback tell the workers apart.
+            ray.train.report({**row, "pid": os.getpid()}, checkpoint=ray.train.Checkpoint.from_directory(tmp))
             print(f"[mer.train] fold {fold} rank {rank} epoch {epoch}: train+val {seconds:.2f} s, "
                   f"checkpoint {t_rep - t0 - seconds:.2f} s, report {time.time() - t_rep:.2f} s", flush=True)
         if state["finished"]:
