@@ -339,12 +339,14 @@ TRAIN_DIMS = {"audio": 32, "text": 96}
 
 @pytest.fixture(scope="session")
 def train_cfg():
-    """Small, fast training settings shared by the training tests (2 workers x 1 CPU, 2 folds, 8 epochs, ZeRO-2,
-    fp32, the demo's 0.1 s controller poll): ``train_cfg(**{"train.key": value})``."""
+    """Small, fast training settings shared by the training tests (2 folds trained at once, each 2 DeepSpeed
+    workers of half a CPU, 8 epochs, ZeRO-2, fp32, the demo's 0.1 s controller poll):
+    ``train_cfg(**{"train.key": value})``. Worker start-up dominates a tiny fold; concurrent folds overlap it."""
     from mer.train.synthetic import small_config
 
     def make(**extra: object):
-        return small_config(list(TRAIN_DIMS), **{"train.zero_stage": 2, **extra})
+        return small_config(list(TRAIN_DIMS), **{"train.zero_stage": 2, "train.parallel_folds": 2,
+                                                 "train.resources.num_cpus": 0.5, **extra})
 
     return make
 
