@@ -40,7 +40,7 @@ examples:
   cluster/local.sh extract --cpu --profile tiny --set storage.tiny_models_dir="$PWD/.cache/mer/tiny-models" \
       --manifest s3://mer-data/mer2025/manifest.parquet --out s3://mer-data/mer2025/features
   cluster/local.sh --num-gpus 1 train --features s3://mer-data/mer2025/features --out "$PWD/runs/ecmf" \
-      --set train.use_gpu=true --set train.num_workers=1
+      --set train.resources.num_gpus=1 --set train.resources.concurrency=1
 EOF
 }
 

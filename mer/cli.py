@@ -9,7 +9,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from mer.config import ConfigError, MerConfig, cpu_only, dump_config, load_config
+from mer.config import ConfigError, MerConfig, apply_overrides, cpu_only, dump_config, load_config
 
 log = logging.getLogger("mer")
 
@@ -17,6 +17,9 @@ log = logging.getLogger("mer")
 def _common() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(add_help=False)
     p.add_argument("--config", default=None, help="config file (default: the repo's ray_config.yaml)")
+    p.add_argument("--overlay", dest="overlays", action="append", default=[], metavar="FILE",
+                   help="a partial config merged over --config, e.g. cluster/ray_config.gpu.yaml (repeatable, "
+                        "in order; --set flags apply after)")
     p.add_argument("--profile", choices=["default", "tiny"], default=None,
                    help="model profile; tiny builds offline tiny models on first use")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -26,9 +29,46 @@ def _common() -> argparse.ArgumentParser:
     return p
 
 
-def _cfg(args: argparse.Namespace) -> MerConfig:
-    cfg = load_config(args.config, overrides=args.overrides, profile=args.profile)
-    return cpu_only(cfg) if args.cpu else cfg
+def _preset(args: argparse.Namespace) -> tuple[list[str], str | None, bool]:
+    """A command's own starting point, below the user's overlays and --set flags: (overrides, default profile,
+    CPU only). The demo is the laptop path by definition (its scale, tiny models, CPU); the label bench trains
+    at laptop scale."""
+    if args.command == "demo":
+        from mer.demo import DEMO_OVERRIDES
+
+        return DEMO_OVERRIDES, "tiny", True
+    if args.command == "bench" and args.what == "labels":
+        from mer.labels.bench import BENCH_OVERRIDES
+
+        return BENCH_OVERRIDES, None, False
+    return [], None, False
+
+
+def resolve_config(args: argparse.Namespace) -> MerConfig:
+    """The config a command runs with: ``--config``, the command's preset, ``--overlay`` files, ``--set`` flags,
+    ``--profile``, then ``--cpu``. Every handler, and through :func:`main` every job, gets its config here; with
+    ``log_config`` (jobs) the resolved config is logged, redacted, exactly as it is used."""
+    preset, profile, cpu = _preset(args)
+    cfg = load_config(args.config, overlays=[apply_overrides({}, preset), *args.overlays],
+                      overrides=args.overrides, profile=args.profile or profile)
+    cfg = cpu_only(cfg) if args.cpu or cpu else cfg
+    if getattr(args, "log_config", False):
+        import yaml
+
+        from mer.redact import redact
+
+        log.info("resolved config (hash %s):\n%s", cfg.hash(),
+                 yaml.safe_dump(redact(cfg.model_dump(mode="json")), sort_keys=False))
+    return cfg
+
+
+def _with_ray(args: argparse.Namespace) -> MerConfig:
+    """The command's config (:func:`resolve_config`), with Ray joined or started for it."""
+    from mer.runtime import init_ray
+
+    cfg = resolve_config(args)
+    init_ray(cfg)
+    return cfg
 
 
 def _print(obj: Any) -> None:
@@ -53,7 +93,7 @@ def _data_synth(args: argparse.Namespace) -> None:
 def _data_import(args: argparse.Namespace) -> None:
     from mer.data.mer2025 import import_mer2025
 
-    _cfg(args)  # validates config / storage overrides
+    resolve_config(args)  # validates config / storage overrides
     kwargs: dict[str, Any] = {}
     if args.test_labels:
         kwargs["test_labels"] = args.test_labels
@@ -63,39 +103,31 @@ def _data_import(args: argparse.Namespace) -> None:
 
 def _extract(args: argparse.Namespace) -> None:
     from mer.extract.pipeline import extract_features
-    from mer.runtime import init_ray
 
-    cfg = _cfg(args)
-    init_ray(cfg)
+    cfg = _with_ray(args)
     _print(extract_features(cfg, args.manifest, args.out, limit=args.limit))
 
 
 def _enrich(args: argparse.Namespace) -> None:
     from mer.enrich.run import enrich_manifest
-    from mer.runtime import init_ray
 
-    cfg = _cfg(args)
-    init_ray(cfg)
+    cfg = _with_ray(args)
     _print(enrich_manifest(cfg, args.manifest, args.out))
 
 
 def _train(args: argparse.Namespace) -> None:
-    from mer.runtime import init_ray
     from mer.train import train_run
 
-    cfg = _cfg(args)
-    init_ray(cfg)
+    cfg = _with_ray(args)
     mods = args.modalities.split(",") if args.modalities else None
     _print(train_run(cfg, args.features, args.out, resume=args.resume, labels_uri=args.labels,
                      modalities=mods))
 
 
 def _ablation(args: argparse.Namespace) -> None:
-    from mer.runtime import init_ray
     from mer.train import ablation_table
 
-    cfg = _cfg(args)
-    init_ray(cfg)
+    cfg = _with_ray(args)
     _print(ablation_table(cfg, args.features, args.out))
 
 
@@ -103,37 +135,31 @@ def _relabel(args: argparse.Namespace) -> None:
     from mer.labels.relabel import relabel_run
     from mer.labels.sources import parse_sources
 
-    cfg = _cfg(args)
+    cfg = resolve_config(args)
     runs = {"fused": args.run, **parse_sources(args.source_run)}
     _print(relabel_run(cfg, args.features, args.out, runs=runs, tables=parse_sources(args.source)))
 
 
 def _llm_vote(args: argparse.Namespace) -> None:
     from mer.labels.llm_vote import llm_vote
-    from mer.runtime import init_ray
 
-    cfg = _cfg(args)
-    init_ray(cfg)
+    cfg = _with_ray(args)
     _print(llm_vote(cfg, args.manifest, args.out, enriched_uri=args.enriched))
 
 
 def _pseudolabel(args: argparse.Namespace) -> None:
     from mer.labels.loop import label_loop
     from mer.labels.sources import parse_sources
-    from mer.runtime import init_ray
 
-    cfg = _cfg(args)
-    init_ray(cfg)
+    cfg = _with_ray(args)
     _print(label_loop(cfg, args.features, args.out, tables=parse_sources(args.source), base_run=args.run,
                       rounds=args.rounds))
 
 
 def _score(args: argparse.Namespace) -> None:
-    from mer.runtime import init_ray
     from mer.score import score
 
-    cfg = _cfg(args)
-    init_ray(cfg)
+    cfg = _with_ray(args)
     _print(score(cfg, args.run, args.out, features_uri=args.features, manifest_uri=args.manifest,
                  features_out=args.features_out, splits=args.splits.split(",") if args.splits else None))
 
@@ -141,36 +167,26 @@ def _score(args: argparse.Namespace) -> None:
 def _evaluate(args: argparse.Namespace) -> None:
     from mer.evaluate import evaluate, format_report
 
-    _cfg(args)
+    resolve_config(args)
     report = evaluate(args.pred, args.labels, out_dir=args.out)
     print(format_report(report))
 
 
 def _demo(args: argparse.Namespace) -> None:
-    from mer.demo import DEMO_OVERRIDES, run_demo
+    from mer.demo import run_demo
 
-    # The demo is the laptop path by definition: local Ray, CPU, tiny models unless told otherwise.
-    cfg = cpu_only(load_config(args.config, overrides=[*DEMO_OVERRIDES, *args.overrides],
-                               profile=args.profile or "tiny"))
-    run_demo(cfg, args.workdir, n_train=args.n_train, n_unlabeled=args.n_unlabeled, n_test=args.n_test)
+    run_demo(resolve_config(args), args.workdir, n_train=args.n_train, n_unlabeled=args.n_unlabeled,
+             n_test=args.n_test)
 
 
 def _bench(args: argparse.Namespace) -> None:
-    from mer.runtime import init_ray
-
+    cfg = _with_ray(args)
     if args.what == "labels":
-        from mer.labels.bench import BENCH_OVERRIDES, bench_labels, format_bench
+        from mer.labels.bench import bench_labels, format_bench
 
-        # Laptop-scale training first; the user's --set flags win.
-        cfg = load_config(args.config, overrides=[*BENCH_OVERRIDES, *args.overrides], profile=args.profile)
-        cfg = cpu_only(cfg) if args.cpu else cfg
-        init_ray(cfg)
         summary = bench_labels(cfg, args.out, seeds=list(range(args.seeds)), noise=args.noise)
         print(format_bench(summary))
-        return
-    cfg = _cfg(args)
-    init_ray(cfg)
-    if args.what == "extract":
+    elif args.what == "extract":
         from mer.extract.bench import bench_extract
 
         _print(bench_extract(cfg, args.manifest, n_clips=args.n))
@@ -185,7 +201,7 @@ def _bench(args: argparse.Namespace) -> None:
 
 
 def _config_show(args: argparse.Namespace) -> None:
-    cfg = _cfg(args)
+    cfg = resolve_config(args)
     print(dump_config(cfg), end="")
     print(f"# config hash: {cfg.hash()}")
 
@@ -301,9 +317,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``mer`` console script."""
+def main(argv: Sequence[str] | None = None, *, log_config: bool = False) -> int:
+    """Entry point of the ``mer`` console script (and of every job, with ``log_config``: the resolved config
+    is logged, redacted, when the handler resolves it)."""
     args = build_parser().parse_args(argv)
+    args.log_config = log_config
     from mer.runtime import setup_logging
 
     setup_logging(args.log_level)

@@ -19,7 +19,7 @@ from typing import Any
 import pyarrow as pa
 
 from mer import storage
-from mer.config import BRANCHES, LABELS, MerConfig, with_overrides
+from mer.config import BRANCHES, LABELS, MerConfig
 
 log = logging.getLogger("mer.demo")
 
@@ -38,17 +38,22 @@ DEMO_OVERRIDES: list[str] = [
     # 94 s with one worker, 58-66 s with the folds in parallel; 6 concurrent 2-worker folds were slower than
     # sequential). The test suite runs the 2-worker DeepSpeed path.
     "train.folds=3",
-    "train.num_workers=1",
+    "train.resources.concurrency=1",
     "train.parallel_folds=3",
-    "train.cpus_per_worker=0.5",
+    "train.resources.num_cpus=0.5",
     "train.max_epochs=20",
     "train.patience=5",
     # Each per-epoch report waits for the controller's next poll: at 0.5 s that is ~40 % of a tiny epoch.
     "train.poll_interval_s=0.1",
+    # The tiny LLM enriches every subtitle; the text branch encodes both the original and the enriched one.
+    "enrich.enabled=true",
+    "enrich.text_source=both",
     # A random-weight LLM decoded greedily repeats one token (often a byte piece that cleans to nothing);
     # seeded sampling makes it write varied noise the fusion must learn to down-weight.
     "enrich.temperature=1.0",
-    "score.num_cpus=0.5",
+    # ...and the fusion gets both text vectors.
+    f"train.modalities=[{','.join([*BRANCHES, 'text_enriched'])}]",
+    "score.resources.num_cpus=0.5",
     # The label loop's independent sources: one run per visual/audio/text branch (the enriched-text vector of a
     # random-weight LLM is noise, and is already one of the fused run's modalities).
     "labels.source_modalities=[global_visual,face,audio,text]",
@@ -99,13 +104,14 @@ def _label_quality(loop: dict[str, Any], truth: dict[str, str]) -> dict[str, Any
 
 
 def run_demo(cfg: MerConfig, workdir: str, *, n_train: int = 120, n_unlabeled: int = 300, n_test: int = 90,
-             label_noise: float = 0.15, seed: int = 0, enrich: bool = True) -> dict[str, Any]:
-    """Run the demo loop into ``workdir`` and return (and write) its summary.
+             label_noise: float = 0.15, seed: int = 0) -> dict[str, Any]:
+    """Run the demo loop into ``workdir`` with ``cfg`` (``mer demo`` resolves it with :data:`DEMO_OVERRIDES`)
+    and return (and write) its summary.
 
     MER proportions: an unlabelled pool 2.5x the labelled train split, 15 % of the train labels flipped. With
-    ``enrich`` the tiny LLM enriches every subtitle (the text branch encodes both the original and the
-    enriched transcript) and votes a label for every clip (an LLM label source); a random-weight LLM writes
-    noise, so the fusion must learn to weigh it and the loop to give its votes no say.
+    ``enrich.enabled`` the tiny LLM enriches every subtitle and votes a label for every clip (an LLM label
+    source); a random-weight LLM writes noise, so the fusion must learn to weigh it and the loop to give its
+    votes no say.
     """
     from mer.data.manifest import read_manifest, write_manifest
     from mer.data.synth import synth_dataset
@@ -117,11 +123,8 @@ def run_demo(cfg: MerConfig, workdir: str, *, n_train: int = 120, n_unlabeled: i
     from mer.models.tiny import ensure_tiny_models
     from mer.runtime import init_ray
     from mer.score import score
+    from mer.train.ablation import run_figures
 
-    if enrich:
-        # The text branch encodes the subtitle and its enriched version; the fusion gets both vectors.
-        cfg = with_overrides(cfg, ["enrich.enabled=true", "enrich.text_source=both",
-                                   f"train.modalities=[{','.join([*BRANCHES, 'text_enriched'])}]"])
     t0 = time.time()
     wd = Path(workdir).resolve()
     wd.mkdir(parents=True, exist_ok=True)
@@ -177,11 +180,11 @@ def run_demo(cfg: MerConfig, workdir: str, *, n_train: int = 120, n_unlabeled: i
     step("score + evaluate", t)
 
     stages = {s["stage"]: s for s in loop["stages"]}
+    # The loop's source runs are the ablation: each modality alone, then fused.
     runs = storage.read_json(str(wd / "labels" / "sources" / "reliability.json"))["runs"]
-    waf: dict[str, float] = {}
-    acc: dict[str, float] = {}
-    for name, run in [*[(m, runs[m]) for m in runs if m != "fused"], ("fused", runs["fused"])]:
-        waf[name], acc[name] = _test_metrics(storage.read_json(storage.join(run, "metrics.json")))
+    figures = run_figures({**{m: runs[m] for m in runs if m != "fused"}, "fused": runs["fused"]})
+    waf = {name: f["waf"] for name, f in figures.items()}
+    acc = {name: f["accuracy"] for name, f in figures.items()}
     summary = {
         "waf": waf,
         "accuracy": acc["fused"],
@@ -211,11 +214,6 @@ def run_demo(cfg: MerConfig, workdir: str, *, n_train: int = 120, n_unlabeled: i
     storage.write_json(str(wd / "summary.json"), summary)
     print(format_summary(summary))
     return summary
-
-
-def _test_metrics(metrics: dict) -> tuple[float, float]:
-    test = metrics.get("test") or {}
-    return float(test.get("waf", float("nan"))), float(test.get("accuracy", float("nan")))
 
 
 def format_summary(summary: dict[str, Any]) -> str:

@@ -110,10 +110,11 @@ def run_sections(run_uri: str, heading: str = "") -> list[str]:
 def _store_sections(features_uri: str) -> list[str]:
     """Extraction (and enrichment) status counts of the feature store a run trained on."""
     try:
-        from mer.extract.store import read_features, status_counts
+        from mer.extract.schema import status_counts
+        from mer.parts import read_parts
 
         cols = [c for c in _store_status_columns(features_uri)]
-        counts = status_counts(read_features(features_uri, columns=cols), cols)
+        counts = status_counts(read_parts(features_uri, columns=cols), cols)
     except (FileNotFoundError, OSError, ValueError) as e:
         return [f'<p class="note">feature store {_e(features_uri)}: {_e(e)}</p>']
     return ["<h2>Feature store statuses</h2>", f'<p class="note">{_e(features_uri)}</p>',

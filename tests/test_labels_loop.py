@@ -93,9 +93,9 @@ def test_rerun_resumes_without_training(bench: dict) -> None:
 def _trap_votes(root: Path) -> str:
     """A vote table that agrees with the annotations on 55 % of the labelled clips and names the next label
     on the rest: reliable-looking enough to get a say, wrong enough to damage what it relabels."""
-    from mer.extract.store import read_features
+    from mer.parts import read_parts
 
-    t = read_features(str(root / "features"), columns=["split", "label"]).to_pylist()
+    t = read_parts(str(root / "features"), columns=["split", "label"]).to_pylist()
     rng = np.random.default_rng(7)
     rows = []
     for r in t:
@@ -109,7 +109,7 @@ def _trap_votes(root: Path) -> str:
 
 
 def test_a_harmful_stage_is_rejected_and_scoring_uses_the_earlier_run(bench: dict, tmp_path: Path) -> None:
-    from mer.extract.store import read_features
+    from mer.parts import read_parts
     from mer.score import score
 
     root = bench["root"]
@@ -140,7 +140,7 @@ def test_a_harmful_stage_is_rejected_and_scoring_uses_the_earlier_run(bench: dic
     run, chosen = best_run(out)
     assert run == loop["best"]["run"] and chosen["stage"] == loop["best"]["stage"]
     scored = score(cfg, out, str(tmp_path / "scores"), features_uri=str(root / "features"), splits=["test"])
-    preds = read_features(scored["predictions"])
+    preds = read_parts(scored["predictions"])
     assert preds.num_rows == 200
     assert scored["run"] == loop["best"]["run"]
     assert set(preds.column("run_id").to_pylist()) == {loop["best"]["stage"]}

@@ -44,8 +44,9 @@ def test_vote_prompt_carries_subtitle_and_description(tiny_config) -> None:
 
 
 def test_tiny_llm_votes_once_per_clip_and_reuses_its_cache(ray_local, tiny_config, tmp_path) -> None:
-    cfg = with_overrides(tiny_config, ["enrich.backend=transformers", "enrich.num_gpus=0", "enrich.batch_size=4",
-                                       "enrich.aux_num_cpus=0.1", "enrich.dtype=float32", "enrich.max_model_len=512",
+    cfg = with_overrides(tiny_config, ["enrich.backend=transformers", "enrich.resources.num_gpus=0",
+                                       "enrich.resources.batch_size=4", "enrich.aux_resources.num_cpus=0.1",
+                                       "enrich.resources.dtype=float32", "enrich.max_model_len=512",
                                        "enrich.prompt_language=en"])
     manifest = tmp_path / "manifest.parquet"
     storage.write_table(str(manifest), pa.table({

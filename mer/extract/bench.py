@@ -22,12 +22,13 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from mer.config import MerConfig
-from mer.extract.backends import VIDEO, DecodeParams, decode_clip
+from mer.config import MerConfig, with_overrides
+from mer.extract.decoders import VIDEO, DecodeParams, decode_clip
 from mer.extract.decode import ClipDecoder
 from mer.extract.face import FaceDetector
 from mer.extract.pipeline import build_dataset, build_stages, enabled_branches, pipeline_input, read_manifest_table
-from mer.extract.stages import Stage, normalize_batch, timed
+from mer.extract.stages import normalize_batch, timed
+from mer.stream import Stage
 
 log = logging.getLogger("mer.extract")
 
@@ -77,8 +78,7 @@ def _decode_ms(paths: list[str], backend: str, params: DecodeParams) -> float:
 
 def _rss_growth(cfg: MerConfig, paths: list[str], decodes: int) -> dict[str, Any]:
     """Decode-child RSS over ``decodes`` clips with recycling off (what an unrecycled decord worker does)."""
-    dec = ClipDecoder(cfg.model_copy(update={"extract": cfg.extract.model_copy(update={
-        "decode": cfg.extract.decode.model_copy(update={"recycle_every": 10 ** 9})})}))
+    dec = ClipDecoder(with_overrides(cfg, [f"extract.decode.recycle_every={10 ** 9}"]))
     samples = []
     try:
         for i in range(decodes):
@@ -178,7 +178,7 @@ def bench_extract(cfg: MerConfig, manifest_uri: str | None = None, *, n_clips: i
 
     def decode_stage(sampling: str) -> Stage:
         return Stage("decode", timed(ClipDecoder, "decode"), ClipDecoder.input_columns, ClipDecoder.output_columns,
-                     resources=d.resources, constructor_args=(cfg, None, sampling), remote_args=ra)
+                     resources=d.resources, constructor_args=(cfg, None, sampling), map_args=ra)
 
     dec_only = {}
     for sampling in ("uniform", d.sampling):
@@ -193,13 +193,13 @@ def bench_extract(cfg: MerConfig, manifest_uri: str | None = None, *, n_clips: i
     if "face" in branches:
         pre = Stage("face_detect", timed(FaceDetector, "face_detect"), FaceDetector.input_columns,
                     FaceDetector.output_columns, resources=cfg.extract.face.resources, constructor_args=(cfg,),
-                    remote_args=ra).apply(pre)
+                    map_args=ra).apply(pre)
     pre = pre.materialize()
     enc_alone = {}
     for b in branches:
         r = getattr(cfg.extract.encoders, b).resources
         ds = Stage(b, timed(ENCODERS[b], b), ENCODERS[b].input_columns, ENCODERS[b].output_columns, resources=r,
-                   constructor_args=(cfg,), remote_args=ra).apply(pre)
+                   constructor_args=(cfg,), map_args=ra).apply(pre)
         enc_alone[b] = _consume(ds.map_batches(_drop_heavy, batch_format="pyarrow", num_cpus=0.0))
     del pre
     result["encoder_alone"] = enc_alone

@@ -70,7 +70,7 @@ def rss_bytes(pid: int) -> int:
 
 
 class DecodeProcess:
-    """Client side: ``call(fn, kwargs, timeout)`` runs ``mer.extract.backends.<fn>(**kwargs)`` in the child."""
+    """Client side: ``call(fn, kwargs, timeout)`` runs ``mer.extract.decoders.<fn>(**kwargs)`` in the child."""
 
     def __init__(self, recycle_every: int = 500, start_timeout: float = 120.0):
         self.recycle_every = recycle_every
@@ -167,9 +167,9 @@ def _serve() -> None:
     proto = os.fdopen(os.dup(1), "wb", buffering=0)
     os.dup2(2, 1)
     sys.stdout = sys.stderr
-    from mer.extract import backends
+    from mer.extract import decoders
 
-    backends._decord()  # import (and silence) decord up front
+    decoders._decord()  # import (and silence) decord up front
     import av  # noqa: F401
     import cv2  # noqa: F401
 
@@ -188,7 +188,7 @@ def _serve() -> None:
                 time.sleep(3600)
                 result = ("ok", None)
             elif fn in _ALLOWED:
-                result = ("ok", getattr(backends, fn)(**kwargs))
+                result = ("ok", getattr(decoders, fn)(**kwargs))
             else:
                 result = ("error", f"unknown request {fn!r}")
         except Exception as e:  # noqa: BLE001 - reported to the parent as the request's error

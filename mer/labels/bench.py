@@ -24,22 +24,22 @@ from mer.config import MerConfig
 # Laptop-scale training for the bench (applied before the user's --set flags): 3 folds trained at once, one
 # worker each, as the demo does on 2 cores.
 BENCH_OVERRIDES: list[str] = [
-    "train.folds=3", "train.num_workers=1", "train.parallel_folds=3", "train.cpus_per_worker=0.5",
-    "train.max_epochs=20", "train.patience=5", "train.poll_interval_s=0.1", "score.num_cpus=0.5",
+    "train.folds=3", "train.resources.concurrency=1", "train.parallel_folds=3", "train.resources.num_cpus=0.5",
+    "train.max_epochs=20", "train.patience=5", "train.poll_interval_s=0.1", "score.resources.num_cpus=0.5",
 ]
 STORE = {"dims": {"global_visual": 32, "face": 24, "audio": 16, "text": 24}, "missing": 0.1}
 
 
 def _truth(root: str, seed: int, n: int, noise: float, test_frac: float) -> dict[str, str]:
     """Every clip's true label: the same generator arguments without flips or unlabelled split."""
-    from mer.extract.store import read_features
+    from mer.parts import read_parts
     from mer.train.synthetic import make_feature_store
 
     clone = storage.join(root, "truth")
     if not storage.exists(storage.join(clone, "_meta.json")):
         make_feature_store(clone, n=n, dims=STORE["dims"], seed=seed, noise=noise, missing=STORE["missing"],
                            test_frac=test_frac, unlabeled_frac=0.0, label_noise=0.0)
-    t = read_features(clone, columns=["clip_id", "label"])
+    t = read_parts(clone, columns=["label"])
     return dict(zip(t.column("clip_id").to_pylist(), t.column("label").to_pylist()))
 
 

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from mer import storage
-from mer.labels.sources import PROB_COLUMNS
+from mer.config import PROB_COLUMNS
 from mer.metrics import accuracy, weighted_f1
 from mer.train.features import label_index
 

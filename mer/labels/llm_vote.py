@@ -26,6 +26,7 @@ import pyarrow as pa
 from mer import storage
 from mer.config import LABELS, MerConfig, with_overrides
 from mer.enrich import guard
+from mer.parts import read_parts
 
 VOTE_COLUMNS = ("clip_id", "label", "vote_status", "answer", "model_id", "prompt_hash")
 DESCRIPTION_COLUMN = "description"
@@ -120,17 +121,17 @@ def llm_vote(cfg: MerConfig, manifest_uri: str, out_uri: str, *, enriched_uri: s
     """``mer llm-vote``: one vote row per manifest clip into ``out_uri`` (Parquet); resumable through the
     enrichment cache (a re-run only asks for clips it has not seen). Returns a summary."""
     from mer.enrich.cache import EnrichCache, default_cache_dir
-    from mer.enrich.run import read_manifest_table
+    from mer.data.manifest import read_manifest
 
     t0 = time.time()
-    manifest = read_manifest_table(manifest_uri)
+    manifest = read_manifest(manifest_uri)
     if "clip_id" not in manifest.column_names:
         raise ValueError(f"{manifest_uri}: manifest has no clip_id column")
     if "text" not in manifest.column_names:
         manifest = manifest.append_column("text", pa.nulls(manifest.num_rows, pa.string()))
     clips = manifest.select(["clip_id", "text"])
     if enriched_uri:
-        desc = _descriptions(storage.read_table(enriched_uri))
+        desc = _descriptions(read_parts(enriched_uri))
         clips = clips.append_column(DESCRIPTION_COLUMN, pa.array([desc.get(c) for c in
                                                                  clips.column("clip_id").to_pylist()], pa.string()))
     cache_dir = cache_dir or default_cache_dir(cfg.enrich.cache_dir, out_uri)

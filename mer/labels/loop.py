@@ -67,13 +67,13 @@ def _source_modalities(cfg: MerConfig, fused: list[str]) -> list[str]:
 def _pool_scores(cfg: MerConfig, name: str, run_uri: str, features_uri: str, out: str) -> SourceVotes:
     """Per-fold predictions of a run's fold models on the pool, scored into ``out`` (a resumable Ray Data
     scoring job)."""
-    from mer.extract.store import part_files, read_features
+    from mer.parts import part_files, read_parts
     from mer.score import score_features
 
     score_features(cfg, run_uri, features_uri, out, splits=[POOL_SPLIT])
     if not part_files(out):
         return pool_votes(name, _empty_predictions(), cfg.train.folds)
-    return pool_votes(name, read_features(out, columns=["fold_probs"]), cfg.train.folds)
+    return pool_votes(name, read_parts(out, columns=["fold_probs"]), cfg.train.folds)
 
 
 def _empty_predictions() -> Any:

@@ -131,9 +131,9 @@ def rule_counts(table: pa.Table) -> dict[str, int]:
 
 def train_labels(features_uri: str) -> pa.Table:
     """The original labels of the ``train`` split of a feature store (clip_id, label)."""
-    from mer.extract.store import read_features
+    from mer.parts import read_parts
 
-    t = read_features(features_uri, columns=["split", "label"])
+    t = read_parts(features_uri, columns=["split", "label"])
     mask = [s == "train" and lab is not None for s, lab in zip(t.column("split").to_pylist(),
                                                               t.column("label").to_pylist())]
     return t.filter(pa.array(mask)).select(["clip_id", "label"])

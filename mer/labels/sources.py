@@ -16,10 +16,8 @@ import numpy as np
 import pyarrow as pa
 
 from mer import storage
-from mer.config import LABELS
+from mer.config import LABELS, PROB_COLUMNS
 from mer.labels.evidence import K, one_hot
-
-PROB_COLUMNS = [f"prob_{lab}" for lab in LABELS]
 
 
 @dataclass

@@ -13,7 +13,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
@@ -21,11 +20,6 @@ from mer import storage
 from mer.config import MerConfig
 
 log = logging.getLogger("mer.train")
-
-# Test hook (read on the driver, forwarded to the workers): "<epoch>:<marker path>[:<rank>]" kills one
-# worker process with SIGKILL at that epoch, once (the marker file records that it happened).
-FAULT_ENV = "MER_TRAIN_FAULT"
-
 
 def ray_storage(uri: str) -> tuple[str, pafs.FileSystem | None]:
     """``RunConfig(storage_path, storage_filesystem)`` for a local path or an ``s3://`` URI.
@@ -78,55 +72,42 @@ def controller_poll_interval(seconds: float) -> Iterator[None]:
                     os.environ.pop(_POLL_VAR, None)
 
 
-def fault_from_env() -> dict[str, Any] | None:
-    """Parse :data:`FAULT_ENV` (test hook) into the loop's ``fault`` setting."""
-    spec = os.environ.get(FAULT_ENV)
-    if not spec:
-        return None
-    parts = spec.split(":")
-    fault = {"epoch": int(parts[0]), "marker": parts[1], "rank": int(parts[2]) if len(parts) > 2 else 0}
-    if len(parts) > 3:
-        fault["fold"] = int(parts[3])
-    return fault
-
-
 def run_fold(cfg: MerConfig, *, fold: int, arch: str, dims: dict[str, int], train_ds: Any, val_ds: Any,
-             ray_dir: str, fault: dict | None = None, max_failures: int | None = None,
-             input_stats: tuple[list[float], list[float]] | None = None) -> dict[str, Any]:
+             ray_dir: str, max_failures: int | None = None,
+             input_stats: tuple[list[float], list[float]] | None = None,
+             callbacks: list[Any] | None = None) -> dict[str, Any]:
     """Train one fold through Ray Train; returns ``state`` (history, best epoch...), ``best`` (state-dict
     bytes) and ``val_pred`` (table) from the final checkpoint.
 
     Re-running with the same ``ray_dir`` continues from the fold's latest checkpoint (Ray Train restores
-    its checkpoint snapshot for the same storage path and run name).
+    its checkpoint snapshot for the same storage path and run name). ``callbacks`` are Ray Train
+    ``UserCallback``s of the fold's controller (``RunConfig(callbacks)``): they see every epoch's report, whose
+    metrics include the fold and each worker's process id (``pid``).
     """
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from mer.train.loop import train_loop_per_worker
 
     tc = cfg.train
     storage_path, fs = ray_storage(ray_dir)
-    resources: dict[str, float] = {"CPU": tc.cpus_per_worker}
-    if tc.use_gpu:
-        resources["GPU"] = tc.gpus_per_worker
-    if fault and "fold" in fault and int(fault["fold"]) != fold:
-        fault = None
+    gpu = tc.resources.num_gpus > 0
     # The ids only (not the vectors) pass through the driver: each worker picks its rows by id, so that a
     # restarted worker group sees the rows the first one saw (loop.shard_ids).
     train_ids = [r["clip_id"] for r in train_ds.select_columns(["clip_id"]).take_all()]
     loop_config = {"train": tc.model_dump(mode="json"), "arch": arch, "dims": dims, "fold": fold,
-                   "input_stats": input_stats, "train_ids": train_ids, "fault": fault,
-                   "threads": max(1, int(tc.cpus_per_worker))}
+                   "input_stats": input_stats, "train_ids": train_ids,
+                   "threads": max(1, int(tc.resources.num_cpus))}
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
-        torch_config=TorchConfig(backend="nccl" if tc.use_gpu else "gloo"),
-        scaling_config=ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu,
-                                     resources_per_worker=resources),
+        torch_config=TorchConfig(backend="nccl" if gpu else "gloo"),
+        scaling_config=tc.resources.scaling_config(),
         run_config=RunConfig(
             name=f"fold_{fold}", storage_path=storage_path, storage_filesystem=fs,
             failure_config=FailureConfig(max_failures=tc.max_failures if max_failures is None else max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=tc.checkpoints_to_keep),
+            callbacks=list(callbacks or []),
         ),
         datasets={"train": train_ds, "val": val_ds},
         # Nothing is split by Ray Data: every worker validates on the whole (small) validation fold, so all

@@ -23,7 +23,6 @@ import io
 import json
 import os
 import random
-import signal
 import tempfile
 import time
 from pathlib import Path
@@ -32,7 +31,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from mer.config import LABELS
+from mer.config import LABELS, PROB_COLUMNS
 
 DS_TAG = "ds"
 RNG_FILE = "rng_rank_{rank}.json"
@@ -41,13 +40,13 @@ RNG_FILE = "rng_rank_{rank}.json"
 def deepspeed_config(tc: Any) -> dict[str, Any]:
     """DeepSpeed config from ``TrainConfig``: ZeRO stage, precision, accumulation, AdamW (torch impl)."""
     return {
-        "train_micro_batch_size_per_gpu": tc.batch_size,
+        "train_micro_batch_size_per_gpu": tc.resources.batch_size,
         "gradient_accumulation_steps": tc.grad_accum_steps,
         # torch_adam: DeepSpeed's fused CPU/GPU Adam ops are not compiled in this environment.
         "optimizer": {"type": "AdamW", "params": {"lr": tc.lr, "weight_decay": tc.weight_decay,
                                                   "torch_adam": True}},
         "zero_optimization": {"stage": tc.zero_stage, "stage3_gather_16bit_weights_on_model_save": True},
-        "bf16": {"enabled": tc.precision == "bf16"},
+        "bf16": {"enabled": tc.bf16},
         "gradient_clipping": 1.0,
         "steps_per_print": 1 << 30,
         "wall_clock_breakdown": False,
@@ -184,25 +183,10 @@ def _weighted_ce(logits: Any, y: Any, w: Any, smoothing: float) -> Any:
     return (per * w).sum() / w.sum().clamp_min(1e-6)
 
 
-def _maybe_fail(fault: dict | None, epoch: int, rank: int) -> None:
-    """Test hook: kill this worker process for real, once (a marker file remembers it happened)."""
-    if not fault or epoch != int(fault["epoch"]) or rank != int(fault.get("rank", 0)):
-        return
-    marker = Path(fault["marker"])
-    if marker.exists():
-        return
-    reached_at = time.time()
-    # Give the controller time to register the previous epoch's checkpoint (it polls workers every ~2 s),
-    # so the restart has a checkpoint to resume from, as it would after a crash later in a long epoch.
-    time.sleep(float(fault.get("delay_s", 5.0)))
-    marker.write_text(f"killed rank {rank} at epoch {epoch} pid {os.getpid()} reached_at {reached_at!r}\n")
-    os.kill(os.getpid(), signal.SIGKILL)
-
-
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Ray Train entry point. ``config``: train (TrainConfig dump), arch, dims, fold, input_stats
     (``[mean, std]`` or None), train_ids (every training clip id; each rank trains on its
-    :func:`shard_ids`), fault (test hook)."""
+    :func:`shard_ids`)."""
     import deepspeed
     import ray.train
     import torch
@@ -229,7 +213,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters()
                                                                           if p.requires_grad],
                                            config=deepspeed_config(tc))
-    dtype = torch.bfloat16 if tc.precision == "bf16" else torch.float32
+    dtype = torch.bfloat16 if tc.bf16 else torch.float32
     torch.manual_seed(tc.seed * 1000 + fold * 10 + rank + 1)  # modality dropout differs per rank
 
     state: dict[str, Any] = {"epoch": 0, "best_waf": -1.0, "best_epoch": 0, "bad_epochs": 0,
@@ -255,10 +239,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         return  # a finished fold's final checkpoint already holds everything
 
     shuffle_seed = tc.seed * 1000 + fold * 100
-    train_src = ShardBatches(ray.train.get_dataset_shard("train"), mods, dims, tc.batch_size, tc.cache_shards,
+    train_src = ShardBatches(ray.train.get_dataset_shard("train"), mods, dims, tc.resources.batch_size, tc.cache_shards,
                              shuffle=True, keep=shard_ids(config["train_ids"], world, rank, shuffle_seed))
     val_src = ShardBatches(ray.train.get_dataset_shard("val"), mods, dims, 256, tc.cache_shards, shuffle=False)
-    fault = config.get("fault")
 
     def to_t(a: np.ndarray, dt: Any = None) -> Any:
         t = torch.from_numpy(np.ascontiguousarray(a)).to(device)
@@ -269,9 +252,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         t0 = time.time()
         engine.train()
         loss_sum, n_seen = 0.0, 0
-        for step, (_, x, mask, y, w) in enumerate(train_src.epoch(shuffle_seed + epoch)):
-            if step == 1:
-                _maybe_fail(fault, epoch, rank)
+        for _, x, mask, y, w in train_src.epoch(shuffle_seed + epoch):
             logits, _ = engine(to_t(x, dtype), to_t(mask))
             loss = _weighted_ce(logits, to_t(y), to_t(w), tc.label_smoothing)
             engine.backward(loss)
@@ -332,7 +313,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                                            np.concatenate(xs)[by_id] if xs else None,
                                            np.concatenate(masks)[by_id] if masks else None)
             t_rep = time.time()
-            ray.train.report(row, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+            # Which process trained the epoch: lets a Ray Train callback tell the workers apart.
+            ray.train.report({**row, "pid": os.getpid()}, checkpoint=ray.train.Checkpoint.from_directory(tmp))
             print(f"[mer.train] fold {fold} rank {rank} epoch {epoch}: train+val {seconds:.2f} s, "
                   f"checkpoint {t_rep - t0 - seconds:.2f} s, report {time.time() - t_rep:.2f} s", flush=True)
         if state["finished"]:
@@ -359,8 +341,8 @@ def _write_val_predictions(path: Path, config: dict, tc: Any, best: dict | None,
             logits, w = model(torch.from_numpy(x), torch.from_numpy(mask))
         probs, weights = torch.softmax(logits, dim=1).numpy(), w.numpy()
     cols: dict[str, Any] = {"clip_id": pa.array(ids, pa.string()), "y": pa.array(y, pa.int64())}
-    for k, lab in enumerate(LABELS):
-        cols[f"prob_{lab}"] = pa.array(probs[:, k], pa.float32())
+    for k, c in enumerate(PROB_COLUMNS):
+        cols[c] = pa.array(probs[:, k], pa.float32())
     for j, m in enumerate(mods):
         cols[f"weight_{m}"] = pa.array(weights[:, j], pa.float32())
     import pyarrow.parquet as pq

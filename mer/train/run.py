@@ -21,11 +21,11 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 
 from mer import storage
-from mer.config import LABELS, MerConfig, dump_config
+from mer.config import LABELS, PROB_COLUMNS, MerConfig, dump_config, with_overrides
 from mer.metrics import accuracy, confusion, per_class_f1, plot_confusion, weighted_f1
-from mer.train.features import (LABEL_INDEX, input_stats, label_index, modality_dims, store_columns,
-                                 store_files)
-from mer.train.report import PROB_COLUMNS, plot_curves, prediction_table, weight_summary
+from mer.parts import iter_parts, part_columns, read_dataset, read_parts
+from mer.train.features import LABEL_INDEX, input_stats, label_index, modality_dims
+from mer.train.report import plot_curves, prediction_table, weight_summary
 
 log = logging.getLogger("mer.train")
 
@@ -44,7 +44,7 @@ def _label_rows(features_uri: str, labels_uri: str | None) -> tuple[pa.Table, pa
     With one, its labels and weights override; ``source=pseudo`` rows only ever train. Test-split clips never
     train. The store's train rows (clip_id, y) fix the fold assignment whatever the label table says.
     """
-    store = storage.read_table(features_uri, columns=["clip_id", "split", "label"])
+    store = read_parts(features_uri, columns=["split", "label"])
     ids_all = store.column("clip_id").to_pylist()
     split_of = dict(zip(ids_all, store.column("split").to_pylist()))
     y_store = label_index(store.column("label").to_pylist())
@@ -145,14 +145,6 @@ def quiet_data() -> Iterator[None]:
         ctx.enable_progress_bars, ctx.print_on_execution_start = old
 
 
-def _read_store(features_uri: str, columns: list[str]) -> Any:
-    import ray
-
-    files = store_files(features_uri)
-    return ray.data.read_parquet([storage.ray_path(f) for f in files], columns=columns,
-                                 filesystem=storage.ray_filesystem(features_uri))
-
-
 def _score_split(features_uri: str, run_uri: str, modalities: list[str], split: str) -> pa.Table | None:
     """Fold-ensemble predictions (mean over folds) for one split of the store, part by part on the driver.
 
@@ -163,9 +155,7 @@ def _score_split(features_uri: str, run_uri: str, modalities: list[str], split: 
 
     ens = load_ensemble(run_uri)
     out = []
-    for part in store_files(features_uri):
-        cols = [c for c in ["clip_id", "split", "label", *modalities] if c in set(store_columns(part))]
-        t = storage.read_table(part, columns=cols)
+    for t in iter_parts(features_uri, columns=["split", "label", *modalities]):
         t = t.filter(pa.array([s == split for s in t.column("split").to_pylist()], pa.bool_()))
         if not t.num_rows:
             continue
@@ -200,7 +190,7 @@ def _resolve_modalities(cfg: MerConfig, features_uri: str, modalities: list[str]
 
     mods = list(modalities or cfg.train.modalities)
     TrainConfig.model_validate({**cfg.train.model_dump(), "modalities": mods})  # same checks as the config
-    cols = set(store_columns(features_uri))
+    cols = set(part_columns(features_uri))
     if modalities is None:
         # The config lists every branch; a store built with some branches disabled simply lacks them.
         mods = [m for m in mods if m in cols]
@@ -213,18 +203,20 @@ def _resolve_modalities(cfg: MerConfig, features_uri: str, modalities: list[str]
 # ----------------------------------------------------------------------------------------- train_run
 def train_run(cfg: MerConfig, features_uri: str, out_uri: str, *, resume: bool = False,
               labels_uri: str | None = None, modalities: list[str] | None = None,
-              run_name: str | None = None) -> dict:
+              run_name: str | None = None, callbacks: list[Any] | None = None) -> dict:
     """k-fold training of ``cfg.train.model`` on a feature store; writes the run directory, returns metrics.
 
     ``resume=True`` returns a finished run's metrics as they are, skips finished folds and continues the
     unfinished one from its latest Ray Train checkpoint; ``resume=False`` starts over (clears checkpoints).
     ``labels_uri``: label table (clip_id, label, weight, source) overriding labels and sample weights.
-    ``modalities`` restricts the branches (ablations). Needs a Ray connection (started locally if none).
+    ``modalities`` restricts the branches (ablations). ``callbacks``: Ray Train ``UserCallback``s given to
+    every fold's controller (progress reporting, experiment tracking; tests inject worker failures with one),
+    see :func:`mer.train.fold.run_fold`. Needs a Ray connection (started locally if none).
     """
     import ray
 
     from mer.fusion import build_model
-    from mer.train.fold import controller_poll_interval, fault_from_env, run_fold
+    from mer.train.fold import controller_poll_interval, run_fold
 
     t_start = time.time()
     metrics_uri = storage.join(out_uri, "metrics.json")
@@ -244,7 +236,7 @@ def train_run(cfg: MerConfig, features_uri: str, out_uri: str, *, resume: bool =
             fs.delete_file(path)
 
     mods = _resolve_modalities(cfg, features_uri, modalities)
-    cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"modalities": mods})})
+    cfg = with_overrides(cfg, [f"train.modalities=[{','.join(mods)}]"])
     tc = cfg.train
     dims = modality_dims(features_uri, mods)
     spec = build_model(tc.model, dims, tc).spec()
@@ -274,8 +266,7 @@ def train_run(cfg: MerConfig, features_uri: str, out_uri: str, *, resume: bool =
     # Ray Data, not the driver, holds the vectors; materialised once so that the training workers (which
     # may hold every CPU of a small cluster) never wait for read tasks.
     with quiet_data():
-        base = _read_store(features_uri, ["clip_id", *mods]).materialize()
-    fault = fault_from_env()
+        base = read_dataset(features_uri, columns=mods).materialize()
     stats = None
     if tc.standardize_inputs:
         t0 = time.time()
@@ -309,7 +300,7 @@ def train_run(cfg: MerConfig, features_uri: str, out_uri: str, *, resume: bool =
                                       batch_format="pyarrow").materialize()
         log.info("fold %d: datasets ready in %.1f s", k, time.time() - t0)
         res = run_fold(cfg, fold=k, arch=tc.model, dims=dims, train_ds=train_ds, val_ds=val_ds,
-                       ray_dir=storage.join(out_uri, "ray"), fault=fault, input_stats=stats)
+                       ray_dir=storage.join(out_uri, "ray"), input_stats=stats, callbacks=callbacks)
         storage.write_bytes(storage.join(out_uri, "models", f"fold_{k}.pt"), res["best"])
         vp = res["val_pred"].sort_by("clip_id")
         storage.write_bytes(storage.join(out_uri, "folds", f"oof_{k}.parquet"), _table_bytes(vp))
