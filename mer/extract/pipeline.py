@@ -24,7 +24,7 @@ import numpy as np
 import pyarrow as pa
 
 from mer import storage
-from mer.config import BRANCHES, MerConfig, Resources
+from mer.config import BRANCHES, MerConfig
 from mer.extract import schema as store
 from mer.extract.decode import ClipDecoder
 from mer.extract.face import FaceDetector

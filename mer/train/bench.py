@@ -27,8 +27,6 @@ def bench_train(cfg: MerConfig, *, n: int = 4000, dim: int = 256, epochs: int = 
 
     ``features_uri``: an existing store to use instead of a generated one (``n``, ``dim`` ignored).
     """
-    import ray
-
     from mer.parts import part_columns
     from mer.train.features import modality_dims
     from mer.train.fold import controller_poll_interval, run_fold

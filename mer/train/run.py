@@ -213,8 +213,6 @@ def train_run(cfg: MerConfig, features_uri: str, out_uri: str, *, resume: bool =
     every fold's controller (progress reporting, experiment tracking; tests inject worker failures with one),
     see :func:`mer.train.fold.run_fold`. Needs a Ray connection (started locally if none).
     """
-    import ray
-
     from mer.fusion import build_model
     from mer.train.fold import controller_poll_interval, run_fold
 
