@@ -112,12 +112,16 @@ def route_worker_output() -> None:
         _state["workers"] = open(_state["log_dir"] / "ray-workers.log", "a", buffering=1)  # noqa: SIM115
     sink: TextIO = _state["workers"]
 
-    def to_file(data: dict) -> None:
-        ray_worker.print_worker_logs(data, sink, False)
+    def to_file(data: dict, ignore_prefix: bool = False) -> None:
+        ray_worker.print_worker_logs(data, sink, ignore_prefix)
 
     dispatcher.remove_handler("ray_print_logs")
     dispatcher.remove_handler("mer_worker_logs")
     dispatcher.add_handler("mer_worker_logs", to_file)
+    # The raylet's warnings to the driver (e.g. "N worker processes have been started") take another path:
+    # the error-listener thread calls this module function by name.
+    if hasattr(ray_worker, "print_to_stdstream"):
+        ray_worker.print_to_stdstream = to_file
 
 
 def ray_session_logs() -> str | None:

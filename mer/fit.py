@@ -101,8 +101,9 @@ def train_demands(cfg: MerConfig, runs: int = 1) -> list[Demand]:
 
 def _scaled(r: Resources, cpu_scale: float, gpu_scale: float) -> dict[str, float]:
     """The fitted CPU and GPU of one unit, rounded down to hundredths (never below :data:`MIN_FRACTION`)."""
-    cpus = max(MIN_FRACTION, math.floor(r.num_cpus * cpu_scale * 100) / 100)
-    gpus = r.num_gpus if not r.num_gpus else max(MIN_FRACTION, math.floor(r.num_gpus * gpu_scale * 100) / 100)
+    # (the epsilon keeps 0.58 * 1.0 at 0.58: floor(57.99999...) would shave a hundredth off every refit)
+    cpus = max(MIN_FRACTION, math.floor(r.num_cpus * cpu_scale * 100 + 1e-6) / 100)
+    gpus = r.num_gpus if not r.num_gpus else max(MIN_FRACTION, math.floor(r.num_gpus * gpu_scale * 100 + 1e-6) / 100)
     return {"num_cpus": min(cpus, r.num_cpus), "num_gpus": min(gpus, r.num_gpus)}
 
 

@@ -73,8 +73,10 @@ def validate_chain(stages: list[Stage], initial: set[str] | list[str] | tuple[st
 
 def build(ds: Any, stages: list[Stage], initial: list[str] | tuple[str, ...]) -> Any:
     """``ds`` (with the ``initial`` columns) through ``stages``, the chain checked first (lazy)."""
+    from mer.console import tame_libraries
     from mer.fit import ensure_placeable, stage_demands
 
+    tame_libraries()  # stage modules imported just now (ray.data.llm, vLLM) may have added console handlers
     validate_chain(stages, initial)
     ensure_placeable("the stream " + " -> ".join(s.name for s in stages), stage_demands(stages))
     for s in stages:
