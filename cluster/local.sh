@@ -36,7 +36,7 @@ to opt out) and the token in ~/.ray/auth_token (or RAY_AUTH_TOKEN / RAY_AUTH_TOK
 with: RAY_AUTH_MODE=token ray start --address 127.0.0.1:6379 (same token file).
 
 examples:
-  cluster/local.sh --num-cpus 8 demo --workdir "$PWD/runs/local-demo"
+  cluster/local.sh --num-cpus 8 demo --cpu --workdir "$PWD/runs/local-demo"
   cluster/local.sh extract --cpu --profile tiny --set storage.tiny_models_dir="$PWD/.cache/mer/tiny-models" \
       --manifest s3://mer-data/mer2025/manifest.parquet --out s3://mer-data/mer2025/features
   cluster/local.sh --num-gpus 1 train --features s3://mer-data/mer2025/features --out "$PWD/runs/ecmf" \

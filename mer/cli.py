@@ -9,7 +9,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from mer.config import ConfigError, MerConfig, apply_overrides, cpu_only, dump_config, load_config
+from mer.config import MerConfig, apply_overrides, cpu_only, dump_config, load_config
 
 log = logging.getLogger("mer")
 
@@ -25,18 +25,22 @@ def _common() -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set train.lr=3e-4 (repeatable)")
     p.add_argument("--cpu", action="store_true", help="zero every GPU request (laptop / CI)")
-    p.add_argument("--log-level", default="INFO")
+    p.add_argument("--log-level", default="INFO", type=str.upper, choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                   help="DEBUG puts Ray's, DeepSpeed's and vLLM's own output on the console too")
+    p.add_argument("--json", action="store_true", help="print the command's result as indented JSON")
+    p.add_argument("--log-dir", default=None,
+                   help="where the full logs go (default <out>/logs, or <workdir>/logs for the demo)")
     return p
 
 
 def _preset(args: argparse.Namespace) -> tuple[list[str], str | None, bool]:
     """A command's own starting point, below the user's overlays and --set flags: (overrides, default profile,
-    CPU only). The demo is the laptop path by definition (its scale, tiny models, CPU); the label bench trains
-    at laptop scale."""
+    CPU only). The demo is the laptop path by definition (its scale, tiny models; placement is fitted to the
+    local Ray like any command's); the label bench trains at laptop scale."""
     if args.command == "demo":
         from mer.demo import DEMO_OVERRIDES
 
-        return DEMO_OVERRIDES, "tiny", True
+        return DEMO_OVERRIDES, "tiny", False
     if args.command == "bench" and args.what == "labels":
         from mer.labels.bench import BENCH_OVERRIDES
 
@@ -63,16 +67,19 @@ def resolve_config(args: argparse.Namespace) -> MerConfig:
 
 
 def _with_ray(args: argparse.Namespace) -> MerConfig:
-    """The command's config (:func:`resolve_config`), with Ray joined or started for it."""
+    """The command's config (:func:`resolve_config`), with Ray joined or started for it (and fitted to a local
+    Ray it started, :func:`mer.runtime.init_ray`)."""
     from mer.runtime import init_ray
 
-    cfg = resolve_config(args)
-    init_ray(cfg)
-    return cfg
+    return init_ray(resolve_config(args))
+
+
+_JSON = {"indent": None}
 
 
 def _print(obj: Any) -> None:
-    print(json.dumps(obj, indent=2, sort_keys=True, default=str))
+    """A command's result on stdout: one line of JSON (``--json``: indented)."""
+    print(json.dumps(obj, indent=_JSON["indent"], sort_keys=True, default=str))
 
 
 # --- handlers: each loads the config and calls one library function --------------------------------
@@ -157,8 +164,10 @@ def _pseudolabel(args: argparse.Namespace) -> None:
 
 
 def _score(args: argparse.Namespace) -> None:
+    from mer.labels.loop import best_run
     from mer.score import score
 
+    best_run(args.run)  # a directory that is not a run fails before Ray starts
     cfg = _with_ray(args)
     _print(score(cfg, args.run, args.out, features_uri=args.features, manifest_uri=args.manifest,
                  features_out=args.features_out, splits=args.splits.split(",") if args.splits else None))
@@ -317,22 +326,51 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _log_dir(args: argparse.Namespace) -> str | None:
+    """``--log-dir``, else ``logs/`` next to the command's output: inside ``--out`` (or the demo's workdir), beside
+    it when the output is a single file; local outputs only (an ``s3://`` output logs to ``./logs``)."""
+    if args.log_dir:
+        return args.log_dir
+    out = getattr(args, "workdir", None) or getattr(args, "out", None)
+    if not out:
+        return None
+    if "://" in out:
+        return "logs"
+    from pathlib import Path
+
+    p = Path(out)
+    return str((p.parent if p.suffix in (".parquet", ".csv", ".json") else p) / "logs")
+
+
+# Errors a user can cause (bad config, manifest, path, run directory, placement): one line, no traceback.
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from mer.fit import PlacementError
+
+    return (ValueError, OSError, PlacementError)
+
+
 def main(argv: Sequence[str] | None = None, *, log_config: bool = False) -> int:
     """Entry point of the ``mer`` console script (and of every job, with ``log_config``: the resolved config
-    is logged, redacted, when the handler resolves it)."""
+    is logged, redacted, when the handler resolves it). Known errors end in one ``mer: …`` line and exit 2
+    (``--log-level debug`` adds the traceback)."""
     args = build_parser().parse_args(argv)
     args.log_config = log_config
+    _JSON["indent"] = 2 if args.json else None
+    from mer import console
     from mer.runtime import setup_logging
 
-    setup_logging(args.log_level)
+    setup_logging(args.log_level, _log_dir(args))
     try:
         args.fn(args)
-    except ConfigError as e:
-        print(f"mer: {e}", file=sys.stderr)
+    except _user_errors() as e:
+        log.debug("traceback", exc_info=True)
+        msg = str(e) if not isinstance(e, FileNotFoundError) or not e.filename else f"{e.strerror}: {e.filename}"
+        print(f"mer: {msg}", file=sys.stderr)
+        for line in console.footer():
+            print(line, file=sys.stderr)
         return 2
-    except FileNotFoundError as e:
-        print(f"mer: {e}", file=sys.stderr)
-        return 2
+    for line in console.footer():
+        print(line, file=sys.stderr)
     return 0
 
 

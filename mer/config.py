@@ -129,6 +129,9 @@ class RayConfig(_Strict):
     num_gpus: int | None = None
     object_store_memory: int | None = None
     target_max_block_size: int = 64 * 1024 * 1024
+    # A joined cluster that adds nodes on demand (Ray autoscaler, KubeRay): pools that do not fit now are
+    # left to it. false: a stream or training run whose pools cannot all be placed fails at once.
+    autoscaler: bool = False
 
 
 class StorageConfig(_Strict):

@@ -24,23 +24,18 @@ from mer.config import BRANCHES, LABELS, MerConfig
 log = logging.getLogger("mer.demo")
 
 # Laptop scale for the demo (applied before the user's --set flags, which win): small frames for the tiny
-# 64-px models, and fractional CPUs so decode, face and four encoder actors fit on a 2-core local Ray
-# (whole-CPU actors would leave most stages pending forever there).
+# 64-px models, fewer folds and epochs. CPU/GPU placement is not set here: like every command on a local Ray,
+# the demo's stages are fitted to the machine (mer.fit).
 DEMO_OVERRIDES: list[str] = [
     "extract.decode.num_frames=8",
     "extract.decode.frame_size=64",
-    "extract.decode.resources.concurrency=1",
-    "extract.decode.resources.num_cpus=0.5",
-    "extract.face.resources.num_cpus=0.25",
-    *[f"extract.encoders.{b}.resources.num_cpus=0.25" for b in BRANCHES],
-    # One worker per fold, the three folds at once on half a CPU each: on 2 cores a fold is mostly Ray Train
-    # and DeepSpeed start-up, which overlaps well (a 300-clip run: 133 s with two workers and folds in turn,
-    # 94 s with one worker, 58-66 s with the folds in parallel; 6 concurrent 2-worker folds were slower than
-    # sequential). The test suite runs the 2-worker DeepSpeed path.
+    # One worker per fold, the three folds at once: on 2 cores a fold is mostly Ray Train and DeepSpeed
+    # start-up, which overlaps well (a 300-clip run: 133 s with two workers and folds in turn, 94 s with one
+    # worker, 58-66 s with the folds in parallel; 6 concurrent 2-worker folds were slower than sequential).
+    # The test suite runs the 2-worker DeepSpeed path.
     "train.folds=3",
     "train.resources.concurrency=1",
     "train.parallel_folds=3",
-    "train.resources.num_cpus=0.5",
     "train.max_epochs=20",
     "train.patience=5",
     # Each per-epoch report waits for the controller's next poll: at 0.5 s that is ~40 % of a tiny epoch.
@@ -53,7 +48,6 @@ DEMO_OVERRIDES: list[str] = [
     "enrich.temperature=1.0",
     # ...and the fusion gets both text vectors.
     f"train.modalities=[{','.join([*BRANCHES, 'text_enriched'])}]",
-    "score.resources.num_cpus=0.5",
     # The label loop's independent sources: one run per visual/audio/text branch (the enriched-text vector of a
     # random-weight LLM is noise, and is already one of the fused run's modalities).
     "labels.source_modalities=[global_visual,face,audio,text]",
@@ -147,7 +141,7 @@ def run_demo(cfg: MerConfig, workdir: str, *, n_train: int = 120, n_unlabeled: i
         storage.write_json(str(wd / "label_noise.json"), {"fraction": label_noise, "flipped": n_flipped})
     step("data", t)
 
-    init_ray(cfg)
+    cfg = init_ray(cfg)
     enrich_summary: dict[str, Any] = {}
     vote_summary: dict[str, Any] = {}
     tables: dict[str, str] = {}

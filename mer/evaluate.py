@@ -17,11 +17,19 @@ from mer.metrics import accuracy, confusion, per_class_f1, plot_confusion, weigh
 
 
 def _read_any(uri: str) -> pa.Table:
+    """A CSV, a Parquet file, a part store, or the directory ``mer score --out`` wrote (its ``predictions/``)."""
     if uri.endswith(".csv"):
         text = storage.read_text(uri)
         rows = list(csv.DictReader(io.StringIO(text)))
         cols = rows[0].keys() if rows else []
         return pa.table({c: [r[c] for r in rows] for c in cols})
+    from mer.parts import part_files, read_parts
+
+    if not storage.exists(uri):
+        raise FileNotFoundError(f"no such file or directory: {uri}")
+    for store in (storage.join(uri, "predictions"), uri):
+        if storage.exists(store) and part_files(store):
+            return read_parts(store)
     return storage.read_table(uri)
 
 

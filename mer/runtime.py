@@ -7,14 +7,15 @@ import logging
 import os
 from typing import Any
 
-from mer import storage
+from mer import console, storage
 from mer.config import MerConfig, gpu_requests
 
 log = logging.getLogger("mer")
 
 
-def setup_logging(level: str = "INFO") -> None:
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+def setup_logging(level: str = "INFO", log_dir: str | None = None) -> None:
+    """Console and log files of a command (:mod:`mer.console`)."""
+    console.setup(level, log_dir)
 
 
 def _job_env_vars() -> dict[str, str] | None:
@@ -28,8 +29,11 @@ def _job_env_vars() -> dict[str, str] | None:
         return {}
 
 
-def init_ray(cfg: MerConfig, **extra: Any) -> None:
-    """Connect to Ray: the configured address, the cluster of a submitted job, or a new local instance.
+def init_ray(cfg: MerConfig, **extra: Any) -> MerConfig:
+    """Connect to Ray — the configured address, the cluster of a submitted job, or a new local instance — and
+    return ``cfg`` as the stages must run there: fitted to the machine when this call started a local Ray
+    (:func:`mer.fit.fit_local`, one log line says what changed), unchanged on a cluster it joined (whose
+    streams are then checked before they start, :func:`mer.fit.ensure_placeable`).
 
     Inside ``ray job submit`` RAY_ADDRESS is set, so ``ray.init()`` with no address joins that cluster; the
     job's runtime_env already carries its env_vars to every worker, and Ray refuses a driver runtime_env that
@@ -37,9 +41,11 @@ def init_ray(cfg: MerConfig, **extra: Any) -> None:
     """
     import ray
 
+    from mer import fit
+
     storage.configure(cfg.storage.s3_endpoint_url, cfg.storage.s3_region)
     if ray.is_initialized():
-        return
+        return _fitted(cfg)
     env_vars = {
         k: v
         for k, v in os.environ.items()
@@ -61,13 +67,52 @@ def init_ray(cfg: MerConfig, **extra: Any) -> None:
         if cfg.ray.object_store_memory is not None:
             kwargs["object_store_memory"] = cfg.ray.object_store_memory
     kwargs.update(extra)
+    console.tame_libraries()  # Ray's own console handlers exist from `import ray`: tame them before init talks
     ray.init(**kwargs)
+    _LOCAL["started"] = _started_here()
+    fit.set_policy(check=not _LOCAL["started"], autoscaler=cfg.ray.autoscaler)
     ctx = ray.data.DataContext.get_current()
     ctx.target_max_block_size = cfg.ray.target_max_block_size
+    # mer prints one progress line per stream; Ray Data's per-operator bars are for --log-level debug.
+    ctx.enable_progress_bars = log.getEffectiveLevel() <= logging.DEBUG
+    console.tame_libraries()
+    console.route_worker_output()
     resources = ray.cluster_resources()
-    log.info("ray resources: %s", resources)
+    log.debug("ray resources: %s", resources)
+    if _LOCAL["started"]:
+        return _fitted(cfg)
     wanted = gpu_requests(cfg)
     if wanted and not resources.get("GPU"):
         # Not an error: an autoscaling cluster may add GPU nodes once the stages ask for them.
         log.warning("the config requests GPUs (%s) but the Ray cluster has none now: those stages wait for a GPU "
                     "node; on a CPU-only machine pass --cpu", ", ".join(wanted))
+    return cfg
+
+
+def _started_here() -> bool:
+    """Whether ``ray.init`` started a new local Ray in this process (rather than joining a cluster: a configured
+    address, RAY_ADDRESS, or the latest ``ray start`` on this machine, which ``ray.init()`` also joins)."""
+    try:
+        from ray._private import worker as ray_worker
+
+        node = ray_worker._global_node  # noqa: SLF001 (Ray has no public "did I start it")
+        return bool(node is not None and node.head)
+    except (ImportError, AttributeError):
+        return False
+
+
+# Whether this process started its own local Ray (then every config it runs is fitted to it).
+_LOCAL = {"started": False}
+
+
+def _fitted(cfg: MerConfig) -> MerConfig:
+    """``cfg`` fitted to the local Ray this process started (unchanged on a joined cluster)."""
+    if not _LOCAL["started"]:
+        return cfg
+    from mer.fit import Cluster, fit_local
+
+    fitted, note = fit_local(cfg, Cluster.current())
+    if note and note != _LOCAL.get("note"):
+        log.info("local Ray: %s", note)
+        _LOCAL["note"] = note
+    return fitted

@@ -113,7 +113,7 @@ def score_stages(cfg: MerConfig, run_uri: str, pending: list[str]) -> list[Stage
 
 
 def score_features(cfg: MerConfig, run_uri: str, features_uri: str, out_uri: str,
-                   splits: list[str] | None = None) -> dict:
+                   splits: list[str] | None = None, progress: str = "") -> dict:
     """Score every clip of a feature store (optionally only ``splits``) into ``out_uri`` parts."""
     from mer.train import load_ensemble
 
@@ -129,7 +129,7 @@ def score_features(cfg: MerConfig, run_uri: str, features_uri: str, out_uri: str
         cols = [c for c in ["clip_id", "split", "label", "status", "error", *modalities] if c in have]
         return build(read_dataset(features_uri, columns=cols), score_stages(cfg, run_uri, pending), cols)
 
-    run = write_stream(out_uri, PRED_SCHEMA, cfg.score.rows_per_part, wanted, stream)
+    run = write_stream(out_uri, PRED_SCHEMA, cfg.score.rows_per_part, wanted, stream, label=progress)
     summary: dict[str, Any] = {"out": out_uri, "total": run.wanted, "skipped_done": run.already,
                                "written": run.writer.rows_written}
     preds = read_parts(out_uri, columns=["status"]) if part_files(out_uri) else PRED_SCHEMA.empty_table()
@@ -182,7 +182,7 @@ def score(cfg: MerConfig, run_uri: str, out_uri: str, *, features_uri: str | Non
         summary["extract"] = extract_features(cfg, manifest_uri, features_uri)
     assert features_uri is not None
     pred_dir = storage.join(out_uri, "predictions")
-    summary["score"] = score_features(cfg, run_uri, features_uri, pred_dir, splits=splits)
+    summary["score"] = score_features(cfg, run_uri, features_uri, pred_dir, splits=splits, progress="score")
     preds = read_parts(pred_dir)
     summary["submission"] = storage.join(out_uri, "submission.csv")
     summary["submission_rows"] = write_submission(preds, summary["submission"])

@@ -73,7 +73,12 @@ def validate_chain(stages: list[Stage], initial: set[str] | list[str] | tuple[st
 
 def build(ds: Any, stages: list[Stage], initial: list[str] | tuple[str, ...]) -> Any:
     """``ds`` (with the ``initial`` columns) through ``stages``, the chain checked first (lazy)."""
+    from mer.console import tame_libraries
+    from mer.fit import ensure_placeable, stage_demands
+
+    tame_libraries()  # stage modules imported just now (ray.data.llm, vLLM) may have added console handlers
     validate_chain(stages, initial)
+    ensure_placeable("the stream " + " -> ".join(s.name for s in stages), stage_demands(stages))
     for s in stages:
         ds = s.apply(ds)
     return ds
@@ -91,17 +96,25 @@ class StreamResult:
 
 def write_stream(out_uri: str, schema: pa.Schema, rows_per_part: int, wanted: list[str],
                  stream: Callable[[list[str]], Any],
-                 on_batch: Callable[[pa.Table], pa.Table] | None = None) -> StreamResult:
+                 on_batch: Callable[[pa.Table], pa.Table] | None = None, label: str = "") -> StreamResult:
     """Write one row per key of ``wanted`` into the part store ``out_uri``: keys already committed are skipped
     (resume); ``stream(pending_keys)`` builds the Ray Dataset of the others, whose batches the driver commits
-    as parts of ``rows_per_part`` rows (after ``on_batch``, which may collect figures or add columns)."""
+    as parts of ``rows_per_part`` rows (after ``on_batch``, which may collect figures or add columns). With
+    ``label``, a progress line on the console (:class:`mer.console.Progress`)."""
     done = stored_ids(out_uri)
     pending = [k for k in wanted if k not in done]
     writer = PartWriter(out_uri, schema, rows_per_part, already=done)
     result = StreamResult(wanted=len(wanted), already=len(wanted) - len(pending), writer=writer)
     if pending:
+        from mer.console import Progress
+
+        progress = Progress(label, len(pending)) if label else None
         result.dataset = stream(pending)
         for batch in result.dataset.iter_batches(batch_format="pyarrow", batch_size=None, prefetch_batches=1):
             writer.add(on_batch(batch) if on_batch else batch)
+            if progress:
+                progress.update(batch.num_rows)
         writer.flush()
+        if progress:
+            progress.close()
     return result

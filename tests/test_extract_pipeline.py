@@ -265,17 +265,3 @@ def test_encoder_actor_killed_mid_run_is_restarted(ray_local, tiny_config, clip_
     t = parts.read_parts(out)
     audio_ok = {c for c, st in zip(t["clip_id"].to_pylist(), t["audio_status"].to_pylist()) if st == "ok"}
     assert audio_ok == {f"ok_{i:03d}" for i in range(10)} | {"no_face", "empty_text"}
-
-
-def test_actor_pools_that_cannot_all_start_are_named() -> None:
-    from mer.config import load_config
-    from mer.extract.pipeline import actor_pool_shortfall, build_stages
-
-    cfg = load_config(profile="tiny", overrides=[f"extract.encoders.{b}.resources.num_gpus=0"
-                                                 for b in ("global_visual", "face", "audio", "text")])
-    stages = build_stages(cfg)
-    short = actor_pool_shortfall(stages, {"CPU": 2.0})
-    assert len(short) == 1 and "CPU" in short[0] and "has 2" in short[0]
-    assert actor_pool_shortfall(stages, {"CPU": 64.0}) == []
-    gpu = build_stages(load_config(profile="tiny"))
-    assert any("GPU" in m for m in actor_pool_shortfall(gpu, {"CPU": 64.0}))

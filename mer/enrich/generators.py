@@ -119,6 +119,9 @@ def vllm_generate(cfg: MerConfig, model_path: str, ds: Any, timing: bool = False
     """Run ``ds`` (rows with prompt ids) through a ``ray.data.llm`` vLLM engine processor."""
     from ray.data.llm import build_processor, vLLMEngineProcessorConfig
 
+    from mer.console import tame_libraries
+
+    tame_libraries()  # ray.data.llm's loggers print to stdout by themselves
     e = cfg.enrich
     keep = list(ds.columns())
     clash = VLLM_OUTPUT_COLUMNS.intersection(keep)

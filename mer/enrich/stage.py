@@ -181,9 +181,16 @@ def enrich_table(cfg: MerConfig, table: pa.Table, cache_dir: str | None = None,
     out = stage(ray.data.from_arrow(table))
     result = None
     if stage.last_stats["rows"]:
+        from mer.console import Progress
+
+        progress = Progress("enrich", stage.last_stats["rows"])
+        batches = []
+        for batch in out.iter_batches(batch_format="pyarrow", batch_size=None):
+            batches.append(batch)
+            progress.update(batch.num_rows)
+        progress.close()
         # Blocks from the generated and the skipped branch can type all-null columns differently.
-        result = pa.concat_tables(list(out.iter_batches(batch_format="pyarrow", batch_size=None)),
-                                  promote_options="permissive")
+        result = pa.concat_tables(batches, promote_options="permissive")
     if result is None or result.num_rows == 0:
         result = _empty_like(table)
     idx = sorted(range(result.num_rows), key=lambda i: order[result["clip_id"][i].as_py()])

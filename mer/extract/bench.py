@@ -146,8 +146,7 @@ def bench_extract(cfg: MerConfig, manifest_uri: str | None = None, *, n_clips: i
     from mer.encoders import ENCODERS
     from mer.runtime import init_ray
 
-    if not ray.is_initialized():
-        init_ray(cfg)
+    cfg = init_ray(cfg)
     workdir = workdir or tempfile.mkdtemp(prefix="mer-bench-extract-")
     table, clips_info = _bench_clips(cfg, manifest_uri, n_clips, workdir, clip_seconds, clip_width, clip_height, gop)
     paths = [p for p in table.column("video_uri").to_pylist() if p]

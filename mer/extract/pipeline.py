@@ -24,7 +24,7 @@ import numpy as np
 import pyarrow as pa
 
 from mer import storage
-from mer.config import BRANCHES, MerConfig, Resources
+from mer.config import BRANCHES, MerConfig
 from mer.extract import schema as store
 from mer.extract.decode import ClipDecoder
 from mer.extract.face import FaceDetector
@@ -215,33 +215,10 @@ def add_manifest_columns(table: pa.Table, lookup: dict[str, tuple[str | None, st
     return table
 
 
-def actor_pool_shortfall(stages: list[Stage], cluster: dict[str, float]) -> list[str]:
-    """Resources the actor pools hold all at once (sum of ``concurrency`` × per-actor request) that exceed
-    ``cluster`` (``ray.cluster_resources()``): one message per resource kind, empty when they fit.
-
-    Every pool's actors live for the whole stream, so on a fixed cluster a pool that cannot start stalls
-    the stream behind it (seen on 2 CPUs with five 1-CPU pools: two started, three waited forever).
-    """
-    need = {"CPU": 0.0, "GPU": 0.0}
-    for st in stages:
-        if st.kind != "actor":
-            continue
-        r = st.resources or Resources()
-        need["CPU"] += r.concurrency * r.num_cpus
-        need["GPU"] += r.concurrency * (r.num_gpus or 0.0)
-    return [f"the extraction actor pools hold {need[k]:g} {k} at once, the cluster has {cluster.get(k, 0.0):g}"
-            for k in ("CPU", "GPU") if need[k] > cluster.get(k, 0.0) + 1e-9]
-
-
 def build_dataset(cfg: MerConfig, manifest: pa.Table, stages: list[Stage]) -> Any:
     """Ray Dataset of store rows for ``manifest`` (lazy): small input blocks → stages → assemble."""
     import ray
 
-    if ray.is_initialized():  # else Ray Data starts a local Ray sized to this machine later
-        for msg in actor_pool_shortfall(stages, ray.cluster_resources()):
-            # A warning, not an error: an autoscaling cluster adds nodes for the pending actors.
-            log.warning("%s: on a fixed cluster the stream stalls; lower the stages' resources.num_cpus / "
-                        "num_gpus or concurrency (the demo uses fractions of a CPU)", msg)
     rows = cfg.extract.input_block_rows or cfg.extract.decode.resources.batch_size
     manifest = pipeline_input(cfg, manifest)
     blocks = [manifest.slice(i, rows) for i in range(0, manifest.num_rows, rows)] or [manifest]
@@ -302,7 +279,8 @@ def extract_features(cfg: MerConfig, manifest_uri: str, out_uri: str, *, limit: 
         batch = batch.drop_columns([c for c in batch.column_names if c.startswith("_t_")])
         return add_manifest_columns(batch, lookup)
 
-    run = write_stream(out_uri, store.feature_schema(cfg), cfg.extract.rows_per_part, ids, stream, on_batch)
+    run = write_stream(out_uri, store.feature_schema(cfg), cfg.extract.rows_per_part, ids, stream, on_batch,
+                       label="extract")
     writer = run.writer
     stats_text = ""
     if run.dataset is not None:
@@ -327,7 +305,7 @@ def extract_features(cfg: MerConfig, manifest_uri: str, out_uri: str, *, limit: 
         summary["status_counts"] = {}
     if verbose:
         if stats_text:
-            log.info("ray data stats:\n%s", stats_text)
+            log.debug("ray data stats:\n%s", stats_text)
         print(format_summary(summary), flush=True)
     return summary
 

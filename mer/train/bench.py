@@ -27,8 +27,6 @@ def bench_train(cfg: MerConfig, *, n: int = 4000, dim: int = 256, epochs: int = 
 
     ``features_uri``: an existing store to use instead of a generated one (``n``, ``dim`` ignored).
     """
-    import ray
-
     from mer.parts import part_columns
     from mer.train.features import modality_dims
     from mer.train.fold import controller_poll_interval, run_fold
@@ -36,10 +34,9 @@ def bench_train(cfg: MerConfig, *, n: int = 4000, dim: int = 256, epochs: int = 
     from mer.train.run import _attach_targets, _fold_assignment, _label_rows, quiet_data
     from mer.train.synthetic import make_feature_store
 
-    if not ray.is_initialized():
-        from mer.runtime import init_ray
+    from mer.runtime import init_ray
 
-        init_ray(cfg)
+    cfg = init_ray(cfg)
     tmp = tempfile.mkdtemp(prefix="mer-bench-train-")
     out_uri = out_uri or tmp
     if features_uri is None:

@@ -116,7 +116,7 @@ def run_fold(cfg: MerConfig, *, fold: int, arch: str, dims: dict[str, int], trai
     )
     t0 = time.time()
     result = trainer.fit()
-    log.info("fold %d: trainer.fit %.1f s", fold, time.time() - t0)
+    log.debug("fold %d: trainer.fit %.1f s", fold, time.time() - t0)
     if result.checkpoint is None:
         raise RuntimeError(f"fold {fold}: training produced no checkpoint ({result.error})")
     removed = remove_unregistered_checkpoints(ray_dir, fold, [result.checkpoint.path,
@@ -130,7 +130,7 @@ def run_fold(cfg: MerConfig, *, fold: int, arch: str, dims: dict[str, int], trai
             raise RuntimeError(f"fold {fold}: latest checkpoint is not final (epoch {state.get('epoch')})")
         best = (Path(d) / "best.pt").read_bytes()
         val_pred = pq.read_table(io.BytesIO((Path(d) / "val_pred.parquet").read_bytes()))
-    log.info("fold %d: best val WAF %.4f at epoch %d (%d epochs, resumed from %s)", fold, state["best_waf"],
+    log.debug("fold %d: best val WAF %.4f at epoch %d (%d epochs, resumed from %s)", fold, state["best_waf"],
              state["best_epoch"], state["epoch"], state["resumed_from"])
     return {"state": state, "best": best, "val_pred": val_pred, "checkpoint_path": result.checkpoint.path}
 

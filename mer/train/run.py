@@ -213,8 +213,6 @@ def train_run(cfg: MerConfig, features_uri: str, out_uri: str, *, resume: bool =
     every fold's controller (progress reporting, experiment tracking; tests inject worker failures with one),
     see :func:`mer.train.fold.run_fold`. Needs a Ray connection (started locally if none).
     """
-    import ray
-
     from mer.fusion import build_model
     from mer.train.fold import controller_poll_interval, run_fold
 
@@ -223,10 +221,11 @@ def train_run(cfg: MerConfig, features_uri: str, out_uri: str, *, resume: bool =
     if resume and storage.exists(metrics_uri):
         log.info("run %s already finished; resume returns its metrics", out_uri)
         return storage.read_json(metrics_uri)
-    if not ray.is_initialized():
-        from mer.runtime import init_ray
+    from mer.fit import ensure_placeable, train_demands
+    from mer.runtime import init_ray
 
-        init_ray(cfg)
+    cfg = init_ray(cfg)
+    ensure_placeable(f"training {out_uri}", train_demands(cfg))
     if not resume:
         # Starting over: stale checkpoints would otherwise be picked up by Ray Train (same run names).
         for sub in ("ray", "folds", "models"):
@@ -272,7 +271,7 @@ def train_run(cfg: MerConfig, features_uri: str, out_uri: str, *, resume: bool =
         t0 = time.time()
         with quiet_data():
             stats = input_stats(base, mods, dims, set(cv_ids) | pseudo_ids)
-        log.info("input statistics over %d training rows in %.1f s", len(cv_ids) + len(pseudo_ids),
+        log.debug("input statistics over %d training rows in %.1f s", len(cv_ids) + len(pseudo_ids),
                  time.time() - t0)
     fold_records: dict[int, dict] = {}
     skipped: list[int] = []
@@ -298,7 +297,7 @@ def train_run(cfg: MerConfig, features_uri: str, out_uri: str, *, resume: bool =
                                         batch_format="pyarrow").materialize()
             val_ds = base.map_batches(_attach_targets, fn_kwargs={"targets": val_targets},
                                       batch_format="pyarrow").materialize()
-        log.info("fold %d: datasets ready in %.1f s", k, time.time() - t0)
+        log.debug("fold %d: datasets ready in %.1f s", k, time.time() - t0)
         res = run_fold(cfg, fold=k, arch=tc.model, dims=dims, train_ds=train_ds, val_ds=val_ds,
                        ray_dir=storage.join(out_uri, "ray"), input_stats=stats, callbacks=callbacks)
         storage.write_bytes(storage.join(out_uri, "models", f"fold_{k}.pt"), res["best"])
@@ -343,7 +342,9 @@ def train_run(cfg: MerConfig, features_uri: str, out_uri: str, *, resume: bool =
                     "n_cv": len(cv_ids), "n_pseudo": len(pseudo_ids), "features": features_uri})
     storage.write_json(metrics_uri, metrics)
     _write_report(out_uri)
-    log.info("train_run %s: reports in %.1f s, total %.1f s", out_uri, time.time() - t_fin, metrics["seconds"])
+    log.debug("train_run %s: reports in %.1f s", out_uri, time.time() - t_fin)
+    log.info("train_run %s: fold val WAF %s, CV mean %.4f; %.0f s", out_uri,
+             " ".join(f"{r['val_waf']:.3f}" for r in records), metrics["cv_waf_mean"], metrics["seconds"])
     return metrics
 
 

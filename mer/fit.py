@@ -1,0 +1,211 @@
+"""Stage resources against the Ray cluster they run on.
+
+Every actor pool of a stream runs at once (decode, face detection, one pool per encoder, the scorer), and
+every fold's worker group of a training run (times ``train.parallel_folds`` and ``labels.parallel_runs``): when
+their sum exceeds what the cluster has, Ray Data and Ray Train do not fail, they wait — forever on a fixed
+cluster. So:
+
+* on a **local Ray that mer started** (:func:`fit_local`): no GPU → CPU placement; CPU (and GPU) fractions
+  scaled so that each group fits at once, leaving a slice for Ray Data's read/write tasks. Batch sizes, frame
+  counts and pool sizes stay as configured.
+* on a **cluster it joined** (:func:`check_placement`): the config is kept; if a stream's or a training run's
+  pools cannot all be placed and the cluster cannot grow (``ray.autoscaler: false``), fail at once with each
+  stage's demand against the cluster's resources.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from mer.config import BRANCHES, MerConfig, Resources, cpu_only, with_overrides
+
+# CPU kept free of actor pools on a local Ray: Ray Data's read and write tasks and the driver's own work.
+TASK_RESERVE_CPU = 0.25
+# Smallest fraction a fitted actor gets (Ray accepts 0.0001; below a few hundredths a pool is all overhead).
+MIN_FRACTION = 0.05
+
+
+class PlacementError(RuntimeError):
+    """The stage pools of a stream (or a training run's workers) cannot all be placed on the cluster."""
+
+
+@dataclass(frozen=True)
+class Demand:
+    """``count`` units (actors or workers) of ``resources`` that must run at the same time."""
+
+    key: str
+    resources: Resources
+    count: int
+
+    @property
+    def cpus(self) -> float:
+        return self.count * self.resources.num_cpus
+
+    @property
+    def gpus(self) -> float:
+        return self.count * self.resources.num_gpus
+
+
+@dataclass(frozen=True)
+class Cluster:
+    """What the Ray cluster has: totals, and the largest node (a unit must fit on one node)."""
+
+    cpus: float
+    gpus: float
+    node_cpus: float
+    node_gpus: float
+
+    @classmethod
+    def current(cls) -> Cluster:
+        """The cluster this process is connected to (alive nodes)."""
+        import ray
+
+        nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+        total = ray.cluster_resources()
+        return cls(cpus=float(total.get("CPU", 0.0)), gpus=float(total.get("GPU", 0.0)),
+                   node_cpus=max((float(n.get("CPU", 0.0)) for n in nodes), default=0.0),
+                   node_gpus=max((float(n.get("GPU", 0.0)) for n in nodes), default=0.0))
+
+
+def _enabled(cfg: MerConfig) -> list[str]:
+    return [b for b in BRANCHES if getattr(cfg.extract.encoders, b).enabled]
+
+
+def stream_demands(cfg: MerConfig) -> list[Demand]:
+    """The actor pools of the widest stream ``cfg`` builds (extraction with face detection, every enabled
+    encoder and, when scoring from videos, the scorer), each ``concurrency`` actors."""
+    pools = [("extract.decode.resources", cfg.extract.decode.resources)]
+    if "face" in _enabled(cfg):
+        pools.append(("extract.face.resources", cfg.extract.face.resources))
+    pools += [(f"extract.encoders.{b}.resources", getattr(cfg.extract.encoders, b).resources) for b in _enabled(cfg)]
+    pools.append(("score.resources", cfg.score.resources))
+    return [Demand(k, r, r.concurrency) for k, r in pools]
+
+
+def enrich_demands(cfg: MerConfig) -> list[Demand]:
+    """The enrichment stream: the generator pool and its prompt/finalize helpers."""
+    e = cfg.enrich
+    return [Demand("enrich.resources", e.resources, e.resources.concurrency * max(1, e.tensor_parallel_size)),
+            Demand("enrich.aux_resources", e.aux_resources, e.aux_resources.concurrency)]
+
+
+def train_demands(cfg: MerConfig, runs: int = 1) -> list[Demand]:
+    """Training workers that run at once: ``concurrency`` per fold, ``parallel_folds`` folds, ``runs`` runs
+    (the label loop trains ``labels.parallel_runs`` at once)."""
+    r = cfg.train.resources
+    folds = min(cfg.train.parallel_folds, cfg.train.folds)
+    return [Demand("train.resources", r, r.concurrency * folds * max(1, runs))]
+
+
+def _scaled(r: Resources, cpu_scale: float, gpu_scale: float) -> dict[str, float]:
+    """The fitted CPU and GPU of one unit, rounded down to hundredths (never below :data:`MIN_FRACTION`)."""
+    # (the epsilon keeps 0.58 * 1.0 at 0.58: floor(57.99999...) would shave a hundredth off every refit)
+    cpus = max(MIN_FRACTION, math.floor(r.num_cpus * cpu_scale * 100 + 1e-6) / 100)
+    gpus = r.num_gpus if not r.num_gpus else max(MIN_FRACTION, math.floor(r.num_gpus * gpu_scale * 100 + 1e-6) / 100)
+    return {"num_cpus": min(cpus, r.num_cpus), "num_gpus": min(gpus, r.num_gpus)}
+
+
+def fit_group(demands: list[Demand], cluster: Cluster, reserve_cpu: float = TASK_RESERVE_CPU) -> dict[str, dict]:
+    """New ``num_cpus``/``num_gpus`` per demand key so that the whole group runs at once on ``cluster``
+    (only keys that change). One scale per resource keeps the configured proportions between stages."""
+    budget_cpu = max(cluster.cpus - reserve_cpu, MIN_FRACTION * sum(d.count for d in demands))
+    want_cpu = sum(d.cpus for d in demands)
+    want_gpu = sum(d.gpus for d in demands)
+    cpu_scale = min(1.0, budget_cpu / want_cpu) if want_cpu else 1.0
+    cpu_scale = min([cpu_scale, *(cluster.node_cpus / d.resources.num_cpus for d in demands if d.resources.num_cpus)])
+    gpu_scale = min(1.0, cluster.gpus / want_gpu) if want_gpu and cluster.gpus else 1.0
+    changes: dict[str, dict] = {}
+    for d in demands:
+        new = _scaled(d.resources, cpu_scale, gpu_scale)
+        diff = {k: v for k, v in new.items() if v != getattr(d.resources, k)}
+        if diff:
+            changes[d.key] = diff
+    return changes
+
+
+def fit_local(cfg: MerConfig, cluster: Cluster) -> tuple[MerConfig, str]:
+    """``cfg`` sized to a local Ray: CPU placement when it has no GPU, and each group of pools that runs at
+    once (a stream, enrichment, a training run) scaled to fit. Returns the config and one line saying what
+    changed (empty when nothing did)."""
+    notes: list[str] = []
+    if not cluster.gpus:
+        before = cfg
+        cfg = cpu_only(cfg)
+        if before.model_dump() != cfg.model_dump():
+            notes.append("no GPU: every stage on CPU")
+    overrides: list[str] = []
+    fitted: list[str] = []
+    for name, demands in (("stream", stream_demands(cfg)), ("enrich", enrich_demands(cfg)),
+                          ("train", train_demands(cfg, cfg.labels.parallel_runs))):
+        changes = fit_group(demands, cluster)
+        for key, diff in changes.items():
+            overrides += [f"{key}.{k}={v:g}" for k, v in diff.items()]
+        if changes:
+            want = sum(d.cpus for d in demands)
+            got = sum(d.count * changes.get(d.key, {}).get("num_cpus", d.resources.num_cpus) for d in demands)
+            fitted.append(f"{name} {want:g}->{got:g} CPU")
+    if overrides:
+        cfg = with_overrides(cfg, overrides)
+        notes.append(f"fractional CPUs so each group fits {cluster.cpus:g} CPUs at once ({', '.join(fitted)})")
+    return cfg, "; ".join(notes)
+
+
+def _describe(demands: list[Demand], cluster: Cluster) -> str:
+    rows = [f"  {d.key}: {d.count} x ({d.resources.num_cpus:g} CPU, {d.resources.num_gpus:g} GPU)"
+            f" = {d.cpus:g} CPU, {d.gpus:g} GPU" for d in demands]
+    rows.append(f"  total: {sum(d.cpus for d in demands):g} CPU, {sum(d.gpus for d in demands):g} GPU; "
+                f"the cluster has {cluster.cpus:g} CPU, {cluster.gpus:g} GPU (largest node {cluster.node_cpus:g} CPU, "
+                f"{cluster.node_gpus:g} GPU)")
+    return "\n".join(rows)
+
+
+def placement_problem(demands: list[Demand], cluster: Cluster) -> str | None:
+    """Why ``demands`` cannot all run at once on ``cluster`` (None when they can)."""
+    eps = 1e-6
+    if sum(d.cpus for d in demands) > cluster.cpus + eps or sum(d.gpus for d in demands) > cluster.gpus + eps:
+        return "the pools need more than the cluster has"
+    for d in demands:
+        if d.resources.num_cpus > cluster.node_cpus + eps or d.resources.num_gpus > cluster.node_gpus + eps:
+            return f"one unit of {d.key} is larger than any node"
+    return None
+
+
+def check_placement(what: str, demands: list[Demand], autoscaler: bool, cluster: Cluster | None = None) -> None:
+    """Raise :class:`PlacementError` when ``demands`` cannot all be placed on the joined cluster and it cannot
+    grow; a cluster with an autoscaler is trusted to add nodes."""
+    if autoscaler or not demands:
+        return
+    cluster = cluster or Cluster.current()
+    problem = placement_problem(demands, cluster)
+    if problem:
+        raise PlacementError(
+            f"{what} cannot start: {problem} and ray.autoscaler is false, so it would wait forever.\n"
+            f"{_describe(demands, cluster)}\n"
+            "Lower those resources (--set KEY=VALUE or an --overlay), add nodes, or set ray.autoscaler=true "
+            "on an autoscaling cluster.")
+
+
+# How streams and training runs treat placement in this process: set by :func:`mer.runtime.init_ray` (a local
+# Ray it started was fitted already; a joined cluster is checked unless it autoscales).
+_policy = {"check": True, "autoscaler": False}
+
+
+def set_policy(*, check: bool, autoscaler: bool) -> None:
+    """Record whether pools are checked against the cluster before a stream or training run starts."""
+    _policy.update(check=check, autoscaler=autoscaler)
+
+
+def ensure_placeable(what: str, demands: list[Demand]) -> None:
+    """:func:`check_placement` under this process's policy (a no-op when Ray is not initialised yet)."""
+    import ray
+
+    if _policy["check"] and ray.is_initialized():
+        check_placement(what, demands, _policy["autoscaler"])
+
+
+def stage_demands(stages: list[Any]) -> list[Demand]:
+    """The actor pools of a stage chain (:class:`mer.stream.Stage` of kind ``actor`` with resources)."""
+    return [Demand(s.name, s.resources, s.resources.concurrency) for s in stages
+            if getattr(s, "kind", None) == "actor" and getattr(s, "resources", None) is not None]

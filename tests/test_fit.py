@@ -1,0 +1,86 @@
+"""Stage resources against the cluster: a local Ray is fitted, a joined fixed cluster fails fast.
+
+The session's Ray head (2 CPUs, no GPU, no autoscaler) is the joined fixed cluster.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+import pytest
+
+from mer.config import BRANCHES, load_config
+from mer.fit import (Cluster, PlacementError, check_placement, fit_local, placement_problem, stage_demands,
+                     stream_demands, train_demands)
+
+LAPTOP = Cluster(cpus=2.0, gpus=0.0, node_cpus=2.0, node_gpus=0.0)
+
+
+def test_a_two_core_laptop_gets_cpu_placement_and_every_pool_at_once() -> None:
+    cfg = load_config(profile="tiny")  # the repo's defaults: 8 CPU of pools and GPU encoders
+    assert sum(d.cpus for d in stream_demands(cfg)) == 8 and sum(d.gpus for d in stream_demands(cfg)) == 1
+    fitted, note = fit_local(cfg, LAPTOP)
+    assert "no GPU" in note and "stream 8->" in note
+    stream = stream_demands(fitted)
+    assert sum(d.gpus for d in stream) == 0
+    assert sum(d.cpus for d in stream) <= 2 - 0.25 + 1e-9
+    assert placement_problem(stream, LAPTOP) is None
+    assert placement_problem(train_demands(fitted), LAPTOP) is None
+    # proportions kept, sizes untouched
+    assert fitted.extract.decode.resources.num_cpus == fitted.extract.face.resources.num_cpus
+    assert fitted.extract.decode.resources.concurrency == cfg.extract.decode.resources.concurrency
+    assert fitted.extract.decode.resources.batch_size == cfg.extract.decode.resources.batch_size
+    assert fitted.extract.decode.num_frames == cfg.extract.decode.num_frames
+    # idempotent: a fitted config fits
+    again, note2 = fit_local(fitted, LAPTOP)
+    assert note2 == "" and again.model_dump() == fitted.model_dump()
+
+
+def test_a_gpu_workstation_keeps_gpus_and_shares_them_by_fraction() -> None:
+    cfg = load_config(profile="tiny", overrides=[f"extract.encoders.{b}.resources.num_gpus=0.5" for b in BRANCHES])
+    fitted, note = fit_local(cfg, Cluster(cpus=16, gpus=1, node_cpus=16, node_gpus=1))
+    assert "no GPU" not in note
+    gpus = [getattr(fitted.extract.encoders, b).resources.num_gpus for b in BRANCHES]
+    assert all(0 < g <= 0.25 for g in gpus) and sum(gpus) <= 1
+    assert fitted.extract.decode.resources.num_cpus == 1.0  # 8 CPU of pools fit 15.75: nothing to scale
+
+
+def test_the_label_loop_s_parallel_runs_are_fitted_together() -> None:
+    cfg = load_config(overrides=["labels.parallel_runs=4", "train.resources.concurrency=2"])
+    fitted, _ = fit_local(cfg, LAPTOP)
+    assert 4 * 2 * fitted.train.resources.num_cpus <= 2 - 0.25 + 1e-9
+
+
+def test_the_placement_error_lists_each_stage_against_the_cluster() -> None:
+    cfg = load_config(profile="tiny", overrides=[f"extract.encoders.{b}.resources.num_gpus=0" for b in BRANCHES])
+    demands = stream_demands(cfg)
+    with pytest.raises(PlacementError) as e:
+        check_placement("extraction", demands, autoscaler=False, cluster=LAPTOP)
+    msg = str(e.value)
+    for d in demands:
+        assert d.key in msg
+    assert "total: 8 CPU" in msg and "the cluster has 2 CPU" in msg and "ray.autoscaler" in msg
+    check_placement("extraction", demands, autoscaler=True, cluster=LAPTOP)  # an autoscaler may add nodes
+    big_unit = load_config(overrides=["train.resources.num_cpus=4", "train.resources.concurrency=1"])
+    assert "larger than any node" in placement_problem(
+        train_demands(big_unit), Cluster(cpus=8, gpus=0, node_cpus=2, node_gpus=0))
+
+
+@pytest.mark.timeout(300)  # a stall (Ray waiting forever for the pools) ends here as a failure
+def test_a_joined_fixed_cluster_fails_at_once_instead_of_stalling(ray_local, tiny_config, tmp_path) -> None:
+    from mer.config import with_overrides
+    from mer.extract.pipeline import build_dataset, build_stages
+    from mer.train import train_run
+
+    cfg = with_overrides(tiny_config, ["extract.decode.resources.concurrency=3",
+                                       "extract.decode.resources.num_cpus=1"])
+    stages = build_stages(cfg)
+    assert sum(d.cpus for d in stage_demands(stages)) > 2
+    from mer.data.manifest import MANIFEST_SCHEMA
+
+    manifest = pa.Table.from_pylist([{"clip_id": "a", "video_uri": "/nope.mp4", "audio_uri": None, "text": "x",
+                                      "label": "happy", "split": "train"}], schema=MANIFEST_SCHEMA)
+    with pytest.raises(PlacementError, match=r"decode: 3 x \(1 CPU"):
+        build_dataset(cfg, manifest, stages)
+    with pytest.raises(PlacementError, match="train.resources: 4 x"):
+        train_run(with_overrides(tiny_config, ["train.resources.concurrency=4", "train.resources.num_cpus=1"]),
+                  str(tmp_path / "nofeatures"), str(tmp_path / "run"))
