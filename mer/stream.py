@@ -14,6 +14,7 @@ committed, a bounded number of times; errors of the code or the input are never 
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
@@ -119,10 +120,19 @@ def with_restarts(attempt: Callable[[], T], restarts: int, what: str) -> T:
         except Exception as e:
             if n == restarts or not restartable(e):
                 raise
-            first = (str(e).strip().splitlines() or [""])[0][:300]
-            log.warning("%s aborted (%s: %s); restarting it over what is not yet committed (restart %d of %d)",
-                        what, type(e).__name__, first, n + 1, restarts)
+            log.warning("%s aborted (%s); restarting it over what is not yet committed (restart %d of %d)",
+                        what, _summary(e), n + 1, restarts)
     raise AssertionError("unreachable")
+
+
+def _summary(error: BaseException) -> str:
+    """``Type: first line`` of what went wrong (a task error's cause, without Ray's colour codes)."""
+    from ray.exceptions import RayTaskError
+
+    if isinstance(error, RayTaskError) and isinstance(error.cause, BaseException):
+        error = error.cause
+    lines = re.sub(r"\x1b\[[0-9;]*m", "", str(error)).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0][:300] if lines else ''}"
 
 
 def write_stream(out_uri: str, schema: pa.Schema, rows_per_part: int, wanted: list[str],
