@@ -170,7 +170,8 @@ def _score(args: argparse.Namespace) -> None:
     best_run(args.run)  # a directory that is not a run fails before Ray starts
     cfg = _with_ray(args)
     _print(score(cfg, args.run, args.out, features_uri=args.features, manifest_uri=args.manifest,
-                 features_out=args.features_out, splits=args.splits.split(",") if args.splits else None))
+                 features_out=args.features_out, splits=args.splits.split(",") if args.splits else None,
+                 allow_config_change=args.allow_config_change))
 
 
 def _evaluate(args: argparse.Namespace) -> None:
@@ -301,6 +302,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --manifest: where the extracted features go (default <out>/features)")
     p.add_argument("--splits", default=None,
                    help="comma-separated splits to score, e.g. unlabeled,test (the MER2025 candidates); default all")
+    p.add_argument("--allow-config-change", action="store_true",
+                   help="score although the features' extraction settings differ from the run's training store "
+                        "(default: --manifest extracts with the run's settings, --features refuses a store "
+                        "with another config hash)")
 
     p = add("evaluate", _evaluate, "WAF / accuracy / per-class F1 of predictions")
     p.add_argument("--pred", required=True)

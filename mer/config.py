@@ -240,6 +240,8 @@ class EnrichConfig(_Strict):
     engine_kwargs: dict[str, Any] = Field(default_factory=dict)  # extra vLLM engine args, applied last
     engine_env: dict[str, str] = Field(default_factory=dict)  # extra env vars for the engine actor
     cache_dir: str | None = None  # default: <features>/../enrich_cache
+    # `mer enrich`: restarts of a run Ray aborts (lost engine node…); the cache keeps what was generated.
+    stream_restarts: int = Field(2, ge=0)
 
 
 class ExtractConfig(_Strict):
@@ -256,6 +258,9 @@ class ExtractConfig(_Strict):
     # count was spent in seconds, failing the whole job instead of waiting for a replacement node.
     max_restarts: int = Field(-1, ge=-1)
     max_task_retries: int = Field(-1, ge=-1)
+    # A stream Ray aborts anyway (a retried task that fails, a stage that can no longer be placed) starts
+    # again over the clips not yet committed, at most this many times (0 = the job fails at once).
+    stream_restarts: int = Field(2, ge=0)
 
 
 class TrainConfig(_Strict):
@@ -381,6 +386,8 @@ class ScoreConfig(_Strict):
     # The fold-ensemble replicas: an actor pool of `concurrency` actors scoring `batch_size` rows per call.
     resources: Resources = Resources(batch_size=256, concurrency=1, num_cpus=1.0, num_gpus=0.0)
     rows_per_part: int = Field(1024, ge=1)
+    # As extract.stream_restarts: restarts of an aborted scoring stream over the clips not yet scored.
+    stream_restarts: int = Field(2, ge=0)
 
 
 class MerConfig(_Strict):

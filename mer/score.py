@@ -129,9 +129,10 @@ def score_features(cfg: MerConfig, run_uri: str, features_uri: str, out_uri: str
         cols = [c for c in ["clip_id", "split", "label", "status", "error", *modalities] if c in have]
         return build(read_dataset(features_uri, columns=cols), score_stages(cfg, run_uri, pending), cols)
 
-    run = write_stream(out_uri, PRED_SCHEMA, cfg.score.rows_per_part, wanted, stream, label=progress)
+    run = write_stream(out_uri, PRED_SCHEMA, cfg.score.rows_per_part, wanted, stream, label=progress,
+                       restarts=cfg.score.stream_restarts)
     summary: dict[str, Any] = {"out": out_uri, "total": run.wanted, "skipped_done": run.already,
-                               "written": run.writer.rows_written}
+                               "written": run.writer.rows_written, "stream_restarts": run.restarts}
     preds = read_parts(out_uri, columns=["status"]) if part_files(out_uri) else PRED_SCHEMA.empty_table()
     summary["status_counts"] = _counts(preds.column("status").to_pylist())
     summary["seconds"] = round(time.time() - t0, 2)
@@ -159,14 +160,18 @@ def write_submission(preds: pa.Table, uri: str, fallback: str = "neutral") -> in
 
 def score(cfg: MerConfig, run_uri: str, out_uri: str, *, features_uri: str | None = None,
           manifest_uri: str | None = None, features_out: str | None = None,
-          splits: list[str] | None = None) -> dict:
+          splits: list[str] | None = None, allow_config_change: bool = False) -> dict:
     """``mer score``: predictions Parquet parts under ``out_uri/predictions`` + ``out_uri/submission.csv``.
 
     ``run_uri`` is a training run or a label-loop directory, which scores its best accepted stage's run.
     With ``manifest_uri`` the raw videos are first run through the (resumable) extraction pipeline into
-    ``features_out`` (default ``out_uri/features``); bad inputs keep their extraction status and error.
+    ``features_out`` (default ``out_uri/features``), with the feature settings the run was trained on; bad
+    inputs keep their extraction status and error. A ``features_uri`` store must have the config hash of the
+    run's training store. ``allow_config_change`` lets either differ (logged) instead of refusing
+    (:mod:`mer.provenance`).
     """
     from mer.labels.loop import best_run
+    from mer.provenance import check_store, extraction_config
 
     if (features_uri is None) == (manifest_uri is None):
         raise ValueError("score: give exactly one of features_uri or manifest_uri")
@@ -179,8 +184,11 @@ def score(cfg: MerConfig, run_uri: str, out_uri: str, *, features_uri: str | Non
         from mer.extract.pipeline import extract_features
 
         features_uri = features_out or storage.join(out_uri, "features")
-        summary["extract"] = extract_features(cfg, manifest_uri, features_uri)
-    assert features_uri is not None
+        ex_cfg = extraction_config(cfg, run_uri, allow_config_change=allow_config_change)
+        summary["extract"] = extract_features(ex_cfg, manifest_uri, features_uri)
+    else:
+        assert features_uri is not None
+        check_store(run_uri, features_uri, allow_config_change=allow_config_change)
     pred_dir = storage.join(out_uri, "predictions")
     summary["score"] = score_features(cfg, run_uri, features_uri, pred_dir, splits=splits, progress="score")
     preds = read_parts(pred_dir)

@@ -6,19 +6,26 @@ scores) and enrichment (prompts → generation → finalize) are chains of :clas
 writes, and its :class:`~mer.config.Resources`, which alone give Ray its arguments. :func:`build` checks the
 chain's columns before anything runs. :func:`write_stream` is how extraction and scoring write their output: it
 skips the keys the part store already holds (resume) and commits parts on the driver as batches arrive
-(exactly once, :mod:`mer.parts`).
+(exactly once, :mod:`mer.parts`). When Ray loses what a stream runs on for good (its own actor restarts and
+task retries spent, a node gone), :func:`with_restarts` starts the stream again over the keys not yet
+committed, a bounded number of times; errors of the code or the input are never retried.
 """
 
 from __future__ import annotations
 
+import logging
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import pyarrow as pa
 
 from mer.config import Resources
 from mer.parts import PartWriter, stored_ids
+
+log = logging.getLogger("mer.stream")
+T = TypeVar("T")
 
 
 class PipelineError(ValueError):
@@ -92,29 +99,82 @@ class StreamResult:
     already: int
     writer: PartWriter
     dataset: Any = None
+    restarts: int = 0  # times the stream was started again after Ray lost what it ran on
+
+
+def restartable(error: BaseException) -> bool:
+    """Whether a stream that raised ``error`` is worth starting again: Ray lost something it ran on (an actor
+    or worker whose restarts/retries are spent, a node, an object). Not an error of the code or the input
+    (a map function's exception, a bad config, a ``ValueError`` on the driver): a restart would repeat it."""
+    from ray.exceptions import (AuthenticationError, RayError, RayTaskError, RuntimeEnvSetupError,
+                                TaskCancelledError, UserCodeException)
+
+    if isinstance(error, (UserCodeException, AuthenticationError, RuntimeEnvSetupError, TaskCancelledError)):
+        return False
+    if isinstance(error, RayTaskError):  # a task's own exception: restartable only if Ray's, not the code's
+        return isinstance(error.cause, BaseException) and restartable(error.cause)
+    return isinstance(error, RayError)
+
+
+def with_restarts(attempt: Callable[[], T], restarts: int, what: str) -> T:
+    """``attempt()``, called again (at most ``restarts`` more times, one warning each) while it fails with a
+    :func:`restartable` error. ``attempt`` must resume: skip what an earlier attempt already committed."""
+    for n in range(restarts + 1):
+        try:
+            return attempt()
+        except Exception as e:
+            if n == restarts or not restartable(e):
+                raise
+            log.warning("%s aborted (%s); restarting it over what is not yet committed (restart %d of %d)",
+                        what, _summary(e), n + 1, restarts)
+    raise AssertionError("unreachable")
+
+
+def _summary(error: BaseException) -> str:
+    """``Type: first line`` of what went wrong (a task error's cause, without Ray's colour codes)."""
+    from ray.exceptions import RayTaskError
+
+    if isinstance(error, RayTaskError) and isinstance(error.cause, BaseException):
+        error = error.cause
+    lines = re.sub(r"\x1b\[[0-9;]*m", "", str(error)).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0][:300] if lines else ''}"
 
 
 def write_stream(out_uri: str, schema: pa.Schema, rows_per_part: int, wanted: list[str],
                  stream: Callable[[list[str]], Any],
-                 on_batch: Callable[[pa.Table], pa.Table] | None = None, label: str = "") -> StreamResult:
+                 on_batch: Callable[[pa.Table], pa.Table] | None = None, *, label: str = "",
+                 restarts: int = 0) -> StreamResult:
     """Write one row per key of ``wanted`` into the part store ``out_uri``: keys already committed are skipped
     (resume); ``stream(pending_keys)`` builds the Ray Dataset of the others, whose batches the driver commits
-    as parts of ``rows_per_part`` rows (after ``on_batch``, which may collect figures or add columns). With
-    ``label``, a progress line on the console (:class:`mer.console.Progress`)."""
-    done = stored_ids(out_uri)
-    pending = [k for k in wanted if k not in done]
-    writer = PartWriter(out_uri, schema, rows_per_part, already=done)
-    result = StreamResult(wanted=len(wanted), already=len(wanted) - len(pending), writer=writer)
-    if pending:
-        from mer.console import Progress
+    as parts of ``rows_per_part`` rows (after ``on_batch``, which may collect figures or add columns).
+    A stream that Ray aborts is built again over the keys not yet committed, at most ``restarts`` times
+    (:func:`with_restarts`); every key still gets exactly one row. With ``label``, a progress line on the
+    console (:class:`mer.console.Progress`)."""
+    from mer.console import Progress
 
-        progress = Progress(label, len(pending)) if label else None
+    done = stored_ids(out_uri)
+    writer = PartWriter(out_uri, schema, rows_per_part, already=done)
+    result = StreamResult(wanted=len(wanted), already=sum(k in done for k in wanted), writer=writer)
+    n_pending = result.wanted - result.already
+    progress = Progress(label, n_pending) if label and n_pending else None
+    attempts = 0
+
+    def attempt() -> None:
+        nonlocal attempts
+        # Rows an aborted attempt received are complete: commit them, then stream only what is left.
+        writer.flush()
+        pending = [k for k in wanted if k not in writer.seen]
+        if not pending:
+            return
+        result.restarts, attempts = attempts, attempts + 1
         result.dataset = stream(pending)
         for batch in result.dataset.iter_batches(batch_format="pyarrow", batch_size=None, prefetch_batches=1):
             writer.add(on_batch(batch) if on_batch else batch)
             if progress:
                 progress.update(batch.num_rows)
         writer.flush()
-        if progress:
-            progress.close()
+
+    with_restarts(attempt, restarts, f"stream into {out_uri}")
+    if progress:
+        progress.close()
     return result

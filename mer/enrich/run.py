@@ -13,6 +13,7 @@ from mer.data.manifest import read_manifest
 from mer.enrich.cache import EnrichCache, default_cache_dir
 from mer.enrich.stage import enrich_table
 from mer.parts import write_part
+from mer.stream import with_restarts
 
 RESULT_COLUMNS = ("clip_id", "text", "text_enriched", "enrich_status", "enrich_note", "model_id", "prompt_hash")
 
@@ -38,7 +39,9 @@ def enrich_manifest(cfg: MerConfig, manifest_uri: str, out_uri: str, cache_dir: 
     table = manifest.select(keep).cast(pa.schema([(c, pa.string()) for c in keep]))
     cache_dir = cache_dir or default_cache_dir(cfg.enrich.cache_dir, out_uri)
     stats: dict[str, Any] = {}
-    out = enrich_table(cfg, table, cache_dir=cache_dir, stats=stats)
+    # A restart regenerates only what the cache lacks: the finished batches' results are cached by the workers.
+    out = with_restarts(lambda: enrich_table(cfg, table, cache_dir=cache_dir, stats=stats),
+                        cfg.enrich.stream_restarts, f"enrichment of {manifest_uri}")
     n = out.num_rows
     out = out.append_column("model_id", pa.array([stats.get("model_id", cfg.models.llm.model_id)] * n, pa.string()))
     out = out.append_column("prompt_hash", pa.array([stats.get("prompt_hash", "")] * n, pa.string()))

@@ -280,7 +280,7 @@ def extract_features(cfg: MerConfig, manifest_uri: str, out_uri: str, *, limit: 
         return add_manifest_columns(batch, lookup)
 
     run = write_stream(out_uri, store.feature_schema(cfg), cfg.extract.rows_per_part, ids, stream, on_batch,
-                       label="extract")
+                       label="extract", restarts=cfg.extract.stream_restarts)
     writer = run.writer
     stats_text = ""
     if run.dataset is not None:
@@ -296,7 +296,7 @@ def extract_features(cfg: MerConfig, manifest_uri: str, out_uri: str, *, limit: 
         "clips_per_s": round(writer.rows_written / seconds, 3) if writer.rows_written else 0.0,
         "stage_busy_s": {k: round(v, 3) for k, v in busy.items()},
         "stage_ms_per_clip": {k: round(1000 * v / max(1, writer.rows_written), 2) for k, v in busy.items()},
-        "run_status_counts": dict(run_counts), "config_hash": meta["config_hash"],
+        "run_status_counts": dict(run_counts), "config_hash": meta["config_hash"], "stream_restarts": run.restarts,
     }
     try:
         summary["status_counts"] = store.status_counts(read_parts(

@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from mer import storage
-from mer.config import BRANCHES, MerConfig
+from mer.config import BRANCHES, ConfigError, MerConfig, with_overrides
 from mer.parts import part_files
 
 SCHEMA_VERSION = 1
@@ -30,6 +30,15 @@ FEATURE_SECTIONS = ("extract.decode.num_frames", "extract.decode.frame_size", "e
                     "extract.face.crop_size", "extract.face.margin", "extract.face.min_face_frac",
                     "extract.face.detect_min_size", "extract.face.scale_factor", "extract.face.min_neighbors",
                     "extract.encoders.max_text_tokens")
+# Enrichment settings that change the text features (only when enrichment is on).
+ENRICH_SECTIONS = ("enrich.text_source", "enrich.compose", "enrich.max_tokens", "enrich.prompt_language",
+                   "enrich.temperature", "enrich.seed")
+
+
+
+class FeatureConfigMismatch(ConfigError):
+    """Features extracted with one config meet another (a store being resumed, a run scoring a store)."""
+
 
 VECTOR = pa.list_(pa.float32())
 SEQUENCE = pa.list_(pa.list_(pa.float32()))
@@ -74,9 +83,51 @@ def config_hash(cfg: MerConfig) -> str:
     """Hash of what determines the features: decode/face settings, the model profile, enrichment."""
     sections = [*FEATURE_SECTIONS, f"profiles.{cfg.profile}"]
     if cfg.enrich.enabled:
-        sections += ["enrich.text_source", "enrich.compose", "enrich.max_tokens", "enrich.prompt_language",
-                     "enrich.temperature", "enrich.seed"]
+        sections += list(ENRICH_SECTIONS)
     return cfg.section_hash(*sections)
+
+
+def feature_settings(cfg: MerConfig) -> dict[str, Any]:
+    """What :func:`config_hash` hashes, as flat dotted keys: the decode/face settings, ``profile`` and the
+    selected profile's models (``models.<slot>.<field>``), ``enrich.enabled`` and, when on, the enrichment
+    settings. Recorded in ``_meta.json`` (and through it in every run trained on the store), so a mismatch
+    can name its keys and :func:`apply_feature_settings` can reproduce the extraction."""
+    dumped = cfg.model_dump(mode="json")
+
+    def get(key: str) -> Any:
+        node: Any = dumped
+        for part in key.split("."):
+            node = node[part]
+        return node
+
+    out: dict[str, Any] = {key: get(key) for key in FEATURE_SECTIONS}
+    out["profile"] = cfg.profile
+    for slot, spec in dumped["profiles"][cfg.profile].items():
+        out.update({f"models.{slot}.{k}": v for k, v in spec.items()})
+    out["enrich.enabled"] = cfg.enrich.enabled
+    if cfg.enrich.enabled:
+        out.update({key: get(key) for key in ENRICH_SECTIONS})
+    return out
+
+
+def apply_feature_settings(cfg: MerConfig, settings: dict[str, Any]) -> MerConfig:
+    """``cfg`` with the feature settings of :func:`feature_settings` (another config's) put in; resources,
+    storage and everything else stay ``cfg``'s."""
+    profile = settings.get("profile", cfg.profile)
+    overrides = [f"{f'profiles.{profile}.' + key[len('models.'):] if key.startswith('models.') else key}="
+                 f"{json.dumps(value)}" for key, value in settings.items()]
+    return with_overrides(cfg, overrides)
+
+
+def differing(ours: dict[str, Any], theirs: dict[str, Any], names: tuple[str, str]) -> str:
+    """The feature settings two records (store metas, run records: ``{"settings": …}``) differ in, as
+    ``differing keys: key (<names[0]> value, <names[1]> value), …``; without both records' settings, says so."""
+    a, b = ours.get("settings"), theirs.get("settings")
+    if a is None or b is None:
+        return f"the {names[0] if a is None else names[1]} records no feature settings, only a hash"
+    keys = [f"{k} ({names[0]} {a.get(k)!r}, {names[1]} {b.get(k)!r})"
+            for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    return "differing keys: " + ", ".join(keys)
 
 
 def model_ids_json(cfg: MerConfig) -> str:
@@ -95,16 +146,18 @@ def ensure_meta(cfg: MerConfig, uri: str, *, allow_config_change: bool = False) 
     """Write ``_meta.json`` for a new store; refuse to mix features of another config into an old one."""
     meta = {"schema_version": SCHEMA_VERSION, "config_hash": config_hash(cfg), "model_ids": json.loads(
         model_ids_json(cfg)), "profile": cfg.profile, "vector_columns": vector_branches(cfg),
-        "schema": [f"{f.name}: {f.type}" for f in feature_schema(cfg)]}
+        "settings": feature_settings(cfg), "schema": [f"{f.name}: {f.type}" for f in feature_schema(cfg)]}
     old = read_meta(uri)
     if old is not None and old.get("config_hash") != meta["config_hash"] and part_files(uri):
         if not allow_config_change:
-            raise ValueError(
+            raise FeatureConfigMismatch(
                 f"feature store {uri} was written with config hash {old.get('config_hash')} but this config "
-                f"hashes to {meta['config_hash']} (decode/face/model settings changed): use a new output "
-                f"directory, or allow_config_change=True to mix them")
-    if old is None or old.get("config_hash") != meta["config_hash"]:
-        meta["created"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+                f"hashes to {meta['config_hash']} ({differing(old, meta, ('store', 'config'))}): use a new "
+                f"output directory, or allow_config_change=True to mix them")
+    # A store written before settings were recorded gets them (same hash: same settings).
+    if old is None or old.get("config_hash") != meta["config_hash"] or "settings" not in old:
+        same = old is not None and old.get("config_hash") == meta["config_hash"]
+        meta["created"] = old.get("created") if same else time.strftime("%Y-%m-%dT%H:%M:%S")
         storage.write_json(storage.join(uri, META_FILE), meta)
     return meta
 

@@ -24,6 +24,7 @@ from mer import storage
 from mer.config import LABELS, PROB_COLUMNS, MerConfig, dump_config, with_overrides
 from mer.metrics import accuracy, confusion, per_class_f1, plot_confusion, weighted_f1
 from mer.parts import iter_parts, part_columns, read_dataset, read_parts
+from mer.provenance import store_record
 from mer.train.features import LABEL_INDEX, input_stats, label_index, modality_dims
 from mer.train.report import plot_curves, prediction_table, weight_summary
 
@@ -238,7 +239,8 @@ def train_run(cfg: MerConfig, features_uri: str, out_uri: str, *, resume: bool =
     cfg = with_overrides(cfg, [f"train.modalities=[{','.join(mods)}]"])
     tc = cfg.train
     dims = modality_dims(features_uri, mods)
-    spec = build_model(tc.model, dims, tc).spec()
+    # What the model's inputs are: scoring checks (or reproduces) the extraction it was trained on.
+    spec = {**build_model(tc.model, dims, tc).spec(), "features": store_record(features_uri)}
     storage.write_text(storage.join(out_uri, "config.yaml"), dump_config(cfg))
     storage.write_json(storage.join(out_uri, "models", "model.json"), spec)
 
@@ -339,7 +341,8 @@ def train_run(cfg: MerConfig, features_uri: str, out_uri: str, *, resume: bool =
     metrics = _finish_run(cfg, features_uri, out_uri, records, mods, split_of)
     metrics.update({"skipped_folds": skipped, "seconds": round(time.time() - t_start, 2),
                     "run_name": run_name or out_uri.rstrip("/").rsplit("/", 1)[-1], "labels": labels_uri,
-                    "n_cv": len(cv_ids), "n_pseudo": len(pseudo_ids), "features": features_uri})
+                    "n_cv": len(cv_ids), "n_pseudo": len(pseudo_ids), "features": features_uri,
+                    "features_config_hash": spec["features"]["config_hash"]})
     storage.write_json(metrics_uri, metrics)
     _write_report(out_uri)
     log.debug("train_run %s: reports in %.1f s", out_uri, time.time() - t_fin)
