@@ -416,7 +416,10 @@ class TuneConfig(_Strict):
     include_default: bool = True
     # Trials running at once; 0: as many as the cluster's CPUs (GPUs) hold, from each trial's worker groups.
     max_concurrent_trials: int = Field(0, ge=0)
-    trial_cpus: float = Field(0.0, ge=0.0)  # the Tune trial itself (it only drives its folds' Ray Train runs)
+    # The Tune trial itself only drives its folds' Ray Train runs: no CPU by default, and Ray's `memory` resource
+    # (bytes; Tune needs a non-empty request) for its process.
+    trial_cpus: float = Field(0.0, ge=0.0)
+    trial_memory: int = Field(256 * 1024 * 1024, ge=1)
     max_failures: int = Field(1, ge=0)  # a failed trial is retried this often (it resumes its finished folds)
     # A partial `train` section applied to every trial before its sampled values: e.g. fractional worker CPUs
     # and every fold at once, so that several trials share a small machine.
