@@ -109,8 +109,9 @@ def _mer_tune(ray_head, store: str, out: Path) -> subprocess.Popen:
     return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
 
-def _logs(out: Path) -> str:
-    return "\n".join(p.read_text(errors="replace")[-4000:] for p in sorted(out.parent.glob(f"{out.name}.*.log")))
+def _logs(out: Path, tail: int | None = 4000) -> str:
+    return "\n".join(p.read_text(errors="replace")[-tail if tail else 0:]
+                     for p in sorted(out.parent.glob(f"{out.name}.*.log")))
 
 
 @pytest.fixture(scope="module")
@@ -136,7 +137,7 @@ def study(ray_local, ray_head, train_store: str, tmp_path_factory: pytest.TempPa
     proc = _mer_tune(ray_head, train_store, out)
     assert proc.wait(timeout=1200) == 0, _logs(out)
     return {"out": out, "before": before, "summary": json.loads((out / "study.json").read_text()),
-            "log": _logs(out)}
+            "log": _logs(out, tail=None)}
 
 
 def test_study_resumes_after_being_killed_and_ranks_its_trials(study: dict) -> None:

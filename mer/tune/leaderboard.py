@@ -107,7 +107,7 @@ def plot_waf_vs_params(rows: list[dict[str, Any]], keys: list[str], uri: str) ->
                        facecolors="C0" if done else "none", edgecolors="C0" if done else "C1")
         if not numeric:
             ax.set_xticks(range(len(cats)), cats, rotation=20)
-        elif values and min(values) > 0 and max(values) / min(values) > 20:
+        elif values and min(values) > 0 and max(values) / min(values) >= 10:
             ax.set_xscale("log")
         ax.set_xlabel(key)
         ax.set_ylabel("mean fold val WAF")
