@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -212,8 +213,8 @@ def test_ensemble_of_two_runs_is_no_worse_than_the_worse_and_scores(ray_local, a
     other = tmp_path / "other_folds"
     storage.copy_dir(runs[0], str(other))
     t = storage.read_table(str(other / "oof.parquet"))
-    storage.write_table(str(other / "oof.parquet"),
-                        t.set_column(t.column_names.index("fold"), "fold", t.column("fold").to_numpy()[::-1].copy()))
+    swapped = pa.array([1 - f for f in t.column("fold").to_pylist()], pa.int32())  # 2 folds: swap them
+    storage.write_table(str(other / "oof.parquet"), t.set_column(t.column_names.index("fold"), "fold", swapped))
     with pytest.raises(ValueError, match="other_folds.*drew other folds"):
         build_ensemble([runs[1], str(other)], str(tmp_path / "bad"))
 
