@@ -81,7 +81,7 @@ def leaderboard_table(rows: list[dict[str, Any]]) -> pa.Table:
     return pa.table(cols)
 
 
-def plot_waf_vs_params(rows: list[dict[str, Any]], keys: list[str], uri: str) -> str:
+def plot_waf_vs_params(rows: list[dict[str, Any]], dims: dict[str, list[Any]], uri: str) -> str:
     """One panel per searched key: each trial's mean fold WAF against its value (filled: finished, hollow:
     stopped early by ASHA at its last score, star: the default config)."""
     import matplotlib
@@ -89,8 +89,11 @@ def plot_waf_vs_params(rows: list[dict[str, Any]], keys: list[str], uri: str) ->
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from matplotlib.ticker import NullFormatter
+
     from mer.metrics import save_png
 
+    keys = list(dims)
     scored = [r for r in rows if r["waf_mean"] is not None]
     n = max(1, len(keys))
     ncols = min(3, n)
@@ -107,8 +110,13 @@ def plot_waf_vs_params(rows: list[dict[str, Any]], keys: list[str], uri: str) ->
                        facecolors="C0" if done else "none", edgecolors="C0" if done else "C1")
         if not numeric:
             ax.set_xticks(range(len(cats)), cats, rotation=20)
-        elif values and min(values) > 0 and max(values) / min(values) >= 10:
+        elif dims[key][0] == "loguniform" or (dims[key][0] == "choice" and values and min(values) > 0
+                                              and max(values) / min(values) >= 10):
             ax.set_xscale("log")
+            ax.xaxis.set_minor_formatter(NullFormatter())
+        if numeric and dims[key][0] == "choice" and values:
+            ticks = sorted({float(v) for v in values})
+            ax.set_xticks(ticks, [f"{v:g}" for v in ticks])
         ax.set_xlabel(key)
         ax.set_ylabel("mean fold val WAF")
         ax.grid(alpha=0.3)
@@ -123,10 +131,9 @@ def finish_study(cfg: MerConfig, study_uri: str, grid: Any) -> dict[str, Any]:
     """Leaderboard, plot and ``best/`` of a study from its ``ResultGrid``; returns the study summary."""
     results = [grid[i] for i in range(len(grid))]
     rows = leaderboard_rows(cfg, study_uri, results)
-    keys = list(cfg.tune.dimensions)
     board_uri = storage.join(study_uri, "leaderboard.parquet")
     storage.write_table(board_uri, leaderboard_table(rows))
-    plot_uri = plot_waf_vs_params(rows, keys, storage.join(study_uri, "waf_vs_params.png"))
+    plot_uri = plot_waf_vs_params(rows, cfg.tune.dimensions, storage.join(study_uri, "waf_vs_params.png"))
     finished = [r for r in rows if r["status"] == "finished"]
     summary: dict[str, Any] = {
         "leaderboard": board_uri, "plot": plot_uri, "trials": len(rows),
