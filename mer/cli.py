@@ -163,6 +163,21 @@ def _pseudolabel(args: argparse.Namespace) -> None:
                       rounds=args.rounds))
 
 
+def _tune(args: argparse.Namespace) -> None:
+    from mer.tune.study import tune_study
+
+    cfg = _with_ray(args)
+    _print(tune_study(cfg, args.features, args.out))
+
+
+def _ensemble(args: argparse.Namespace) -> None:
+    from mer.ensemble import build_ensemble, study_runs
+
+    resolve_config(args)
+    runs = list(args.runs) + (study_runs(args.from_study, args.top) if args.from_study else [])
+    _print(build_ensemble(runs, args.out, weighting=args.weighting))
+
+
 def _score(args: argparse.Namespace) -> None:
     from mer.labels.loop import best_run
     from mer.score import score
@@ -194,12 +209,17 @@ def _bench(args: argparse.Namespace) -> None:
     if args.what == "labels":
         from mer.labels.bench import bench_labels, format_bench
 
-        summary = bench_labels(cfg, args.out, seeds=list(range(args.seeds)), noise=args.noise)
+        summary = bench_labels(cfg, args.out or "runs/bench-labels", seeds=list(range(args.seeds)),
+                               noise=args.noise)
         print(format_bench(summary))
     elif args.what == "extract":
         from mer.extract.bench import bench_extract
 
         _print(bench_extract(cfg, args.manifest, n_clips=args.n))
+    elif args.what == "tune":
+        from mer.tune.bench import bench_tune, format_bench
+
+        print(format_bench(bench_tune(cfg, args.out or "runs/bench-tune", trials=args.trials)))
     elif args.what == "train":
         from mer.train.bench import bench_train
 
@@ -291,6 +311,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="vote table: clip_id and label or prob_<label> columns, e.g. an LLM vote (repeatable)")
     p.add_argument("--rounds", type=int, default=None)
 
+    p = add("tune", _tune, "hyper-parameter search (Ray Tune + ASHA), each trial a k-fold mer train run")
+    p.add_argument("--features", required=True)
+    p.add_argument("--out", required=True, help="study directory (re-running resumes it)")
+
+    p = add("ensemble", _ensemble, "soft voting of several runs' fold ensembles -> a run directory")
+    p.add_argument("--runs", nargs="*", default=[], metavar="RUN", help="finished runs (same store and folds)")
+    p.add_argument("--from-study", default=None, metavar="DIR", help="add the best --top trials of a mer tune study")
+    p.add_argument("--top", type=int, default=5)
+    p.add_argument("--weighting", choices=["waf", "mean"], default="waf",
+                   help="waf: each run by its mean fold validation WAF; mean: all alike")
+    p.add_argument("--out", required=True)
+
     p = add("score", _score, "batch scoring -> predictions Parquet + submission CSV")
     p.add_argument("--run", required=True,
                    help="a training run, or a label-loop directory (mer pseudolabel --out): its best accepted run")
@@ -318,13 +350,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-unlabeled", type=int, default=300, help="unlabelled pool (MER2025: ~2.7x the labelled set)")
     p.add_argument("--n-test", type=int, default=90)
 
-    p = add("bench", _bench, "benchmarks: extract | train | enrich | labels")
-    p.add_argument("what", choices=["extract", "train", "enrich", "labels"])
+    p = add("bench", _bench, "benchmarks: extract | train | enrich | labels | tune")
+    p.add_argument("what", choices=["extract", "train", "enrich", "labels", "tune"])
     p.add_argument("--manifest", default=None, help="bench extract: manifest (default: generated clips)")
     p.add_argument("-n", type=int, default=32, help="clips / prompts")
     p.add_argument("--seeds", type=int, default=3, help="bench labels: generated stores (seeds 0..N-1)")
     p.add_argument("--noise", type=float, default=2.0, help="bench labels: feature noise of the stores")
-    p.add_argument("--out", default="runs/bench-labels", help="bench labels: working directory")
+    p.add_argument("--out", default=None, help="bench labels | tune: working directory (default runs/bench-<what>)")
+    p.add_argument("--trials", type=int, default=6, help="bench tune: trials per study")
 
     cfgp = sub.add_parser("config", help="configuration").add_subparsers(dest="sub", required=True)
     add("show", _config_show, "print the resolved, validated config", cfgp)

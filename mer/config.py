@@ -382,6 +382,128 @@ class PseudoLabelConfig(_Strict):
     weight: float = Field(1.0, gt=0.0, le=1.0)
 
 
+SAMPLERS = ("choice", "uniform", "loguniform", "randint")
+
+
+def train_key_values(key: str, values: list[Any]) -> None:
+    """Check that ``key`` (a dotted key of the ``train`` section, e.g. ``lr``, ``resources.batch_size``) exists
+    and accepts every one of ``values``; raises ``ValueError`` naming the key."""
+    base = TrainConfig().model_dump(mode="json")
+    node: Any = base
+    parts = key.split(".")
+    for i, part in enumerate(parts):
+        if not isinstance(node, dict) or part not in node:
+            level = ".".join(parts[:i])
+            choices = sorted(f"{level}.{k}" if level else k for k in node) if isinstance(node, dict) else []
+            raise ValueError(f"{key}: not a train setting (choose from {choices})")
+        if i < len(parts) - 1:
+            node = node[part]
+    for v in values:
+        raw = apply_overrides(TrainConfig().model_dump(mode="json"), [f"{key}={json.dumps(v)}"])
+        try:
+            TrainConfig.model_validate(raw)
+        except ValidationError as e:
+            msgs = "; ".join(err["msg"] for err in e.errors())
+            raise ValueError(f"{key}={v!r}: {msgs}") from None
+
+
+class AshaConfig(_Strict):
+    """ASHA early stopping of trials on their mean fold validation WAF, epoch by epoch."""
+
+    enabled: bool = True
+    grace_period: int = Field(2, ge=1)  # epochs every trial runs before it may be stopped
+    reduction_factor: float = Field(2.0, gt=1.0)  # 1/reduction_factor of the trials pass each rung
+
+
+class TuneConfig(_Strict):
+    """Hyper-parameter search over the ``train`` section (``mer tune``): Ray Tune trials, each a k-fold run."""
+
+    num_samples: int = Field(8, ge=1)  # trials (random search)
+    seed: int = 0  # of the random search: the same seed draws the same trials
+    # The first trial is the train section's own values for every searched key (the baseline to beat).
+    include_default: bool = True
+    # Trials running at once; 0: as many as the cluster's CPUs (GPUs) hold, from each trial's worker groups.
+    max_concurrent_trials: int = Field(0, ge=0)
+    # The Tune trial itself only drives its folds' Ray Train runs: no CPU by default, and Ray's `memory` resource
+    # (bytes; Tune needs a non-empty request) for its process.
+    trial_cpus: float = Field(0.0, ge=0.0)
+    trial_memory: int = Field(256 * 1024 * 1024, ge=1)
+    max_failures: int = Field(1, ge=0)  # a failed trial is retried this often (it resumes its finished folds)
+    # A partial `train` section applied to every trial before its sampled values: e.g. fractional worker CPUs
+    # and every fold at once, so that several trials share a small machine.
+    train: dict[str, Any] = Field(default_factory=lambda: {"parallel_folds": 5, "resources": {"num_cpus": 0.25}})
+    asha: AshaConfig = AshaConfig()
+    # Search space: dotted `train` key -> [sampler, ...]: [choice, v1, v2, ...], [uniform, low, high],
+    # [loguniform, low, high] or [randint, low, high] (high inclusive); null drops a key from the space.
+    space: dict[str, list[Any] | None] = Field(default_factory=lambda: {
+        "model": ["choice", "ecmf", "concat_mlp", "attention_pool"],
+        "hidden_dim": ["choice", 64, 128, 256],
+        "num_heads": ["choice", 2, 4],
+        "num_layers": ["choice", 1, 2],
+        "dropout": ["uniform", 0.2, 0.5],
+        "modality_dropout": ["uniform", 0.0, 0.3],
+        "lr": ["choice", 1.0e-3, 1.0e-4],
+        "resources.batch_size": ["choice", 16, 32, 64],
+        "patience": ["choice", 4, 6, 8],
+    })
+
+    @field_validator("train")
+    @classmethod
+    def _train_overrides(cls, v: dict[str, Any]) -> dict[str, Any]:
+        for key, value in _leaves(v).items():
+            train_key_values(key, [value])
+        return v
+
+    @field_validator("space", mode="before")
+    @classmethod
+    def _dotted_keys(cls, v: Any) -> Any:
+        # `--set tune.space.resources.batch_size=[choice, 16]` arrives nested; the space is keyed by dotted name.
+        if not isinstance(v, dict):
+            return v
+        out: dict[str, Any] = {}
+        for k, x in v.items():
+            out.update({f"{k}.{kk}": xx for kk, xx in _leaves(x).items()} if isinstance(x, dict) else {k: x})
+        return out
+
+    @field_validator("space")
+    @classmethod
+    def _search_space(cls, v: dict[str, list[Any] | None]) -> dict[str, list[Any] | None]:
+        for key, dim in v.items():
+            if dim is None:
+                continue
+            if not dim or dim[0] not in SAMPLERS:
+                raise ValueError(f"{key}: expected [sampler, ...] with sampler one of {list(SAMPLERS)}, "
+                                 f"e.g. [choice, 64, 128]; got {dim!r}")
+            kind, args = dim[0], dim[1:]
+            if kind == "choice":
+                if not args:
+                    raise ValueError(f"{key}: choice needs at least one value")
+                train_key_values(key, args)
+                continue
+            if not (len(args) == 2 and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in args)
+                    and args[0] < args[1]):
+                raise ValueError(f"{key}: {kind} needs [{kind}, low, high] with low < high; got {dim!r}")
+            if kind == "loguniform" and args[0] <= 0:
+                raise ValueError(f"{key}: loguniform needs low > 0; got {dim!r}")
+            if kind == "randint" and not all(isinstance(x, int) for x in args):
+                raise ValueError(f"{key}: randint needs integer bounds; got {dim!r}")
+            train_key_values(key, args)
+        return v
+
+    @property
+    def dimensions(self) -> dict[str, list[Any]]:
+        """The searched keys and their samplers (dropped keys left out)."""
+        return {k: d for k, d in self.space.items() if d is not None}
+
+
+def _leaves(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Dotted key -> value of a nested mapping's leaves."""
+    out: dict[str, Any] = {}
+    for k, x in d.items():
+        out.update(_leaves(x, f"{prefix}{k}.") if isinstance(x, dict) and x else {f"{prefix}{k}": x})
+    return out
+
+
 class ScoreConfig(_Strict):
     # The fold-ensemble replicas: an actor pool of `concurrency` actors scoring `batch_size` rows per call.
     resources: Resources = Resources(batch_size=256, concurrency=1, num_cpus=1.0, num_gpus=0.0)
@@ -404,6 +526,7 @@ class MerConfig(_Strict):
     relabel: RelabelConfig = RelabelConfig()
     pseudolabel: PseudoLabelConfig = PseudoLabelConfig()
     score: ScoreConfig = ScoreConfig()
+    tune: TuneConfig = TuneConfig()
 
     @property
     def models(self) -> ModelProfile:

@@ -91,12 +91,14 @@ def enrich_demands(cfg: MerConfig) -> list[Demand]:
             Demand("enrich.aux_resources", e.aux_resources, e.aux_resources.concurrency)]
 
 
-def train_demands(cfg: MerConfig, runs: int = 1) -> list[Demand]:
+def train_demands(cfg: MerConfig, runs: int = 1, *, one_fold: bool = False) -> list[Demand]:
     """Training workers that run at once: ``concurrency`` per fold, ``parallel_folds`` folds, ``runs`` runs
-    (the label loop trains ``labels.parallel_runs`` at once)."""
+    (the label loop trains ``labels.parallel_runs`` at once). ``one_fold``: a single fold's worker group, the
+    unit that must be placeable (parallel folds and runs that do not all fit wait for each other; they do not
+    stall)."""
     r = cfg.train.resources
-    folds = min(cfg.train.parallel_folds, cfg.train.folds)
-    return [Demand("train.resources", r, r.concurrency * folds * max(1, runs))]
+    folds = 1 if one_fold else min(cfg.train.parallel_folds, cfg.train.folds)
+    return [Demand("train.resources", r, r.concurrency * (1 if one_fold else folds * max(1, runs)))]
 
 
 def _scaled(r: Resources, cpu_scale: float, gpu_scale: float) -> dict[str, float]:

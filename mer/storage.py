@@ -100,6 +100,21 @@ def list_files(uri: str, suffix: str = "") -> list[str]:
     return sorted(out)
 
 
+def copy_dir(src: str, dst: str, skip: tuple[str, ...] = ()) -> int:
+    """Copy every file under ``src`` to the same relative path under ``dst`` (each written atomically), leaving
+    out the top-level entries named in ``skip``; returns the number of files copied."""
+    fs, path = filesystem(src)
+    if fs.get_file_info(path).type != pafs.FileType.Directory:
+        raise FileNotFoundError(f"no such directory: {src}")
+    n = 0
+    for info in fs.get_file_info(pafs.FileSelector(path, recursive=True)):
+        rel = info.path[len(path.rstrip("/")) + 1:]
+        if info.type != pafs.FileType.File or rel.split("/", 1)[0] in skip:
+            continue
+        write_bytes(join(dst, *rel.split("/")), read_bytes(join(src, *rel.split("/"))))
+        n += 1
+    return n
+
 def read_bytes(uri: str) -> bytes:
     fs, path = filesystem(uri)
     with fs.open_input_stream(path) as f:

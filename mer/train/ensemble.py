@@ -58,13 +58,69 @@ class Ensemble:
         return self.predict(table)[0]
 
 
-def load_ensemble(run_uri: str, device: str = "cpu") -> Ensemble:
-    """Load ``<run>/models/model.json`` and every ``fold_<k>.pt`` (plain torch state dicts)."""
+@dataclass
+class RunsEnsemble:
+    """Several runs' fold ensembles as one (``mer ensemble``): fold k's probabilities are the members' fold-k
+    probabilities averaged with the members' weights. A member has a say on a row only when the row holds one of
+    its modalities (weights renormalised per row). Same interface as :class:`Ensemble`."""
+
+    spec: dict[str, Any]
+    members: list[Any]
+    weights: list[float]
+
+    @property
+    def modalities(self) -> list[str]:
+        return list(self.spec["modalities"])
+
+    @property
+    def dims(self) -> dict[str, int]:
+        return {m: d for member in self.members for m, d in member.dims.items()}
+
+    @property
+    def folds(self) -> list[int]:
+        return list(self.members[0].folds)
+
+    def predict(self, table: pa.Table) -> tuple[np.ndarray, np.ndarray]:
+        """``(probs [N, folds, 6], modality weights [N, folds, M])`` — weighted means over the members."""
+        from mer.train.features import table_inputs
+
+        n, f, mods = table.num_rows, len(self.folds), self.modalities
+        probs = np.zeros((n, f, len(self.spec["labels"])), dtype=np.float64)
+        mod_w = np.zeros((n, f, len(mods)), dtype=np.float64)
+        mod_norm = np.zeros((n, 1, len(mods)), dtype=np.float64)
+        total = np.zeros((n, 1, 1), dtype=np.float64)
+        plain = np.zeros_like(probs)
+        for member, w in zip(self.members, self.weights):
+            _, mask = table_inputs(table, member.modalities, member.dims)
+            say = (mask.any(axis=1) * w)[:, None, None]  # [N, 1, 1]
+            p, mw = member.predict(table)
+            probs += say * p
+            plain += p
+            total += say
+            cols = [mods.index(m) for m in member.modalities]
+            mod_w[:, :, cols] += say * mw
+            mod_norm[:, :, cols] += say
+        # A row none of the members can read keeps an unweighted mean (scoring marks it no_features anyway).
+        probs = np.where(total > 0, probs / np.where(total > 0, total, 1.0), plain / len(self.members))
+        mod_w = np.divide(mod_w, mod_norm, out=np.zeros_like(mod_w), where=mod_norm > 0)
+        return probs.astype(np.float32), mod_w.astype(np.float32)
+
+    def predict_proba(self, table: pa.Table) -> np.ndarray:
+        """Per-fold class probabilities ``[N, folds, 6]``."""
+        return self.predict(table)[0]
+
+
+def load_ensemble(run_uri: str, device: str = "cpu") -> Ensemble | RunsEnsemble:
+    """Load ``<run>/models/model.json`` and every ``fold_<k>.pt`` (plain torch state dicts); for a
+    ``mer ensemble`` directory, each member run's fold ensemble (``members/<name>``)."""
     import torch
 
     from mer.fusion import model_from_spec
 
     spec = storage.read_json(storage.join(run_uri, "models", "model.json"))
+    if "members" in spec:
+        members = [load_ensemble(storage.join(run_uri, *m["path"].split("/")), device) for m in spec["members"]]
+        return RunsEnsemble(spec=spec, members=members, weights=[float(m["weight"]) for m in spec["members"]])
     files = storage.list_files(storage.join(run_uri, "models"), ".pt")
     fold_files = sorted((int(f.rsplit("fold_", 1)[1][:-3]), f) for f in files if "fold_" in f.rsplit("/", 1)[-1])
     if not fold_files:

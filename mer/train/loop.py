@@ -313,8 +313,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                                            np.concatenate(xs)[by_id] if xs else None,
                                            np.concatenate(masks)[by_id] if masks else None)
             t_rep = time.time()
-            # Which process trained the epoch: lets a Ray Train callback tell the workers apart.
-            ray.train.report({**row, "pid": os.getpid()}, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+            # Which process trained the epoch, and whether it was the fold's last: lets a Ray Train callback tell
+            # the workers apart and follow a fold to its end (a study's per-epoch score over folds).
+            ray.train.report({**row, "pid": os.getpid(), "finished": state["finished"]},
+                             checkpoint=ray.train.Checkpoint.from_directory(tmp))
             print(f"[mer.train] fold {fold} rank {rank} epoch {epoch}: train+val {seconds:.2f} s, "
                   f"checkpoint {t_rep - t0 - seconds:.2f} s, report {time.time() - t_rep:.2f} s", flush=True)
         if state["finished"]:

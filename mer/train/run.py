@@ -226,7 +226,7 @@ def train_run(cfg: MerConfig, features_uri: str, out_uri: str, *, resume: bool =
     from mer.runtime import init_ray
 
     cfg = init_ray(cfg)
-    ensure_placeable(f"training {out_uri}", train_demands(cfg))
+    ensure_placeable(f"training {out_uri}", train_demands(cfg, one_fold=True))
     if not resume:
         # Starting over: stale checkpoints would otherwise be picked up by Ray Train (same run names).
         for sub in ("ray", "folds", "models"):

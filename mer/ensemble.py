@@ -1,0 +1,130 @@
+"""``mer ensemble``: several finished runs as one run directory (soft voting of their fold ensembles).
+
+Layout of ``out_uri``: ``models/model.json`` (the members, their weights, the union of their modalities),
+``members/<i>_<name>/`` (each member's ``models/`` and ``metrics.json``: the directory is self-contained),
+``metrics.json``, ``oof.parquet``, ``test_predictions.parquet``. ``mer score --run`` accepts it.
+
+Fold k of the ensemble is the weighted mean of the members' fold-k models, so members must share their folds
+(same store, ``train.folds`` and ``train.seed``); its out-of-fold predictions then stay out of fold.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Literal
+
+import numpy as np
+import pyarrow as pa
+
+from mer import storage
+from mer.config import LABELS, PROB_COLUMNS
+
+log = logging.getLogger("mer.ensemble")
+
+Weighting = Literal["mean", "waf"]
+
+
+def study_runs(study_uri: str, top: int) -> list[str]:
+    """The run directories of a study's ``top`` best finished trials (leaderboard order: mean fold WAF)."""
+    from mer.tune.leaderboard import read_leaderboard
+
+    board = read_leaderboard(study_uri).to_pylist()
+    runs = [r["run"] for r in board if r["status"] == "finished"][:top]
+    if not runs:
+        raise ValueError(f"study {study_uri}: no finished trial on its leaderboard")
+    return runs
+
+
+def _fold_map(run_uri: str) -> dict[str, int]:
+    oof = storage.read_table(storage.join(run_uri, "oof.parquet"), columns=["clip_id", "fold"])
+    return dict(zip(oof.column("clip_id").to_pylist(), oof.column("fold").to_pylist()))
+
+
+def build_ensemble(run_uris: list[str], out_uri: str, weighting: Weighting = "waf") -> dict[str, Any]:
+    """Write the ensemble of ``run_uris`` (training runs or label-loop directories) to ``out_uri``; returns its
+    metrics. ``weighting``: ``mean`` (every run alike) or ``waf`` (each run by its mean fold validation WAF)."""
+    from mer.labels.loop import best_run
+    from mer.train.ensemble import load_ensemble
+    from mer.train.report import prediction_table
+    from mer.train.run import _score_split  # how a run scores its test split: the same for the ensemble
+
+    if len(run_uris) < 2:
+        raise ValueError("mer ensemble: give at least two runs")
+    runs = [best_run(u)[0] for u in run_uris]
+    metrics = [storage.read_json(storage.join(r, "metrics.json")) for r in runs]
+    stores = {m.get("features") for m in metrics}
+    if len(stores) != 1 or None in stores:
+        raise ValueError(f"mer ensemble: runs {runs} were trained on different feature stores {sorted(map(str, stores))}")
+    features_uri = stores.pop()
+    folds = [_fold_map(r) for r in runs]
+    for r, f in zip(runs[1:], folds[1:]):
+        if f != folds[0]:
+            raise ValueError(f"mer ensemble: run {r} drew other folds than {runs[0]} (train.folds / train.seed / "
+                             "label rows differ); fold ensembles can only be combined over the same folds")
+    members = []
+    for i, (r, m) in enumerate(zip(runs, metrics)):
+        name = f"{i}_{r.rstrip('/').rsplit('/', 1)[-1]}"
+        storage.copy_dir(storage.join(r, "models"), storage.join(out_uri, "members", name, "models"))
+        storage.write_json(storage.join(out_uri, "members", name, "metrics.json"), m)
+        weight = 1.0 if weighting == "mean" else float(m["cv_waf_mean"])
+        members.append({"name": name, "path": f"members/{name}", "run": r, "weight": weight,
+                        "cv_waf_mean": m["cv_waf_mean"], "oof_waf": m["waf"],
+                        "test_waf": (m.get("test") or {}).get("waf"), "modalities": m["modalities"]})
+    mods = list(dict.fromkeys(mod for m in metrics for mod in m["modalities"]))
+    spec = {"members": members, "weighting": weighting, "modalities": mods, "labels": list(LABELS)}
+    storage.write_json(storage.join(out_uri, "models", "model.json"), spec)
+
+    ens = load_ensemble(out_uri)
+    oof = _oof(ens, features_uri, folds[0])
+    storage.write_table(storage.join(out_uri, "oof.parquet"), oof["table"])
+    out: dict[str, Any] = {"model": "ensemble", "weighting": weighting, "members": members, "modalities": mods,
+                           "waf": oof["waf"], "accuracy": oof["accuracy"], "features": features_uri,
+                           "run_name": out_uri.rstrip("/").rsplit("/", 1)[-1], "test": None}
+    test = _score_split(features_uri, out_uri, mods, "test")
+    if test is not None:
+        test = prediction_table(test.column("clip_id").to_pylist(), test.column("label").to_pylist(),
+                                np.stack([test.column(c).to_numpy() for c in PROB_COLUMNS], axis=1),
+                                np.stack([test.column(f"weight_{m}").to_numpy() for m in mods], axis=1), mods)
+        out["test"] = _evaluate_table(test)
+        storage.write_table(storage.join(out_uri, "test_predictions.parquet"), test)
+    storage.write_json(storage.join(out_uri, "metrics.json"), out)
+    log.info("ensemble %s of %d runs (%s): OOF WAF %.4f (members %s)", out_uri, len(runs), weighting, out["waf"],
+             [round(m["oof_waf"], 4) for m in members])
+    return out
+
+
+def _evaluate_table(t: pa.Table) -> dict[str, Any] | None:
+    from mer.metrics import accuracy, weighted_f1
+    from mer.train.features import LABEL_INDEX
+
+    y = np.array([LABEL_INDEX.get(lab, -1) if lab else -1 for lab in t.column("label").to_pylist()])
+    p = np.stack([t.column(c).to_numpy() for c in PROB_COLUMNS], axis=1)
+    has = y >= 0
+    if not has.any():
+        return None
+    pred = p[has].argmax(axis=1)
+    return {"waf": weighted_f1(y[has], pred), "accuracy": accuracy(y[has], pred), "n": int(has.sum())}
+
+
+def _oof(ens: Any, features_uri: str, fold_of: dict[str, int]) -> dict[str, Any]:
+    """Out-of-fold predictions of the ensemble: each labelled train row by the fold-k mean that never trained on it."""
+    from mer.parts import iter_parts
+    from mer.train.report import prediction_table
+
+    ids, labels, probs, weights = [], [], [], []
+    for t in iter_parts(features_uri, columns=["split", "label", *ens.modalities]):
+        keep = [c in fold_of for c in t.column("clip_id").to_pylist()]
+        t = t.filter(pa.array(keep, pa.bool_()))
+        if not t.num_rows:
+            continue
+        p, w = ens.predict(t)
+        k = np.array([fold_of[c] for c in t.column("clip_id").to_pylist()])
+        rows = np.arange(t.num_rows)
+        ids += t.column("clip_id").to_pylist()
+        labels += t.column("label").to_pylist()
+        probs.append(p[rows, k])
+        weights.append(w[rows, k])
+    table = prediction_table(ids, labels, np.concatenate(probs), np.concatenate(weights), ens.modalities,
+                             extra={"fold": pa.array([fold_of[c] for c in ids], pa.int32())}).sort_by("clip_id")
+    ev = _evaluate_table(table) or {"waf": None, "accuracy": None}
+    return {"table": table, "waf": ev["waf"], "accuracy": ev["accuracy"]}
