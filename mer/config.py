@@ -59,6 +59,9 @@ class StageResources(_Strict):
     num_gpus: float = Field(0.0, ge=0.0)
     num_cpus: float = Field(1.0, gt=0.0)
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    # Batches one actor holds at once (Ray Data's max_concurrent_calls_per_actor): its UDF still runs one
+    # batch at a time, but fetching the next input block and storing the last output overlap with it.
+    max_concurrent_calls: int = Field(1, ge=1)
 
 
 class RayConfig(_Strict):
@@ -88,7 +91,10 @@ class DecodeConfig(_Strict):
     frame_size: int = Field(224, ge=16)
     audio_sample_rate: int = Field(16000, ge=8000)
     max_audio_seconds: float = Field(10.0, gt=0)
-    backend: Literal["decord", "pyav"] = "decord"
+    backend: Literal["decord", "pyav"] = "decord"  # video
+    # Audio: PyAV (FFmpeg's resampler) by default; decord's AudioReader leaks each clip's samples and
+    # costs ~3x the CPU (mer.extract.backends.decode_audio_decord). The fallback decodes with its own backend.
+    audio_backend: Literal["pyav", "decord"] = "pyav"
     fallback_backend: Literal["pyav", "none"] = "pyav"
     # decord can hang on some files; a clip that takes longer is abandoned and retried with the fallback.
     timeout_s: float = Field(30.0, gt=0)
@@ -102,7 +108,9 @@ class DecodeConfig(_Strict):
     # The decode runs in a child process per decode actor; it is replaced after this many clips so a
     # decoder that leaks memory (decord) cannot grow without bound.
     recycle_every: int = Field(500, ge=1)
-    resources: StageResources = StageResources(batch_size=4, concurrency=2, num_cpus=1.0)
+    # Requests queued in the decode child ahead of the one it decodes (it never waits for a round trip).
+    child_window: int = Field(4, ge=1)
+    resources: StageResources = StageResources(batch_size=4, concurrency=2, num_cpus=1.0, max_concurrent_calls=2)
 
 
 class FaceConfig(_Strict):

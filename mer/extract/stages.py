@@ -6,13 +6,13 @@ stage's inputs are produced upstream, so a mis-wired pipeline fails before any c
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal
 
 import numpy as np
 
 from mer.config import StageResources
+from mer.extract.timing import timed
 
 
 class PipelineError(ValueError):
@@ -47,7 +47,10 @@ class Stage:
         if self.kind == "actor":
             from ray.data import ActorPoolStrategy
 
-            kwargs["compute"] = ActorPoolStrategy(size=r.concurrency)
+            # More than one call per actor overlaps Ray Data's block fetch/output with the UDF, which itself
+            # still runs one batch at a time (enable_true_multi_threading stays off).
+            kwargs["compute"] = ActorPoolStrategy(size=r.concurrency,
+                                                  max_concurrent_calls_per_actor=r.max_concurrent_calls)
             kwargs["fn_constructor_args"] = self.constructor_args
         return ds.map_batches(self.fn, **kwargs)
 
@@ -99,23 +102,6 @@ def normalize_batch(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
                 out[i] = "" if _missing(v) else v
         batch[name] = out
     return batch
-
-
-def timed(cls: type, key: str) -> type:
-    """A subclass of a ``map_batches`` callable class that adds per-row busy time ``_t_<key>`` (seconds)
-    and normalises missing values (:func:`normalize_batch`).
-
-    It keeps the class name, so Ray's actor names (``MapWorker(<Class>)``) still say which stage it is.
-    """
-
-    def __call__(self: Any, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        t0 = time.perf_counter()
-        out = normalize_batch(cls.__call__(self, batch))
-        n = len(next(iter(out.values()))) if out else 0
-        out[f"_t_{key}"] = np.full(n, (time.perf_counter() - t0) / max(1, n))
-        return out
-
-    return type(cls.__name__, (cls,), {"__call__": __call__, "__qualname__": cls.__qualname__})
 
 
 def encoder_stage(name: str, cls: type, cfg: Any, resources: StageResources, remote_args: dict[str, Any],
