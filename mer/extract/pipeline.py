@@ -28,7 +28,8 @@ from mer.config import BRANCHES, MerConfig, StageResources
 from mer.extract import store
 from mer.extract.decode import ClipDecoder
 from mer.extract.face import FaceDetector
-from mer.extract.stages import Stage, encoder_stage, timed, validate_chain
+from mer.extract.stages import Stage, encoder_stage, validate_chain
+from mer.extract.timing import StageTimes, drop_timing, is_timing, timed
 
 log = logging.getLogger("mer.extract")
 
@@ -147,7 +148,7 @@ def _str(v: Any) -> str | None:
 
 def assemble_batch(batch: dict[str, np.ndarray], schema: pa.Schema, branches: list[str], config_hash: str,
                    model_ids: str) -> pa.Table:
-    """Encoded rows → store rows (the schema's columns + ``_t_*`` timings); heavy arrays are dropped."""
+    """Encoded rows → store rows (the schema's columns + the stages' timing columns); heavy arrays are dropped."""
     n = len(batch["clip_id"])
 
     def col(name: str) -> list[Any]:
@@ -200,7 +201,7 @@ def assemble_batch(batch: dict[str, np.ndarray], schema: pa.Schema, branches: li
     out["model_ids"] = [model_ids] * n
     arrays = {f.name: pa.array(out[f.name], type=f.type) for f in schema}
     for k in batch:
-        if k.startswith("_t_"):
+        if is_timing(k):
             arrays[k] = pa.array(np.asarray(batch[k], dtype=np.float64))
     return pa.table(arrays)
 
@@ -303,22 +304,22 @@ def extract_features(cfg: MerConfig, manifest_uri: str, out_uri: str, *, limit: 
     schema = store.feature_schema(cfg)
     lookup = dict(zip(ids, zip(manifest.column("split").to_pylist(), manifest.column("label").to_pylist())))
     writer = store.PartWriter(out_uri, schema, cfg.extract.rows_per_part, already=done)
-    busy: Counter = Counter()
+    times = StageTimes(time.time())
     run_counts: Counter = Counter()
     stats_text = ""
+    concurrency: dict[str, int] = {}
     if todo.num_rows:
         if extra_stages is None:
             extra_stages = default_extra_stages(cfg, out_uri)
         stages = build_stages(cfg, extra_stages)
+        concurrency = {s.name: (s.resources or StageResources()).concurrency for s in stages if s.kind == "actor"}
         ds = build_dataset(cfg, todo, stages)
         log.info("extract: %d clips (%d already stored) → %s", todo.num_rows, len(done & set(ids)), out_uri)
+        times = StageTimes(time.time())
         for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None, prefetch_batches=1):
-            for c in batch.column_names:
-                if c.startswith("_t_"):
-                    busy[c[3:]] += float(np.nansum(batch.column(c).to_numpy(zero_copy_only=False)))
+            times.add(batch)
             run_counts.update(batch.column("status").to_pylist())
-            batch = batch.drop_columns([c for c in batch.column_names if c.startswith("_t_")])
-            writer.add(add_manifest_columns(batch, lookup))
+            writer.add(add_manifest_columns(drop_timing(batch), lookup))
         writer.flush()
         try:
             stats_text = ds.stats()
@@ -330,10 +331,13 @@ def extract_features(cfg: MerConfig, manifest_uri: str, out_uri: str, *, limit: 
         "processed": writer.rows_written, "parts_written": len(writer.parts),
         "duplicates_dropped": writer.duplicates_dropped, "seconds": round(seconds, 2),
         "clips_per_s": round(writer.rows_written / seconds, 3) if writer.rows_written else 0.0,
-        "stage_busy_s": {k: round(v, 3) for k, v in busy.items()},
-        "stage_ms_per_clip": {k: round(1000 * v / max(1, writer.rows_written), 2) for k, v in busy.items()},
         "run_status_counts": dict(run_counts), "config_hash": meta["config_hash"],
     }
+    st = times.summary(concurrency)
+    summary["first_row_s"] = st["first_row"]["seconds"] if st["first_row"] else None
+    summary["stage_busy_s"] = {k: round(v["busy_s"], 3) for k, v in times.stages.items()}
+    summary["stage_ms_per_clip"] = {k: v["busy_ms_per_row"] for k, v in st["stages"].items()}
+    summary["stage_busy_fraction"] = {k: v["busy_fraction"] for k, v in st["stages"].items()}
     try:
         summary["status_counts"] = store.status_counts(store.read_features(
             out_uri, columns=["status", *[f"{b}_status" for b in store.vector_branches(cfg)], "decode_status"]))
@@ -350,9 +354,10 @@ def format_summary(summary: dict[str, Any]) -> str:
     """Human-readable end-of-run summary."""
     lines = [f"extract → {summary['out']}: {summary['processed']} clips in {summary['seconds']} s "
              f"({summary['clips_per_s']} clips/s), {summary['already_stored']} already stored, "
-             f"{summary['parts_written']} parts"]
+             f"{summary['parts_written']} parts, first row after {summary.get('first_row_s')} s"]
     if summary["stage_ms_per_clip"]:
         lines.append("  busy ms/clip: " + ", ".join(f"{k}={v}" for k, v in summary["stage_ms_per_clip"].items()))
+        lines.append("  busy fraction: " + ", ".join(f"{k}={v}" for k, v in summary["stage_busy_fraction"].items()))
     for col, counts in summary.get("status_counts", {}).items():
         lines.append(f"  {col}: " + json.dumps(counts, sort_keys=True))
     return "\n".join(lines)
