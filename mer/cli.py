@@ -143,14 +143,21 @@ def _demo(args: argparse.Namespace) -> None:
 
 
 def _bench(args: argparse.Namespace) -> None:
+    import time
+
     from mer.runtime import init_ray
 
     cfg = _cfg(args)
+    t0 = time.perf_counter()
     init_ray(cfg)
+    ray_init_s = time.perf_counter() - t0
     if args.what == "extract":
         from mer.extract.bench import bench_extract
 
-        _print(bench_extract(cfg, args.manifest, n_clips=args.n))
+        # --json: only the JSON document on stdout (the table otherwise)
+        result = bench_extract(cfg, args.manifest, n_clips=args.n, ray_init_s=ray_init_s, verbose=not args.json)
+        if args.json:
+            _print(result)
     elif args.what == "train":
         from mer.train.bench import bench_train
 
@@ -254,6 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("what", choices=["extract", "train", "enrich"])
     p.add_argument("--manifest", default=None, help="bench extract: manifest (default: generated clips)")
     p.add_argument("-n", type=int, default=32, help="clips / prompts")
+    p.add_argument("--json", action="store_true", help="bench extract: print the figures as JSON only")
 
     cfgp = sub.add_parser("config", help="configuration").add_subparsers(dest="sub", required=True)
     add("show", _config_show, "print the resolved, validated config", cfgp)
