@@ -77,8 +77,10 @@ class StorageConfig(_Strict):
     s3_endpoint_url: str | None = None
     s3_region: str | None = None
     tiny_models_dir: str = ".cache/mer/tiny-models"
+    # Full-size random-weight models of the `random` profile (`mer models random`; "random:<slot>").
+    random_models_dir: str = ".cache/mer/random-models"
 
-    @field_validator("tiny_models_dir")
+    @field_validator("tiny_models_dir", "random_models_dir")
     @classmethod
     def _absolute(cls, v: str) -> str:
         # Resolved once on the driver: Ray workers may start in another directory and would otherwise
@@ -274,8 +276,8 @@ class ScoreConfig(_Strict):
 class MerConfig(_Strict):
     """The whole ``ray_config.yaml``."""
 
-    profile: Literal["default", "tiny"] = "default"
-    profiles: dict[Literal["default", "tiny"], ModelProfile]
+    profile: Literal["default", "tiny", "random"] = "default"
+    profiles: dict[Literal["default", "tiny", "random"], ModelProfile]
     ray: RayConfig = RayConfig()
     storage: StorageConfig = StorageConfig()
     extract: ExtractConfig = ExtractConfig()

@@ -67,7 +67,8 @@ def test_cli_reports_bad_config_with_exit_2(capsys: pytest.CaptureFixture[str]) 
 
 def test_cli_contract_commands_exist() -> None:
     parser = build_parser()
-    for argv in (["models", "tiny", "--out", "x"], ["data", "synth", "--out", "x"],
+    for argv in (["models", "tiny", "--out", "x"], ["models", "random", "--out", "x", "--slots", "text"],
+                 ["data", "synth", "--out", "x"], ["bench", "extract", "--json"],
                  ["data", "import-mer2025", "--root", "r", "--out", "m"],
                  ["extract", "--manifest", "m", "--out", "f"], ["train", "--features", "f", "--out", "r"],
                  ["score", "--run", "r", "--features", "f", "--out", "p"],
@@ -88,3 +89,14 @@ def test_gpu_requests_are_listed_and_cpu_only_clears_them() -> None:
     assert "extract.encoders.audio.resources.num_gpus" in wanted and "train.use_gpu" in wanted
     assert "score.num_gpus" not in wanted
     assert gpu_requests(cpu_only(cfg)) == []
+
+
+def test_random_profile_resolves_every_slot_to_random_models() -> None:
+    cfg = load_config(profile="random", overrides=["storage.random_models_dir=/tmp/rm"])
+    assert cfg.storage.random_models_dir == "/tmp/rm"
+    assert {getattr(cfg.models, s).model_id for s in ("global_visual", "face", "audio", "text", "llm")} == {
+        f"random:{s}" for s in ("global_visual", "face", "audio", "text", "llm")}
+    # the same model classes as the default profile: same architectures, random weights
+    default = load_config(profile="default")
+    assert all(getattr(cfg.models, s).model_class == getattr(default.models, s).model_class
+               for s in ("global_visual", "face", "audio", "text"))
