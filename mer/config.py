@@ -141,6 +141,11 @@ class EncodersConfig(_Strict):
     audio: EncoderStage = EncoderStage()
     text: EncoderStage = EncoderStage()
     max_text_tokens: int = Field(128, ge=8)
+    # Run every enabled encoder in ONE actor pool with these resources (each actor loads all the models:
+    # one torch/transformers import and one worker process instead of one per branch, seconds of CPU each).
+    # For CPU-only machines where start-up weighs; null (separate pools) on GPU nodes, where each branch
+    # gets its own GPU share and concurrency.
+    colocated: StageResources | None = None
 
 
 class EnrichConfig(_Strict):

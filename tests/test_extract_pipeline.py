@@ -142,6 +142,29 @@ def test_all_branches_and_broken_inputs(local_run) -> None:
     assert summary["status_counts"]["status"] == {"ok": 14, "partial": 12}
     assert summary["status_counts"]["face_status"]["no_face"] == 2
     assert set(summary["stage_busy_s"]) >= {"decode", "face_detect", "global_visual", "face", "audio", "text"}
+    assert 0 < summary["stage_busy_fraction"]["decode"] <= 1 and summary["first_row_s"] > 0
+
+
+def test_colocated_encoders_give_the_same_features(local_run, clip_manifest, tmp_path) -> None:
+    """extract.encoders.colocated: every encoder in one actor pool, same rows and vectors as separate pools."""
+    from mer.config import StageResources
+
+    cfg, out, _ = local_run
+    enc = cfg.extract.encoders.model_copy(update={"colocated": StageResources(batch_size=8, num_cpus=0.5)})
+    col = cfg.model_copy(update={"extract": cfg.extract.model_copy(update={"encoders": enc})})
+    summary = extract_features(col, clip_manifest, str(tmp_path / "features"))
+    assert summary["processed"] == 16
+    # timings stay per branch: each model's load and busy time inside the one actor
+    assert set(summary["stage_busy_fraction"]) == {"decode", "face_detect", "global_visual", "face", "audio", "text"}
+    assert summary["first_row_s"] > 0
+    sep = {r["clip_id"]: r for r in store.read_features(out).to_pylist()}
+    for r in store.read_features(str(tmp_path / "features")).to_pylist():
+        ref = sep[r["clip_id"]]
+        for b in ("global_visual", "face", "audio", "text"):
+            assert r[f"{b}_status"] == ref[f"{b}_status"], (r["clip_id"], b)
+            assert (r[b] is None) == (ref[b] is None)
+            if r[b] is not None:
+                assert np.allclose(r[b], ref[b], atol=1e-4), (r["clip_id"], b)
 
 
 def test_synth_dataset_broken_kinds(local_run, synth_subset) -> None:

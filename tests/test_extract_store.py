@@ -111,3 +111,19 @@ def test_normalize_batch_keeps_block_types_consistent() -> None:
     assert out["face"][1].shape == (0,) and out["face"][1].dtype == np.float32
     assert list(out["face_error"]) == ["", "boom"]
     assert out["frames"][0].shape == (0, 0, 0, 0) and out["frames"][0].dtype == np.uint8
+
+
+def test_colocated_encoders_are_one_stage_after_the_extra_stages() -> None:
+    from mer.extract.pipeline import build_stages
+
+    cfg = load_config(profile="tiny", overrides=["extract.encoders.colocated.num_cpus=0.5",
+                                                 "extract.encoders.colocated.batch_size=8"])
+    extra = Stage("enrich_actor", fn=None, inputs=("clip_id",), outputs=("text_enriched",))
+    stages = build_stages(cfg, extra_stages=[extra])
+    assert [s.name for s in stages] == ["decode", "face_detect", "enrich_actor", "encoders"]
+    group = stages[-1]
+    assert group.resources.num_cpus == 0.5 and group.constructor_args[1] == ("global_visual", "face", "audio", "text")
+    # columns a branch rewrites in place (the waveform `audio`, the transcript `text`) stay inputs
+    assert {"frames", "face_crops", "audio", "text"} <= set(group.inputs)
+    cols = validate_chain(stages, ["clip_id", "video_uri", "audio_uri", "text"])
+    assert {"global_visual", "face", "audio_status", "text_status", "text_enriched"} <= set(cols)

@@ -28,7 +28,7 @@ from mer.config import BRANCHES, MerConfig, StageResources
 from mer.extract import store
 from mer.extract.decode import ClipDecoder
 from mer.extract.face import FaceDetector
-from mer.extract.stages import Stage, encoder_stage, validate_chain
+from mer.extract.stages import Stage, encoder_group_stage, encoder_stage, validate_chain
 from mer.extract.timing import StageTimes, drop_timing, is_timing, timed
 
 log = logging.getLogger("mer.extract")
@@ -113,6 +113,12 @@ def build_stages(cfg: MerConfig, extra_stages: list[Stage | Any] | None = None,
         stages.append(Stage(name="face_detect", fn=timed(FaceDetector, "face_detect"), inputs=FaceDetector.input_columns,
                             outputs=FaceDetector.output_columns, kind="actor",
                             resources=cfg.extract.face.resources, constructor_args=(cfg,), remote_args=ra))
+    colocated = cfg.extract.encoders.colocated
+    if colocated is not None and wanted:
+        # one pool for every encoder: the extra stages meant for just before the text encoder run before it
+        stages += before_text
+        return stages + [encoder_group_stage(list(wanted), cfg, colocated, ra,
+                                             optional=("text_enriched",) if "text" in wanted else ())]
     for b in wanted:
         if b == "text":
             stages += before_text

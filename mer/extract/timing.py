@@ -81,6 +81,15 @@ def timed(cls: type, key: str) -> type:
                                        "__qualname__": cls.__qualname__})
 
 
+def _steady(batch_ends: dict[float, int]) -> float | None:
+    """A stage's own steady rate: rows of the batches after its first / time from the first batch's end to
+    the last's (start-up excluded, and independent of how fast the driver drains the stream)."""
+    if len(batch_ends) < 2:
+        return None
+    ends = sorted(batch_ends)
+    return round(sum(batch_ends[t] for t in ends[1:]) / max(1e-9, ends[-1] - ends[0]), 3)
+
+
 class StageTimes:
     """Folds the timing columns of the batches a driver receives into per-stage figures."""
 
@@ -105,7 +114,7 @@ class StageTimes:
                 continue
             key = c[len(BUSY):]
             s = self.stages.setdefault(key, {"busy_s": 0.0, "cpu_s": 0.0, "begin": math.inf, "end": -math.inf,
-                                              "actors": set()})
+                                              "actors": set(), "batch_ends": {}})
             s["busy_s"] += float(np.nansum(v))
             s["cpu_s"] += float(np.nansum(cols.get(f"{_FIELDS['cpu']}{key}", 0.0)))
             b, e = cols.get(f"{_FIELDS['begin']}{key}"), cols.get(f"{_FIELDS['end']}{key}")
@@ -113,6 +122,9 @@ class StageTimes:
                 s["begin"] = min(s["begin"], float(np.nanmin(b)))
             if e is not None and np.isfinite(e).any():
                 s["end"] = max(s["end"], float(np.nanmax(e)))
+                # rows per batch end: a batch's rows share its end time (they may reach the driver split)
+                for t, k in zip(*np.unique(e[np.isfinite(e)], return_counts=True)):
+                    s["batch_ends"][float(t)] = s["batch_ends"].get(float(t), 0) + int(k)
             starts = [cols.get(f"{_FIELDS[k]}{key}") for k in ("proc", "init", "ready")]
             if all(x is not None for x in starts):
                 for p, i, r in zip(*starts):
@@ -130,6 +142,7 @@ class StageTimes:
             actors = sorted(s["actors"])
             n_actors = (concurrency or {}).get(key) or max(1, len(actors))
             stages[key] = {
+                "steady_rows_per_s": _steady(s["batch_ends"]),
                 "busy_ms_per_row": round(1000 * s["busy_s"] / rows, 2),
                 "cpu_ms_per_row": round(1000 * s["cpu_s"] / rows, 2),
                 "busy_fraction": round(s["busy_s"] / (n_actors * run_s), 4),
