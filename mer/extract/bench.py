@@ -15,7 +15,8 @@ after it; CPU ms/clip count every thread of a stage's actor plus the decode chil
   CPU decode), ``1/Σ(1/rate_i)`` (every stage alone used the same shared resource), and
   ``cpus / Σ cpu_i`` (stages that each use less than the machine, sharing its CPUs);
 * a MERTools-style sequential baseline (one model at a time, one clip at a time, each model's script
-  decoding the clips itself) in one Ray worker holding every CPU, and the pipeline's speedup over it;
+  decoding the clips itself) in one Ray worker holding a node's CPUs (and one GPU when the encoders ask
+  for GPUs), and the pipeline's speedup over it;
 * decode-child memory over many decodes with recycling off, with the configured audio decoder and with
   decord's (where the growth comes from).
 """
@@ -31,7 +32,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from mer.config import MerConfig
+from mer.config import MerConfig, gpu_requests
 from mer.extract.backends import AUDIO, VIDEO, DecodeParams, decode_clip
 from mer.extract.decode import ClipDecoder
 from mer.extract.face import FaceDetector
@@ -294,11 +295,14 @@ def bench_extract(cfg: MerConfig, manifest_uri: str | None = None, *, n_clips: i
         if name in lim:
             result[f"ratio_full_over_{name}"] = round(full["steady_clips_per_s"] / max(1e-9, lim[name]), 3)
 
-    # 5. MERTools-style sequential baseline, in one Ray worker holding every CPU (same priority as the stages)
+    # 5. MERTools-style sequential baseline: one Ray worker holding a whole node's CPUs (and a GPU when the
+    # encoders ask for GPUs), so it runs at the stages' priority, as one script on one machine would
     if baseline:
-        seq_task = ray.remote(num_cpus=cpus)(sequential_baseline)
+        node_cpus = max((n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n.get("Alive")), default=cpus)
+        gpu = 1.0 if gpu_requests(cfg) and ray.cluster_resources().get("GPU") else 0.0
+        seq_task = ray.remote(num_cpus=node_cpus, num_gpus=gpu)(sequential_baseline)
         seq = ray.get(seq_task.remote(cfg, table, branches))
-        seq["where"] = f"one Ray worker, {cpus:g} CPUs"
+        seq["where"] = f"one Ray worker, {node_cpus:g} CPUs, {gpu:g} GPU"
         result["sequential_baseline"] = seq
         result["speedup_vs_sequential"] = round(full["clips_per_s"] / max(1e-9, seq["clips_per_s"]), 2)
 
