@@ -81,13 +81,15 @@ def timed(cls: type, key: str) -> type:
                                        "__qualname__": cls.__qualname__})
 
 
-def _steady(batch_ends: dict[float, int]) -> float | None:
-    """A stage's own steady rate: rows of the batches after its first / time from the first batch's end to
-    the last's (start-up excluded, and independent of how fast the driver drains the stream)."""
+def _steady(batch_ends: dict[float, tuple[int, float]]) -> tuple[float | None, float | None]:
+    """A stage's own steady rate and CPU ms per row: the batches after its first, over the time from the
+    first batch's end to the last's (start-up excluded, and independent of how fast the driver drains)."""
     if len(batch_ends) < 2:
-        return None
+        return None, None
     ends = sorted(batch_ends)
-    return round(sum(batch_ends[t] for t in ends[1:]) / max(1e-9, ends[-1] - ends[0]), 3)
+    rows = sum(batch_ends[t][0] for t in ends[1:])
+    cpu = sum(batch_ends[t][1] for t in ends[1:])
+    return round(rows / max(1e-9, ends[-1] - ends[0]), 3), round(1000 * cpu / max(1, rows), 2)
 
 
 class StageTimes:
@@ -122,9 +124,12 @@ class StageTimes:
                 s["begin"] = min(s["begin"], float(np.nanmin(b)))
             if e is not None and np.isfinite(e).any():
                 s["end"] = max(s["end"], float(np.nanmax(e)))
-                # rows per batch end: a batch's rows share its end time (they may reach the driver split)
-                for t, k in zip(*np.unique(e[np.isfinite(e)], return_counts=True)):
-                    s["batch_ends"][float(t)] = s["batch_ends"].get(float(t), 0) + int(k)
+                # rows and CPU per batch, keyed by its end time (a batch's rows share it; they may reach the
+                # driver in more than one piece)
+                c = cols.get(f"{_FIELDS['cpu']}{key}", np.zeros(len(e)))
+                for t in np.unique(e[np.isfinite(e)]):
+                    rows, cpu = s["batch_ends"].get(float(t), (0, 0.0))
+                    s["batch_ends"][float(t)] = (rows + int((e == t).sum()), cpu + float(np.nansum(c[e == t])))
             starts = [cols.get(f"{_FIELDS[k]}{key}") for k in ("proc", "init", "ready")]
             if all(x is not None for x in starts):
                 for p, i, r in zip(*starts):
@@ -141,8 +146,9 @@ class StageTimes:
         for key, s in self.stages.items():
             actors = sorted(s["actors"])
             n_actors = (concurrency or {}).get(key) or max(1, len(actors))
+            steady, steady_cpu = _steady(s["batch_ends"])
             stages[key] = {
-                "steady_rows_per_s": _steady(s["batch_ends"]),
+                "steady_rows_per_s": steady, "steady_cpu_ms_per_row": steady_cpu,
                 "busy_ms_per_row": round(1000 * s["busy_s"] / rows, 2),
                 "cpu_ms_per_row": round(1000 * s["cpu_s"] / rows, 2),
                 "busy_fraction": round(s["busy_s"] / (n_actors * run_s), 4),
