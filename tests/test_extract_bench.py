@@ -48,7 +48,7 @@ def test_bench_extract_reports_all_figures(ray_local, tiny_config, tmp_path) -> 
     assert r["decode_single_process"]["driver"]["pyav_keyframe"]["ms"] > 0
     # the decode stage's CPU includes its decode child (more than the actor's own share)
     assert r["decode_only"]["keyframe"]["stages"]["decode"]["cpu_ms_per_row"] > 0
-    assert r["decode_cpu_efficiency"]["video"] > 0 and r["decode_speedup"] > 0
+    assert r["decode_cpu_efficiency"]["video_over_stage"] > 0 and r["decode_speedup"] > 0
     full = r["full_pipeline"]
     assert full["clips"] == 4
     assert set(full["stages"]) == {"decode", "face_detect", "global_visual", "face"}

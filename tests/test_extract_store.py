@@ -140,6 +140,7 @@ def test_stage_times_fold_the_timing_columns() -> None:
     def batch(stage: str, end: float, cpu: float, start: tuple[float, float, float] | None) -> pa.Table:
         p, i, r = start or (math.nan,) * 3
         return pa.table({"clip_id": ["a", "b"], f"_t_{stage}": [0.5, 0.5], f"_tc_{stage}": [cpu, cpu],
+                         f"_th_{stage}": [cpu / 2, cpu / 2],
                          f"_tb_{stage}": [end - 1.0] * 2, f"_te_{stage}": [end] * 2,
                          f"_tp_{stage}": [p] * 2, f"_ti_{stage}": [i] * 2, f"_tr_{stage}": [r] * 2})
 
@@ -150,6 +151,7 @@ def test_stage_times_fold_the_timing_columns() -> None:
     s = st.summary({"decode": 1})
     d = s["stages"]["decode"]
     assert d["steady_rows_per_s"] == 2.0 and d["steady_cpu_ms_per_row"] == 250.0  # first batch excluded
+    assert d["steady_helper_cpu_ms_per_row"] == 125.0
     assert d["cpu_ms_per_row"] == round(1000 * (2 * 2.0 + 4 * 0.25) / 6, 2)  # start-up included
     assert d["busy_fraction"] == round(3.0 / 10.0, 4) and d["first_batch_at_s"] == 4.0
     assert d["actors"] == [{"process_started_s": 1.0, "init_s": 1.0, "ready_s": 4.0}]

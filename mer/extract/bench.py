@@ -264,12 +264,17 @@ def bench_extract(cfg: MerConfig, manifest_uri: str | None = None, *, n_clips: i
         for where in ("driver", "ray_worker") for audio in (False, True)}
     # CPU per clip (robust to other jobs on the machine): one-process decode over the stage's steady CPU
     # (decode child + every thread of the actor), i.e. the rate ratio the two would have on equal CPU
+    # With a core to spare the decode child bounds the stage (the actor's share runs beside it); with every
+    # core busy, child + actor do.
     st = dec_only[d.sampling]["stages"].get("decode", {})
     stage_cpu = st.get("steady_cpu_ms_per_row") or st.get("cpu_ms_per_row") or 0.0
+    child_cpu = st.get("steady_helper_cpu_ms_per_row") or stage_cpu
+    video, both = single["ray_worker"][ref]["cpu_ms"], single["ray_worker"]["configured_with_audio"]["cpu_ms"]
     result["decode_cpu_efficiency"] = {
-        "stage_cpu_ms": stage_cpu,
-        "video": round(single["ray_worker"][ref]["cpu_ms"] / max(1e-9, stage_cpu), 3),
-        "video_audio": round(single["ray_worker"]["configured_with_audio"]["cpu_ms"] / max(1e-9, stage_cpu), 3)}
+        "stage_cpu_ms": stage_cpu, "child_cpu_ms": child_cpu,
+        "video_over_child": round(video / max(1e-9, child_cpu), 3),
+        "video_over_stage": round(video / max(1e-9, stage_cpu), 3),
+        "video_audio_over_stage": round(both / max(1e-9, stage_cpu), 3)}
 
     # 3. face detection and each encoder alone, on pre-decoded batches
     pre = decode_stage(d.sampling).apply(ray.data.from_arrow(blocks)).materialize()
@@ -351,8 +356,10 @@ def format_bench(r: dict[str, Any]) -> str:
                  f"{ratio['driver_with_audio']} / {ratio['ray_worker_with_audio']}; stage keyframe speedup "
                  f"x{r['decode_speedup']}")
     eff = r["decode_cpu_efficiency"]
-    lines.append(f"decode CPU per clip: stage (child + actor, steady) {eff['stage_cpu_ms']} ms; one-process over "
-                 f"stage: video {eff['video']}, video+audio {eff['video_audio']} (the rate ratio on equal CPU)")
+    lines.append(f"decode CPU ms/clip, steady: stage {eff['stage_cpu_ms']} (decode child {eff['child_cpu_ms']}); "
+                 f"one-process video over child {eff['video_over_child']}, over stage {eff['video_over_stage']}, "
+                 f"video+audio over stage {eff['video_audio_over_stage']} (the rate ratios on equal CPU: a spare core "
+                 f"for the actor / every core busy)")
     lim = r["limits"]
     if "min_rate" in lim:
         lines.append(f"limits: min(rate_i) {lim['min_rate']} ({lim['slowest_stage']}), shared 1/sum(1/rate_i) "

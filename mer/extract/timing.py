@@ -1,7 +1,8 @@
 """Per-stage timings that travel with the rows: busy time, CPU time, batch spans and actor start-up.
 
 :func:`timed` wraps a stage's ``map_batches`` callable class; every output row carries small float
-columns (``_t_<stage>`` busy seconds, ``_tc_<stage>`` CPU seconds, ``_tb_``/``_te_`` the batch's begin and
+columns (``_t_<stage>`` busy seconds, ``_tc_<stage>`` CPU seconds (``_th_<stage>``: the part its helper processes used, e.g. the decode
+child), ``_tb_``/``_te_`` the batch's begin and
 end as epoch seconds, and on an actor's first batch ``_tp_``/``_ti_``/``_tr_``: when its process started,
 when the class's ``__init__`` began and when it returned). The driver folds them with
 :class:`StageTimes` into busy fractions and the parts of the time to the first row, then drops them
@@ -19,7 +20,8 @@ import numpy as np
 
 PREFIX = "_t"
 BUSY = "_t_"  # seconds of UDF wall time per row
-_FIELDS = {"cpu": "_tc_", "begin": "_tb_", "end": "_te_", "proc": "_tp_", "init": "_ti_", "ready": "_tr_"}
+_FIELDS = {"cpu": "_tc_", "helper_cpu": "_th_", "begin": "_tb_", "end": "_te_", "proc": "_tp_", "init": "_ti_",
+           "ready": "_tr_"}
 
 
 def is_timing(column: str) -> bool:
@@ -59,17 +61,19 @@ def timed(cls: type, key: str) -> type:
         cls.__init__(self, *args, **kwargs)
         self._timing_start += (time.time(),)
 
-    def _cpu(self: Any) -> float:
+    def _helper_cpu(self: Any) -> float:
         child = getattr(self, "child_cpu_s", None)
-        return time.process_time() + (child() if child is not None else 0.0)
+        return child() if child is not None else 0.0
 
     def __call__(self: Any, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        begin, t0, c0 = time.time(), time.perf_counter(), _cpu(self)
+        begin, t0, c0, h0 = time.time(), time.perf_counter(), time.process_time(), _helper_cpu(self)
         out = normalize_batch(cls.__call__(self, batch))
         n = len(next(iter(out.values()))) if out else 0
         per_row = 1.0 / max(1, n)
+        helper = _helper_cpu(self) - h0
         out[f"{BUSY}{key}"] = np.full(n, (time.perf_counter() - t0) * per_row)
-        out[f"{_FIELDS['cpu']}{key}"] = np.full(n, (_cpu(self) - c0) * per_row)
+        out[f"{_FIELDS['cpu']}{key}"] = np.full(n, (time.process_time() - c0 + helper) * per_row)
+        out[f"{_FIELDS['helper_cpu']}{key}"] = np.full(n, helper * per_row)
         out[f"{_FIELDS['begin']}{key}"] = np.full(n, begin)
         out[f"{_FIELDS['end']}{key}"] = np.full(n, time.time())
         start = self.__dict__.pop("_timing_start", None)  # reported once, with the actor's first batch
@@ -81,15 +85,19 @@ def timed(cls: type, key: str) -> type:
                                        "__qualname__": cls.__qualname__})
 
 
-def _steady(batch_ends: dict[float, tuple[int, float]]) -> tuple[float | None, float | None]:
-    """A stage's own steady rate and CPU ms per row: the batches after its first, over the time from the
-    first batch's end to the last's (start-up excluded, and independent of how fast the driver drains)."""
+def _steady(batch_ends: dict[float, tuple[int, float, float]]) -> dict[str, float | None]:
+    """A stage's own steady rate and CPU ms per row (all, and its helper processes'): the batches after its
+    first, over the time from the first batch's end to the last's (start-up excluded, and independent of
+    how fast the driver drains the stream)."""
     if len(batch_ends) < 2:
-        return None, None
+        return {"steady_rows_per_s": None, "steady_cpu_ms_per_row": None, "steady_helper_cpu_ms_per_row": None}
     ends = sorted(batch_ends)
     rows = sum(batch_ends[t][0] for t in ends[1:])
     cpu = sum(batch_ends[t][1] for t in ends[1:])
-    return round(rows / max(1e-9, ends[-1] - ends[0]), 3), round(1000 * cpu / max(1, rows), 2)
+    helper = sum(batch_ends[t][2] for t in ends[1:])
+    return {"steady_rows_per_s": round(rows / max(1e-9, ends[-1] - ends[0]), 3),
+            "steady_cpu_ms_per_row": round(1000 * cpu / max(1, rows), 2),
+            "steady_helper_cpu_ms_per_row": round(1000 * helper / max(1, rows), 2)}
 
 
 class StageTimes:
@@ -127,9 +135,11 @@ class StageTimes:
                 # rows and CPU per batch, keyed by its end time (a batch's rows share it; they may reach the
                 # driver in more than one piece)
                 c = cols.get(f"{_FIELDS['cpu']}{key}", np.zeros(len(e)))
+                h = cols.get(f"{_FIELDS['helper_cpu']}{key}", np.zeros(len(e)))
                 for t in np.unique(e[np.isfinite(e)]):
-                    rows, cpu = s["batch_ends"].get(float(t), (0, 0.0))
-                    s["batch_ends"][float(t)] = (rows + int((e == t).sum()), cpu + float(np.nansum(c[e == t])))
+                    rows, cpu, helper = s["batch_ends"].get(float(t), (0, 0.0, 0.0))
+                    s["batch_ends"][float(t)] = (rows + int((e == t).sum()), cpu + float(np.nansum(c[e == t])),
+                                                 helper + float(np.nansum(h[e == t])))
             starts = [cols.get(f"{_FIELDS[k]}{key}") for k in ("proc", "init", "ready")]
             if all(x is not None for x in starts):
                 for p, i, r in zip(*starts):
@@ -146,9 +156,8 @@ class StageTimes:
         for key, s in self.stages.items():
             actors = sorted(s["actors"])
             n_actors = (concurrency or {}).get(key) or max(1, len(actors))
-            steady, steady_cpu = _steady(s["batch_ends"])
             stages[key] = {
-                "steady_rows_per_s": steady, "steady_cpu_ms_per_row": steady_cpu,
+                **_steady(s["batch_ends"]),
                 "busy_ms_per_row": round(1000 * s["busy_s"] / rows, 2),
                 "cpu_ms_per_row": round(1000 * s["cpu_s"] / rows, 2),
                 "busy_fraction": round(s["busy_s"] / (n_actors * run_s), 4),
