@@ -122,10 +122,14 @@ def _rss_growth(cfg: MerConfig, paths: list[str], decodes: int, audio_backend: s
     dec = ClipDecoder(cfg.model_copy(update={"extract": cfg.extract.model_copy(update={"decode": d})}))
     samples = []
     try:
+        dec.decode_one(paths[0])  # the child's start-up is not a decode
+        cpu0, work0 = dec.child.cpu_s(), dec.child.work_cpu_s
         for i in range(decodes):
             dec.decode_one(paths[i % len(paths)])
             if i % 10 == 9:
                 samples.append(dec.child.rss())
+        child_ms = 1000 * (dec.child.cpu_s() - cpu0) / max(1, decodes)
+        work_ms = 1000 * (dec.child.work_cpu_s - work0) / max(1, decodes)
     finally:
         dec.child.kill()
     if not samples:
@@ -133,7 +137,10 @@ def _rss_growth(cfg: MerConfig, paths: list[str], decodes: int, audio_backend: s
     mb = [s / 2**20 for s in samples]
     base = mb[min(1, len(mb) - 1)]
     slope = float(np.polyfit(np.arange(len(mb)) * 10, mb, 1)[0]) * 1000 if len(mb) >= 3 else 0.0
-    return {"audio_backend": audio_backend, "decodes": decodes, "rss_mb_after_20": round(base, 1),
+    # the child's CPU per clip: inside decode_clip, and the rest (reading requests, sending frames)
+    return {"audio_backend": audio_backend, "decodes": decodes, "child_cpu_ms": round(child_ms, 2),
+            "decode_cpu_ms": round(work_ms, 2), "protocol_cpu_ms": round(child_ms - work_ms, 2),
+            "rss_mb_after_20": round(base, 1),
             "rss_mb_end": round(mb[-1], 1), "rss_mb_max": round(max(mb), 1), "growth_mb": round(mb[-1] - base, 1),
             "slope_mb_per_1000_clips": round(slope, 1)}
 
@@ -381,7 +388,9 @@ def format_bench(r: dict[str, Any]) -> str:
     for ab, m in (r.get("decode_rss") or {}).items():
         if isinstance(m, dict) and m:
             lines.append(f"decode child RSS over {m['decodes']} decodes, no recycling, {ab} audio: {m['rss_mb_after_20']} "
-                         f"→ {m['rss_mb_end']} MB ({m['slope_mb_per_1000_clips']} MB/1000 clips)")
+                         f"→ {m['rss_mb_end']} MB ({m['slope_mb_per_1000_clips']} MB/1000 clips); child CPU "
+                         f"{m['child_cpu_ms']} ms/clip, of which decode_clip {m['decode_cpu_ms']}, protocol "
+                         f"{m['protocol_cpu_ms']}")
     lines.append(f"CPU pressure (PSI some avg60, %: time runnable tasks waited for a CPU): start "
                  f"{(r.get('cpu_pressure_start') or {}).get('some_avg60')}, end "
                  f"{(r.get('cpu_pressure_end') or {}).get('some_avg60')}")

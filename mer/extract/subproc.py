@@ -124,6 +124,7 @@ class DecodeProcess:
         self.restarts = 0  # children replaced after a timeout or a crash
         self.recycles = 0  # children replaced on schedule
         self.child_cpu_s = 0.0  # CPU time of the children that are gone (see cpu_s)
+        self.work_cpu_s = 0.0  # CPU time the children spent inside the requested functions (the rest: protocol)
 
     def _start(self) -> None:
         self.proc = subprocess.Popen([sys.executable, "-m", "mer.extract.subproc"], stdin=subprocess.PIPE,
@@ -216,7 +217,8 @@ class DecodeProcess:
                     if not inflight:  # recycle point reached: the next round starts a fresh child
                         break
                     i, sent = inflight[0]
-                    status, value = _read_msg(fd, max(sent, last) + timeout)
+                    status, value, work_s = _read_msg(fd, max(sent, last) + timeout)
+                    self.work_cpu_s += work_s
                     inflight.popleft()
                     last = time.monotonic()
                     results[i] = RequestError(value) if status == "error" else value
@@ -279,6 +281,7 @@ def _serve() -> None:
             fn, kwargs = _read_msg(fd, None)
         except ChildDied:  # parent closed the pipe
             return
+        c0 = time.process_time()
         try:
             if fn == "sleep":  # used by the tests to simulate a hanging decoder
                 time.sleep(float(kwargs.get("seconds", 3600)))
@@ -292,7 +295,7 @@ def _serve() -> None:
                 result = ("error", f"unknown request {fn!r}")
         except Exception as e:  # noqa: BLE001 - reported to the parent as the request's error
             result = ("error", f"{e.__class__.__name__}: {e}")
-        _write_msg(out, result)
+        _write_msg(out, (*result, time.process_time() - c0))  # with the request's own CPU seconds
 
 
 if __name__ == "__main__":
