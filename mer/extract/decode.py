@@ -3,7 +3,11 @@
 ``ClipDecoder`` is a CPU ``map_batches`` callable class (never placed in a GPU actor). It owns a
 persistent decode child process (:mod:`mer.extract.subproc`) so that a clip whose decode hangs is
 abandoned after ``decode.timeout_s`` and retried with ``decode.fallback_backend``; the child is also
-recycled every ``decode.recycle_every`` clips to bound decoder memory leaks.
+recycled every ``decode.recycle_every`` clips to bound decoder memory leaks. A batch's clips are queued in
+the child back to back (it never idles for a round trip), and the stage's actors hold two batches at once
+(``resources.max_concurrent_calls``) so Ray's block handling overlaps the decoding. Video is read with
+``decode.backend``, audio with ``decode.audio_backend`` (PyAV: decord's AudioReader leaks every clip's
+samples, which was the decode child's memory growth).
 
 Per-row outputs: ``frames`` (uint8 [T, S, S, 3] or None), ``decode_status`` (``ok``, ``missing_file``,
 ``decode_error``, ``decode_timeout``), ``decode_error`` (message or None), ``audio`` (float32 [N] or
