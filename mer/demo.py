@@ -1,8 +1,10 @@
 """``mer demo``: the whole loop on generated data with tiny models and local Ray.
 
-synth → (label noise, as real annotations have) → extract (+ LLM enrichment) → train each single modality and
-the ECMF fusion → refine labels → pseudo-label round → score → evaluate, then a WAF table and
-``<workdir>/summary.json``. Every step is resumable, so a second ``make demo`` reuses what is done.
+synth (an unlabelled pool 2.5x the labelled set, as in MER2025) → label noise (as real annotations have) →
+LLM enrichment and an LLM label vote → extract → the label loop (the ECMF fusion and each single modality as
+independent label sources, refinement, pseudo-label rounds, each stage kept only if its gate says it helps) →
+score with the best accepted stage → evaluate, then the WAF tables and ``<workdir>/summary.json``. Every step
+is resumable, so a second ``make demo`` reuses what is done.
 """
 
 from __future__ import annotations
@@ -36,18 +38,29 @@ DEMO_OVERRIDES: list[str] = [
     # 94 s with one worker, 58-66 s with the folds in parallel; 6 concurrent 2-worker folds were slower than
     # sequential). The test suite runs the 2-worker DeepSpeed path.
     "train.folds=3",
-    "train.num_workers=1",
+    "train.resources.concurrency=1",
     "train.parallel_folds=3",
-    "train.cpus_per_worker=0.5",
+    "train.resources.num_cpus=0.5",
     "train.max_epochs=20",
     "train.patience=5",
     # Each per-epoch report waits for the controller's next poll: at 0.5 s that is ~40 % of a tiny epoch.
     "train.poll_interval_s=0.1",
+    # The tiny LLM enriches every subtitle; the text branch encodes both the original and the enriched one.
+    "enrich.enabled=true",
+    "enrich.text_source=both",
     # A random-weight LLM decoded greedily repeats one token (often a byte piece that cleans to nothing);
     # seeded sampling makes it write varied noise the fusion must learn to down-weight.
     "enrich.temperature=1.0",
-    "score.num_cpus=0.5",
+    # ...and the fusion gets both text vectors.
+    f"train.modalities=[{','.join([*BRANCHES, 'text_enriched'])}]",
+    "score.resources.num_cpus=0.5",
+    # The label loop's independent sources: one run per visual/audio/text branch (the enriched-text vector of a
+    # random-weight LLM is noise, and is already one of the fused run's modalities).
+    "labels.source_modalities=[global_visual,face,audio,text]",
 ]
+# Short, small clips: the loop needs an unlabelled pool 2.5x the labelled set, not long videos.
+DEMO_CLIP_SECONDS = 1.5
+DEMO_CLIP_SIZE = 96
 
 
 def inject_label_noise(manifest: pa.Table, fraction: float, seed: int) -> tuple[pa.Table, int]:
@@ -63,34 +76,55 @@ def inject_label_noise(manifest: pa.Table, fraction: float, seed: int) -> tuple[
     return manifest.set_column(idx, "label", pa.array(labels, pa.string())), len(flipped)
 
 
-def _test_metrics(metrics: dict) -> tuple[float, float]:
-    test = metrics.get("test") or {}
-    return float(test.get("waf", float("nan"))), float(test.get("accuracy", float("nan")))
+def _truth(data_dir: Path) -> dict[str, str]:
+    """The generator's hidden label of every clip (``synth_truth.csv``), unlabelled ones included."""
+    import csv
+
+    with open(data_dir / "synth_truth.csv", newline="") as f:
+        return {r["name"]: r["label"] for r in csv.DictReader(f)}
 
 
-def run_demo(cfg: MerConfig, workdir: str, *, n_train: int = 150, n_unlabeled: int = 90, n_test: int = 90,
-             label_noise: float = 0.15, seed: int = 0, enrich: bool = True) -> dict[str, Any]:
-    """Run the demo loop into ``workdir`` and return (and write) its summary.
+def _label_quality(loop: dict[str, Any], truth: dict[str, str]) -> dict[str, Any]:
+    """What the demo can say because it knows the truth: flipped labels found, pseudo-labels right."""
+    out: dict[str, Any] = {}
+    for s in loop["stages"]:
+        if s["stage"] == "refined":
+            rows = storage.read_table(s["labels"]).to_pylist()
+            flipped = {r["clip_id"] for r in rows if r["original_label"] != truth[r["clip_id"]]}
+            flagged = {r["clip_id"] for r in rows if r["rule"] in ("relabel", "downweight")}
+            out["refinement"] = {"flipped": len(flipped), "flagged": len(flagged),
+                                 "flagged_and_flipped": len(flipped & flagged)}
+        elif s["stage"].startswith("round_") and s.get("selection"):
+            sel = storage.read_table(s["selection"])
+            picked = sel.filter(sel.column("selected"))
+            right = sum(truth[c] == lab for c, lab in zip(picked.column("clip_id").to_pylist(),
+                                                          picked.column("pred_label").to_pylist()))
+            out[s["stage"]] = {"pseudo_labels": picked.num_rows, "right": right}
+    return out
 
-    With ``enrich`` the tiny LLM enriches every subtitle and the text branch encodes both the original and
-    the enriched transcript (a random-weight LLM writes noise, so the fusion must learn to weigh it).
+
+def run_demo(cfg: MerConfig, workdir: str, *, n_train: int = 120, n_unlabeled: int = 300, n_test: int = 90,
+             label_noise: float = 0.15, seed: int = 0) -> dict[str, Any]:
+    """Run the demo loop into ``workdir`` with ``cfg`` (``mer demo`` resolves it with :data:`DEMO_OVERRIDES`)
+    and return (and write) its summary.
+
+    MER proportions: an unlabelled pool 2.5x the labelled train split, 15 % of the train labels flipped. With
+    ``enrich.enabled`` the tiny LLM enriches every subtitle and votes a label for every clip (an LLM label
+    source); a random-weight LLM writes noise, so the fusion must learn to weigh it and the loop to give its
+    votes no say.
     """
     from mer.data.manifest import read_manifest, write_manifest
     from mer.data.synth import synth_dataset
     from mer.enrich.run import enrich_manifest
     from mer.evaluate import evaluate
     from mer.extract.pipeline import extract_features
-    from mer.labels.pseudolabel import pseudolabel_rounds
-    from mer.labels.relabel import relabel_run
+    from mer.labels.llm_vote import llm_vote
+    from mer.labels.loop import label_loop
     from mer.models.tiny import ensure_tiny_models
     from mer.runtime import init_ray
     from mer.score import score
-    from mer.train import train_run
-    from mer.train.features import store_columns
+    from mer.train.ablation import run_figures
 
-    if enrich:
-        cfg = cfg.model_copy(update={"enrich": cfg.enrich.model_copy(update={"enabled": True,
-                                                                             "text_source": "both"})})
     t0 = time.time()
     wd = Path(workdir).resolve()
     wd.mkdir(parents=True, exist_ok=True)
@@ -104,7 +138,8 @@ def run_demo(cfg: MerConfig, workdir: str, *, n_train: int = 150, n_unlabeled: i
     ensure_tiny_models(cfg)
     data = wd / "data"
     if not (data / "manifest.parquet").exists():
-        synth_dataset(data, n_train=n_train, n_unlabeled=n_unlabeled, n_test=n_test, seed=seed)
+        synth_dataset(data, n_train=n_train, n_unlabeled=n_unlabeled, n_test=n_test, seed=seed,
+                      seconds=DEMO_CLIP_SECONDS, size=DEMO_CLIP_SIZE)
     noisy_uri = str(wd / "manifest_noisy.parquet")
     if not Path(noisy_uri).exists():
         noisy, n_flipped = inject_label_noise(read_manifest(str(data / "manifest.parquet")), label_noise, seed)
@@ -114,70 +149,68 @@ def run_demo(cfg: MerConfig, workdir: str, *, n_train: int = 150, n_unlabeled: i
 
     init_ray(cfg)
     enrich_summary: dict[str, Any] = {}
+    vote_summary: dict[str, Any] = {}
+    tables: dict[str, str] = {}
     if cfg.enrich.enabled:
         # Enrich first as its own job: the vLLM engine then has the CPUs to itself, and extraction's
         # enrichment stage finds every transcript in the shared cache (<workdir>/enrich_cache).
         t = time.time()
-        enrich_summary = enrich_manifest(cfg, noisy_uri, str(wd / "enriched.parquet"))
+        enriched_uri = str(wd / "enriched.parquet")
+        enrich_summary = enrich_manifest(cfg, noisy_uri, enriched_uri)
         step("enrich", t)
+        t = time.time()
+        votes_uri = str(wd / "llm_votes.parquet")
+        vote_summary = llm_vote(cfg, noisy_uri, votes_uri, enriched_uri=enriched_uri)
+        tables["llm"] = votes_uri
+        step("llm vote", t)
     t = time.time()
     features = str(wd / "features")
     extract_summary = extract_features(cfg, noisy_uri, features)
     step("extract", t)
 
-    # Ablation on the labelled split only: each single modality, then the fusion of all.
-    store_cols = store_columns(features)
-    fused_mods = [m for m in (*BRANCHES, "text_enriched") if m in store_cols]
-    settings = {m: [m] for m in BRANCHES} | {"fused": fused_mods}
-    waf: dict[str, float] = {}
-    acc: dict[str, float] = {}
-    runs = wd / "runs"
-    for name, mods in settings.items():
-        t = time.time()
-        metrics = train_run(cfg, features, str(runs / name), resume=True, modalities=mods)
-        waf[name], acc[name] = _test_metrics(metrics)
-        step(f"train {name}", t)
+    # The label loop trains the fused run and one run per modality (the independent label sources, and the
+    # ablation table), refines the labels, runs the pseudo-label rounds and keeps only what its gate accepts.
+    t = time.time()
+    loop = label_loop(cfg, features, str(wd / "labels"), tables=tables)
+    step("label loop", t)
 
     t = time.time()
-    refined_uri = str(wd / "labels" / "refined.parquet")
-    relabel_summary = relabel_run(cfg, str(runs / "fused"), features, refined_uri)
-    refined_metrics = train_run(cfg, features, str(runs / "refined"), resume=True, labels_uri=refined_uri,
-                                modalities=fused_mods)
-    step("relabel + retrain", t)
-
-    t = time.time()
-    pseudo = pseudolabel_rounds(cfg.model_copy(update={"train": cfg.train.model_copy(update={"modalities": fused_mods})}),
-                                features, str(wd / "pseudo"), base_run=str(runs / "refined"),
-                                labels_uri=refined_uri, rounds=1)
-    pseudo_metrics = storage.read_json(str(Path(pseudo["final_run"]) / "metrics.json"))
-    step("pseudo-label round", t)
-
-    t = time.time()
-    scored = score(cfg, pseudo["final_run"], str(wd / "scores"), features_uri=features)
+    scored = score(cfg, str(wd / "labels"), str(wd / "scores"), features_uri=features)
     report = evaluate(scored["predictions"], str(data / "test_labels.csv"), out_dir=str(wd / "eval"))
     step("score + evaluate", t)
 
-    stages = {
-        "labelled_only": _test_metrics(storage.read_json(str(runs / "fused" / "metrics.json")))[0],
-        "after_refinement": _test_metrics(refined_metrics)[0],
-        "after_pseudo_labels": _test_metrics(pseudo_metrics)[0],
-    }
+    stages = {s["stage"]: s for s in loop["stages"]}
+    # The loop's source runs are the ablation: each modality alone, then fused.
+    runs = storage.read_json(str(wd / "labels" / "sources" / "reliability.json"))["runs"]
+    figures = run_figures({**{m: runs[m] for m in runs if m != "fused"}, "fused": runs["fused"]})
+    waf = {name: f["waf"] for name, f in figures.items()}
+    acc = {name: f["accuracy"] for name, f in figures.items()}
     summary = {
         "waf": waf,
         "accuracy": acc["fused"],
         "accuracy_by_setting": acc,
-        "label_stages_waf": stages,
+        "label_stages_waf": {name: (s["test"] or {}).get("waf") for name, s in stages.items()},
+        "label_stages": [{"stage": s["stage"], "test_waf": (s["test"] or {}).get("waf"),
+                          "gate_waf": (s["gate"] or {}).get("waf"),
+                          "accepted": s["accepted"], "decision": s["decision"],
+                          **({"rules": s["rules"]} if "rules" in s else {}),
+                          **({"pseudo_labels": s["pseudo"]["selected"]} if "pseudo" in s else {})}
+                         for s in loop["stages"]],
+        "best_stage": loop["best"],
+        "label_quality": _label_quality(loop, _truth(data)),
         "scored_test": {"waf": report.get("waf"), "accuracy": report.get("accuracy"),
-                        "missing": len(report["missing_in_pred"])},
-        "relabel": relabel_summary["rules"],
-        "pseudo_labels": pseudo["rounds"][-1]["selected"] if pseudo["rounds"] else 0,
+                        "missing": len(report["missing_in_pred"]), "run": scored.get("run")},
         "extract_status": extract_summary.get("status_counts", {}).get("status", {}),
         "enrich_status": enrich_summary.get("status_counts", {}),
+        "llm_vote_status": vote_summary.get("status_counts", {}),
         "timings_s": timings,
         "seconds": round(time.time() - t0, 1),
-        "outputs": {"features": features, "runs": str(runs), "predictions": scored["predictions"],
+        "outputs": {"features": features, "label_loop": str(wd / "labels"), "predictions": scored["predictions"],
                     "submission": scored["submission"], "evaluation": str(wd / "eval")},
     }
+    from mer.report import write_demo_report
+
+    summary["outputs"]["report"] = write_demo_report(str(wd), summary)
     storage.write_json(str(wd / "summary.json"), summary)
     print(format_summary(summary))
     return summary
@@ -189,13 +222,20 @@ def format_summary(summary: dict[str, Any]) -> str:
              f"{'setting':<16}{'WAF':>8}{'acc':>8}"]
     for name, w in summary["waf"].items():
         lines.append(f"{name:<16}{w:>8.4f}{summary['accuracy_by_setting'][name]:>8.4f}")
-    lines += ["", "Fused WAF through the label stages", f"{'stage':<22}{'WAF':>8}"]
-    for name, w in summary["label_stages_waf"].items():
-        lines.append(f"{name:<22}{w:>8.4f}")
-    lines += ["", f"relabel rules: {json.dumps(summary['relabel'])}",
-              f"pseudo-labels selected: {summary['pseudo_labels']}",
-              f"extraction statuses: {json.dumps(summary['extract_status'])}",
+    lines += ["", "Fused model through the label stages (gate: out-of-fold WAF vs the original labels)",
+              f"{'stage':<16}{'test WAF':>9}{'gate WAF':>9}  decision"]
+    for s in summary["label_stages"]:
+        what = ("kept" if s["accepted"] else "REJECTED") + f" ({s['decision']})"
+        extra = (f"; rules {json.dumps(s['rules'])}" if "rules" in s else
+                 f"; {s['pseudo_labels']} pseudo-labels" if "pseudo_labels" in s else "")
+        fig = "".join(f"{'-':>9}" if v is None else f"{v:>9.4f}" for v in (s["test_waf"], s["gate_waf"]))
+        lines.append(f"{s['stage']:<16}{fig}  {what}{extra}")
+    best = summary["best_stage"]
+    lines += [f"scored with: {best['stage']} ({best['why']})",
+              f"label quality vs the generator's truth: {json.dumps(summary['label_quality'])}",
+              "", f"extraction statuses: {json.dumps(summary['extract_status'])}",
               f"enrichment statuses: {json.dumps(summary['enrich_status'])}",
+              f"LLM vote statuses: {json.dumps(summary['llm_vote_status'])}",
               f"scored test split: WAF {summary['scored_test']['waf']}, "
               f"accuracy {summary['scored_test']['accuracy']}",
               f"total {summary['seconds']} s", "outputs:"]

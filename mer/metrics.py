@@ -1,4 +1,4 @@
-"""Classification metrics of the MER challenge: weighted-average F1 (WAF), accuracy, confusion matrix.
+"""Classification metrics of the MER challenge (scikit-learn's): weighted-average F1 (WAF), accuracy, confusion.
 
 Labels are class indices into :data:`mer.config.LABELS`. A prediction of ``-1`` (no prediction for a clip)
 counts as wrong for every metric and is left out of the confusion matrix's columns.
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -27,40 +28,41 @@ def _arrays(y_true: Sequence[int], y_pred: Sequence[int]) -> tuple[np.ndarray, n
 
 def accuracy(y_true: Sequence[int], y_pred: Sequence[int]) -> float:
     """Fraction of exact matches (0.0 for empty input)."""
+    from sklearn.metrics import accuracy_score
+
     t, p = _arrays(y_true, y_pred)
-    return float((t == p).mean()) if t.size else 0.0
+    return float(accuracy_score(t, p)) if t.size else 0.0
 
 
 def per_class_f1(y_true: Sequence[int], y_pred: Sequence[int]) -> dict[str, float]:
     """F1 of each class, keyed by label name (0.0 for a class with no true and no predicted sample)."""
+    from sklearn.metrics import f1_score
+
     t, p = _arrays(y_true, y_pred)
-    out: dict[str, float] = {}
-    for k, name in enumerate(LABELS):
-        tp = float(np.sum((t == k) & (p == k)))
-        fp = float(np.sum((t != k) & (p == k)))
-        fn = float(np.sum((t == k) & (p != k)))
-        denom = 2 * tp + fp + fn
-        out[name] = 2 * tp / denom if denom else 0.0
-    return out
+    if not t.size:
+        return {name: 0.0 for name in LABELS}
+    f1 = f1_score(t, p, labels=list(range(N_CLASSES)), average=None, zero_division=0.0)
+    return {name: float(v) for name, v in zip(LABELS, f1)}
 
 
 def weighted_f1(y_true: Sequence[int], y_pred: Sequence[int]) -> float:
     """Weighted-average F1 (the MER2025 WAF): per-class F1 weighted by the class's true support."""
-    t, _ = _arrays(y_true, y_pred)
+    from sklearn.metrics import f1_score
+
+    t, p = _arrays(y_true, y_pred)
     if not t.size:
         return 0.0
-    f1 = per_class_f1(y_true, y_pred)
-    support = np.bincount(t[(t >= 0) & (t < N_CLASSES)], minlength=N_CLASSES).astype(np.float64)
-    return float(sum(f1[name] * support[k] for k, name in enumerate(LABELS)) / support.sum())
+    return float(f1_score(t, p, labels=list(range(N_CLASSES)), average="weighted", zero_division=0.0))
 
 
 def confusion(y_true: Sequence[int], y_pred: Sequence[int]) -> np.ndarray:
     """Confusion matrix ``[true, pred]`` of shape (6, 6); rows with no prediction (-1) are not counted."""
+    from sklearn.metrics import confusion_matrix
+
     t, p = _arrays(y_true, y_pred)
-    cm = np.zeros((N_CLASSES, N_CLASSES), dtype=np.int64)
-    ok = (t >= 0) & (t < N_CLASSES) & (p >= 0) & (p < N_CLASSES)
-    np.add.at(cm, (t[ok], p[ok]), 1)
-    return cm
+    if not t.size:
+        return np.zeros((N_CLASSES, N_CLASSES), dtype=np.int64)
+    return confusion_matrix(t, p, labels=list(range(N_CLASSES))).astype(np.int64)
 
 
 def plot_confusion(cm: np.ndarray, path_or_uri: str, title: str = "confusion matrix") -> str:
@@ -85,9 +87,16 @@ def plot_confusion(cm: np.ndarray, path_or_uri: str, title: str = "confusion mat
             ax.text(j, i, str(int(cm[i, j])), ha="center", va="center",
                     color="white" if norm[i, j] > 0.5 else "black", fontsize=8)
     fig.colorbar(im, ax=ax, fraction=0.046)
+    return save_png(fig, path_or_uri)
+
+
+def save_png(fig: Any, uri: str) -> str:
+    """Write a matplotlib figure as PNG to a local path or ``s3://`` URI, and close it."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)
     plt.close(fig)
-    storage.write_bytes(path_or_uri, buf.getvalue())
-    return path_or_uri
+    storage.write_bytes(uri, buf.getvalue())
+    return uri

@@ -1,8 +1,9 @@
 """Batch scoring: a fold ensemble applied to a feature store (or raw videos) as a Ray Data job.
 
-The classifier runs as an actor pool of model replicas (``score.concurrency``, ``score.num_gpus``); the
-driver commits prediction parts atomically, so a re-run skips clips already scored and the output holds
-every input clip exactly once. Raw videos go through the extraction pipeline first (same resumable store).
+The classifier runs as an actor pool of model replicas (``score.resources``); the stream is written like
+extraction's (:func:`mer.stream.write_stream`: the driver commits prediction parts atomically), so a re-run
+skips clips already scored and the output holds every input clip exactly once. Raw videos go through the
+extraction pipeline first (same resumable store).
 """
 
 from __future__ import annotations
@@ -17,18 +18,28 @@ import numpy as np
 import pyarrow as pa
 
 from mer import storage
-from mer.config import LABELS, MerConfig
-from mer.extract.store import PartWriter, part_files, read_features, stored_ids
+from mer.config import LABELS, PROB_COLUMNS, MerConfig
+from mer.parts import part_columns, part_files, read_dataset, read_parts
+from mer.stream import Stage, build, write_stream
 
 log = logging.getLogger("mer.score")
 
-PROB_COLUMNS = [f"prob_{lab}" for lab in LABELS]
 PRED_SCHEMA = pa.schema(
     [("clip_id", pa.string()), ("split", pa.string()), ("label", pa.string()),
      ("pred_label", pa.string()), ("confidence", pa.float32()), ("fold_agreement", pa.float32())]
     + [(c, pa.float32()) for c in PROB_COLUMNS]
+    # Each fold model's probabilities (fold order 0..F-1): the label loop picks fold k's pseudo-labels from
+    # fold k's models only.
+    + [("fold_probs", pa.list_(pa.list_(pa.float32())))]
     + [("run_id", pa.string()), ("status", pa.string()), ("error", pa.string())]
 )
+
+
+def run_id(run_uri: str) -> str:
+    """A run's name in predictions: the ``run_name`` its metrics record, else its directory name."""
+    metrics = storage.join(run_uri, "metrics.json")
+    name = storage.read_json(metrics).get("run_name") if storage.exists(metrics) else None
+    return str(name or run_uri.rstrip("/").rsplit("/", 1)[-1])
 
 
 class EnsemblePredictor:
@@ -38,7 +49,7 @@ class EnsemblePredictor:
         from mer.train import load_ensemble
 
         self.ensemble = load_ensemble(run_uri, device=device)
-        self.run_id = run_uri.rstrip("/").rsplit("/", 1)[-1]
+        self.run_id = run_id(run_uri)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         n = batch.num_rows
@@ -49,11 +60,14 @@ class EnsemblePredictor:
                 present |= np.asarray(batch.column(m).is_valid().to_numpy(zero_copy_only=False))
         probs = np.full((n, len(LABELS)), np.nan, dtype=np.float32)
         agree = np.full(n, np.nan, dtype=np.float32)
+        fold_probs: list[list[list[float]] | None] = [None] * n
         if present.any():
             fold_p = self.ensemble.predict_proba(batch.filter(pa.array(present)))  # [n', folds, C]
             mean = fold_p.mean(axis=1)
             probs[present] = mean
             agree[present] = (fold_p.argmax(axis=2) == mean.argmax(axis=1)[:, None]).mean(axis=1)
+            for i, fp in zip(np.flatnonzero(present), fold_p):
+                fold_probs[i] = fp.tolist()
         pred = [LABELS[int(np.argmax(p))] if ok else None for p, ok in zip(probs, present)]
         upstream = batch.column("error").to_pylist() if "error" in batch.column_names else [None] * n
         feat_status = (batch.column("status").to_pylist() if "status" in batch.column_names else ["ok"] * n)
@@ -67,6 +81,7 @@ class EnsemblePredictor:
         }
         for k, c in enumerate(PROB_COLUMNS):
             cols[c] = probs[:, k]
+        cols["fold_probs"] = fold_probs
         cols["run_id"] = [self.run_id] * n
         # "partial": predicted from the modalities that survived a bad input (its error says which failed).
         cols["status"] = [("ok" if fs == "ok" else "partial") if ok else "no_features"
@@ -86,43 +101,38 @@ def _filter_ids(ids: frozenset[str], keep: bool):
     return apply
 
 
+def score_stages(cfg: MerConfig, run_uri: str, pending: list[str]) -> list[Stage]:
+    """Feature-store rows → prediction rows: keep the ``pending`` clips, then the fold ensemble's actor pool."""
+    r = cfg.score.resources
+    return [Stage(name="pending", fn=_filter_ids(frozenset(pending), keep=True), inputs=("clip_id",),
+                  kind="task", batch_format="pyarrow", map_args={"batch_size": None}),
+            # Ray restarts a dead replica and re-sends its batches (the driver drops any repeated row).
+            Stage(name="ensemble", fn=EnsemblePredictor, inputs=("clip_id",), outputs=tuple(PRED_SCHEMA.names),
+                  resources=r, constructor_args=(run_uri, "cuda" if r.num_gpus > 0 else "cpu"),
+                  batch_format="pyarrow", map_args={"max_restarts": -1, "max_task_retries": -1})]
+
+
 def score_features(cfg: MerConfig, run_uri: str, features_uri: str, out_uri: str,
                    splits: list[str] | None = None) -> dict:
     """Score every clip of a feature store (optionally only ``splits``) into ``out_uri`` parts."""
-    import ray
-
     from mer.train import load_ensemble
 
     t0 = time.time()
     modalities = list(load_ensemble(run_uri).modalities)
-    store_cols = read_features(features_uri, columns=["split"])
+    store_cols = read_parts(features_uri, columns=["split"])
     wanted = [cid for cid, sp in zip(store_cols.column("clip_id").to_pylist(),
                                      store_cols.column("split").to_pylist())
               if splits is None or sp in splits]
-    done = stored_ids(out_uri)
-    pending = [c for c in wanted if c not in done]
-    summary: dict[str, Any] = {"out": out_uri, "total": len(wanted), "skipped_done": len(wanted) - len(pending),
-                               "written": 0}
-    if pending:
-        files = part_files(features_uri)
-        ds = ray.data.read_parquet([storage.ray_path(f) for f in files],
-                                   filesystem=storage.ray_filesystem(features_uri))
-        keep_cols = ["clip_id", "split", "label", "status", "error", *modalities]
-        ds = ds.select_columns([c for c in keep_cols if c in ds.schema().names])
-        ds = ds.map_batches(_filter_ids(frozenset(pending), keep=True), batch_format="pyarrow")
-        sc = cfg.score
-        device = "cuda" if sc.num_gpus > 0 else "cpu"
-        ds = ds.map_batches(EnsemblePredictor, fn_constructor_args=(run_uri, device), batch_format="pyarrow",
-                            batch_size=sc.batch_size, concurrency=sc.concurrency, num_gpus=sc.num_gpus,
-                            num_cpus=sc.num_cpus, max_restarts=-1, max_task_retries=-1)
-        # The driver commits parts atomically and drops ids already committed (a retried block or a
-        # resumed run can therefore never duplicate a row).
-        writer = PartWriter(out_uri, PRED_SCHEMA, sc.rows_per_part, already=done)
-        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-            writer.add(batch)
-        writer.flush()
-        summary["written"] = writer.rows_written
-    preds = read_features(out_uri, columns=["status"]) if part_files(out_uri) else PRED_SCHEMA.empty_table()
+
+    def stream(pending: list[str]) -> Any:
+        have = set(part_columns(features_uri))
+        cols = [c for c in ["clip_id", "split", "label", "status", "error", *modalities] if c in have]
+        return build(read_dataset(features_uri, columns=cols), score_stages(cfg, run_uri, pending), cols)
+
+    run = write_stream(out_uri, PRED_SCHEMA, cfg.score.rows_per_part, wanted, stream)
+    summary: dict[str, Any] = {"out": out_uri, "total": run.wanted, "skipped_done": run.already,
+                               "written": run.writer.rows_written}
+    preds = read_parts(out_uri, columns=["status"]) if part_files(out_uri) else PRED_SCHEMA.empty_table()
     summary["status_counts"] = _counts(preds.column("status").to_pylist())
     summary["seconds"] = round(time.time() - t0, 2)
     return summary
@@ -152,12 +162,19 @@ def score(cfg: MerConfig, run_uri: str, out_uri: str, *, features_uri: str | Non
           splits: list[str] | None = None) -> dict:
     """``mer score``: predictions Parquet parts under ``out_uri/predictions`` + ``out_uri/submission.csv``.
 
+    ``run_uri`` is a training run or a label-loop directory, which scores its best accepted stage's run.
     With ``manifest_uri`` the raw videos are first run through the (resumable) extraction pipeline into
     ``features_out`` (default ``out_uri/features``); bad inputs keep their extraction status and error.
     """
+    from mer.labels.loop import best_run
+
     if (features_uri is None) == (manifest_uri is None):
         raise ValueError("score: give exactly one of features_uri or manifest_uri")
-    summary: dict[str, Any] = {}
+    run_uri, chosen = best_run(run_uri)
+    summary: dict[str, Any] = {"run": run_uri}
+    if chosen is not None:
+        log.info("scoring the label loop's best accepted stage %s: %s (%s)", chosen["stage"], run_uri, chosen["why"])
+        summary["stage"] = chosen
     if manifest_uri is not None:
         from mer.extract.pipeline import extract_features
 
@@ -166,7 +183,7 @@ def score(cfg: MerConfig, run_uri: str, out_uri: str, *, features_uri: str | Non
     assert features_uri is not None
     pred_dir = storage.join(out_uri, "predictions")
     summary["score"] = score_features(cfg, run_uri, features_uri, pred_dir, splits=splits)
-    preds = read_features(pred_dir)
+    preds = read_parts(pred_dir)
     summary["submission"] = storage.join(out_uri, "submission.csv")
     summary["submission_rows"] = write_submission(preds, summary["submission"])
     summary["predictions"] = pred_dir

@@ -1,14 +1,20 @@
-"""Shared fixtures: local Ray (2 CPUs), a moto S3 server on 127.0.0.1, tiny models and generated data."""
+"""Shared fixtures: local Ray (2 CPUs), a moto S3 server on 127.0.0.1, tiny models, generated data, and what
+is expensive to make and read-only once made — a trained ablation (its fused run is the suite's trained run),
+a clip set and its extracted feature store — built once per session."""
 
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -26,12 +32,134 @@ for _k, _v in {
     "TOKENIZERS_PARALLELISM": "false",
 }.items():
     os.environ.setdefault(_k, _v)
+# The session's Ray head runs with token authentication, as the cluster recipes do. Ray reads the mode and the
+# token once per process, so this process (a driver of that head) has them before anything imports Ray.
+SESSION_TOKEN = secrets.token_hex(16)
+os.environ.update({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": SESSION_TOKEN})
 
 
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+VENV_BIN = Path(sys.executable).parent
+
+
+def _free_ports(n: int) -> list[int]:
+    socks = []
+    for _ in range(n):
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        socks.append(s)
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+class RayHead:
+    """A ``ray start --head --block`` process of its own (SIGTERM to it stops exactly this cluster)."""
+
+    STARTED = "Ray runtime started."
+
+    def __init__(self, token: str, attempts: int = 3) -> None:
+        self.token = token
+        # Unix socket paths must stay short, hence /tmp rather than pytest's deep tmp_path.
+        self.temp_dir = tempfile.mkdtemp(prefix="mer-ray-", dir="/tmp")
+        self.log_path = Path(self.temp_dir) / "head.log"
+        self._log = None
+        # On a loaded machine the raylet can give up waiting for its dashboard agent (a fixed 15 s in Ray,
+        # ray-project/ray#65983); the node then never comes up and a fresh start usually succeeds.
+        for attempt in range(attempts):
+            self._start()
+            if self._wait_started():
+                return
+            diagnostics = self.diagnostics()
+            self._terminate()
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
+        raise RuntimeError(f"ray head did not start after {attempts} attempts:\n{diagnostics}")
+
+    def _start(self) -> None:
+        gcs, dash, agent_http, agent_grpc, env_agent, metrics, node_mgr, obj_mgr, client = _free_ports(9)
+        self.address = f"127.0.0.1:{gcs}"
+        self.dashboard = f"http://127.0.0.1:{dash}"
+        env = dict(os.environ)
+        env.update({
+            # The job entrypoint's `python` must be this venv's interpreter.
+            "PATH": f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}",
+            "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": self.token, "RAY_USAGE_STATS_ENABLED": "0",
+        })
+        for k in [k for k in env if k.startswith("AWS_")]:
+            del env[k]  # the jobs get S3 settings only through their runtime_env, as on a real cluster
+        cmd = [str(VENV_BIN / "ray"), "start", "--head", "--block", "--num-cpus", "2", "--num-gpus", "0",
+               "--node-ip-address", "127.0.0.1", "--port", str(gcs), "--dashboard-host", "127.0.0.1",
+               "--dashboard-port", str(dash), "--include-dashboard", "true",
+               "--dashboard-agent-listen-port", str(agent_http), "--dashboard-agent-grpc-port", str(agent_grpc),
+               "--runtime-env-agent-port", str(env_agent), "--metrics-export-port", str(metrics),
+               "--node-manager-port", str(node_mgr), "--object-manager-port", str(obj_mgr),
+               "--ray-client-server-port", str(client), "--temp-dir", self.temp_dir, "--disable-usage-stats"]
+        self._log = open(self.log_path, "w")  # noqa: SIM115 - closed in _terminate()
+        self.proc = subprocess.Popen(cmd, env=env, stdout=self._log, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+
+    def _wait_started(self, deadline_s: float = 240.0) -> bool:
+        deadline = time.time() + deadline_s
+        while time.time() < deadline:
+            if self.STARTED in self.log_path.read_text(errors="replace"):
+                return self.proc.poll() is None
+            if self.proc.poll() is not None:
+                return False
+            time.sleep(1.0)
+        return False
+
+    def client(self, deadline_s: float = 300.0):
+        """A JobSubmissionClient once the dashboard and its job agent accept submissions."""
+        from ray.job_submission import JobSubmissionClient
+
+        headers = {"Authorization": f"Bearer {self.token}"}
+        deadline = time.time() + deadline_s
+        last: Exception | None = None
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"ray head exited ({self.proc.returncode}):\n{self.log_path.read_text()[-3000:]}")
+            try:
+                c = JobSubmissionClient(self.dashboard, headers=headers)
+                c.list_jobs()
+                return c
+            except Exception as e:  # noqa: BLE001 - not up yet
+                last = e
+                time.sleep(1.0)
+        raise RuntimeError(f"ray head not reachable at {self.dashboard}: {last}")
+
+    def diagnostics(self) -> str:
+        """Head process state and the tails of its logs (for failure messages)."""
+        out = [f"head alive: {self.proc.poll() is None} (rc={self.proc.returncode})"]
+        logs = Path(self.temp_dir) / "session_latest" / "logs"
+        for p in [self.log_path, logs / "dashboard.log", logs / "dashboard_agent.log", logs / "raylet.out"]:
+            if p.exists():
+                out.append(f"--- {p.name} ---\n{p.read_text(errors='replace')[-2500:]}")
+        return "\n".join(out)
+
+    def _terminate(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)  # --block: shuts down its raylet, GCS, dashboard
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                pass
+        try:  # anything of this head's session still alive (all share its process group)
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.wait(timeout=10)
+        if self._log is not None:
+            self._log.close()
+
+    def stop(self) -> None:
+        self._terminate()
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
@@ -56,10 +184,10 @@ def synth_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_config(tiny_models_dir: Path):
-    """The repo config with the tiny profile, 2-CPU local Ray and small batches."""
-    from mer.config import load_config
+    """The repo config with the tiny profile, 2-CPU local Ray and small batches, no GPU."""
+    from mer.config import cpu_only, load_config
 
-    return load_config(
+    return cpu_only(load_config(
         profile="tiny",
         overrides=[
             f"storage.tiny_models_dir={tiny_models_dir}",
@@ -67,33 +195,43 @@ def tiny_config(tiny_models_dir: Path):
             "extract.decode.num_frames=4",
             "extract.decode.frame_size=64",
             "extract.decode.resources.concurrency=1",
-            "extract.encoders.global_visual.resources.num_gpus=0",
-            "extract.encoders.face.resources.num_gpus=0",
-            "extract.encoders.audio.resources.num_gpus=0",
-            "extract.encoders.text.resources.num_gpus=0",
             "extract.encoders.global_visual.resources.num_cpus=0.25",
             "extract.encoders.face.resources.num_cpus=0.25",
             "extract.encoders.audio.resources.num_cpus=0.25",
             "extract.encoders.text.resources.num_cpus=0.25",
             "extract.face.resources.num_cpus=0.5",
             "extract.decode.resources.num_cpus=0.5",
-            "train.num_workers=2",
+            "train.resources.concurrency=2",
             "train.folds=2",
             "train.max_epochs=15",
-            "enrich.num_gpus=0",
+            "train.poll_interval_s=0.1",
         ],
-    )
+    ))
 
 
 @pytest.fixture(scope="session")
-def ray_local():
-    """A local Ray instance with 2 CPUs shared by the whole session."""
+def ray_head(s3_server):
+    """The session's one Ray cluster: a head on 127.0.0.1 with 2 CPUs, its dashboard (the Jobs API) and token
+    authentication, as the cluster recipes run it. The tests drive it (``ray_local``) and submit jobs to it."""
+    head = RayHead(SESSION_TOKEN)
+    try:
+        yield head
+    finally:
+        head.stop()
+
+
+@pytest.fixture(scope="session")
+def ray_local(ray_head: RayHead):
+    """This process as a driver of the session's Ray head.
+
+    Joined after the S3 server started, so its workers get the AWS_* variables of the moto endpoint (through the
+    job's runtime env, as a submitted job's would).
+    """
     import ray
 
-    if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-                 runtime_env={"env_vars": {k: v for k, v in os.environ.items()
-                                           if k.startswith(("AWS_", "HF_", "TRANSFORMERS_", "VLLM_", "XDG_"))}})
+    ray.init(address=ray_head.address, log_to_driver=False,
+             runtime_env={"env_vars": {k: v for k, v in os.environ.items()
+                                       if k.startswith(("AWS_", "HF_", "TRANSFORMERS_", "VLLM_", "XDG_"))}})
     yield ray
     ray.shutdown()
 
@@ -133,3 +271,144 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory):
             os.environ.pop(k, None)
         else:
             os.environ[k] = v
+
+
+# --- clips and their extracted features -------------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def clip_manifest(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A generated clip set: 10 good clips + one of each broken input (16 clips), and its manifest."""
+    import pyarrow.parquet as pq
+
+    from mer.extract.clips import make_clip_set
+
+    d = tmp_path_factory.mktemp("extract_clips")
+    table = make_clip_set(d / "clips", n_ok=10)  # 10 good + 6 broken = 16 clips
+    pq.write_table(table, d / "manifest.parquet")
+    return str(d / "manifest.parquet")
+
+
+@pytest.fixture(scope="session")
+def synth_subset(synth_root: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, dict[str, str]]:
+    """The data helper's generated MER2025-layout dataset: its 6 broken clips + 4 good ones."""
+    import csv
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    with open(synth_root / "synth_truth.csv", encoding="utf-8") as f:
+        truth = {r["name"]: r["broken"] for r in csv.DictReader(f)}
+    manifest = pq.read_table(synth_root / "manifest.parquet")
+    pick = [c for c, k in truth.items() if k] + [c for c, k in truth.items() if not k][:4]
+    sub = manifest.filter(pa.array([c in set(pick) for c in manifest["clip_id"].to_pylist()]))
+    out = tmp_path_factory.mktemp("synth_subset") / "manifest.parquet"
+    pq.write_table(sub, out)
+    return str(out), {c: truth[c] for c in pick}
+
+
+@pytest.fixture(scope="session")
+def combined_manifest(clip_manifest: str, synth_subset, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The clip set and the generated subset in one manifest (26 clips, 12 of them broken)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    own = pq.read_table(clip_manifest)
+    synth = pq.read_table(synth_subset[0]).select(own.column_names).cast(own.schema)
+    out = tmp_path_factory.mktemp("combined") / "manifest.parquet"
+    pq.write_table(pa.concat_tables([own, synth]), out)
+    return str(out)
+
+
+@pytest.fixture(scope="session")
+def extracted_store(ray_local, tiny_config, combined_manifest: str, tmp_path_factory: pytest.TempPathFactory):
+    """``(cfg, store, summary)``: every branch of the combined manifest extracted with the tiny models (parts of
+    5 rows). Read-only: a test that changes a store works on a copy."""
+    from mer.config import with_overrides
+    from mer.extract.pipeline import extract_features
+
+    cfg = with_overrides(tiny_config, ["extract.rows_per_part=5"])
+    out = str(tmp_path_factory.mktemp("store") / "features")
+    return cfg, out, extract_features(cfg, combined_manifest, out)
+
+
+# --- training ---------------------------------------------------------------------------------------------
+
+# The tiny audio and text encoders' vector sizes: runs trained on the store also score extracted clips.
+TRAIN_DIMS = {"audio": 32, "text": 96}
+
+
+@pytest.fixture(scope="session")
+def train_cfg():
+    """Small, fast training settings shared by the training tests (2 folds trained at once, each 2 DeepSpeed
+    workers of half a CPU, 8 epochs, ZeRO-2, fp32, the demo's 0.1 s controller poll):
+    ``train_cfg(**{"train.key": value})``. Worker start-up dominates a tiny fold; concurrent folds overlap it."""
+    from mer.train.synthetic import small_config
+
+    def make(**extra: object):
+        return small_config(list(TRAIN_DIMS), **{"train.zero_stage": 2, "train.parallel_folds": 2,
+                                                 "train.resources.num_cpus": 0.5, **extra})
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def train_store(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A generated feature store: 240 clips (180 train, 60 test), audio and text vectors, some missing."""
+    from mer.train.synthetic import make_feature_store
+
+    out = str(tmp_path_factory.mktemp("train_store") / "features")
+    make_feature_store(out, n=240, dims=TRAIN_DIMS, seed=0, noise=2.0, missing=0.1)
+    return out
+
+
+@pytest.fixture(scope="session")
+def ablation(ray_local, train_cfg, train_store: str, tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path]:
+    """Each modality alone, then both fused (``mer ablation``): the table and its directory. Read-only."""
+    from mer.train import ablation_table
+
+    out = tmp_path_factory.mktemp("ablation")
+    return ablation_table(train_cfg(), train_store, str(out)), out
+
+
+@pytest.fixture(scope="session")
+def trained_run(ablation) -> Path:
+    """The suite's trained run (the ablation's fused one, ``train_cfg()`` on ``train_store``). Read-only: a test
+    that changes a run works on a copy."""
+    return ablation[1] / "fused"
+
+
+class KillWorker:
+    """A Ray Train callback (``train_run(callbacks=[...])``) that SIGKILLs one training worker for real, once:
+    when fold ``fold`` has reported epoch ``in_epoch - 1`` (its checkpoint registered), the worker of rank
+    ``rank`` is in epoch ``in_epoch``. ``marker`` records it (and when: ``reached_at <time>``). It runs in the
+    fold's Ray Train controller, so it is shipped there by value (``register_pickle_by_value`` below)."""
+
+    def __init__(self, marker: Path, in_epoch: int, rank: int = 0, fold: int = 0) -> None:
+        assert in_epoch >= 2, "a worker is killed after an epoch's report: in epoch 2 at the earliest"
+        self.marker, self.in_epoch, self.rank, self.fold = Path(marker), in_epoch, rank, fold
+
+    def callback(self) -> Any:
+        from ray.train import UserCallback
+
+        spec = self
+
+        class _Kill(UserCallback):
+            def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
+                m = metrics[spec.rank]
+                if (run_context.train_loop_config["fold"] != spec.fold or m["epoch"] != spec.in_epoch - 1
+                        or spec.marker.exists()):
+                    return
+                spec.marker.write_text(f"killed rank {spec.rank} at epoch {spec.in_epoch} pid {m['pid']} "
+                                       f"reached_at {time.time()!r}\n")
+                os.kill(int(m["pid"]), signal.SIGKILL)
+
+        return _Kill()
+
+
+@pytest.fixture(scope="session")
+def kill_worker():
+    """:class:`KillWorker`, shipped to Ray Train's controller by value."""
+    import ray.cloudpickle
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    return KillWorker

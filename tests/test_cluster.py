@@ -7,6 +7,7 @@ Pure parsing and validation: no Ray is started (cluster/local.sh runs against a 
 from __future__ import annotations
 
 import importlib
+import json
 import os
 import re
 import shlex
@@ -19,9 +20,9 @@ from typing import Any
 import pytest
 import yaml
 
-from jobs._common import _SECRET_KEY, expand_overlays, overlay_overrides, resolved_config
-from mer.cli import build_parser
+from mer.cli import build_parser, resolve_config
 from mer.config import ConfigError, load_config
+from mer.redact import SECRET_KEY
 
 ROOT = Path(__file__).resolve().parent.parent
 CLUSTER = ROOT / "cluster"
@@ -35,7 +36,7 @@ EXPECTED_YAMLS = {"aws-gpu.yaml", "ray_config.gpu.yaml", "kuberay/raycluster.yam
 PLACEHOLDERS = {"key=value"}  # the flag's own description (`--set key=value`)
 INVALID_EXAMPLES = {"train.not_a_key"}  # README's example of the error an unknown key gives
 QUOTES = "'\""
-SECTIONS = ("storage", "extract", "enrich", "train", "relabel", "pseudolabel", "score")  # `ray.` is too ambiguous
+SECTIONS = ("storage", "extract", "enrich", "train", "labels", "relabel", "pseudolabel", "score")  # `ray.` is too ambiguous
 
 
 def _yamls() -> list[Path]:
@@ -111,20 +112,22 @@ def _command_lines(path: Path) -> list[str]:
 _SEPARATORS = {";", "&&", "||", "|", ")", "&"}
 
 
-def _gpu_sets() -> list[str]:
-    """What ``$GPU_SETS`` expands to in docs/cluster.md: the overlay as --set flags."""
-    return expand_overlays(["--overlay", str(OVERLAY)])
+def overlay_leaves(mapping: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """An overlay's leaves by dotted key."""
+    out: dict[str, Any] = {}
+    for key, value in mapping.items():
+        if isinstance(value, dict) and value:
+            out.update(overlay_leaves(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
 
 
 def _tokens(line: str) -> list[str]:
     try:
-        toks = shlex.split(line, comments=True)
+        return shlex.split(line, comments=True)
     except ValueError:
         return []
-    out: list[str] = []
-    for t in toks:
-        out += _gpu_sets() if t == "$GPU_SETS" else [t]
-    return out
 
 
 def _until_separator(tokens: list[str]) -> list[str]:
@@ -173,14 +176,14 @@ def _job_commands() -> list[tuple[str, str, list[str]]]:
 
 
 def _parse_job(job: str, args: list[str], where: str = ""):
-    """Parse a job's arguments exactly as ``jobs._common.job_main`` does and resolve its config."""
-    argv = expand_overlays(args)
+    """Parse a job's arguments exactly as ``jobs._common.job_main`` (``mer.cli.main``) does and resolve its
+    config."""
     try:
-        ns = build_parser().parse_args([job, *argv])
+        ns = build_parser().parse_args([job.replace("_", "-"), *args])
     except SystemExit as e:  # argparse: unknown flag, missing required flag
         raise AssertionError(f"{where}: jobs.{job} {' '.join(args)}: arguments do not parse") from e
     try:
-        return ns, resolved_config(job, ns)
+        return ns, resolve_config(ns)
     except ConfigError as e:
         raise AssertionError(f"{where}: jobs.{job} {' '.join(args)}: {e}") from None
 
@@ -202,29 +205,29 @@ def test_gpu_overlay_validates_through_the_jobs_path(monkeypatch: pytest.MonkeyP
     _, cfg = _parse_job("extract", ["--config", "ray_config.yaml", "--overlay", "cluster/ray_config.gpu.yaml",
                                     "--manifest", "s3://b/m.parquet", "--out", "s3://b/f"])
     dumped = cfg.model_dump(mode="json")
-    leaves = overlay_overrides(yaml.safe_load(OVERLAY.read_text()))
+    leaves = overlay_leaves(yaml.safe_load(OVERLAY.read_text()))
     assert len(leaves) > 20
-    for item in leaves:
-        key, value = item.split("=", 1)
+    for key, value in leaves.items():
         node: Any = dumped
         for part in key.split("."):
             node = node[part]
-        assert node == yaml.safe_load(value), f"{key}: overlay says {value}, resolved config has {node!r}"
-    # The same file through mer.config directly (what `mer` with --set does).
-    direct = load_config(ROOT / "ray_config.yaml", overrides=[a for a in _gpu_sets() if a != "--set"])
-    assert direct.hash() == cfg.hash()
+        assert node == value, f"{key}: overlay says {value}, resolved config has {node!r}"
+    # The same file through mer.config directly, and as --set flags.
+    assert load_config(ROOT / "ray_config.yaml", overlays=[OVERLAY]).hash() == cfg.hash()
+    sets = [f"{k}={json.dumps(v)}" for k, v in leaves.items()]
+    assert load_config(ROOT / "ray_config.yaml", overrides=sets).hash() == cfg.hash()
 
 
 def test_gpu_overlay_fits_one_gpu_node() -> None:
     """The overlay's per-node plan fits the GPU node it says it is sized for, in aws-gpu.yaml and in KubeRay;
     docs/cluster.md quotes the same totals."""
-    cfg = load_config(ROOT / "ray_config.yaml", overrides=[a for a in _gpu_sets() if a != "--set"])
+    cfg = load_config(ROOT / "ray_config.yaml", overlays=[OVERLAY])
     ex, en = cfg.extract, cfg.enrich
     stages = [ex.decode.resources, ex.face.resources, *(getattr(ex.encoders, b).resources
                                                         for b in ("global_visual", "face", "audio", "text"))]
-    engines = en.concurrency * en.tensor_parallel_size
-    gpus = sum(r.concurrency * r.num_gpus for r in stages) + engines * en.num_gpus
-    cpus = sum(r.concurrency * r.num_cpus for r in stages) + engines * 1.0  # vLLM bundles: 1 CPU per worker
+    engines = en.resources.concurrency * en.tensor_parallel_size
+    gpus = sum(r.concurrency * r.num_gpus for r in stages) + engines * en.resources.num_gpus
+    cpus = sum(r.concurrency * r.num_cpus for r in stages) + engines * en.resources.num_cpus  # vLLM bundles
     aws = yaml.safe_load((CLUSTER / "aws-gpu.yaml").read_text())["available_node_types"]["gpu_h100"]["resources"]
     rc = next(d for _, d in _manifests() if d["kind"] == "RayCluster")
     group = next(g for g in rc["spec"]["workerGroupSpecs"] if g["groupName"] == "gpu-h100")
@@ -233,15 +236,16 @@ def test_gpu_overlay_fits_one_gpu_node() -> None:
                                     ("raycluster.yaml gpu-h100", _cpu(limits["cpu"]), int(limits["nvidia.com/gpu"]))]:
         assert gpus <= cap_gpu, f"{where}: overlay asks {gpus} GPUs > {cap_gpu}"
         assert cpus <= cap_cpu, f"{where}: overlay asks {cpus} CPUs > {cap_cpu}"
-        tc = cfg.train
-        assert tc.num_workers * tc.gpus_per_worker <= cap_gpu and tc.num_workers * tc.cpus_per_worker <= cap_cpu
-        assert cfg.score.concurrency * cfg.score.num_gpus <= cap_gpu
+        tr = cfg.train.resources
+        assert tr.concurrency * tr.num_gpus <= cap_gpu and tr.concurrency * tr.num_cpus <= cap_cpu
+        assert cfg.score.resources.concurrency * cfg.score.resources.num_gpus <= cap_gpu
     # The self-contained training RayJob holds the overlay's train workers.
     train_job = next(d for _, d in _manifests() if d["kind"] == "RayJob" and "rayClusterSpec" in d["spec"])
     wl = train_job["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]
     wl = wl["resources"]["limits"]
-    assert cfg.train.num_workers * cfg.train.gpus_per_worker <= int(wl["nvidia.com/gpu"])
-    assert cfg.train.num_workers * cfg.train.cpus_per_worker <= _cpu(wl["cpu"])
+    tr = cfg.train.resources
+    assert tr.concurrency * tr.num_gpus <= int(wl["nvidia.com/gpu"])
+    assert tr.concurrency * tr.num_cpus <= _cpu(wl["cpu"])
     quoted = f"{gpus:g} of 8 GPUs, {cpus:g} of {_cpu(limits['cpu']):g} CPUs"
     assert quoted in DOCS.read_text(), f"docs/cluster.md should quote the overlay's totals: {quoted}"
 
@@ -276,7 +280,7 @@ def test_job_commands_parse_with_the_jobs_flags(monkeypatch: pytest.MonkeyPatch)
 def test_n_node_examples_scale_every_concurrency_alike(monkeypatch: pytest.MonkeyPatch) -> None:
     """A command that overrides overlay concurrencies multiplies each by the same node count N."""
     monkeypatch.chdir(ROOT)
-    per_node = {k: v for k, v in (i.split("=", 1) for i in overlay_overrides(yaml.safe_load(OVERLAY.read_text())))
+    per_node = {k: v for k, v in overlay_leaves(yaml.safe_load(OVERLAY.read_text())).items()
                 if k.endswith("concurrency")}
     checked = 0
     for w, job, args in _job_commands():
@@ -417,7 +421,7 @@ def test_credentials_come_only_from_secrets() -> None:
             env = {e["name"]: e for e in pod["containers"][0].get("env", [])}
             env_sets.append((name, set(env)))
             for var, e in env.items():
-                if _SECRET_KEY.search(var) or var == "AWS_ENDPOINT_URL":
+                if SECRET_KEY.search(var) or var == "AWS_ENDPOINT_URL":
                     assert "value" not in e, f"{where} {name}: {var} has a literal value"
                     ref = e["valueFrom"]["secretKeyRef"]
                     assert ref["key"] == var
@@ -432,13 +436,33 @@ def test_credentials_come_only_from_secrets() -> None:
     for p, d in _manifests():
         if d["kind"] == "RayJob":
             env_vars = (yaml.safe_load(d["spec"]["runtimeEnvYAML"]) or {}).get("env_vars") or {}
-            leaked = [k for k in env_vars if _SECRET_KEY.search(k)]
+            leaked = [k for k in env_vars if SECRET_KEY.search(k)]
             assert not leaked, f"{p}: credentials in runtimeEnvYAML (shown in the dashboard): {leaked}"
     literal = re.compile(r"\b(?:AKIA|ASIA)[0-9A-Z]{16}\b"
                          r"|(?i:aws_secret_access_key)\s*[:=]\s*['\"]?[A-Za-z0-9/+]{30,}")
     for path in [*CLUSTER.rglob("*"), DOCS]:
         if path.is_file():
             assert not literal.search(path.read_text()), f"{path}: looks like a literal AWS credential"
+
+
+# --- Ray token authentication ---------------------------------------------------------------------------
+
+def test_every_recipe_shares_one_ray_auth_token() -> None:
+    """Ray >= 2.52 refuses a node or client without the cluster's token (InvalidAuthToken) once a head runs
+    with token auth, which Ray 2.60 switches on by itself for `ray start --head` when ~/.ray/auth_token
+    exists: every recipe sets the mode explicitly and hands the same token to every node and submitter."""
+    aws = yaml.safe_load((CLUSTER / "aws-gpu.yaml").read_text())
+    env = dict(o.split(None, 1)[1].split("=", 1) for o in aws["docker"]["run_options"] if o.startswith("--env "))
+    assert env.get("RAY_AUTH_MODE") == "token", "aws-gpu.yaml: containers must run with RAY_AUTH_MODE=token"
+    token_path = env.get("RAY_AUTH_TOKEN_PATH")
+    assert token_path in aws["file_mounts"], "aws-gpu.yaml: RAY_AUTH_TOKEN_PATH must be a synced file mount"
+    assert aws["file_mounts"][token_path] == "~/.ray/auth_token", "the token `ray job submit` uses locally"
+    assert "ray get-auth-token --generate" in (CLUSTER / "aws-gpu.yaml").read_text()
+    for where, spec in _cluster_specs():
+        assert spec.get("authOptions") == {"mode": "token"}, f"{where}: no KubeRay token authentication"
+    for needle in ("RAY_AUTH_MODE=token", "ray get-auth-token --generate", "RAY_AUTH_MODE=disabled",
+                   "kubectl get secret mer -o jsonpath='{.data.auth_token}'"):
+        assert needle in DOCS.read_text(), f"docs/cluster.md lacks {needle!r}"
 
 
 # --- docs ---------------------------------------------------------------------------------------------
@@ -459,9 +483,12 @@ def test_docs_cover_every_path_and_name_existing_files() -> None:
 
 STUB = """#!/bin/bash
 echo "$*" >> "$RAY_STUB_LOG"
+echo "${RAY_AUTH_MODE:-unset} $*" >> "$RAY_STUB_LOG.auth"
 case "$1 $2" in
   "status "*) exit "${RAY_STUB_STATUS_RC:-1}" ;;
   "job submit") exit "${RAY_STUB_SUBMIT_RC:-0}" ;;
+  "get-auth-token --generate") mkdir -p "$HOME/.ray" && printf stub-token-value > "$HOME/.ray/auth_token" \
+                                 && printf stub-token-value ;;
 esac
 exit 0
 """
@@ -503,7 +530,7 @@ def test_local_sh_starts_submits_stops(stub_ray: dict[str, str]) -> None:
     rc, out, calls = _local(stub_ray, "--num-cpus", "3", "--overlay", "cluster/ray_config.gpu.yaml", "extract",
                             "--manifest", "s3://b/m.parquet", "--out", "s3://b/f")
     assert rc == 0, out
-    assert calls[0].startswith("status"), calls
+    assert [c for c in calls if c.startswith(("status", "start"))][0].startswith("status"), calls
     start = next(c for c in calls if c.startswith("start "))
     assert "--head" in start and "--num-cpus 3" in start and "--dashboard-host 127.0.0.1" in start
     submit = next(c for c in calls if c.startswith("job submit"))
@@ -522,7 +549,80 @@ def test_local_sh_starts_submits_stops(stub_ray: dict[str, str]) -> None:
     assert rc == 0 and "stop" not in calls, calls
 
 
+def test_local_sh_shares_one_auth_mode_and_token_with_every_ray_call(stub_ray: dict[str, str]) -> None:
+    """Ray 2.60's `ray start --head` turns token auth on by itself when ~/.ray/auth_token exists, while
+    joining nodes and `ray job` clients only send the token with RAY_AUTH_MODE=token: every call must say it."""
+    auth_log = Path(stub_ray["RAY_STUB_LOG"] + ".auth")
+    job = ("extract", "--manifest", "m", "--out", "o")
+    rc, out, calls = _local(stub_ray, *job)
+    assert rc == 0, out
+    assert calls[0] == "get-auth-token --generate", calls  # no token yet: one is made before Ray starts
+    assert (Path(stub_ray["HOME"]) / ".ray" / "auth_token").is_file()
+    assert "stub-token-value" not in out, "the token must never be printed"
+    modes = auth_log.read_text().splitlines()
+    assert len(modes) == len(calls) and all(m.startswith("token ") for m in modes), modes
+    # The token exists now: reused, not regenerated; --keep says how another node joins.
+    for f in (Path(stub_ray["RAY_STUB_LOG"]), auth_log):
+        f.unlink()
+    rc, out, calls = _local(stub_ray, "--keep", *job)
+    assert rc == 0 and not any(c.startswith("get-auth-token") for c in calls), calls
+    assert "RAY_AUTH_MODE=token ray start --address 127.0.0.1:6379" in out
+    # An explicit RAY_AUTH_MODE (here: opting out) is respected everywhere.
+    (Path(stub_ray["HOME"]) / ".ray" / "auth_token").unlink()
+    for f in (Path(stub_ray["RAY_STUB_LOG"]), auth_log):
+        f.unlink()
+    rc, out, calls = _local(stub_ray, *job, RAY_AUTH_MODE="disabled")
+    assert rc == 0 and not any(c.startswith("get-auth-token") for c in calls), calls
+    assert all(m.startswith("disabled ") for m in auth_log.read_text().splitlines())
+
+
 def test_local_sh_refuses_a_running_cluster(stub_ray: dict[str, str]) -> None:
     rc, out, calls = _local(stub_ray, "extract", "--manifest", "m", "--out", "o", RAY_STUB_STATUS_RC="0")
     assert rc == 1 and "already runs" in out
     assert not any(c.startswith(("start", "stop", "job")) for c in calls), calls
+
+
+# --- jobs run what `mer` runs ---------------------------------------------------------------------------
+
+def _logged_config(caplog: pytest.LogCaptureFixture) -> tuple[str, dict]:
+    """(hash, mapping) of the one 'resolved config' a job logged."""
+    logged = [r.getMessage() for r in caplog.records if r.getMessage().startswith("resolved config")]
+    assert len(logged) == 1, logged
+    head, body = logged[0].split("\n", 1)
+    return head.split("hash ", 1)[1].rstrip("):"), yaml.safe_load(body)
+
+
+@pytest.mark.parametrize("job", ["train", "demo"])
+def test_a_job_logs_the_config_it_runs_with(job: str, monkeypatch: pytest.MonkeyPatch,
+                                            caplog: pytest.LogCaptureFixture, tmp_path: Path) -> None:
+    """`python -m jobs.<name>` runs `mer <name>` itself: the config it logs (redacted) is the one its handler
+    gets, including the demo's own overrides below the user's overlay and --set flags."""
+    import mer.demo
+    import mer.runtime
+    import mer.train
+
+    used: list = []
+    monkeypatch.setattr(mer.runtime, "init_ray", lambda cfg, **kw: None)
+    monkeypatch.setattr(mer.train, "train_run", lambda cfg, *a, **kw: used.append(cfg) or {})
+    monkeypatch.setattr(mer.demo, "run_demo", lambda cfg, *a, **kw: used.append(cfg) or {})
+    overlay = tmp_path / "o.yaml"
+    overlay.write_text("train: {max_epochs: 7}\nstorage: {s3_endpoint_url: 'http://u:pw@127.0.0.1:9'}\n")
+    args = {"train": ["--features", "f", "--out", "r"], "demo": ["--workdir", str(tmp_path / "d")]}[job]
+    mod = importlib.import_module(f"jobs.{job}")
+    with caplog.at_level("INFO"):
+        assert mod.main(["--config", str(ROOT / "ray_config.yaml"), "--overlay", str(overlay),
+                         "--set", "train.lr=0.02", *args]) == 0
+    assert len(used) == 1
+    cfg = used[0]
+    digest, logged = _logged_config(caplog)
+    assert digest == cfg.hash()
+    expected = cfg.model_dump(mode="json")
+    assert expected["storage"]["s3_endpoint_url"] == "http://u:pw@127.0.0.1:9"
+    expected["storage"]["s3_endpoint_url"] = "http://u:***@127.0.0.1:9"  # the log is redacted, nothing else
+    assert logged == expected
+    assert (cfg.train.max_epochs, cfg.train.lr) == (7, 0.02)
+    if job == "demo":
+        from mer.demo import DEMO_OVERRIDES
+
+        assert cfg.profile == "tiny" and cfg.enrich.enabled and cfg.extract.decode.num_frames == 8
+        assert cfg.train.resources.concurrency == 1 and "train.max_epochs=20" in DEMO_OVERRIDES  # overlay won

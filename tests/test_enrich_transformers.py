@@ -5,17 +5,19 @@ from __future__ import annotations
 import pyarrow as pa
 import pytest
 
+from mer.config import with_overrides
 from mer.enrich.stage import build_enrich_stage, enrich_table
 
 ODD = "你\x00好\x07 مرحبا こんにちは 👩\u200d👩\u200d👧"
 
 
 def _cfg(tiny_config, **kw):
-    base = dict(backend="transformers", num_gpus=0.0, max_tokens=12, max_model_len=512, max_output_chars=80,
-                temperature=1.0, seed=3, truncate_input=True, batch_size=4, aux_num_cpus=0.1,
-                dtype="float32", prompt_language="en", context_columns=["caption"])
+    base = {"backend": "transformers", "resources.num_gpus": 0.0, "max_tokens": 12, "max_model_len": 512,
+            "max_output_chars": 80, "temperature": 1.0, "seed": 3, "truncate_input": "true",
+            "resources.batch_size": 4, "aux_resources.num_cpus": 0.1, "resources.dtype": "float32",
+            "prompt_language": "en", "context_columns": "[caption]"}
     base.update(kw)
-    return tiny_config.model_copy(update={"enrich": tiny_config.enrich.model_copy(update=base)})
+    return with_overrides(tiny_config, [f"enrich.{k}={v}" for k, v in base.items()])
 
 
 @pytest.fixture(scope="module")

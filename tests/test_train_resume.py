@@ -1,29 +1,29 @@
-"""Failure for real: a training worker is SIGKILLed mid-epoch and Ray Train restarts the worker group from
-the last checkpoint (FailureConfig). The interrupted-run + ``resume=True`` case is in test_train_s3.py."""
+"""Failure for real: a training worker is SIGKILLed mid-epoch (by a Ray Train callback of the test,
+conftest.KillWorker) and Ray Train restarts the worker group from the last checkpoint (FailureConfig), or the
+run dies and ``resume=True`` continues it from its checkpoints, on S3 (moto server on 127.0.0.1): either way
+the fold continues the same run, bit for bit."""
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 
-from mer.train import train_run
-from mer.train.fold import FAULT_ENV
-from mer.train.synthetic import make_feature_store, small_config
+from mer import storage
+from mer.train import load_ensemble, train_run
+from mer.train.fold import checkpoint_dirs, remove_unregistered_checkpoints
+from mer.train.loop import shard_ids
 
-EPOCHS = 5
-
-
-def train_config(**extra: object):
-    return small_config(["audio", "text"], **extra)
+# What a run computes; "seconds", "samples_per_s" and "attempt" describe how it ran.
+COMPUTED = ("fold", "epoch", "train_loss", "val_loss", "val_waf", "val_acc", "best_val_waf")
 
 
-@pytest.fixture(scope="module")
-def store(tmp_path_factory: pytest.TempPathFactory) -> str:
-    out = str(tmp_path_factory.mktemp("store") / "features")
-    make_feature_store(out, n=160, dims={"audio": 16, "text": 24}, seed=1, noise=1.0)
-    return out
+@pytest.fixture
+def uninterrupted(trained_run: Path) -> Path:
+    """The session's trained run (``train_cfg()`` on ``train_store``): what every interrupted run must equal."""
+    return trained_run
 
 
 def _epochs(run: Path, fold: int) -> list[tuple[int, int]]:
@@ -31,19 +31,115 @@ def _epochs(run: Path, fold: int) -> list[tuple[int, int]]:
     return sorted((r["epoch"], r["attempt"]) for r in hist if r["fold"] == fold)
 
 
-def test_killed_worker_resumes_from_checkpoint(ray_local, store: str, tmp_path: Path,
-                                               monkeypatch: pytest.MonkeyPatch) -> None:
+def _computed(run: Path | str) -> list[tuple]:
+    hist = storage.read_table(str(run) + "/history.parquet").to_pylist()
+    return sorted(tuple(r[k] for k in COMPUTED) for r in hist)
+
+
+def _keys(endpoint: str, prefix: str) -> list[str]:
+    import boto3
+
+    s3 = boto3.client("s3", endpoint_url=endpoint)
+    return [o["Key"] for page in s3.get_paginator("list_objects_v2").paginate(Bucket="mer-test", Prefix=prefix)
+            for o in page.get("Contents", [])]
+
+
+def _weights(path: Path) -> dict:
+    import torch
+
+    return torch.load(io.BytesIO(path.read_bytes()), map_location="cpu", weights_only=True)
+
+
+def test_killed_worker_resumes_from_checkpoint(ray_local, train_store: str, uninterrupted: Path, train_cfg,
+                                               kill_worker, tmp_path: Path) -> None:
+    import torch
+
+    epochs_n = train_cfg().train.max_epochs
     marker = tmp_path / "killed.txt"
-    # Rank 1 of fold 0 kills itself (SIGKILL) in epoch 3, once.
-    monkeypatch.setenv(FAULT_ENV, f"3:{marker}:1:0")
+    # Rank 1 of fold 0 is killed (SIGKILL) in epoch 3, once.
+    kill = kill_worker(marker, in_epoch=3, rank=1, fold=0)
     run = tmp_path / "run"
-    metrics = train_run(train_config(**{"train.max_failures": 1, "train.max_epochs": EPOCHS,
-                                        "train.patience": EPOCHS}), store, str(run))
+    metrics = train_run(train_cfg(**{"train.max_failures": 1}), train_store, str(run), callbacks=[kill.callback()])
     assert marker.exists() and "killed rank 1 at epoch 3" in marker.read_text()
     resumed = metrics["folds"][0]["resumed_from"]
     assert len(resumed) == 1 and 1 <= resumed[0] <= 2, resumed  # restarted from a checkpoint, not from scratch
     epochs = _epochs(run, 0)
-    assert [e for e, _ in epochs] == list(range(1, EPOCHS + 1)), "every epoch recorded exactly once"
+    assert [e for e, _ in epochs] == list(range(1, epochs_n + 1)), "every epoch recorded exactly once"
     assert all(a == (0 if e <= resumed[0] else 1) for e, a in epochs), epochs
     assert metrics["folds"][1]["resumed_from"] == []
     assert metrics["test"]["waf"] > 0.4
+
+    # The restarted fold continued the same run: exact equality with the uninterrupted one (same seed;
+    # gloo's collectives, DeepSpeed's fp32 ZeRO-2 checkpoints and one thread per worker are deterministic,
+    # the random states and each rank's rows are restored).
+    assert _computed(run) == _computed(uninterrupted)
+    for k in (0, 1):
+        ref, got = _weights(uninterrupted / "models" / f"fold_{k}.pt"), _weights(run / "models" / f"fold_{k}.pt")
+        assert ref.keys() == got.keys() and all(torch.equal(ref[n], got[n]) for n in ref), f"fold {k} weights"
+    assert pq.read_table(run / "oof.parquet").equals(pq.read_table(uninterrupted / "oof.parquet"))
+
+    # Only checkpoints Ray Train registered are left (at most checkpoints_to_keep per fold).
+    assert 1 <= len(checkpoint_dirs(str(run / "ray"), 0)) <= train_cfg().train.checkpoints_to_keep
+
+
+def test_interrupted_run_on_s3_resumed_equals_the_uninterrupted_one(s3_server: str, ray_local, train_store: str,
+                                                                    uninterrupted: Path, train_cfg, kill_worker,
+                                                                    tmp_path: Path) -> None:
+    """The run directory is on S3: Ray Train checkpoints land in the bucket. The run dies (a worker killed with
+    no retries left) in fold 1's epoch 3, after fold 0 finished; ``resume=True`` in a new call continues it from
+    the checkpoints in the bucket: the finished run is the uninterrupted one."""
+    epochs_n = train_cfg().train.max_epochs
+    prefix = f"runs/{tmp_path.name}/"
+    out = f"s3://mer-test/{prefix.rstrip('/')}"
+    cfg = train_cfg(**{"train.max_failures": 0})
+    marker = tmp_path / "killed.txt"
+    # Rank 0 of fold 1 dies in epoch 3 with no retries left: the run fails after fold 0 finished.
+    kill = kill_worker(marker, in_epoch=3, rank=0, fold=1)
+    with pytest.raises(Exception) as failed:
+        train_run(cfg, train_store, out, callbacks=[kill.callback()])
+    assert marker.exists(), f"the run failed before the injected fault: {failed.value!r}"
+    keys = _keys(s3_server, prefix)
+    assert prefix + "folds/fold_0.json" in keys and prefix + "folds/fold_1.json" not in keys
+    assert prefix + "metrics.json" not in keys
+    fold1 = [k for k in keys if k.startswith(f"{prefix}ray/fold_1/checkpoint_")]
+    assert any(k.endswith("/state.json") for k in fold1), "fold 1's checkpoints are in the bucket"
+    assert any("zero_pp_rank_1" in k for k in fold1), "rank 1's DeepSpeed shard uploaded too"
+
+    metrics = train_run(cfg, train_store, out, resume=True)
+    assert metrics["skipped_folds"] == [0]
+    resumed = metrics["folds"][1]["resumed_from"]
+    assert len(resumed) == 1 and 1 <= resumed[0] <= 2, resumed  # continued from an S3 checkpoint
+    assert metrics["folds"][1]["epochs"] == epochs_n and metrics["test"] is not None
+    assert _computed(out) == _computed(uninterrupted)
+    assert storage.read_table(f"{out}/oof.parquet").equals(pq.read_table(uninterrupted / "oof.parquet"))
+
+    keys = _keys(s3_server, prefix)
+    for name in ("metrics.json", "oof.parquet", "test_predictions.parquet", "models/fold_0.pt",
+                 "models/fold_1.pt", "models/model.json", "confusion_matrix.png", "curves.png",
+                 "modality_weights.json", "history.parquet", "fold_metrics.parquet", "config.yaml"):
+        assert prefix + name in keys, name
+    assert storage.read_json(f"{out}/metrics.json")["waf"] == pytest.approx(metrics["waf"])
+    ens = load_ensemble(out)
+    assert ens.modalities == ["audio", "text"] and len(ens.models) == 2
+    # resume=True on the finished S3 run returns it untouched.
+    assert train_run(cfg, train_store, out, resume=True) == storage.read_json(f"{out}/metrics.json")
+
+
+def test_shard_ids_partition_equally_whatever_the_order() -> None:
+    ids = [f"c{i:03d}" for i in range(103)]
+    parts = [shard_ids(ids, 4, r, seed=7) for r in range(4)]
+    assert [len(p) for p in parts] == [25] * 4  # equal steps on every rank; 3 clips left out
+    assert len(set().union(*parts)) == 100
+    assert parts == [shard_ids(list(reversed(ids)), 4, r, seed=7) for r in range(4)]
+    assert parts != [shard_ids(ids, 4, r, seed=8) for r in range(4)]
+
+
+def test_unregistered_checkpoint_directories_are_removed(tmp_path: Path) -> None:
+    ray_dir = tmp_path / "ray"
+    for name in ("checkpoint_a", "checkpoint_b", "checkpoint_orphan", "not_a_checkpoint"):
+        (ray_dir / "fold_0" / name).mkdir(parents=True)
+        (ray_dir / "fold_0" / name / "state.json").write_text("{}")
+    registered = [str(ray_dir / "fold_0" / "checkpoint_a"), str(ray_dir / "fold_0" / "checkpoint_b")]
+    assert remove_unregistered_checkpoints(str(ray_dir), 0, registered) == ["checkpoint_orphan"]
+    assert checkpoint_dirs(str(ray_dir), 0) == ["checkpoint_a", "checkpoint_b"]
+    assert (ray_dir / "fold_0" / "not_a_checkpoint").is_dir()

@@ -15,11 +15,15 @@ counted in ``overlap_train_test``. Text is the Chinese subtitle, falling back to
 
 Decisions:
 
-* **Missing videos are kept out of the manifest** (``keep_missing=False``, the default): they could only
-  ever produce ``missing_file`` rows. They are *reported*: the summary counts them per split and
-  ``<out>.missing.csv`` (``name,split,label,reason``) lists every one. ``keep_missing=True`` keeps them
-  (with the ``video_uri`` the clip would have), so the extraction stage marks them ``missing_file`` and a
-  submission still covers every candidate.
+* **Every candidate keeps its row** (``keep_missing="candidates"``, the default): a candidate (split
+  ``unlabeled`` or ``test``) whose video is missing stays in the manifest with ``video_status=missing_file``
+  and the ``video_uri`` the clip would have, so extraction gives it text (and, with ``audio_dir``, audio)
+  features with its video branches marked ``missing_file``, scoring predicts from what is there, and the
+  submission has one row per candidate (the official evaluation requires every one). A labelled ``train``
+  row without a video is dropped: its subtitle alone is a weaker training example than the videos the
+  model is trained to fuse. ``keep_missing="all"`` keeps those too, ``"none"`` drops every missing one.
+  Every missing video is *reported* either way: the summary counts them per split and
+  ``<out>.missing.csv`` (``name,split,label,reason,kept``) lists every one.
 * **Unknown labels raise** a :class:`ValueError` naming the CSV, its line number, the clip and the label
   (``on_unknown_label="error"``, the default: a label the schema does not know is a release/contract
   problem, not a per-clip one). ``on_unknown_label="skip"`` drops those rows instead and lists them in
@@ -42,6 +46,9 @@ from mer import storage
 from mer.config import LABELS
 from mer.data.manifest import manifest_from_rows, write_manifest
 
+# A kept row whose video was not found (the extraction stage gives its video branches the same status).
+MISSING_FILE = "missing_file"
+KEEP_MISSING: tuple[str, ...] = ("candidates", "all", "none")
 TRAIN_CSVS: tuple[str, ...] = ("track1_train_disdim.csv", "track1_train.csv")
 CANDIDATE_CSVS: tuple[str, ...] = ("track_all_candidates.csv", "track1_track2_candidate.csv")
 TEST_CSVS: tuple[str, ...] = ("track1_test_dis.csv", "track1_test.csv", "test_labels.csv")
@@ -161,7 +168,7 @@ def _strip_suffix(uri: str) -> str:
 def import_mer2025(root: str, out_uri: str, video_dir: str = "video", *, train_csv: str | None = None,
                    candidates_csv: str | None = None, subtitle_csv: str = "subtitle_chieng.csv",
                    test_labels: str | bool | None = None, audio_dir: str | None = None,
-                   video_exts: tuple[str, ...] = (".mp4", ".avi"), keep_missing: bool = False,
+                   video_exts: tuple[str, ...] = (".mp4", ".avi"), keep_missing: str = "candidates",
                    check_files: bool = True, on_unknown_label: str = "error") -> dict[str, Any]:
     """Turn a MER2025/MER2026 release under ``root`` into the project manifest at ``out_uri`` (Parquet, or
     CSV when it ends in ``.csv``); see the module docstring for the split rules and decisions.
@@ -169,13 +176,16 @@ def import_mer2025(root: str, out_uri: str, video_dir: str = "video", *, train_c
     ``train_csv``/``candidates_csv``/``test_labels`` default to the release names (MER2025 first, then
     MER2026); ``test_labels=False`` disables the test split. ``video_dir``/``audio_dir`` are relative to
     ``root`` unless absolute. ``check_files=False`` skips the video listing (every clip is assumed present,
-    as ``<video_dir>/<name><video_exts[0]>``).
+    as ``<video_dir>/<name><video_exts[0]>``). ``keep_missing``: which rows without a video stay
+    (``candidates``: the ``unlabeled`` and ``test`` ones; ``all``; ``none``).
 
     Returns a summary: rows per split, labels of the train split, missing videos (count, per split, report
     URI), text sources, the CSVs used.
     """
     if on_unknown_label not in ("error", "skip"):
         raise ValueError("on_unknown_label must be 'error' or 'skip'")
+    if keep_missing not in KEEP_MISSING:
+        raise ValueError(f"keep_missing must be one of {list(KEEP_MISSING)}, not {keep_missing!r}")
     root = str(root).rstrip("/")
     out_uri = str(out_uri)
     unknown: list[dict[str, Any]] = []
@@ -245,24 +255,29 @@ def import_mer2025(root: str, out_uri: str, video_dir: str = "video", *, train_c
     missing: list[dict[str, Any]] = []
     for name, (split, lab) in entries.items():
         uri = index.get(name) if check_files else storage.join(video_root, name + video_exts[0])
+        status = "ok"
         if uri is None:
-            missing.append({"name": name, "split": split, "label": lab, "reason": "video file not found"})
-            if not keep_missing:
+            kept = keep_missing == "all" or (keep_missing == "candidates" and split != "train")
+            missing.append({"name": name, "split": split, "label": lab, "reason": "video file not found",
+                            "kept": kept})
+            if not kept:
                 continue
-            uri = storage.join(video_root, name + video_exts[0])
+            uri, status = storage.join(video_root, name + video_exts[0]), MISSING_FILE
         text, source = texts.get(name, (None, "none"))
         text_source[source] += 1
         rows.append({"clip_id": name, "video_uri": uri, "audio_uri": audio_index.get(name), "text": text,
-                     "label": lab, "split": split})
+                     "label": lab, "split": split, "video_status": status})
 
     base = _strip_suffix(out_uri)
     missing_uri = f"{base}.missing.csv"
-    _write_report(missing_uri, ["name", "split", "label", "reason"], missing)
+    _write_report(missing_uri, ["name", "split", "label", "reason", "kept"], missing)
     unknown_uri = None
     if unknown:
         unknown_uri = f"{base}.unknown_labels.csv"
         _write_report(unknown_uri, ["csv", "line", "name", "label"], unknown)
-    table = write_manifest(manifest_from_rows(rows), out_uri)
+    table = manifest_from_rows(rows)
+    table = write_manifest(table.append_column("video_status", pa.array([r["video_status"] for r in rows],
+                                                                         pa.string())), out_uri)
 
     splits = table.column("split").to_pylist()
     labels = table.column("label").to_pylist()
@@ -274,7 +289,8 @@ def import_mer2025(root: str, out_uri: str, video_dir: str = "video", *, train_c
         "splits": {s: splits.count(s) for s in ("train", "unlabeled", "test")},
         "train_labels": {lab: sum(1 for s, la in zip(splits, labels) if s == "train" and la == lab) for lab in LABELS},
         "n_missing_video": len(missing), "missing_by_split": per_split_missing, "missing_report": missing_uri,
-        "missing_kept": keep_missing, "n_unknown_label": len(unknown), "unknown_label_report": unknown_uri,
+        "n_missing_kept": sum(1 for m in missing if m["kept"]),
+        "n_unknown_label": len(unknown), "unknown_label_report": unknown_uri,
         "n_aliased_labels": n_alias + n_alias_t, "n_train_without_label": n_train_unlabelled,
         "n_duplicate_train_rows": n_dup, "overlap_train_test": overlap, "text_source": text_source,
         "train_csv": train_uri, "candidates_csv": cand_uri, "test_csv": test_uri,

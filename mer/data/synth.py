@@ -193,7 +193,8 @@ def expected_accuracy(reliability: dict[str, float] | None = None, n: int = 2000
 
 
 # --- drawing ------------------------------------------------------------------------------------------
-def draw_face(img: np.ndarray, cx: float, cy: float, r: float, label: str, skin: tuple[int, int, int]) -> None:
+def draw_face(img: np.ndarray, cx: float, cy: float, r: float, label: str = "neutral",
+              skin: tuple[int, int, int] = (200, 165, 140)) -> None:
     """Draw a frontal cartoon face showing ``label``'s expression, in place (RGB uint8 image).
 
     The layout (dark eyes and brows over a lighter skin oval, a bright nose line, a dark mouth and hair) is
@@ -317,7 +318,8 @@ def render_text(rng: np.random.Generator, label: str) -> tuple[str, str]:
     return zh, en[0].upper() + en[1:]
 
 
-def _write_wav(path: str, audio: np.ndarray, sr: int = SAMPLE_RATE) -> None:
+def save_wav(path: str, audio: np.ndarray, sr: int = SAMPLE_RATE) -> None:
+    """A float waveform in [-1, 1] as a 16-bit mono wav."""
     with wave.open(path, "wb") as w:
         w.setnchannels(1)
         w.setsampwidth(2)
@@ -325,15 +327,15 @@ def _write_wav(path: str, audio: np.ndarray, sr: int = SAMPLE_RATE) -> None:
         w.writeframes((audio * 32767).astype("<i2").tobytes())
 
 
-def encode_mp4(path: str, frames: np.ndarray, fps: int, wav_path: str | None) -> None:
+def encode_mp4(path: str, frames: np.ndarray, fps: int, wav_path: str | None, gop: int | None = None) -> None:
     """Encode RGB frames (+ an optional wav) to an H.264/AAC mp4 with the bundled ffmpeg; deterministic
-    (single-threaded x264, bit-exact flags, no metadata)."""
+    (single-threaded x264, bit-exact flags, no metadata). ``gop``: keyframe interval (default: one a second)."""
     h, w = frames.shape[1:3]
     cmd = [ffmpeg_exe(), "-nostdin", "-loglevel", "error", "-y", "-f", "rawvideo", "-pix_fmt", "rgb24",
            "-s", f"{w}x{h}", "-r", str(fps), "-i", "-"]
     if wav_path:
         cmd += ["-i", wav_path, "-map", "0:v", "-map", "1:a"]
-    cmd += ["-c:v", "libx264", "-preset", "ultrafast", "-g", str(fps), "-pix_fmt", "yuv420p", "-threads", "1",
+    cmd += ["-c:v", "libx264", "-preset", "ultrafast", "-g", str(gop or fps), "-pix_fmt", "yuv420p", "-threads", "1",
             "-map_metadata", "-1", "-fflags", "+bitexact", "-flags:v", "+bitexact"]
     if wav_path:
         cmd += ["-c:a", "aac", "-b:a", "48k", "-ar", str(SAMPLE_RATE), "-ac", "1", "-flags:a", "+bitexact"]
@@ -399,7 +401,7 @@ def _render_clip(clip: dict[str, Any], out: Path, seconds: float, size: int, fps
         wav = None
         if kind != "no_audio":
             wav = str(out / "audio" / f"{clip['name']}.wav") if write_wav else os.path.join(tmp, "a.wav")
-            _write_wav(wav, audio)
+            save_wav(wav, audio)
         target = os.path.join(tmp, "v.mp4")
         encode_mp4(target, frames, fps, wav)
         data = Path(target).read_bytes()

@@ -48,8 +48,6 @@ class AudioEncoder(BranchEncoder):
         audio = column(batch, "audio", n)
         astat = column(batch, "audio_status", n)
         dstat = column(batch, "decode_status", n)
-        pooled: list[Any] = [None] * n
-        seq: list[Any] = [None] * n
         status = [""] * n
         errors: dict[int, str] = {}
         waves: dict[int, np.ndarray] = {}
@@ -71,12 +69,7 @@ class AudioEncoder(BranchEncoder):
 
         # Sort by length so each padded chunk wastes little compute.
         order = sorted(waves, key=lambda r: len(waves[r]))
+        encoded: dict[int, np.ndarray] = {}
         for s in range(0, len(order), self.chunk):
-            for r, v in self._run_rows(order[s:s + self.chunk], forward, errors).items():
-                pooled[r] = v.mean(axis=0).astype(np.float32)
-                seq[r] = v
-                status[r] = OK
-        for r in errors:
-            status[r] = ERROR
-        return {"audio": pooled, "audio_status": status, "audio_seq": seq,
-                "audio_error": [errors.get(i) for i in range(n)]}
+            encoded.update(self._run_rows(order[s:s + self.chunk], forward, errors))
+        return self.outputs("audio", status, encoded, errors)

@@ -3,25 +3,15 @@
 from __future__ import annotations
 
 import contextlib
-import logging
 from typing import Any, ClassVar
 
 import numpy as np
 
+from mer.batches import isolate_rows, object_column
 from mer.config import MerConfig
-
-log = logging.getLogger(__name__)
 
 OK = "ok"
 ERROR = "error"
-
-
-def object_column(values: list[Any]) -> np.ndarray:
-    """A 1-D object array holding ``values`` as they are (numpy would stack equal-shape arrays otherwise)."""
-    out = np.empty(len(values), dtype=object)
-    for i, v in enumerate(values):
-        out[i] = v
-    return out
 
 
 def column(batch: dict[str, np.ndarray], name: str, n: int) -> list[Any]:
@@ -53,8 +43,8 @@ def upstream_status(*values: Any, default: str) -> str:
 class BranchEncoder:
     """Base of the ``map_batches`` callable classes: one model per actor, loaded in ``__init__``.
 
-    Subclasses set ``branch``, ``input_columns``, ``output_columns`` and implement ``encode`` which returns
-    per-row ``(pooled, seq, status)``.
+    Subclasses set ``branch``, ``input_columns``, ``output_columns`` and implement ``encode``, which returns
+    the per-row outputs (:meth:`outputs` builds them from the encoded rows).
     """
 
     branch: ClassVar[str] = ""
@@ -117,19 +107,27 @@ class BranchEncoder:
         return result
 
     def _run_rows(self, rows: list[int], forward, on_error: dict[int, str]) -> dict[int, Any]:
-        """``forward(rows)`` -> {row: result}; if the whole chunk fails, retry row by row so that one bad
-        input only costs its own row (recorded in ``on_error``), never the batch."""
-        try:
-            return forward(rows)
-        except Exception as e:  # noqa: BLE001 - isolate the failing row below
-            if len(rows) == 1:
-                on_error[rows[0]] = f"{self.branch}: {e.__class__.__name__}: {e}"
-                log.warning("%s encoder failed on a row: %s", self.branch, e)
-                return {}
-            out: dict[int, Any] = {}
-            for r in rows:
-                out.update(self._run_rows([r], forward, on_error))
-            return out
+        """``forward(rows)`` -> {row: result}, a failing row isolated (:func:`mer.batches.isolate_rows`)."""
+        return isolate_rows(rows, forward, on_error, self.branch)
+
+    @staticmethod
+    def outputs(prefix: str, status: list[str], encoded: dict[int, np.ndarray], errors: dict[int, str]
+                ) -> dict[str, list[Any]]:
+        """A branch's per-row outputs: ``<prefix>`` (the mean over the row's frame/token/time states),
+        ``<prefix>_seq`` (those states), ``<prefix>_status`` (``ok`` where encoded, ``error`` where the forward
+        failed, else the status already in ``status``) and ``<prefix>_error``."""
+        n = len(status)
+        pooled: list[Any] = [None] * n
+        seq: list[Any] = [None] * n
+        status = list(status)
+        for r, v in encoded.items():
+            pooled[r] = v.mean(axis=0).astype(np.float32)
+            seq[r] = v
+            status[r] = OK
+        for r in errors:
+            status[r] = ERROR
+        return {prefix: pooled, f"{prefix}_status": status, f"{prefix}_seq": seq,
+                f"{prefix}_error": [errors.get(i) for i in range(n)]}
 
 
 def to_f32(t) -> np.ndarray:

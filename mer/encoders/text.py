@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from mer.encoders.base import ERROR, OK, BranchEncoder, column, to_f32
+from mer.encoders.base import BranchEncoder, column, to_f32
 
 
 def _clean(v: Any) -> str:
@@ -44,10 +44,6 @@ class TextEncoder(BranchEncoder):
         return [to_f32(hs[i][mask[i]]) for i in range(len(texts))]
 
     def _encode_texts(self, texts: list[str], prefix: str) -> dict[str, list[Any]]:
-        n = len(texts)
-        pooled: list[Any] = [None] * n
-        seq: list[Any] = [None] * n
-        status = ["empty_text"] * n
         errors: dict[int, str] = {}
         rows = [i for i, t in enumerate(texts) if t]
 
@@ -55,15 +51,10 @@ class TextEncoder(BranchEncoder):
             return dict(zip(chunk_rows, self._forward([texts[r] for r in chunk_rows])))
 
         rows.sort(key=lambda r: len(texts[r]))  # similar lengths per chunk: less padding
+        encoded: dict[int, np.ndarray] = {}
         for s in range(0, len(rows), self.chunk):
-            for r, v in self._run_rows(rows[s:s + self.chunk], forward, errors).items():
-                pooled[r] = v.mean(axis=0).astype(np.float32)
-                seq[r] = v
-                status[r] = OK
-        for r in errors:
-            status[r] = ERROR
-        return {prefix: pooled, f"{prefix}_status": status, f"{prefix}_seq": seq,
-                f"{prefix}_error": [errors.get(i) for i in range(n)]}
+            encoded.update(self._run_rows(rows[s:s + self.chunk], forward, errors))
+        return self.outputs(prefix, ["empty_text"] * len(texts), encoded, errors)
 
     def encode(self, batch: dict[str, np.ndarray], n: int) -> dict[str, list[Any]]:
         original = [_clean(v) for v in column(batch, "text", n)]

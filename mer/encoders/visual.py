@@ -6,15 +6,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from mer.encoders.base import (
-    ERROR,
-    OK,
-    BranchEncoder,
-    column,
-    is_missing,
-    to_f32,
-    upstream_status,
-)
+from mer.encoders.base import ERROR, BranchEncoder, column, is_missing, to_f32, upstream_status
 
 
 def _target_hw(processor: Any) -> tuple[tuple[int, int] | None, int | None]:
@@ -154,8 +146,6 @@ class GlobalVisualEncoder(_FrameEncoder):
     def encode(self, batch: dict[str, np.ndarray], n: int) -> dict[str, list[Any]]:
         frames = column(batch, "frames", n)
         dstat = column(batch, "decode_status", n)
-        pooled: list[Any] = [None] * n
-        seq: list[Any] = [None] * n
         status = [""] * n
         errors: dict[int, str] = {}
         stacks: dict[int, np.ndarray] = {}
@@ -165,14 +155,7 @@ class GlobalVisualEncoder(_FrameEncoder):
                 status[i] = upstream_status(dstat[i], default="decode_error")
             else:
                 stacks[i] = a
-        for r, v in self._encode_stacks(stacks, errors).items():
-            pooled[r] = v.mean(axis=0).astype(np.float32)
-            seq[r] = v
-            status[r] = OK
-        for r in errors:
-            status[r] = ERROR
-        return {"global_visual": pooled, "global_visual_status": status, "global_visual_seq": seq,
-                "global_visual_error": [errors.get(i) for i in range(n)]}
+        return self.outputs("global_visual", status, self._encode_stacks(stacks, errors), errors)
 
 
 class FaceEncoder(_FrameEncoder):
@@ -188,8 +171,6 @@ class FaceEncoder(_FrameEncoder):
         masks = column(batch, "face_mask", n)
         fstat = column(batch, "face_status", n)
         dstat = column(batch, "decode_status", n)
-        pooled: list[Any] = [None] * n
-        seq: list[Any] = [None] * n
         status = [""] * n
         errors: dict[int, str] = {}
         stacks: dict[int, np.ndarray] = {}
@@ -209,11 +190,4 @@ class FaceEncoder(_FrameEncoder):
                 status[i] = upstream_status(fstat[i], default="no_face")
                 continue
             stacks[i] = a
-        for r, v in self._encode_stacks(stacks, errors).items():
-            pooled[r] = v.mean(axis=0).astype(np.float32)
-            seq[r] = v
-            status[r] = OK
-        for r in errors:
-            status[r] = ERROR
-        return {"face": pooled, "face_status": status, "face_seq": seq,
-                "face_error": [errors.get(i) for i in range(n)]}
+        return self.outputs("face", status, self._encode_stacks(stacks, errors), errors)

@@ -16,7 +16,7 @@ from typing import Any
 import pyarrow as pa
 
 from mer.config import MerConfig
-from mer.enrich.backends import engine_env, engine_kwargs
+from mer.enrich.generators import engine_env, engine_kwargs
 from mer.enrich.prepare import IDS, PromptBuilder
 from mer.enrich.prompt import sampling_params
 from mer.enrich.stage import EnrichStage
@@ -55,7 +55,7 @@ def _direct_vllm(cfg: MerConfig, model_path: str, prompts: list[list[int]]) -> d
 
 def _ray_stage(cfg: MerConfig, stage: EnrichStage, prompts_ds: Any) -> dict[str, float]:
     """Run the stage's vLLM backend (the Ray Data processor) on prepared rows, with per-request timing."""
-    from mer.enrich.backends import vllm_generate
+    from mer.enrich.generators import vllm_generate
 
     t0 = time.perf_counter()
     wall0 = time.time()
@@ -92,7 +92,7 @@ def bench_enrich(cfg: MerConfig, n_prompts: int = 64, print_table: bool = True) 
     n = float(n_prompts)
     res: dict[str, Any] = {
         "n_prompts": n_prompts, "max_tokens": e.max_tokens, "model": stage.model_id,
-        "device": "gpu" if e.num_gpus > 0 else "cpu",
+        "device": "gpu" if e.resources.num_gpus > 0 else "cpu",
         "direct_startup_s": round(direct["startup_s"], 2),
         "direct_generate_s": round(direct["generate_s"], 3),
         "direct_prompts_per_s": round(n / direct["generate_s"], 2),

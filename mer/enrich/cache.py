@@ -1,8 +1,8 @@
 """Enrichment cache: results keyed by (clip_id, model_id, prompt_hash) in Parquet parts.
 
-Layout: ``<cache_dir>/<model-key>-<prompt_hash>/part-<uuid>.parquet`` (local or ``s3://``), each part
-written atomically by the stage as batches finish, so an interrupted run keeps what it generated and
-a re-run sends only the missing clips to the engine. A cached row is reused only while the
+Layout: ``<cache_dir>/<model-key>-<prompt_hash>/part-*.parquet`` (local or ``s3://``): a part store
+(:mod:`mer.parts`), each part committed atomically by the stage as batches finish, so an interrupted run keeps
+what it generated and a re-run sends only the missing clips to the engine. A cached row is reused only while the
 ``input_sha`` of its subtitle (+ context) still matches. Duplicate rows (task retries) are harmless:
 lookups keep the newest.
 """
@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import hashlib
 import time
-import uuid
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from mer import storage
+from mer.parts import part_files, read_parts, write_part
 
 CACHE_SCHEMA = pa.schema([
     ("clip_id", pa.string()), ("model_id", pa.string()), ("prompt_hash", pa.string()),
@@ -38,11 +38,11 @@ class EnrichCache:
 
     def read(self, model_id: str, prompt_hash: str) -> pa.Table:
         """All cached rows of a (model, prompt) pair (empty table when none)."""
-        parts = storage.list_files(self.dir_for(model_id, prompt_hash), ".parquet")
-        if not parts:
+        d = self.dir_for(model_id, prompt_hash)
+        if not part_files(d):
             return CACHE_SCHEMA.empty_table()
-        tables = [storage.read_table(p).select(CACHE_SCHEMA.names).cast(CACHE_SCHEMA) for p in parts]
-        t = pa.concat_tables(tables)
+        # Every row: a clip enriched again (its subtitle changed) has a newer row, which lookup prefers.
+        t = read_parts(d, columns=CACHE_SCHEMA.names, key=None).select(CACHE_SCHEMA.names).cast(CACHE_SCHEMA)
         return t.filter(pc.and_(pc.equal(t["model_id"], model_id),
                                         pc.equal(t["prompt_hash"], prompt_hash)))
 
@@ -71,9 +71,7 @@ class EnrichCache:
             "num_tokens": pa.array(rows["num_tokens"], pa.int64()),
             "created_at": pa.array([now] * n, pa.float64()),
         }, schema=CACHE_SCHEMA)
-        uri = storage.join(self.dir_for(model_id, prompt_hash), f"part-{uuid.uuid4().hex}.parquet")
-        storage.write_table(uri, table)
-        return uri
+        return write_part(self.dir_for(model_id, prompt_hash), table)
 
     def compact(self, model_id: str, prompt_hash: str) -> int:
         """Merge the parts of a (model, prompt) pair into one (newest row per clip); returns rows kept.
@@ -82,7 +80,7 @@ class EnrichCache:
         duplicates (harmless), never a loss.
         """
         d = self.dir_for(model_id, prompt_hash)
-        parts = storage.list_files(d, ".parquet")
+        parts = part_files(d)
         if len(parts) <= 1:
             return self.read(model_id, prompt_hash).num_rows if parts else 0
         t = self.read(model_id, prompt_hash).sort_by([("created_at", "descending")])
@@ -93,7 +91,7 @@ class EnrichCache:
                 seen.add(cid)
                 keep.append(i)
         merged = t.take(pa.array(keep, pa.int64()))
-        storage.write_table(storage.join(d, f"part-{uuid.uuid4().hex}.parquet"), merged)
+        write_part(d, merged)
         for p in parts:
             fs, path = storage.filesystem(p)
             fs.delete_file(path)

@@ -93,7 +93,7 @@ def sampling_params(cfg: MerConfig) -> dict[str, Any]:
     e = cfg.enrich
     params: dict[str, Any] = {"temperature": float(e.temperature), "top_p": float(e.top_p),
                               "max_tokens": int(e.max_tokens)}
-    if e.num_gpus > 0 or e.temperature == 0:
+    if e.resources.num_gpus > 0 or e.temperature == 0:
         params["seed"] = int(e.seed)
     return params
 

@@ -2,37 +2,19 @@
 
 from __future__ import annotations
 
-import io
 import time
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.csv as pacsv
 
 from mer import storage
 from mer.config import MerConfig
+from mer.data.manifest import read_manifest
 from mer.enrich.cache import EnrichCache, default_cache_dir
 from mer.enrich.stage import enrich_table
+from mer.parts import write_part
 
 RESULT_COLUMNS = ("clip_id", "text", "text_enriched", "enrich_status", "enrich_note", "model_id", "prompt_hash")
-
-
-def read_manifest_table(uri: str) -> pa.Table:
-    """A manifest as Arrow (Parquet file/dir or CSV), through :mod:`mer.data.manifest` when present."""
-    try:
-        from mer.data.manifest import read_manifest  # type: ignore[attr-defined]
-    except ImportError:
-        read_manifest = None
-    if read_manifest is not None:
-        t = read_manifest(uri)
-        return t if isinstance(t, pa.Table) else pa.Table.from_pandas(t, preserve_index=False)
-    if str(uri).endswith(".csv"):
-        # Subtitles are strings even when they look like numbers.
-        return pacsv.read_csv(io.BytesIO(storage.read_bytes(uri)),
-                              convert_options=pacsv.ConvertOptions(strings_can_be_null=True,
-                                                                   column_types={"clip_id": pa.string(),
-                                                                                 "text": pa.string()}))
-    return storage.read_table(uri)
 
 
 def enrich_manifest(cfg: MerConfig, manifest_uri: str, out_uri: str, cache_dir: str | None = None,
@@ -45,7 +27,7 @@ def enrich_manifest(cfg: MerConfig, manifest_uri: str, out_uri: str, cache_dir: 
     crash, only generates the clips it has not seen. Returns a summary dict.
     """
     t0 = time.time()
-    manifest = read_manifest_table(manifest_uri)
+    manifest = read_manifest(manifest_uri)
     if "clip_id" not in manifest.column_names:
         raise ValueError(f"{manifest_uri}: manifest has no clip_id column")
     if limit is not None:
@@ -61,8 +43,11 @@ def enrich_manifest(cfg: MerConfig, manifest_uri: str, out_uri: str, cache_dir: 
     out = out.append_column("model_id", pa.array([stats.get("model_id", cfg.models.llm.model_id)] * n, pa.string()))
     out = out.append_column("prompt_hash", pa.array([stats.get("prompt_hash", "")] * n, pa.string()))
     out = out.select(list(RESULT_COLUMNS))
-    target = out_uri if str(out_uri).endswith(".parquet") else storage.join(out_uri, "part-00000.parquet")
-    storage.write_table(target, out)
+    if str(out_uri).endswith(".parquet"):
+        target = out_uri
+        storage.write_table(target, out)
+    else:  # a part store of one part (mer.parts reads either)
+        target = write_part(out_uri, out, "part-00000.parquet")
     if stats.get("prompt_hash"):
         EnrichCache(cache_dir).compact(stats["model_id"], stats["prompt_hash"])
     summary = {

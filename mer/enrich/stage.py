@@ -15,17 +15,17 @@ import logging
 from typing import Any
 
 import pyarrow as pa
-from ray.data import ActorPoolStrategy
 
 from mer.config import MerConfig
 from mer.enrich import guard
-from mer.enrich.backends import transformers_generate, vllm_generate
 from mer.enrich.cache import EnrichCache
+from mer.enrich.generators import transformers_generate, vllm_generate
 from mer.enrich.prepare import (
-    DESC, ERR, GEN, GEN_ERR, GEN_TOKENS, IDS, INTERNAL, ROUTE, ROUTE_CACHE, ROUTE_ENGINE, SHA, STATUS,
+    DESC, ERR, GEN, GEN_ERR, GEN_TOKENS, INTERNAL, ROUTE, ROUTE_CACHE, ROUTE_ENGINE, SHA, STATUS,
     PromptBuilder,
 )
 from mer.enrich.prompt import load_template, prompt_hash
+from mer.stream import Stage
 
 log = logging.getLogger("mer.enrich")
 
@@ -114,16 +114,12 @@ class EnrichStage:
         """Add prompt ids and routes (cache hits resolved) — lazily."""
         e = self.cfg.enrich
         hits = EnrichCache(self.cache_dir).lookup(self.model_id, self.prompt_hash) if self.cache_dir else {}
-        return ds.map_batches(
-            PromptBuilder,
-            fn_constructor_kwargs=dict(
-                model_path=self.model_path, template_text=self.template.source_text,
-                context_columns=list(e.context_columns), max_model_len=e.max_model_len,
-                max_tokens=e.max_tokens, truncate_input=e.truncate_input, cache_hits=hits,
-                trust_remote_code=self.cfg.models.llm.trust_remote_code),
-            batch_format="pyarrow", batch_size=max(e.batch_size, 64), compute=ActorPoolStrategy(size=1),
-            num_cpus=e.aux_num_cpus,
-        )
+        return Stage(name="enrich_prompts", fn=PromptBuilder, resources=e.aux_resources, batch_format="pyarrow",
+                     constructor_kwargs=dict(
+                         model_path=self.model_path, template_text=self.template.source_text,
+                         context_columns=list(e.context_columns), max_model_len=e.max_model_len,
+                         max_tokens=e.max_tokens, truncate_input=e.truncate_input, cache_hits=hits,
+                         trust_remote_code=self.cfg.models.llm.trust_remote_code)).apply(ds)
 
     def generate(self, ds: Any) -> Any:
         """Run the configured backend on prepared engine-route rows (adds the internal gen columns)."""
@@ -131,15 +127,14 @@ class EnrichStage:
             return vllm_generate(self.cfg, self.model_path, ds)
         return transformers_generate(self.cfg, self.model_path, ds)
 
-    def _finalize(self, ds: Any, keep_internal: bool = False, write_cache: bool = True) -> Any:
+    def _finalize(self, ds: Any, write_cache: bool = True) -> Any:
         e = self.cfg.enrich
-        return ds.map_batches(
-            finalize_batch,
-            fn_kwargs=dict(max_output_chars=e.max_output_chars, compose=e.compose, model_id=self.model_id,
-                           p_hash=self.prompt_hash, cache_uri=self.cache_dir if write_cache else None,
-                           keep_internal=keep_internal),
-            batch_format="pyarrow", batch_size=e.batch_size, num_cpus=e.aux_num_cpus,
-        )
+        return Stage(name="enrich_finalize", fn=finalize_batch, kind="task", resources=e.aux_resources,
+                     batch_format="pyarrow",
+                     fn_kwargs=dict(max_output_chars=e.max_output_chars, compose=e.compose, model_id=self.model_id,
+                                    p_hash=self.prompt_hash, cache_uri=self.cache_dir if write_cache else None),
+                     # one call per engine batch (each writes one cache part)
+                     map_args={"batch_size": e.resources.batch_size}).apply(ds)
 
     def __call__(self, ds: Any) -> Any:
         prepared = self.prepare(ds).materialize()
@@ -150,8 +145,9 @@ class EnrichStage:
                            "model_id": self.model_id, "prompt_hash": self.prompt_hash,
                            "backend": self.cfg.enrich.backend}
         log.info("enrich: %d rows, %d to the %s engine", n_engine + n_rest, n_engine, self.cfg.enrich.backend)
-        done_rest = self._finalize(rest.map_batches(_add_empty_gen, batch_format="pyarrow", batch_size=None,
-                                                    num_cpus=self.cfg.enrich.aux_num_cpus), write_cache=False)
+        no_gen = Stage(name="enrich_no_generation", fn=_add_empty_gen, kind="task",
+                       resources=self.cfg.enrich.aux_resources, batch_format="pyarrow", map_args={"batch_size": None})
+        done_rest = self._finalize(no_gen.apply(rest), write_cache=False)
         if n_engine == 0:
             return done_rest
         done_engine = self._finalize(self.generate(engine))

@@ -24,7 +24,6 @@ after it; CPU ms/clip count every thread of a stage's actor plus the decode chil
 from __future__ import annotations
 
 import logging
-import os
 import tempfile
 import time
 from typing import Any
@@ -32,13 +31,14 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from mer.config import MerConfig, gpu_requests
-from mer.extract.backends import AUDIO, VIDEO, DecodeParams, decode_clip
+from mer.config import MerConfig, gpu_requests, with_overrides
+from mer.extract.decoders import AUDIO, VIDEO, DecodeParams, decode_clip
 from mer.extract.decode import ClipDecoder
 from mer.extract.face import FaceDetector
 from mer.extract.pipeline import build_dataset, build_stages, enabled_branches, pipeline_input, read_manifest_table
-from mer.extract.stages import Stage, normalize_batch
+from mer.extract.stages import normalize_batch
 from mer.extract.timing import StageTimes, is_timing, timed
+from mer.stream import Stage
 
 log = logging.getLogger("mer.extract")
 
@@ -118,8 +118,8 @@ def decode_reference(paths: list[str], params: dict[str, Any], backend: str,
 
 def _rss_growth(cfg: MerConfig, paths: list[str], decodes: int, audio_backend: str) -> dict[str, Any]:
     """Decode-child RSS over ``decodes`` clips with recycling off (what an unrecycled decoder does)."""
-    d = cfg.extract.decode.model_copy(update={"recycle_every": 10 ** 9, "audio_backend": audio_backend})
-    dec = ClipDecoder(cfg.model_copy(update={"extract": cfg.extract.model_copy(update={"decode": d})}))
+    dec = ClipDecoder(with_overrides(cfg, [f"extract.decode.recycle_every={10 ** 9}",
+                                           f"extract.decode.audio_backend={audio_backend}"]))
     samples = []
     try:
         dec.decode_one(paths[0])  # the child's start-up is not a decode
@@ -252,7 +252,7 @@ def bench_extract(cfg: MerConfig, manifest_uri: str | None = None, *, n_clips: i
 
     def decode_stage(sampling: str) -> Stage:
         return Stage("decode", timed(ClipDecoder, "decode"), ClipDecoder.input_columns, ClipDecoder.output_columns,
-                     resources=d.resources, constructor_args=(cfg, None, sampling), remote_args=ra)
+                     resources=d.resources, constructor_args=(cfg, None, sampling), map_args=ra)
 
     dec_only = {}
     for sampling in ("uniform", d.sampling):
@@ -290,7 +290,7 @@ def bench_extract(cfg: MerConfig, manifest_uri: str | None = None, *, n_clips: i
     pre = decode_stage(d.sampling).apply(ray.data.from_arrow(blocks)).materialize()
     face_stage = Stage("face_detect", timed(FaceDetector, "face_detect"), FaceDetector.input_columns,
                        FaceDetector.output_columns, resources=cfg.extract.face.resources, constructor_args=(cfg,),
-                       remote_args=ra)
+                       map_args=ra)
     alone: dict[str, dict[str, Any]] = {"decode": dec_only[d.sampling]}
     if "face" in branches:
         alone["face_detect"] = _drain(face_stage.apply(pre).map_batches(_keep_light, batch_format="pyarrow",
@@ -299,7 +299,7 @@ def bench_extract(cfg: MerConfig, manifest_uri: str | None = None, *, n_clips: i
     for b in branches:
         r = getattr(cfg.extract.encoders, b).resources
         ds = Stage(b, timed(ENCODERS[b], b), ENCODERS[b].input_columns, ENCODERS[b].output_columns, resources=r,
-                   constructor_args=(cfg,), remote_args=ra).apply(pre)
+                   constructor_args=(cfg,), map_args=ra).apply(pre)
         alone[b] = _drain(ds.map_batches(_keep_light, batch_format="pyarrow", num_cpus=0.0))
     del pre
     result["stage_alone"] = {k: v for k, v in alone.items() if k != "decode"}

@@ -1,41 +1,23 @@
-"""Generated test/bench clips (H.264 + AAC via imageio-ffmpeg's ffmpeg): a drawn face that OpenCV's Haar
-cascade detects, a tone, and the broken variants (zero-byte, truncated, no audio, missing, no face)."""
+"""Generated test/bench clips: a drawn face that OpenCV's Haar cascade detects and a tone, encoded like the
+generated dataset's clips (:func:`mer.data.synth.encode_mp4`), and the broken variants (zero-byte, truncated,
+no audio, missing, no face)."""
 
 from __future__ import annotations
 
 import os
-import subprocess
+import tempfile
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 
 
-def ffmpeg_exe() -> str:
-    import imageio_ffmpeg
-
-    return imageio_ffmpeg.get_ffmpeg_exe()
-
-
-def draw_face(img: np.ndarray, cx: int, cy: int, r: int) -> None:
-    """A frontal cartoon face (skin oval, dark eyes and brows, nose, mouth, hair), drawn in place."""
-    import cv2
-
-    cv2.ellipse(img, (cx, cy), (int(r * 0.8), r), 0, 0, 360, (190, 160, 140), -1)
-    ex, ey = int(r * 0.35), int(r * 0.2)
-    for sx in (-1, 1):
-        cv2.ellipse(img, (cx + sx * ex, cy - ey), (int(r * 0.16), int(r * 0.09)), 0, 0, 360, (40, 30, 30), -1)
-        cv2.line(img, (cx + sx * ex - int(r * 0.2), cy - int(r * 0.38)),
-                 (cx + sx * ex + int(r * 0.2), cy - int(r * 0.38)), (60, 40, 30), max(1, r // 12))
-    cv2.line(img, (cx, cy - int(r * 0.1)), (cx, cy + int(r * 0.25)), (150, 120, 100), max(1, r // 15))
-    cv2.ellipse(img, (cx, cy + int(r * 0.5)), (int(r * 0.3), int(r * 0.1)), 0, 0, 360, (90, 50, 60), -1)
-    cv2.ellipse(img, (cx, cy - int(r * 0.75)), (int(r * 0.8), int(r * 0.35)), 0, 180, 360, (30, 25, 20), -1)
-
-
 def make_clip(path: str | os.PathLike[str], *, seconds: float = 1.0, width: int = 160, height: int = 120,
               fps: int = 25, face: bool = True, audio: bool = True, gop: int = 12, seed: int = 0,
               tone_hz: float = 440.0) -> str:
     """Write one mp4; the face (if any) drifts a little so frames differ; ``gop`` = keyframe interval."""
+    from mer.data.synth import SAMPLE_RATE, draw_face, encode_mp4, save_wav
+
     rng = np.random.default_rng(seed)
     n = max(1, int(round(seconds * fps)))
     base = np.zeros((height, width, 3), np.uint8)
@@ -44,7 +26,7 @@ def make_clip(path: str | os.PathLike[str], *, seconds: float = 1.0, width: int 
     # A gentle texture so the encoder has something to compress, without face-like patterns.
     base = np.clip(base.astype(np.int16) + (8 * np.sin(xx / 9.0) * np.cos(yy / 13.0))[..., None], 0, 255
                    ).astype(np.uint8)
-    frames = []
+    frames = np.empty((n, height, width, 3), np.uint8)
     for t in range(n):
         img = base.copy()
         if face:
@@ -53,16 +35,14 @@ def make_clip(path: str | os.PathLike[str], *, seconds: float = 1.0, width: int 
         else:
             x = (t * 3) % max(1, width - 20)
             img[10:30, x:x + 20] = (20, 200, 40)
-        frames.append(img)
-    cmd = [ffmpeg_exe(), "-loglevel", "error", "-y", "-f", "rawvideo", "-pix_fmt", "rgb24", "-s",
-           f"{width}x{height}", "-r", str(fps), "-i", "-"]
-    if audio:
-        cmd += ["-f", "lavfi", "-i", f"sine=frequency={tone_hz}:sample_rate=16000:duration={seconds}"]
-    cmd += ["-c:v", "libx264", "-preset", "ultrafast", "-g", str(gop), "-pix_fmt", "yuv420p"]
-    if audio:
-        cmd += ["-c:a", "aac", "-shortest"]
-    cmd += [str(path)]
-    subprocess.run(cmd, input=np.stack(frames).tobytes(), check=True)
+        frames[t] = img
+    with tempfile.TemporaryDirectory(prefix="mer-clip-") as tmp:
+        wav = None
+        if audio:
+            wav = os.path.join(tmp, "tone.wav")
+            t_s = np.arange(int(round(seconds * SAMPLE_RATE))) / SAMPLE_RATE
+            save_wav(wav, (0.2 * np.sin(2 * np.pi * tone_hz * t_s)).astype(np.float32))
+        encode_mp4(str(path), frames, fps, wav, gop=gop)
     return str(path)
 
 

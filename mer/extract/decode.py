@@ -29,8 +29,9 @@ from typing import Any
 import numpy as np
 
 from mer import storage
+from mer.batches import object_column
 from mer.config import MerConfig
-from mer.extract.backends import DecodeParams
+from mer.extract.decoders import DecodeParams
 from mer.extract.subproc import DecodeProcess, DecodeTimeout, rss_bytes
 
 log = logging.getLogger("mer.extract")
@@ -40,13 +41,6 @@ MISSING_FILE = "missing_file"
 DECODE_ERROR = "decode_error"
 DECODE_TIMEOUT = "decode_timeout"
 NO_AUDIO = "no_audio"
-
-
-def _obj(values: list[Any]) -> np.ndarray:
-    out = np.empty(len(values), dtype=object)
-    for i, v in enumerate(values):
-        out[i] = v
-    return out
 
 
 def _uri(v: Any) -> str | None:
@@ -236,7 +230,7 @@ class ClipDecoder:
         rows = self.decode_rows(batch["video_uri"], batch.get("audio_uri", [None] * n))
         out = dict(batch)
         for name in self.output_columns:
-            out[name] = _obj([r[name] for r in rows])
+            out[name] = object_column([r[name] for r in rows])
         return out
 
     def child_cpu_s(self) -> float:

@@ -24,12 +24,14 @@ import numpy as np
 import pyarrow as pa
 
 from mer import storage
-from mer.config import BRANCHES, MerConfig, StageResources
-from mer.extract import store
+from mer.config import BRANCHES, MerConfig, Resources
+from mer.extract import schema as store
 from mer.extract.decode import ClipDecoder
 from mer.extract.face import FaceDetector
-from mer.extract.stages import Stage, encoder_group_stage, encoder_stage, validate_chain
+from mer.extract.stages import encoder_group_stage, encoder_stage
 from mer.extract.timing import StageTimes, drop_timing, is_timing, timed
+from mer.parts import read_parts
+from mer.stream import Stage, build, write_stream
 
 log = logging.getLogger("mer.extract")
 
@@ -40,23 +42,10 @@ HEAVY_COLUMNS = ("frames", "audio", "face_crops", "face_mask")
 
 # ------------------------------------------------------------------------------------------ manifest
 def read_manifest_table(uri: str) -> pa.Table:
-    """The manifest as Arrow (through :mod:`mer.data.manifest` when present; Parquet or CSV otherwise)."""
-    try:
-        from mer.data.manifest import read_manifest
-    except ImportError:
-        read_manifest = None
-    if read_manifest is not None:
-        t = read_manifest(uri)
-        t = t if isinstance(t, pa.Table) else pa.Table.from_pandas(t, preserve_index=False)
-    elif str(uri).endswith(".csv"):
-        import io
+    """The manifest (:func:`mer.data.manifest.read_manifest`) with the columns the stages need, as strings."""
+    from mer.data.manifest import read_manifest
 
-        import pyarrow.csv as pacsv
-
-        t = pacsv.read_csv(io.BytesIO(storage.read_bytes(uri)), convert_options=pacsv.ConvertOptions(
-            strings_can_be_null=True, column_types={c: pa.string() for c in MANIFEST_COLUMNS}))
-    else:
-        t = storage.read_table(uri)
+    t = read_manifest(uri)
     if "clip_id" not in t.column_names or "video_uri" not in t.column_names:
         raise ValueError(f"{uri}: a manifest needs clip_id and video_uri columns (has {t.column_names})")
     for c in MANIFEST_COLUMNS:
@@ -107,12 +96,12 @@ def build_stages(cfg: MerConfig, extra_stages: list[Stage | Any] | None = None,
     decode_args = {**ra, "runtime_env": {"env_vars": s3_env}} if s3_env else ra
     stages.append(Stage(name="decode", fn=timed(ClipDecoder, "decode"), inputs=ClipDecoder.input_columns,
                         optional_inputs=ClipDecoder.optional_inputs, outputs=ClipDecoder.output_columns,
-                        kind="actor", resources=d.resources, constructor_args=(cfg,), remote_args=decode_args))
+                        kind="actor", resources=d.resources, constructor_args=(cfg,), map_args=decode_args))
     wanted = branches if branches is not None else enabled_branches(cfg)
     if include_face and "face" in wanted:
         stages.append(Stage(name="face_detect", fn=timed(FaceDetector, "face_detect"), inputs=FaceDetector.input_columns,
                             outputs=FaceDetector.output_columns, kind="actor",
-                            resources=cfg.extract.face.resources, constructor_args=(cfg,), remote_args=ra))
+                            resources=cfg.extract.face.resources, constructor_args=(cfg,), map_args=ra))
     colocated = cfg.extract.encoders.colocated
     if colocated is not None and wanted:
         # one pool for every encoder: the extra stages meant for just before the text encoder run before it
@@ -244,7 +233,7 @@ def actor_pool_shortfall(stages: list[Stage], cluster: dict[str, float]) -> list
     for st in stages:
         if st.kind != "actor":
             continue
-        r = st.resources or StageResources()
+        r = st.resources or Resources()
         need["CPU"] += r.concurrency * r.num_cpus
         need["GPU"] += r.concurrency * (r.num_gpus or 0.0)
     return [f"the extraction actor pools hold {need[k]:g} {k} at once, the cluster has {cluster.get(k, 0.0):g}"
@@ -263,15 +252,12 @@ def build_dataset(cfg: MerConfig, manifest: pa.Table, stages: list[Stage]) -> An
     rows = cfg.extract.input_block_rows or cfg.extract.decode.resources.batch_size
     manifest = pipeline_input(cfg, manifest)
     blocks = [manifest.slice(i, rows) for i in range(0, manifest.num_rows, rows)] or [manifest]
-    ds = ray.data.from_arrow(blocks)
-    validate_chain(stages, manifest.column_names)
-    for s in stages:
-        ds = s.apply(ds)
-    schema = store.feature_schema(cfg)
-    return ds.map_batches(assemble_batch, batch_format="numpy", batch_size=cfg.extract.decode.resources.batch_size,
-                          fn_kwargs=dict(schema=schema, branches=enabled_branches(cfg),
-                                         config_hash=store.config_hash(cfg), model_ids=store.model_ids_json(cfg)),
-                          num_cpus=0.0, zero_copy_batch=True)
+    assemble = Stage(name="assemble", fn=assemble_batch, kind="task",
+                     fn_kwargs=dict(schema=store.feature_schema(cfg), branches=enabled_branches(cfg),
+                                    config_hash=store.config_hash(cfg), model_ids=store.model_ids_json(cfg)),
+                     map_args=dict(batch_size=cfg.extract.decode.resources.batch_size, num_cpus=0.0,
+                                   zero_copy_batch=True))
+    return build(ray.data.from_arrow(blocks), [*stages, assemble], manifest.column_names)
 
 
 def default_extra_stages(cfg: MerConfig, out_uri: str) -> list[Any]:
@@ -304,36 +290,37 @@ def extract_features(cfg: MerConfig, manifest_uri: str, out_uri: str, *, limit: 
         dup = [k for k, v in Counter(ids).items() if v > 1][:5]
         raise ValueError(f"{manifest_uri}: duplicate clip_ids in the manifest, e.g. {dup}")
     meta = store.ensure_meta(cfg, out_uri, allow_config_change=allow_config_change)
-    done = store.stored_ids(out_uri)
-    todo_mask = pa.array([cid not in done for cid in ids])
-    todo = manifest.filter(todo_mask)
-    schema = store.feature_schema(cfg)
     lookup = dict(zip(ids, zip(manifest.column("split").to_pylist(), manifest.column("label").to_pylist())))
-    writer = store.PartWriter(out_uri, schema, cfg.extract.rows_per_part, already=done)
     times = StageTimes(time.time())
-    run_counts: Counter = Counter()
-    stats_text = ""
     concurrency: dict[str, int] = {}
-    if todo.num_rows:
-        if extra_stages is None:
-            extra_stages = default_extra_stages(cfg, out_uri)
-        stages = build_stages(cfg, extra_stages)
-        concurrency = {s.name: (s.resources or StageResources()).concurrency for s in stages if s.kind == "actor"}
+    run_counts: Counter = Counter()
+
+    def stream(pending: list[str]) -> Any:
+        pend = set(pending)
+        todo = manifest.filter(pa.array([cid in pend for cid in ids]))
+        stages = build_stages(cfg, default_extra_stages(cfg, out_uri) if extra_stages is None else extra_stages)
+        concurrency.update({s.name: (s.resources or Resources()).concurrency for s in stages if s.kind == "actor"})
+        log.info("extract: %d clips (%d already stored) → %s", todo.num_rows, len(ids) - todo.num_rows, out_uri)
         ds = build_dataset(cfg, todo, stages)
-        log.info("extract: %d clips (%d already stored) → %s", todo.num_rows, len(done & set(ids)), out_uri)
-        times = StageTimes(time.time())
-        for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None, prefetch_batches=1):
-            times.add(batch)
-            run_counts.update(batch.column("status").to_pylist())
-            writer.add(add_manifest_columns(drop_timing(batch), lookup))
-        writer.flush()
+        times.t0 = time.time()  # the stream executes from here (first-row time excludes reading the store)
+        return ds
+
+    def on_batch(batch: pa.Table) -> pa.Table:
+        times.add(batch)
+        run_counts.update(batch.column("status").to_pylist())
+        return add_manifest_columns(drop_timing(batch), lookup)
+
+    run = write_stream(out_uri, store.feature_schema(cfg), cfg.extract.rows_per_part, ids, stream, on_batch)
+    writer = run.writer
+    stats_text = ""
+    if run.dataset is not None:
         try:
-            stats_text = ds.stats()
+            stats_text = run.dataset.stats()
         except Exception:  # noqa: BLE001 - stats are informational
             stats_text = ""
     seconds = time.time() - t0
     summary: dict[str, Any] = {
-        "out": out_uri, "manifest_rows": manifest.num_rows, "already_stored": manifest.num_rows - todo.num_rows,
+        "out": out_uri, "manifest_rows": manifest.num_rows, "already_stored": run.already,
         "processed": writer.rows_written, "parts_written": len(writer.parts),
         "duplicates_dropped": writer.duplicates_dropped, "seconds": round(seconds, 2),
         "clips_per_s": round(writer.rows_written / seconds, 3) if writer.rows_written else 0.0,
@@ -345,7 +332,7 @@ def extract_features(cfg: MerConfig, manifest_uri: str, out_uri: str, *, limit: 
     summary["stage_ms_per_clip"] = {k: v["busy_ms_per_row"] for k, v in st["stages"].items()}
     summary["stage_busy_fraction"] = {k: v["busy_fraction"] for k, v in st["stages"].items()}
     try:
-        summary["status_counts"] = store.status_counts(store.read_features(
+        summary["status_counts"] = store.status_counts(read_parts(
             out_uri, columns=["status", *[f"{b}_status" for b in store.vector_branches(cfg)], "decode_status"]))
     except FileNotFoundError:
         summary["status_counts"] = {}

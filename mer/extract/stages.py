@@ -1,70 +1,17 @@
-"""Stage specs of the extraction pipeline: what each ``map_batches`` step reads, writes and asks Ray for.
-
-Every stage declares its input and output columns; :func:`validate_chain` checks at build time that each
-stage's inputs are produced upstream, so a mis-wired pipeline fails before any clip is decoded.
+"""Extraction stages (:class:`mer.stream.Stage`): the encoder stage (one per branch, or every branch in one
+pool), and the in-flight representation of missing values that keeps Ray Data blocks concatenable. Per-row
+timings are :mod:`mer.extract.timing`'s.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Callable, Literal
+from typing import Any
 
 import numpy as np
 
-from mer.config import StageResources
+from mer.config import Resources
 from mer.extract.timing import timed
-
-
-class PipelineError(ValueError):
-    """The stage chain is mis-wired (a stage reads a column nothing upstream produces)."""
-
-
-@dataclass
-class Stage:
-    """One step. ``kind``: ``actor`` (callable class, pool of ``concurrency`` actors), ``task`` (function),
-    ``dataset`` (a ``Dataset -> Dataset`` callable such as the enrichment stage, applied to manifest rows)."""
-
-    name: str
-    fn: Any
-    inputs: tuple[str, ...]
-    outputs: tuple[str, ...]
-    kind: Literal["actor", "task", "dataset"] = "actor"
-    optional_inputs: tuple[str, ...] = ()
-    resources: StageResources | None = None
-    constructor_args: tuple[Any, ...] = ()
-    remote_args: dict[str, Any] = field(default_factory=dict)
-    batch_format: str = "numpy"
-
-    def apply(self, ds: Any) -> Any:
-        """Add this stage to a Ray Dataset (lazy)."""
-        if self.kind == "dataset":
-            return self.fn(ds)
-        r = self.resources or StageResources()
-        kwargs: dict[str, Any] = dict(batch_size=r.batch_size, batch_format=self.batch_format,
-                                      num_cpus=r.num_cpus, **self.remote_args)
-        if r.num_gpus:
-            kwargs["num_gpus"] = r.num_gpus
-        if self.kind == "actor":
-            from ray.data import ActorPoolStrategy
-
-            # More than one call per actor overlaps Ray Data's block fetch/output with the UDF, which itself
-            # still runs one batch at a time (enable_true_multi_threading stays off).
-            kwargs["compute"] = ActorPoolStrategy(size=r.concurrency,
-                                                  max_concurrent_calls_per_actor=r.max_concurrent_calls)
-            kwargs["fn_constructor_args"] = self.constructor_args
-        return ds.map_batches(self.fn, **kwargs)
-
-
-def validate_chain(stages: list[Stage], initial: set[str] | list[str] | tuple[str, ...]) -> list[str]:
-    """Check that every stage's required inputs exist when it runs; returns the final column list."""
-    cols = list(dict.fromkeys(initial))
-    for s in stages:
-        missing = [c for c in s.inputs if c not in cols and c not in s.optional_inputs]
-        if missing:
-            raise PipelineError(f"stage {s.name!r} needs columns {missing}, which no earlier stage produces "
-                                f"(available: {cols})")
-        cols += [c for c in s.outputs if c not in cols]
-    return cols
+from mer.stream import Stage
 
 
 # Array columns and their (dtype, ndim): a missing value becomes an EMPTY array of that kind, never None.
@@ -121,7 +68,7 @@ class EncoderGroup:
         return batch
 
 
-def encoder_group_stage(branches: list[str], cfg: Any, resources: StageResources, remote_args: dict[str, Any],
+def encoder_group_stage(branches: list[str], cfg: Any, resources: Resources, map_args: dict[str, Any],
                         optional: tuple[str, ...] = ()) -> Stage:
     """One stage (one actor pool) for the encoders of ``branches`` (``extract.encoders.colocated``)."""
     from mer.encoders import ENCODERS
@@ -133,16 +80,13 @@ def encoder_group_stage(branches: list[str], cfg: Any, resources: StageResources
         outputs += [c for c in getattr(ENCODERS[b], "output_columns", ()) if c not in outputs]
     return Stage(name="encoders", fn=EncoderGroup, inputs=tuple(inputs), outputs=tuple(outputs), kind="actor",
                  optional_inputs=optional, resources=resources, constructor_args=(cfg, tuple(branches)),
-                 remote_args=remote_args)
+                 map_args=map_args)
 
 
-def encoder_stage(name: str, cls: type, cfg: Any, resources: StageResources, remote_args: dict[str, Any],
+def encoder_stage(name: str, cls: type, cfg: Any, resources: Resources, map_args: dict[str, Any],
                   optional: tuple[str, ...] = ()) -> Stage:
     """Stage of one branch encoder (``mer.encoders`` callable class with input/output column attributes)."""
     inputs = tuple(getattr(cls, "input_columns", ()))
     outputs = tuple(getattr(cls, "output_columns", ()))
     return Stage(name=name, fn=timed(cls, name), inputs=inputs, outputs=outputs, kind="actor",
-                 optional_inputs=optional, resources=resources, constructor_args=(cfg,), remote_args=remote_args)
-
-
-Fn = Callable[[Any], Any]
+                 optional_inputs=optional, resources=resources, constructor_args=(cfg,), map_args=map_args)

@@ -113,7 +113,7 @@ def cpu_seconds(pid: int) -> float:
 
 
 class DecodeProcess:
-    """Client side: runs ``mer.extract.backends.<fn>(**kwargs)`` in the child, one request or many."""
+    """Client side: runs ``mer.extract.decoders.<fn>(**kwargs)`` in the child, one request or many."""
 
     def __init__(self, recycle_every: int = 500, start_timeout: float = 120.0, window: int = DEFAULT_WINDOW):
         self.recycle_every = recycle_every
@@ -268,9 +268,9 @@ def _serve() -> None:
     out = os.dup(1)
     os.dup2(2, 1)
     sys.stdout = sys.stderr
-    from mer.extract import backends
+    from mer.extract import decoders
 
-    backends._decord()  # import (and silence) decord up front
+    decoders._decord()  # import (and silence) decord up front
     import av  # noqa: F401
     import cv2  # noqa: F401
 
@@ -290,7 +290,7 @@ def _serve() -> None:
                 time.sleep(3600)
                 result = ("ok", None)
             elif fn in _ALLOWED:
-                result = ("ok", getattr(backends, fn)(**kwargs))
+                result = ("ok", getattr(decoders, fn)(**kwargs))
             else:
                 result = ("error", f"unknown request {fn!r}")
         except Exception as e:  # noqa: BLE001 - reported to the parent as the request's error

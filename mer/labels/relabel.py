@@ -1,161 +1,165 @@
 """Multi-source label refinement (ECMF): keep, relabel or down-weight noisy training labels.
 
-Sources vote for a label with a confidence: the original annotation, the out-of-fold predictions of the
-k-fold ensemble, and any further tables (an LLM's vote, another model's predictions). Rules, in order:
+Independent sources vote on every labelled training clip: the out-of-fold predictions of each single-modality
+run and of the fused run, an LLM's vote, any external table (:mod:`mer.labels.sources`). Each source's
+reliability is measured per class on the labelled rows (:mod:`mer.labels.evidence`) and weights its vote; the
+original annotation is one more source, of precision ``relabel.annotation_accuracy``. Their combined
+posterior decides, in order:
 
-1. ``agree``      — the weighted consensus of the other sources is the original label: keep, weight 1.
-2. ``relabel``    — at least ``min_agree`` other sources vote for the same different label, their mean
-                    confidence is ≥ ``min_confidence`` and their weighted vote is at least the original's
-                    (``source_weights.original`` plus the sources backing it): the
-                    consensus label replaces the original, weight 1.
-3. ``downweight`` — the other sources' consensus disagrees with the original, with mean confidence
-                    ≥ ``downweight_min_confidence``, but not strongly enough to relabel: keep the original
-                    label with weight ``downweight``.
-4. ``uncertain``  — the consensus disagrees with less confidence than that: keep, weight 1. A weak model's
-                    disagreements are mostly its own errors on hard clips; down-weighting them all removed
-                    correct hard examples and lowered test WAF on the generated store (mean of 3 seeds
-                    0.73, vs 0.81 keeping weight 1; ``tests/test_labels_loop.py``'s regime).
-5. ``no_votes``   — no other source has a vote for this clip: keep, weight 1.
+1. ``no_votes``   — no source has a vote for this clip: keep, weight 1.
+2. ``relabel``    — another label has posterior ≥ ``relabel.min_posterior`` *and* at least
+                    ``relabel.min_agree`` sources vote for it themselves (one confident model is not enough):
+                    the label changes, weight = its posterior.
+3. ``downweight`` — the original label's posterior is below ``relabel.keep_min_posterior``: keep it with
+                    weight = that posterior (at least ``relabel.min_weight``), so a probably wrong label
+                    pulls less.
+4. ``agree``      — the sources' own consensus (without the annotation) is the original label: weight 1.
+5. ``uncertain``  — the sources lean elsewhere but the original stays likely: weight 1.
 
-The output is a label table (``clip_id, label, weight, source``) that training accepts (``--labels``), plus
-provenance per row: the original label, every source's vote and the rule that fired.
+The output is a label table (``clip_id, label, weight, source``) that training accepts, with provenance per
+row (original label, rule, posteriors, every source's vote) and, beside it, each source's measured
+reliability (``<table>.reliability.json``).
 """
 
 from __future__ import annotations
 
 import json
-from collections import defaultdict
-from dataclasses import dataclass
+from collections import Counter
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
 from mer import storage
-from mer.config import LABELS, MerConfig, RelabelConfig
+from mer.config import LABELS, LabelsConfig, MerConfig, RelabelConfig
+from mer.labels.evidence import (Reliability, annotation_reliability, class_prior, evidence, fit_reliability,
+                                 posterior, votes_of)
+from mer.labels.sources import SourceVotes, read_source, run_oof_votes
+from mer.train.features import label_index
 
-PROB_COLUMNS = [f"prob_{lab}" for lab in LABELS]
+REFINED_SCHEMA = pa.schema([
+    ("clip_id", pa.string()), ("label", pa.string()), ("weight", pa.float32()), ("source", pa.string()),
+    ("original_label", pa.string()), ("rule", pa.string()), ("posterior", pa.float32()),
+    ("posterior_original", pa.float32()), ("consensus_label", pa.string()), ("n_agree", pa.int32()),
+    ("votes", pa.string()),
+])
 
 
-@dataclass(frozen=True)
-class Vote:
-    label: str
-    confidence: float
+def fit_sources(sources: list[SourceVotes], ids: list[str], y: np.ndarray, prior: np.ndarray,
+                lc: LabelsConfig) -> dict[str, Reliability]:
+    """Each source's reliability measured on the labelled rows ``ids`` (original label indices ``y``)."""
+    return {s.name: fit_reliability(s.name, s.kind, s.rows(ids), y, prior, shrinkage=lc.reliability_shrinkage,
+                                    max_weight=lc.reliability_max_weight, min_votes=lc.min_labelled_votes)
+            for s in sources}
 
 
-def votes_from_table(table: pa.Table, name: str) -> dict[str, Vote]:
-    """Read one source's votes: either ``label[,confidence]`` columns or ``prob_<label>`` columns.
+def votes_json(names: list[str], probs: list[np.ndarray], i: int) -> str:
+    """Row ``i``'s votes as ``{source: [label, probability]}`` (sources without a vote left out)."""
+    out: dict[str, Any] = {}
+    for name, p in zip(names, probs):
+        row = p[i]
+        if np.isfinite(row).all() and row.sum() > 0:
+            k = int(np.argmax(row))
+            out[name] = [LABELS[k], round(float(row[k]), 4)]
+    return json.dumps(out, sort_keys=True)
 
-    Unknown labels fail naming the source and the clip, so a bad source never silently votes.
+
+def refine_labels(original: pa.Table, sources: list[SourceVotes], rc: RelabelConfig, lc: LabelsConfig
+                  ) -> tuple[pa.Table, dict[str, Reliability]]:
+    """Apply the refinement rules to ``original`` (``clip_id, label``) given the sources' votes.
+
+    Returns the refined table (:data:`REFINED_SCHEMA`, one row per input row) and the reliabilities used.
+    Unknown original labels fail naming the clip.
     """
-    cols = set(table.column_names)
-    if "clip_id" not in cols:
-        raise ValueError(f"label source {name!r}: missing column clip_id")
-    ids = table.column("clip_id").to_pylist()
-    out: dict[str, Vote] = {}
-    if set(PROB_COLUMNS) <= cols:
-        probs = np.stack([np.asarray(table.column(c).to_numpy(zero_copy_only=False), dtype=np.float64)
-                          for c in PROB_COLUMNS], axis=1)
-        for cid, p in zip(ids, probs):
-            if np.isnan(p).any():
-                continue
-            k = int(np.argmax(p))
-            out[cid] = Vote(LABELS[k], float(p[k]))
-        return out
-    label_col = "label" if "label" in cols else "discrete" if "discrete" in cols else None
-    if label_col is None:
-        raise ValueError(f"label source {name!r}: needs a label column or prob_<label> columns")
-    labels = table.column(label_col).to_pylist()
-    confs = table.column("confidence").to_pylist() if "confidence" in cols else [1.0] * len(ids)
-    for cid, lab, conf in zip(ids, labels, confs):
-        if lab is None or lab == "":
-            continue
-        lab = str(lab).strip().lower()
-        if lab not in LABELS:
-            raise ValueError(f"label source {name!r}: clip {cid!r} has unknown label {lab!r}")
-        out[cid] = Vote(lab, 1.0 if conf is None else float(conf))
-    return out
+    ids = [str(c) for c in original.column("clip_id").to_pylist()]
+    labels = original.column("label").to_pylist()
+    y = label_index(labels)
+    bad = [(c, lab) for c, lab, k in zip(ids, labels, y) if k < 0]
+    if bad:
+        raise ValueError(f"original labels: clip {bad[0][0]!r} has unknown label {bad[0][1]!r} "
+                         f"({len(bad)} such rows)")
+    prior = class_prior(y)
+    rel = fit_sources(sources, ids, y, prior, lc)
+    names = [s.name for s in sources]
+    probs = [s.rows(ids) for s in sources]
+    ev = [evidence(rel[s.name], p, prior) for s, p in zip(sources, probs)]
+    # Sources whose reliability could not be measured neither vote nor count towards agreement.
+    votes = (np.stack([votes_of(p) if rel[s.name].usable else np.full(len(ids), -1) for s, p in zip(sources, probs)],
+                      axis=1) if probs else np.zeros((len(ids), 0), int))
+    post_sources = posterior(ev, prior) if ev else np.tile(prior, (len(ids), 1))
+    onehot = np.zeros((len(ids), len(LABELS)))
+    onehot[np.arange(len(ids)), y] = 1.0
+    post = posterior([*ev, evidence(annotation_reliability(rc.annotation_accuracy), onehot, prior)], prior)
 
-
-def refine_labels(original: pa.Table, sources: dict[str, pa.Table], cfg: RelabelConfig) -> pa.Table:
-    """Apply the refinement rules to ``original`` (clip_id, label) given other sources' vote tables."""
-    base = votes_from_table(original.select([c for c in original.column_names
-                                             if c in ("clip_id", "label", "discrete")]), "original")
-    source_votes = {name: votes_from_table(t, name) for name, t in sources.items()}
-    w_orig = cfg.source_weights.get("original", 1.0)
-    rows: dict[str, list] = defaultdict(list)
-    for cid, orig in base.items():
-        votes = {name: sv[cid] for name, sv in source_votes.items() if cid in sv}
-        score: dict[str, float] = defaultdict(float)
-        for name, v in votes.items():
-            score[v.label] += cfg.source_weights.get(name, 1.0)
-        label, weight, rule = orig.label, 1.0, "no_votes"
-        consensus, n_agree, mean_conf = None, 0, 0.0
-        if votes:
-            # Ties go to the original label: refinement must never flip a label on a coin toss.
-            consensus = max(score, key=lambda lab: (score[lab], lab == orig.label))
-            backers = [v for v in votes.values() if v.label == consensus]
-            n_agree = len(backers)
-            mean_conf = float(np.mean([v.confidence for v in backers]))
-            if consensus == orig.label:
+    rows: dict[str, list] = {f.name: [] for f in REFINED_SCHEMA}
+    for i, cid in enumerate(ids):
+        o = int(y[i])
+        has_votes = bool((votes[i] >= 0).any())
+        alt_post = post[i].copy()
+        alt_post[o] = -1.0
+        alt = int(np.argmax(alt_post))
+        n_alt = int((votes[i] == alt).sum())
+        consensus = int(np.argmax(post_sources[i]))
+        label, weight, rule = o, 1.0, "no_votes"
+        if has_votes:
+            if post[i, alt] >= rc.min_posterior and n_alt >= rc.min_agree:
+                label, weight, rule = alt, float(post[i, alt]), "relabel"
+            elif post[i, o] < rc.keep_min_posterior:
+                weight, rule = max(float(post[i, o]), rc.min_weight), "downweight"
+            elif consensus == o:
                 rule = "agree"
-            elif (n_agree >= cfg.min_agree and mean_conf >= cfg.min_confidence
-                  and score[consensus] >= w_orig + score.get(orig.label, 0.0)):
-                label, rule = consensus, "relabel"
-            elif mean_conf >= cfg.downweight_min_confidence:
-                weight, rule = cfg.downweight, "downweight"
             else:
                 rule = "uncertain"
         rows["clip_id"].append(cid)
-        rows["label"].append(label)
-        rows["weight"].append(float(weight))
+        rows["label"].append(LABELS[label])
+        rows["weight"].append(weight)
         rows["source"].append("refined" if rule == "relabel" else "original")
-        rows["original_label"].append(orig.label)
+        rows["original_label"].append(LABELS[o])
         rows["rule"].append(rule)
-        rows["consensus_label"].append(consensus)
-        rows["consensus_agree"].append(n_agree)
-        rows["consensus_confidence"].append(mean_conf)
-        rows["votes"].append(json.dumps({n: [v.label, round(v.confidence, 4)] for n, v in votes.items()},
-                                        sort_keys=True))
-    schema = pa.schema([("clip_id", pa.string()), ("label", pa.string()), ("weight", pa.float32()),
-                        ("source", pa.string()), ("original_label", pa.string()), ("rule", pa.string()),
-                        ("consensus_label", pa.string()), ("consensus_agree", pa.int32()),
-                        ("consensus_confidence", pa.float32()), ("votes", pa.string())])
-    return pa.table(dict(rows), schema=schema) if rows else schema.empty_table()
+        rows["posterior"].append(float(post[i, label]))
+        rows["posterior_original"].append(float(post[i, o]))
+        rows["consensus_label"].append(LABELS[consensus] if has_votes else None)
+        rows["n_agree"].append(int((votes[i] == label).sum()))
+        rows["votes"].append(votes_json(names, probs, i))
+    return pa.table(rows, schema=REFINED_SCHEMA), rel
+
+
+def rule_counts(table: pa.Table) -> dict[str, int]:
+    """How many rows each rule decided."""
+    return dict(Counter(table.column("rule").to_pylist()))
 
 
 def train_labels(features_uri: str) -> pa.Table:
     """The original labels of the ``train`` split of a feature store (clip_id, label)."""
-    from mer.extract.store import read_features
+    from mer.parts import read_parts
 
-    t = read_features(features_uri, columns=["split", "label"])
+    t = read_parts(features_uri, columns=["split", "label"])
     mask = [s == "train" and lab is not None for s, lab in zip(t.column("split").to_pylist(),
                                                               t.column("label").to_pylist())]
     return t.filter(pa.array(mask)).select(["clip_id", "label"])
 
 
-def rule_counts(table: pa.Table) -> dict[str, int]:
-    """How many rows each rule decided."""
-    counts: dict[str, int] = defaultdict(int)
-    for r in table.column("rule").to_pylist():
-        counts[r] += 1
-    return dict(counts)
+def reliability_uri(label_table_uri: str) -> str:
+    """Where the reliabilities behind a label table are written: ``<table stem>.reliability.json``."""
+    stem = label_table_uri[:-len(".parquet")] if label_table_uri.endswith(".parquet") else label_table_uri
+    return f"{stem}.reliability.json"
 
 
-def relabel_run(cfg: MerConfig, run_uri: str, features_uri: str, out_uri: str,
-                extra_sources: list[str] | None = None) -> dict:
-    """Refine the train labels of ``features_uri`` with the OOF predictions of ``run_uri`` (+ extra sources).
+def write_label_table(uri: str, table: pa.Table, rel: dict[str, Reliability], extra: dict | None = None) -> None:
+    """Write a label table and, beside it, the reliabilities of the sources that shaped it."""
+    storage.write_table(uri, table)
+    storage.write_json(reliability_uri(uri), {"sources": [r.to_json() for r in rel.values()], **(extra or {})})
 
-    ``extra_sources`` are ``name=uri`` strings naming tables of ``clip_id,label[,confidence]`` or probabilities.
-    Writes the refined label table (Parquet) to ``out_uri`` and returns a summary.
-    """
-    sources = {"oof": storage.read_table(storage.join(run_uri, "oof.parquet"))}
-    for item in extra_sources or []:
-        if "=" not in item:
-            raise ValueError(f"--source {item!r}: expected name=uri")
-        name, uri = item.split("=", 1)
-        sources[name] = storage.read_table(uri)
-    refined = refine_labels(train_labels(features_uri), sources, cfg.relabel)
-    storage.write_table(out_uri, refined)
-    summary = {"out": out_uri, "rows": refined.num_rows, "rules": rule_counts(refined),
-               "sources": sorted(sources)}
-    return summary
+
+def relabel_run(cfg: MerConfig, features_uri: str, out_uri: str, *, runs: dict[str, str] | None = None,
+                tables: dict[str, str] | None = None) -> dict:
+    """Refine the train labels of ``features_uri`` with the OOF predictions of ``runs`` ({name: run dir})
+    and the vote tables ``tables`` ({name: uri}); write the label table to ``out_uri`` and return a summary."""
+    sources = [run_oof_votes(n, u) for n, u in (runs or {}).items()]
+    sources += [read_source(n, u) for n, u in (tables or {}).items()]
+    if not sources:
+        raise ValueError("relabel: give at least one source (a run's OOF predictions or a vote table)")
+    refined, rel = refine_labels(train_labels(features_uri), sources, cfg.relabel, cfg.labels)
+    write_label_table(out_uri, refined, rel)
+    return {"out": out_uri, "rows": refined.num_rows, "rules": rule_counts(refined), "sources": sorted(rel),
+            "reliability": reliability_uri(out_uri)}

@@ -12,23 +12,33 @@ def ablation_table(cfg: MerConfig, features_uri: str, out_uri: str) -> dict[str,
     Returns ``{setting: WAF}`` (test split when labelled, else out-of-fold), also written to
     ``<out>/ablation.json``; each setting's run lives in ``<out>/<setting>`` and is resumed if present.
     """
-    from mer.train.features import store_columns
+    from mer.parts import part_columns
     from mer.train.run import train_run
 
-    cols = set(store_columns(features_uri))
+    cols = set(part_columns(features_uri))
     mods = [m for m in cfg.train.modalities if m in cols]
     if not mods:
         raise ValueError(f"none of {cfg.train.modalities} in feature store {features_uri}")
     settings = {m: [m] for m in mods}
     settings["fused"] = mods
-    table: dict[str, float] = {}
+    runs = {name: storage.join(out_uri, name) for name in settings}
     for name, ms in settings.items():
-        metrics = train_run(cfg, features_uri, storage.join(out_uri, name), resume=True, modalities=ms)
-        test = metrics.get("test") or {}
-        table[name] = float(test.get("waf", metrics["waf"]))
+        train_run(cfg, features_uri, runs[name], resume=True, modalities=ms)
+    table = {name: f["waf"] for name, f in run_figures(runs).items()}
     storage.write_json(storage.join(out_uri, "ablation.json"), table)
     print(format_ablation(table))
     return table
+
+
+def run_figures(runs: dict[str, str]) -> dict[str, dict[str, float]]:
+    """``{name: {"waf", "accuracy"}}`` of finished runs: on the test split when the store labels one (the fold
+    ensemble), else out of fold."""
+    out: dict[str, dict[str, float]] = {}
+    for name, run in runs.items():
+        metrics = storage.read_json(storage.join(run, "metrics.json"))
+        figures = metrics.get("test") or metrics
+        out[name] = {"waf": float(figures["waf"]), "accuracy": float(figures["accuracy"])}
+    return out
 
 
 def format_ablation(table: dict[str, float]) -> str:

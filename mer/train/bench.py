@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from mer import storage
-from mer.config import MerConfig
+from mer.config import MerConfig, with_overrides
 
 log = logging.getLogger("mer.train")
 
@@ -29,9 +29,11 @@ def bench_train(cfg: MerConfig, *, n: int = 4000, dim: int = 256, epochs: int = 
     """
     import ray
 
-    from mer.train.features import modality_dims, store_columns
+    from mer.parts import part_columns
+    from mer.train.features import modality_dims
     from mer.train.fold import controller_poll_interval, run_fold
-    from mer.train.run import _attach_targets, _fold_assignment, _label_rows, _read_store, quiet_data
+    from mer.parts import read_dataset
+    from mer.train.run import _attach_targets, _fold_assignment, _label_rows, quiet_data
     from mer.train.synthetic import make_feature_store
 
     if not ray.is_initialized():
@@ -44,16 +46,16 @@ def bench_train(cfg: MerConfig, *, n: int = 4000, dim: int = 256, epochs: int = 
         features_uri = storage.join(tmp, "features")
         make_feature_store(features_uri, n=n, dims={m: dim for m in ("global_visual", "face", "audio", "text")},
                            seed=0, missing=0.1, test_frac=0.0, rows_per_part=1024)
-    cols = set(store_columns(features_uri))
+    cols = set(part_columns(features_uri))
     mods = [m for m in cfg.train.modalities if m in cols]
     dims = modality_dims(features_uri, mods)
-    cv, _, _ = _label_rows(features_uri, None)
+    cv, *_ = _label_rows(features_uri, None)
     ids, y = cv.column("clip_id").to_pylist(), np.asarray(cv.column("y").to_numpy())
     fold_of = _fold_assignment(y, max(cfg.train.folds, 2), cfg.train.seed)
     train_t = {c: (int(v), 1.0) for c, v, f in zip(ids, y, fold_of) if f != 0}
     val_t = {c: (int(v), 1.0) for c, v, f in zip(ids, y, fold_of) if f == 0}
     with quiet_data():
-        base = _read_store(features_uri, ["clip_id", *mods]).materialize()
+        base = read_dataset(features_uri, columns=mods).materialize()
         train_ds = base.map_batches(_attach_targets, fn_kwargs={"targets": train_t},
                                     batch_format="pyarrow").materialize()
         val_ds = base.map_batches(_attach_targets, fn_kwargs={"targets": val_t},
@@ -61,12 +63,13 @@ def bench_train(cfg: MerConfig, *, n: int = 4000, dim: int = 256, epochs: int = 
 
     results: dict[str, Any] = {"model": cfg.train.model, "modalities": mods, "dims": dims,
                                "n_train": len(train_t), "epochs": epochs, "zero_stage": cfg.train.zero_stage,
-                               "precision": cfg.train.precision, "use_gpu": cfg.train.use_gpu,
-                               "batch_size": cfg.train.batch_size, "runs": {}}
+                               "precision": "bf16" if cfg.train.bf16 else "fp32",
+                               "use_gpu": cfg.train.resources.num_gpus > 0,
+                               "batch_size": cfg.train.resources.batch_size, "runs": {}}
     for w in workers:
-        tc = cfg.train.model_copy(update={"num_workers": w, "max_epochs": epochs, "patience": epochs,
-                                          "max_failures": 0})
-        run_cfg = cfg.model_copy(update={"train": tc})
+        run_cfg = with_overrides(cfg, [f"train.resources.concurrency={w}", f"train.max_epochs={epochs}",
+                                       f"train.patience={epochs}", "train.max_failures=0"])
+        tc = run_cfg.train
         t0 = time.time()
         with controller_poll_interval(tc.poll_interval_s):
             res = run_fold(run_cfg, fold=0, arch=tc.model, dims=dims, train_ds=train_ds, val_ds=val_ds,

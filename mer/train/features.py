@@ -1,15 +1,13 @@
-"""Feature-store rows → model inputs (the layout of :mod:`mer.fusion.base`), and store introspection."""
+"""Feature-store rows → model inputs (the layout of :mod:`mer.fusion.base`), vector sizes and input statistics."""
 
 from __future__ import annotations
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.fs as pafs
-import pyarrow.parquet as pq
 
-from mer import storage
 from mer.config import LABELS
+from mer.parts import iter_parts, part_columns
 
 LABEL_INDEX = {lab: k for k, lab in enumerate(LABELS)}
 
@@ -96,36 +94,19 @@ def input_stats(ds: object, modalities: list[str], dims: dict[str, int], ids: se
     return np.concatenate(means).tolist(), np.concatenate(stds).tolist()
 
 
-def store_files(features_uri: str) -> list[str]:
-    """The Parquet parts of a feature store (or the file itself when given one)."""
-    fs, path = storage.filesystem(features_uri)
-    if fs.get_file_info(path).type == pafs.FileType.File:
-        return [features_uri]
-    files = storage.list_files(features_uri, ".parquet")
-    if not files:
-        raise FileNotFoundError(f"no feature parts under {features_uri}")
-    return files
-
-
-def store_columns(features_uri: str) -> list[str]:
-    """Column names of the store (from the first part's schema)."""
-    fs, path = storage.filesystem(store_files(features_uri)[0])
-    return pq.read_schema(path, filesystem=fs).names
-
-
 def modality_dims(features_uri: str, modalities: list[str]) -> dict[str, int]:
     """Vector size of each modality: the length of its first non-null vector in the store.
 
     Reads one column at a time, part by part, only until a vector is found.
     """
-    cols = set(store_columns(features_uri))
+    cols = set(part_columns(features_uri))
     missing = [m for m in modalities if m not in cols]
     if missing:
         raise ValueError(f"feature store {features_uri} has no column for modalities {missing}")
     dims: dict[str, int] = {}
     for m in modalities:
-        for part in store_files(features_uri):
-            col = storage.read_table(part, columns=[m]).column(m).drop_null()
+        for part in iter_parts(features_uri, columns=[m]):
+            col = part.column(m).drop_null()
             if len(col):
                 dims[m] = len(col[0].as_py())
                 break

@@ -7,12 +7,12 @@ import io
 import json
 import logging
 import os
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
@@ -20,11 +20,6 @@ from mer import storage
 from mer.config import MerConfig
 
 log = logging.getLogger("mer.train")
-
-# Test hook (read on the driver, forwarded to the workers): "<epoch>:<marker path>[:<rank>]" kills one
-# worker process with SIGKILL at that epoch, once (the marker file records that it happened).
-FAULT_ENV = "MER_TRAIN_FAULT"
-
 
 def ray_storage(uri: str) -> tuple[str, pafs.FileSystem | None]:
     """``RunConfig(storage_path, storage_filesystem)`` for a local path or an ``s3://`` URI.
@@ -46,78 +41,89 @@ def ray_storage(uri: str) -> tuple[str, pafs.FileSystem | None]:
     return uri[len("s3://"):], pafs.PyFileSystem(pafs.FSSpecHandler(fs))
 
 
+_POLL_VAR = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
+_poll_lock = threading.Lock()
+_poll_users = 0  # runs inside controller_poll_interval that set the variable (runs may overlap in threads)
+
+
 @contextlib.contextmanager
 def controller_poll_interval(seconds: float) -> Iterator[None]:
     """How often the Ray Train controller polls workers (its default, 2 s, also paces every report:
     a worker's report waits until the previous one was consumed). Ray Train forwards this variable from
-    the driver to the controller; a value the user set in the environment wins. Set once around all of
-    a run's folds: concurrent folds must not race on the process environment."""
-    var = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
-    if var in os.environ:
-        yield
-        return
-    os.environ[var] = str(seconds)
+    the driver to the controller; a value the user set in the environment wins. Runs trained at the same
+    time (threads of one driver) share the process environment: the first sets the variable, the last one
+    out removes it."""
+    global _poll_users
+    with _poll_lock:
+        if _poll_users == 0 and _POLL_VAR in os.environ:
+            owned = False
+        else:
+            owned = True
+            if _poll_users == 0:
+                os.environ[_POLL_VAR] = str(seconds)
+            _poll_users += 1
     try:
         yield
     finally:
-        os.environ.pop(var, None)
-
-
-def fault_from_env() -> dict[str, Any] | None:
-    """Parse :data:`FAULT_ENV` (test hook) into the loop's ``fault`` setting."""
-    spec = os.environ.get(FAULT_ENV)
-    if not spec:
-        return None
-    parts = spec.split(":")
-    fault = {"epoch": int(parts[0]), "marker": parts[1], "rank": int(parts[2]) if len(parts) > 2 else 0}
-    if len(parts) > 3:
-        fault["fold"] = int(parts[3])
-    return fault
+        if owned:
+            with _poll_lock:
+                _poll_users -= 1
+                if _poll_users == 0:
+                    os.environ.pop(_POLL_VAR, None)
 
 
 def run_fold(cfg: MerConfig, *, fold: int, arch: str, dims: dict[str, int], train_ds: Any, val_ds: Any,
-             ray_dir: str, fault: dict | None = None, max_failures: int | None = None,
-             input_stats: tuple[list[float], list[float]] | None = None) -> dict[str, Any]:
+             ray_dir: str, max_failures: int | None = None,
+             input_stats: tuple[list[float], list[float]] | None = None,
+             callbacks: list[Any] | None = None) -> dict[str, Any]:
     """Train one fold through Ray Train; returns ``state`` (history, best epoch...), ``best`` (state-dict
     bytes) and ``val_pred`` (table) from the final checkpoint.
 
     Re-running with the same ``ray_dir`` continues from the fold's latest checkpoint (Ray Train restores
-    its checkpoint snapshot for the same storage path and run name).
+    its checkpoint snapshot for the same storage path and run name). ``callbacks`` are Ray Train
+    ``UserCallback``s of the fold's controller (``RunConfig(callbacks)``): they see every epoch's report, whose
+    metrics include the fold and each worker's process id (``pid``).
     """
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from mer.train.loop import train_loop_per_worker
 
     tc = cfg.train
     storage_path, fs = ray_storage(ray_dir)
-    resources: dict[str, float] = {"CPU": tc.cpus_per_worker}
-    if tc.use_gpu:
-        resources["GPU"] = tc.gpus_per_worker
-    if fault and "fold" in fault and int(fault["fold"]) != fold:
-        fault = None
+    gpu = tc.resources.num_gpus > 0
+    # The ids only (not the vectors) pass through the driver: each worker picks its rows by id, so that a
+    # restarted worker group sees the rows the first one saw (loop.shard_ids).
+    train_ids = [r["clip_id"] for r in train_ds.select_columns(["clip_id"]).take_all()]
     loop_config = {"train": tc.model_dump(mode="json"), "arch": arch, "dims": dims, "fold": fold,
-                   "input_stats": input_stats, "fault": fault, "threads": max(1, int(tc.cpus_per_worker))}
+                   "input_stats": input_stats, "train_ids": train_ids,
+                   "threads": max(1, int(tc.resources.num_cpus))}
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
-        torch_config=TorchConfig(backend="nccl" if tc.use_gpu else "gloo"),
-        scaling_config=ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu,
-                                     resources_per_worker=resources),
+        torch_config=TorchConfig(backend="nccl" if gpu else "gloo"),
+        scaling_config=tc.resources.scaling_config(),
         run_config=RunConfig(
             name=f"fold_{fold}", storage_path=storage_path, storage_filesystem=fs,
             failure_config=FailureConfig(max_failures=tc.max_failures if max_failures is None else max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=tc.checkpoints_to_keep),
+            callbacks=list(callbacks or []),
         ),
         datasets={"train": train_ds, "val": val_ds},
-        # Every worker validates on the whole (small) validation fold, so all reach the same WAF.
-        dataset_config=DataConfig(datasets_to_split=["train"]),
+        # Nothing is split by Ray Data: every worker validates on the whole (small) validation fold, so all
+        # reach the same WAF, and keeps its own training rows of the whole training set by clip id.
+        dataset_config=DataConfig(datasets_to_split=[]),
     )
     t0 = time.time()
     result = trainer.fit()
     log.info("fold %d: trainer.fit %.1f s", fold, time.time() - t0)
     if result.checkpoint is None:
         raise RuntimeError(f"fold {fold}: training produced no checkpoint ({result.error})")
+    removed = remove_unregistered_checkpoints(ray_dir, fold, [result.checkpoint.path,
+                                                              *(c.path for c, _ in result.best_checkpoints or [])])
+    if removed:
+        log.info("fold %d: removed %d checkpoint directories no restart registered: %s", fold, len(removed),
+                 removed)
     with result.checkpoint.as_directory() as d:
         state = json.loads((Path(d) / "state.json").read_text())
         if not state.get("finished"):
@@ -140,3 +146,20 @@ def checkpoint_dirs(ray_dir: str, fold: int) -> list[str]:
     return sorted(i.base_name for i in infos if i.type == pafs.FileType.Directory
                   and i.base_name.startswith("checkpoint"))
 
+
+
+def remove_unregistered_checkpoints(ray_dir: str, fold: int, registered: list[str]) -> list[str]:
+    """Delete the fold's checkpoint directories that Ray Train never registered; returns their names.
+
+    When a worker group dies after its workers uploaded an epoch's checkpoint but before the controller
+    registered it, the restarted group resumes from the previous registered checkpoint and the uploaded
+    one is never referenced again: ``CheckpointConfig(num_to_keep)`` only prunes registered checkpoints.
+    The registered ones stay (Ray Train's snapshot refers to them, a resume checks they exist).
+    """
+    storage_path, fs = ray_storage(ray_dir)
+    fs = fs or pafs.LocalFileSystem()
+    keep = {p.rstrip("/").rsplit("/", 1)[-1] for p in registered}
+    removed = [name for name in checkpoint_dirs(ray_dir, fold) if name not in keep]
+    for name in removed:
+        fs.delete_dir(f"{storage_path}/fold_{fold}/{name}")
+    return removed

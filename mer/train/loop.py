@@ -6,14 +6,23 @@ epoch so far); Ray Train merges the workers' files into one checkpoint directory
 A restarted worker group (``FailureConfig``) or a resumed run finds it via ``ray.train.get_checkpoint()``
 and continues with the next epoch, optimizer state included. The final checkpoint also holds
 ``val_pred.parquet``: the best model's predictions on the fold's validation rows.
+
+A resumed fold continues the same run: every rank also saves ``rng_rank_<r>.json`` (torch incl. CUDA,
+numpy and Python ``random`` states, taken after the epoch's validation) and restores it, and the data a rank
+sees is a pure function of (seed, fold, epoch, the training clip ids, world size) — see :func:`shard_ids` —
+never of the order in which Ray Data happened to produce blocks. On CPU (gloo, fp32 ZeRO checkpoints, a
+fixed thread count per worker, ``train.cache_shards``) that makes a restarted or resumed fold bit-identical
+to an uninterrupted one (tests/test_train_resume.py). On GPUs the same states are restored, but cuDNN
+kernels and NCCL reductions need not be deterministic, so runs agree only statistically there.
 """
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import os
-import signal
+import random
 import tempfile
 import time
 from pathlib import Path
@@ -22,21 +31,22 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from mer.config import LABELS
+from mer.config import LABELS, PROB_COLUMNS
 
 DS_TAG = "ds"
+RNG_FILE = "rng_rank_{rank}.json"
 
 
 def deepspeed_config(tc: Any) -> dict[str, Any]:
     """DeepSpeed config from ``TrainConfig``: ZeRO stage, precision, accumulation, AdamW (torch impl)."""
     return {
-        "train_micro_batch_size_per_gpu": tc.batch_size,
+        "train_micro_batch_size_per_gpu": tc.resources.batch_size,
         "gradient_accumulation_steps": tc.grad_accum_steps,
         # torch_adam: DeepSpeed's fused CPU/GPU Adam ops are not compiled in this environment.
         "optimizer": {"type": "AdamW", "params": {"lr": tc.lr, "weight_decay": tc.weight_decay,
                                                   "torch_adam": True}},
         "zero_optimization": {"stage": tc.zero_stage, "stage3_gather_16bit_weights_on_model_save": True},
-        "bf16": {"enabled": tc.precision == "bf16"},
+        "bf16": {"enabled": tc.bf16},
         "gradient_clipping": 1.0,
         "steps_per_print": 1 << 30,
         "wall_clock_breakdown": False,
@@ -63,38 +73,64 @@ def _batch_arrays(batch: pa.Table, mods: list[str], dims: dict[str, int]) -> tup
     return x, mask, y, w
 
 
-class ShardBatches:
-    """Batches ``(clip_ids, x, mask, y, w)`` of one Ray Data shard.
+def shard_ids(ids: list[str], world: int, rank: int, seed: int) -> set[str]:
+    """The training clips of ``rank``: a seeded, equal-sized partition of ``ids`` (any order).
 
-    ``cache=False`` streams the shard from Ray Data every epoch (local shuffle buffer). ``cache=True``
-    streams it once and keeps this worker's part in memory as arrays: pooled feature vectors are small,
-    and re-running the streaming executor every epoch costs seconds of scheduling per epoch.
+    Every rank gets ``len(ids) // world`` clips (the remainder, at most ``world - 1`` clips chosen by the
+    seed, is left out, as Ray Data's ``streaming_split(equal=True)`` does): DeepSpeed's collectives need the
+    same number of steps on every rank. Unlike Ray Data's split, which hands blocks to workers in the
+    order they were produced, this depends only on the arguments, so a restarted or resumed fold feeds
+    every rank the same rows as the uninterrupted run.
+    """
+    ordered = sorted(ids)
+    per = len(ordered) // world
+    perm = np.random.default_rng(seed).permutation(len(ordered))
+    return {ordered[i] for i in perm[rank * per:(rank + 1) * per]}
+
+
+class ShardBatches:
+    """Batches ``(clip_ids, x, mask, y, w)`` of a Ray Data dataset, restricted to ``keep`` clips if given.
+
+    ``cache=False`` streams the dataset from Ray Data every epoch (local shuffle buffer; the row order then
+    follows Ray Data's block order, so only ``cache=True`` makes a fold reproducible across processes).
+    ``cache=True`` streams it once and keeps this worker's rows in memory as arrays, sorted by clip id:
+    pooled feature vectors are small, and re-running the streaming executor every epoch costs seconds of
+    scheduling per epoch.
     """
 
     def __init__(self, it: Any, mods: list[str], dims: dict[str, int], batch_size: int, cache: bool,
-                 shuffle: bool) -> None:
+                 shuffle: bool, keep: set[str] | None = None) -> None:
         self.it, self.mods, self.dims = it, mods, dims
-        self.batch_size, self.cache, self.shuffle = batch_size, cache, shuffle
+        self.batch_size, self.cache, self.shuffle, self.keep = batch_size, cache, shuffle, keep
         self._arrays: tuple | None = None
+
+    def _mine(self, batch: pa.Table) -> pa.Table:
+        if self.keep is None:
+            return batch
+        return batch.filter(pa.array([c in self.keep for c in batch.column("clip_id").to_pylist()], pa.bool_()))
 
     def _load(self) -> tuple:
         ids: list[str] = []
         parts = []
         for batch in self.it.iter_batches(batch_size=None, batch_format="pyarrow"):
+            batch = self._mine(batch)
             ids += batch.column("clip_id").to_pylist()
             parts.append(_batch_arrays(batch, self.mods, self.dims))
         if not parts:
             total = sum(self.dims.values())
             return (ids, np.zeros((0, total), np.float32), np.zeros((0, len(self.mods)), bool),
                     np.zeros(0, np.int64), np.zeros(0, np.float32))
-        return (ids, *(np.concatenate([p[i] for p in parts]) for i in range(4)))
+        order = np.argsort(np.asarray(ids, dtype=object), kind="stable")
+        return ([ids[i] for i in order], *(np.concatenate([p[i] for p in parts])[order] for i in range(4)))
 
     def epoch(self, seed: int):
         if not self.cache:
             kw = ({"local_shuffle_buffer_size": max(self.batch_size * 4, 64), "local_shuffle_seed": seed}
                   if self.shuffle else {})
             for batch in self.it.iter_batches(batch_size=self.batch_size, batch_format="pyarrow", **kw):
-                yield (batch.column("clip_id").to_pylist(), *_batch_arrays(batch, self.mods, self.dims))
+                batch = self._mine(batch)
+                if batch.num_rows:
+                    yield (batch.column("clip_id").to_pylist(), *_batch_arrays(batch, self.mods, self.dims))
             return
         if self._arrays is None:
             self._arrays = self._load()
@@ -105,6 +141,41 @@ class ShardBatches:
             yield [ids[i] for i in idx], x[idx], mask[idx], y[idx], w[idx]
 
 
+def rng_state() -> dict[str, Any]:
+    """This process's random states (torch CPU and CUDA, numpy's global, Python ``random``) as JSON data.
+
+    torch's state drives dropout and modality dropout; numpy's and Python's are not drawn from by the loop
+    today but are saved so that a model or hook that does draw from them resumes identically too."""
+    import torch
+
+    np_state = np.random.get_state()
+    py_state = random.getstate()
+    out: dict[str, Any] = {
+        "torch": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode(),
+        "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+        "python": [py_state[0], list(py_state[1]), py_state[2]],
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        out["cuda"] = [base64.b64encode(t.numpy().tobytes()).decode() for t in torch.cuda.get_rng_state_all()]
+    return out
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what :func:`rng_state` returned."""
+    import torch
+
+    def tensor(b64: str) -> Any:
+        return torch.frombuffer(bytearray(base64.b64decode(b64)), dtype=torch.uint8)
+
+    torch.set_rng_state(tensor(state["torch"]))
+    name, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss))
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+    if state.get("cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([tensor(b) for b in state["cuda"]])
+
+
 def _weighted_ce(logits: Any, y: Any, w: Any, smoothing: float) -> Any:
     import torch.nn.functional as F
 
@@ -112,24 +183,10 @@ def _weighted_ce(logits: Any, y: Any, w: Any, smoothing: float) -> Any:
     return (per * w).sum() / w.sum().clamp_min(1e-6)
 
 
-def _maybe_fail(fault: dict | None, epoch: int, rank: int) -> None:
-    """Test hook: kill this worker process for real, once (a marker file remembers it happened)."""
-    if not fault or epoch != int(fault["epoch"]) or rank != int(fault.get("rank", 0)):
-        return
-    marker = Path(fault["marker"])
-    if marker.exists():
-        return
-    reached_at = time.time()
-    # Give the controller time to register the previous epoch's checkpoint (it polls workers every ~2 s),
-    # so the restart has a checkpoint to resume from, as it would after a crash later in a long epoch.
-    time.sleep(float(fault.get("delay_s", 5.0)))
-    marker.write_text(f"killed rank {rank} at epoch {epoch} pid {os.getpid()} reached_at {reached_at!r}\n")
-    os.kill(os.getpid(), signal.SIGKILL)
-
-
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Ray Train entry point. ``config``: train (TrainConfig dump), arch, dims, fold, input_stats
-    (``[mean, std]`` or None), fault (test hook)."""
+    (``[mean, std]`` or None), train_ids (every training clip id; each rank trains on its
+    :func:`shard_ids`)."""
     import deepspeed
     import ray.train
     import torch
@@ -156,7 +213,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters()
                                                                           if p.requires_grad],
                                            config=deepspeed_config(tc))
-    dtype = torch.bfloat16 if tc.precision == "bf16" else torch.float32
+    dtype = torch.bfloat16 if tc.bf16 else torch.float32
     torch.manual_seed(tc.seed * 1000 + fold * 10 + rank + 1)  # modality dropout differs per rank
 
     state: dict[str, Any] = {"epoch": 0, "best_waf": -1.0, "best_epoch": 0, "bad_epochs": 0,
@@ -170,16 +227,21 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             best_path = Path(d) / "best.pt"
             if best_path.exists():
                 best = torch.load(best_path, map_location="cpu", weights_only=True)
+            rng_path = Path(d) / RNG_FILE.format(rank=rank)
+            if rng_path.exists():
+                set_rng_state(json.loads(rng_path.read_text()))
+            else:  # a checkpoint written by another world size: dropout draws differ from here on
+                print(f"[mer.train] fold {fold} rank {rank}: checkpoint has no random state for this rank; "
+                      "continuing with fresh seeds", flush=True)
         state["resumed_from"].append(int(state["epoch"]))
     print(f"[mer.train] fold {fold} rank {rank}: engine ready in {time.time() - t_start:.1f} s", flush=True)
     if state["finished"]:
         return  # a finished fold's final checkpoint already holds everything
 
     shuffle_seed = tc.seed * 1000 + fold * 100
-    train_src = ShardBatches(ray.train.get_dataset_shard("train"), mods, dims, tc.batch_size, tc.cache_shards,
-                             shuffle=True)
+    train_src = ShardBatches(ray.train.get_dataset_shard("train"), mods, dims, tc.resources.batch_size, tc.cache_shards,
+                             shuffle=True, keep=shard_ids(config["train_ids"], world, rank, shuffle_seed))
     val_src = ShardBatches(ray.train.get_dataset_shard("val"), mods, dims, 256, tc.cache_shards, shuffle=False)
-    fault = config.get("fault")
 
     def to_t(a: np.ndarray, dt: Any = None) -> Any:
         t = torch.from_numpy(np.ascontiguousarray(a)).to(device)
@@ -190,9 +252,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         t0 = time.time()
         engine.train()
         loss_sum, n_seen = 0.0, 0
-        for step, (_, x, mask, y, w) in enumerate(train_src.epoch(shuffle_seed + epoch)):
-            if step == 1:
-                _maybe_fail(fault, epoch, rank)
+        for _, x, mask, y, w in train_src.epoch(shuffle_seed + epoch):
             logits, _ = engine(to_t(x, dtype), to_t(mask))
             loss = _weighted_ce(logits, to_t(y), to_t(w), tc.label_smoothing)
             engine.backward(loss)
@@ -213,8 +273,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 xs.append(x)
                 masks.append(mask)
                 ids += batch_ids
-        y_val = np.concatenate(ys) if ys else np.zeros(0, np.int64)
-        p_val = np.concatenate(probs) if probs else np.zeros((0, len(LABELS)), np.float32)
+        # Clip order, so that the loss sums in the same order whatever order Ray Data delivered.
+        by_id = np.argsort(np.asarray(ids, dtype=object), kind="stable")
+        ids = [ids[i] for i in by_id]
+        y_val = np.concatenate(ys)[by_id] if ys else np.zeros(0, np.int64)
+        p_val = np.concatenate(probs)[by_id] if probs else np.zeros((0, len(LABELS)), np.float32)
         pred = p_val.argmax(axis=1)
         val_waf, val_acc = weighted_f1(y_val, pred), accuracy(y_val, pred)
         val_loss = float(-np.log(np.clip(p_val[np.arange(len(y_val)), y_val], 1e-8, None)).mean()) if len(y_val) else 0.0
@@ -238,6 +301,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         state["history"].append(row)
 
         with tempfile.TemporaryDirectory() as tmp:
+            # Taken before _write_val_predictions (which draws initial weights): the next epoch starts here.
+            (Path(tmp) / RNG_FILE.format(rank=rank)).write_text(json.dumps(rng_state()))
             engine.save_checkpoint(tmp, tag=DS_TAG)
             if rank == 0:
                 (Path(tmp) / "state.json").write_text(json.dumps(state))
@@ -245,10 +310,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     torch.save(best, Path(tmp) / "best.pt")
                 if state["finished"]:
                     _write_val_predictions(Path(tmp) / "val_pred.parquet", config, tc, best, ids, y_val,
-                                           np.concatenate(xs) if xs else None,
-                                           np.concatenate(masks) if masks else None)
+                                           np.concatenate(xs)[by_id] if xs else None,
+                                           np.concatenate(masks)[by_id] if masks else None)
             t_rep = time.time()
-            ray.train.report(row, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+            # Which process trained the epoch: lets a Ray Train callback tell the workers apart.
+            ray.train.report({**row, "pid": os.getpid()}, checkpoint=ray.train.Checkpoint.from_directory(tmp))
             print(f"[mer.train] fold {fold} rank {rank} epoch {epoch}: train+val {seconds:.2f} s, "
                   f"checkpoint {t_rep - t0 - seconds:.2f} s, report {time.time() - t_rep:.2f} s", flush=True)
         if state["finished"]:
@@ -275,8 +341,8 @@ def _write_val_predictions(path: Path, config: dict, tc: Any, best: dict | None,
             logits, w = model(torch.from_numpy(x), torch.from_numpy(mask))
         probs, weights = torch.softmax(logits, dim=1).numpy(), w.numpy()
     cols: dict[str, Any] = {"clip_id": pa.array(ids, pa.string()), "y": pa.array(y, pa.int64())}
-    for k, lab in enumerate(LABELS):
-        cols[f"prob_{lab}"] = pa.array(probs[:, k], pa.float32())
+    for k, c in enumerate(PROB_COLUMNS):
+        cols[c] = pa.array(probs[:, k], pa.float32())
     for j, m in enumerate(mods):
         cols[f"weight_{m}"] = pa.array(weights[:, j], pa.float32())
     import pyarrow.parquet as pq

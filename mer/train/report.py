@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import io
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
-from mer import storage
-from mer.config import LABELS
-
-PROB_COLUMNS = [f"prob_{lab}" for lab in LABELS]
+from mer.config import LABELS, PROB_COLUMNS
+from mer.metrics import save_png
 
 
 def plot_curves(history: list[dict[str, Any]], uri: str) -> str:
@@ -35,12 +32,7 @@ def plot_curves(history: list[dict[str, Any]], uri: str) -> str:
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
-    storage.write_bytes(uri, buf.getvalue())
-    return uri
+    return save_png(fig, uri)
 
 
 def weight_summary(y: np.ndarray, weights: np.ndarray, modalities: list[str]) -> dict[str, Any]:

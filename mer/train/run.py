@@ -21,34 +21,39 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 
 from mer import storage
-from mer.config import LABELS, MerConfig, dump_config
+from mer.config import LABELS, PROB_COLUMNS, MerConfig, dump_config, with_overrides
 from mer.metrics import accuracy, confusion, per_class_f1, plot_confusion, weighted_f1
-from mer.train.features import (LABEL_INDEX, input_stats, label_index, modality_dims, store_columns,
-                                 store_files)
-from mer.train.report import PROB_COLUMNS, plot_curves, prediction_table, weight_summary
+from mer.parts import iter_parts, part_columns, read_dataset, read_parts
+from mer.train.features import LABEL_INDEX, input_stats, label_index, modality_dims
+from mer.train.report import plot_curves, prediction_table, weight_summary
 
 log = logging.getLogger("mer.train")
 
 
 # --------------------------------------------------------------------------------------------- labels
-def _label_rows(features_uri: str, labels_uri: str | None) -> tuple[pa.Table, pa.Table, dict[str, str]]:
-    """(cross-validation rows, pseudo rows, clip → split). Rows: clip_id, y, w.
+_EMPTY_ROWS = {"clip_id": pa.array([], pa.string()), "y": pa.array([], pa.int64()),
+               "w": pa.array([], pa.float32()), "fold": pa.array([], pa.int32())}
 
-    Without a label table the CV rows are the store's labelled ``train`` split. With one, its labels and
-    weights override; ``source=pseudo`` rows only ever train. Test-split clips never train.
+
+def _label_rows(features_uri: str, labels_uri: str | None) -> tuple[pa.Table, pa.Table, dict[str, str], pa.Table]:
+    """(cross-validation rows, pseudo rows, clip → split, the store's labelled train rows).
+
+    CV rows: clip_id, y, w; pseudo rows add ``fold`` (null: trains in every fold, k: only in fold k's
+    training part — pseudo-labels chosen by fold k's models, so fold k's validation rows never reach its
+    training set through them). Without a label table the CV rows are the store's labelled ``train`` split.
+    With one, its labels and weights override; ``source=pseudo`` rows only ever train. Test-split clips never
+    train. The store's train rows (clip_id, y) fix the fold assignment whatever the label table says.
     """
-    store = storage.read_table(features_uri, columns=["clip_id", "split", "label"])
-    split_of = dict(zip(store.column("clip_id").to_pylist(), store.column("split").to_pylist()))
+    store = read_parts(features_uri, columns=["split", "label"])
+    ids_all = store.column("clip_id").to_pylist()
+    split_of = dict(zip(ids_all, store.column("split").to_pylist()))
+    y_store = label_index(store.column("label").to_pylist())
+    is_train = np.array([split_of[c] == "train" for c in ids_all], dtype=bool) & (y_store >= 0)
+    store_train = pa.table({"clip_id": pa.array([c for c, k in zip(ids_all, is_train) if k], pa.string()),
+                            "y": pa.array(y_store[is_train], pa.int64())})
     if labels_uri is None:
-        ids = [c for c, s, lab in zip(store.column("clip_id").to_pylist(), split_of.values(),
-                                      store.column("label").to_pylist()) if s == "train" and lab is not None]
-        labels = dict(zip(store.column("clip_id").to_pylist(), store.column("label").to_pylist()))
-        y = label_index([labels[c] for c in ids])
-        keep = y >= 0
-        cv = pa.table({"clip_id": [c for c, k in zip(ids, keep) if k], "y": y[keep],
-                       "w": np.ones(int(keep.sum()), np.float32)})
-        return cv, pa.table({"clip_id": pa.array([], pa.string()), "y": pa.array([], pa.int64()),
-                             "w": pa.array([], pa.float32())}), split_of
+        cv = store_train.append_column("w", pa.array(np.ones(store_train.num_rows, np.float32)))
+        return cv, pa.table(_EMPTY_ROWS), split_of, store_train
     lt = storage.read_table(labels_uri)
     if "clip_id" not in lt.column_names or "label" not in lt.column_names:
         raise ValueError(f"label table {labels_uri}: needs clip_id and label columns")
@@ -58,6 +63,7 @@ def _label_rows(features_uri: str, labels_uri: str | None) -> tuple[pa.Table, pa
     w = (np.asarray(lt.column("weight").fill_null(1.0).to_numpy(zero_copy_only=False), np.float32)
          if "weight" in lt.column_names else np.ones(n, np.float32))
     src = lt.column("source").to_pylist() if "source" in lt.column_names else ["original"] * n
+    fold = (lt.column("fold").cast(pa.int32()).to_pylist() if "fold" in lt.column_names else [None] * n)
     usable = np.array([yy >= 0 and ww > 0 and split_of.get(c) not in (None, "test")
                        for c, yy, ww in zip(ids, y, w)], dtype=bool)
     dropped = int(n - usable.sum())
@@ -66,15 +72,18 @@ def _label_rows(features_uri: str, labels_uri: str | None) -> tuple[pa.Table, pa
                     "in the test split)", labels_uri, dropped)
     pseudo = np.array([s == "pseudo" for s in src], dtype=bool)
 
-    def pick(sel: np.ndarray) -> pa.Table:
-        return pa.table({"clip_id": pa.array([c for c, k in zip(ids, sel) if k], pa.string()),
-                         "y": pa.array(y[sel], pa.int64()), "w": pa.array(w[sel], pa.float32())})
+    def pick(sel: np.ndarray, with_fold: bool) -> pa.Table:
+        cols = {"clip_id": pa.array([c for c, k in zip(ids, sel) if k], pa.string()),
+                "y": pa.array(y[sel], pa.int64()), "w": pa.array(w[sel], pa.float32())}
+        if with_fold:
+            cols["fold"] = pa.array([f for f, k in zip(fold, sel) if k], pa.int32())
+        return pa.table(cols)
 
-    return pick(usable & ~pseudo), pick(usable & pseudo), split_of
+    return pick(usable & ~pseudo, False), pick(usable & pseudo, True), split_of, store_train
 
 
 def _fold_assignment(y: np.ndarray, folds: int, seed: int) -> np.ndarray:
-    """Stratified, seeded fold index per CV row."""
+    """Stratified, seeded fold index per row."""
     from sklearn.model_selection import StratifiedKFold
 
     if len(y) < folds:
@@ -85,6 +94,25 @@ def _fold_assignment(y: np.ndarray, folds: int, seed: int) -> np.ndarray:
     out = np.zeros(len(y), dtype=np.int64)
     for k, (_, val_idx) in enumerate(StratifiedKFold(folds, shuffle=True, random_state=seed).split(y, strat)):
         out[val_idx] = k
+    return out
+
+
+def cv_folds(store_train: pa.Table, cv_ids: list[str], folds: int, seed: int) -> np.ndarray:
+    """Fold of each CV row. Folds are drawn over the store's labelled train rows, stratified by their
+    original labels, so every run on the same store (any label table, any modalities) validates on the same
+    rows: refined or pseudo-labelled runs stay comparable out of fold. CV rows the store does not label
+    (a label table may add some) get a fold from a hash of their id."""
+    import hashlib
+
+    assigned = dict(zip(store_train.column("clip_id").to_pylist(),
+                        _fold_assignment(np.asarray(store_train.column("y").to_numpy()), folds, seed).tolist())
+                    ) if store_train.num_rows >= folds else {}
+    out = np.empty(len(cv_ids), dtype=np.int64)
+    for i, c in enumerate(cv_ids):
+        k = assigned.get(c)
+        out[i] = k if k is not None else int(hashlib.sha1(f"{seed}:{c}".encode()).hexdigest(), 16) % folds
+    if len(cv_ids) < folds or len(set(out.tolist())) < folds:
+        raise ValueError(f"{len(cv_ids)} labelled rows cannot make {folds} folds")
     return out
 
 
@@ -117,14 +145,6 @@ def quiet_data() -> Iterator[None]:
         ctx.enable_progress_bars, ctx.print_on_execution_start = old
 
 
-def _read_store(features_uri: str, columns: list[str]) -> Any:
-    import ray
-
-    files = store_files(features_uri)
-    return ray.data.read_parquet([storage.ray_path(f) for f in files], columns=columns,
-                                 filesystem=storage.ray_filesystem(features_uri))
-
-
 def _score_split(features_uri: str, run_uri: str, modalities: list[str], split: str) -> pa.Table | None:
     """Fold-ensemble predictions (mean over folds) for one split of the store, part by part on the driver.
 
@@ -135,9 +155,7 @@ def _score_split(features_uri: str, run_uri: str, modalities: list[str], split: 
 
     ens = load_ensemble(run_uri)
     out = []
-    for part in store_files(features_uri):
-        cols = [c for c in ["clip_id", "split", "label", *modalities] if c in set(store_columns(part))]
-        t = storage.read_table(part, columns=cols)
+    for t in iter_parts(features_uri, columns=["split", "label", *modalities]):
         t = t.filter(pa.array([s == split for s in t.column("split").to_pylist()], pa.bool_()))
         if not t.num_rows:
             continue
@@ -172,7 +190,7 @@ def _resolve_modalities(cfg: MerConfig, features_uri: str, modalities: list[str]
 
     mods = list(modalities or cfg.train.modalities)
     TrainConfig.model_validate({**cfg.train.model_dump(), "modalities": mods})  # same checks as the config
-    cols = set(store_columns(features_uri))
+    cols = set(part_columns(features_uri))
     if modalities is None:
         # The config lists every branch; a store built with some branches disabled simply lacks them.
         mods = [m for m in mods if m in cols]
@@ -185,18 +203,20 @@ def _resolve_modalities(cfg: MerConfig, features_uri: str, modalities: list[str]
 # ----------------------------------------------------------------------------------------- train_run
 def train_run(cfg: MerConfig, features_uri: str, out_uri: str, *, resume: bool = False,
               labels_uri: str | None = None, modalities: list[str] | None = None,
-              run_name: str | None = None) -> dict:
+              run_name: str | None = None, callbacks: list[Any] | None = None) -> dict:
     """k-fold training of ``cfg.train.model`` on a feature store; writes the run directory, returns metrics.
 
     ``resume=True`` returns a finished run's metrics as they are, skips finished folds and continues the
     unfinished one from its latest Ray Train checkpoint; ``resume=False`` starts over (clears checkpoints).
     ``labels_uri``: label table (clip_id, label, weight, source) overriding labels and sample weights.
-    ``modalities`` restricts the branches (ablations). Needs a Ray connection (started locally if none).
+    ``modalities`` restricts the branches (ablations). ``callbacks``: Ray Train ``UserCallback``s given to
+    every fold's controller (progress reporting, experiment tracking; tests inject worker failures with one),
+    see :func:`mer.train.fold.run_fold`. Needs a Ray connection (started locally if none).
     """
     import ray
 
     from mer.fusion import build_model
-    from mer.train.fold import controller_poll_interval, fault_from_env, run_fold
+    from mer.train.fold import controller_poll_interval, run_fold
 
     t_start = time.time()
     metrics_uri = storage.join(out_uri, "metrics.json")
@@ -216,35 +236,43 @@ def train_run(cfg: MerConfig, features_uri: str, out_uri: str, *, resume: bool =
             fs.delete_file(path)
 
     mods = _resolve_modalities(cfg, features_uri, modalities)
-    cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"modalities": mods})})
+    cfg = with_overrides(cfg, [f"train.modalities=[{','.join(mods)}]"])
     tc = cfg.train
     dims = modality_dims(features_uri, mods)
     spec = build_model(tc.model, dims, tc).spec()
     storage.write_text(storage.join(out_uri, "config.yaml"), dump_config(cfg))
     storage.write_json(storage.join(out_uri, "models", "model.json"), spec)
 
-    cv, pseudo, split_of = _label_rows(features_uri, labels_uri)
+    cv, pseudo, split_of, store_train = _label_rows(features_uri, labels_uri)
     cv_ids = cv.column("clip_id").to_pylist()
     cv_y = np.asarray(cv.column("y").to_numpy(), np.int64)
     cv_w = np.asarray(cv.column("w").to_numpy(), np.float32)
-    fold_of = _fold_assignment(cv_y, tc.folds, tc.seed)
-    pseudo_targets = {c: (int(y), float(w)) for c, y, w in zip(pseudo.column("clip_id").to_pylist(),
-                                                                pseudo.column("y").to_pylist(),
-                                                                pseudo.column("w").to_pylist())}
-    log.info("train_run %s: %d CV rows, %d pseudo rows, %d folds, modalities %s", out_uri, len(cv_ids),
-             len(pseudo_targets), tc.folds, mods)
+    fold_of = cv_folds(store_train, cv_ids, tc.folds, tc.seed)
+    pseudo_fold = pseudo.column("fold").to_pylist()
+    bad_folds = sorted({f for f in pseudo_fold if f is not None and not 0 <= f < tc.folds})
+    if bad_folds:
+        raise ValueError(f"label table {labels_uri}: pseudo rows for folds {bad_folds}, but train.folds="
+                         f"{tc.folds} (per-fold pseudo-labels need the folds they were chosen for)")
+    # Per fold: (label, weight) of the pseudo rows that train it (fold null: every fold).
+    pseudo_by_fold: list[dict[str, tuple[int, float]]] = [{} for _ in range(tc.folds)]
+    for c, y, w, f in zip(pseudo.column("clip_id").to_pylist(), pseudo.column("y").to_pylist(),
+                          pseudo.column("w").to_pylist(), pseudo_fold):
+        for k in (range(tc.folds) if f is None else (f,)):
+            pseudo_by_fold[k][c] = (int(y), float(w))
+    pseudo_ids = {c for d in pseudo_by_fold for c in d}
+    log.info("train_run %s: %d CV rows, %d pseudo-labelled clips, %d folds, modalities %s", out_uri,
+             len(cv_ids), len(pseudo_ids), tc.folds, mods)
 
     # Ray Data, not the driver, holds the vectors; materialised once so that the training workers (which
     # may hold every CPU of a small cluster) never wait for read tasks.
     with quiet_data():
-        base = _read_store(features_uri, ["clip_id", *mods]).materialize()
-    fault = fault_from_env()
+        base = read_dataset(features_uri, columns=mods).materialize()
     stats = None
     if tc.standardize_inputs:
         t0 = time.time()
         with quiet_data():
-            stats = input_stats(base, mods, dims, set(cv_ids) | set(pseudo_targets))
-        log.info("input statistics over %d training rows in %.1f s", len(cv_ids) + len(pseudo_targets),
+            stats = input_stats(base, mods, dims, set(cv_ids) | pseudo_ids)
+        log.info("input statistics over %d training rows in %.1f s", len(cv_ids) + len(pseudo_ids),
                  time.time() - t0)
     fold_records: dict[int, dict] = {}
     skipped: list[int] = []
@@ -261,8 +289,10 @@ def train_run(cfg: MerConfig, features_uri: str, out_uri: str, *, resume: bool =
         t0 = time.time()
         tr = fold_of != k
         train_targets = {c: (int(y), float(w)) for c, y, w, t in zip(cv_ids, cv_y, cv_w, tr) if t}
-        train_targets.update(pseudo_targets)
         val_targets = {c: (int(y), 1.0) for c, y, t in zip(cv_ids, cv_y, tr) if not t}
+        # A labelled clip keeps its own label; a validation clip never trains, not even as a pseudo-label.
+        train_targets.update({c: t for c, t in pseudo_by_fold[k].items()
+                              if c not in train_targets and c not in val_targets})
         with quiet_data():
             train_ds = base.map_batches(_attach_targets, fn_kwargs={"targets": train_targets},
                                         batch_format="pyarrow").materialize()
@@ -270,7 +300,7 @@ def train_run(cfg: MerConfig, features_uri: str, out_uri: str, *, resume: bool =
                                       batch_format="pyarrow").materialize()
         log.info("fold %d: datasets ready in %.1f s", k, time.time() - t0)
         res = run_fold(cfg, fold=k, arch=tc.model, dims=dims, train_ds=train_ds, val_ds=val_ds,
-                       ray_dir=storage.join(out_uri, "ray"), fault=fault, input_stats=stats)
+                       ray_dir=storage.join(out_uri, "ray"), input_stats=stats, callbacks=callbacks)
         storage.write_bytes(storage.join(out_uri, "models", f"fold_{k}.pt"), res["best"])
         vp = res["val_pred"].sort_by("clip_id")
         storage.write_bytes(storage.join(out_uri, "folds", f"oof_{k}.parquet"), _table_bytes(vp))
@@ -278,7 +308,7 @@ def train_run(cfg: MerConfig, features_uri: str, out_uri: str, *, resume: bool =
         record = {"fold": k, "best_epoch": st["best_epoch"], "val_waf": st["best_waf"],
                   "val_acc": next((r["val_acc"] for r in st["history"] if r["epoch"] == st["best_epoch"]), None),
                   "epochs": st["epoch"], "n_train": len(train_targets), "n_val": len(val_targets),
-                  "n_pseudo": len(pseudo_targets), "resumed_from": st["resumed_from"],
+                  "n_pseudo": len(pseudo_by_fold[k]), "resumed_from": st["resumed_from"],
                   "seconds": round(time.time() - t0, 2), "started_at": t0, "finished_at": time.time(),
                   "history": st["history"],
                   "checkpoint": str(res["checkpoint_path"]), "config_hash": cfg.hash()}
@@ -310,10 +340,21 @@ def train_run(cfg: MerConfig, features_uri: str, out_uri: str, *, resume: bool =
     metrics = _finish_run(cfg, features_uri, out_uri, records, mods, split_of)
     metrics.update({"skipped_folds": skipped, "seconds": round(time.time() - t_start, 2),
                     "run_name": run_name or out_uri.rstrip("/").rsplit("/", 1)[-1], "labels": labels_uri,
-                    "n_cv": len(cv_ids), "n_pseudo": len(pseudo_targets)})
+                    "n_cv": len(cv_ids), "n_pseudo": len(pseudo_ids), "features": features_uri})
     storage.write_json(metrics_uri, metrics)
+    _write_report(out_uri)
     log.info("train_run %s: reports in %.1f s, total %.1f s", out_uri, time.time() - t_fin, metrics["seconds"])
     return metrics
+
+
+def _write_report(run_uri: str) -> None:
+    """``RUN/report.html``; a report that cannot be drawn never fails a finished run."""
+    from mer.report import write_run_report
+
+    try:
+        write_run_report(run_uri)
+    except Exception as e:  # noqa: BLE001 - the run's outputs are committed; the report is a view of them
+        log.warning("run %s: report.html not written: %s: %s", run_uri, type(e).__name__, e)
 
 
 def _finish_run(cfg: MerConfig, features_uri: str, out_uri: str, records: list[dict], mods: list[str],

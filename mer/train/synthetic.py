@@ -104,12 +104,14 @@ def make_feature_store(uri: str, n: int = 240, dims: dict[str, int] | None = Non
 
 
 def small_config(modalities: list[str] | None = None, **overrides: object) -> MerConfig:
-    """The repo config with small, fast training settings (2 workers x 1 CPU, 2 folds, 8 epochs) for
-    tests, benchmarks and the synthetic store; ``overrides`` are dotted keys (``train.max_epochs=4``)."""
+    """The repo config with small, fast training settings (2 workers x 1 CPU, 2 folds, 8 epochs, the demo's
+    0.1 s controller poll) for tests, benchmarks and the synthetic store; ``overrides`` are dotted keys
+    (``train.max_epochs=4``)."""
     base: dict[str, object] = {
-        "train.num_workers": 2, "train.folds": 2, "train.max_epochs": 8, "train.patience": 8,
-        "train.hidden_dim": 32, "train.num_heads": 4, "train.batch_size": 16, "train.lr": 0.003,
-        "train.max_failures": 0, "train.cpus_per_worker": 1, "train.use_gpu": False,
+        "train.resources.concurrency": 2, "train.folds": 2, "train.max_epochs": 8, "train.patience": 8,
+        "train.hidden_dim": 32, "train.num_heads": 4, "train.resources.batch_size": 16, "train.lr": 0.003,
+        "train.max_failures": 0, "train.resources.num_cpus": 1, "train.resources.num_gpus": 0,
+        "train.poll_interval_s": 0.1,
     }
     if modalities:
         base["train.modalities"] = "[" + ",".join(modalities) + "]"

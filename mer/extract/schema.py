@@ -1,21 +1,15 @@
-"""The feature store: a directory (local or ``s3://``) of Parquet parts plus ``_meta.json``.
+"""The feature store's contract: its Arrow schema, ``_meta.json`` (config hash, model ids) and checks.
 
-Exactly-once protocol: only the driver writes, and only whole parts (``storage.write_table`` is atomic:
-temp file + rename locally, one PUT on S3), so a part is either complete or absent. A run first reads the
-``clip_id``s of the existing parts (:func:`stored_ids`) and only processes the others; a run killed
-mid-way loses just its uncommitted buffer, which the next run redoes. Parts are named per run
-(``part-<run>-<seq>.parquet``) so runs never overwrite each other. Readers deduplicate by ``clip_id``
-defensively (first committed part wins), so even two concurrent runs cannot yield a duplicate row.
-
-Schema: docs/architecture.md ("Feature store"). The transcripts are stored as ``transcript`` and
-``transcript_enriched`` because ``text``/``text_enriched`` name the text vectors (the training contract).
+The store is a part store (:mod:`mer.parts`: a directory, local or ``s3://``, of Parquet parts committed
+exactly once, read one row per clip) plus ``_meta.json``. Schema: docs/architecture.md ("Feature store").
+The transcripts are stored as ``transcript`` and ``transcript_enriched`` because ``text``/``text_enriched``
+name the text vectors (the training contract).
 """
 
 from __future__ import annotations
 
 import json
 import time
-import uuid
 from collections import Counter
 from typing import Any
 
@@ -24,10 +18,10 @@ import pyarrow.compute as pc
 
 from mer import storage
 from mer.config import BRANCHES, MerConfig
+from mer.parts import part_files
 
 SCHEMA_VERSION = 1
 META_FILE = "_meta.json"
-PART_PREFIX = "part-"
 
 # Config sections that determine the feature values (resources/batch sizes do not).
 FEATURE_SECTIONS = ("extract.decode.num_frames", "extract.decode.frame_size", "extract.decode.audio_sample_rate",
@@ -92,19 +86,6 @@ def model_ids_json(cfg: MerConfig) -> str:
     return json.dumps(ids, sort_keys=True)
 
 
-def part_files(uri: str) -> list[str]:
-    """The committed parts of a store (sorted: commit order within a run)."""
-    return [p for p in storage.list_files(uri, ".parquet") if p.rsplit("/", 1)[-1].startswith(PART_PREFIX)]
-
-
-def stored_ids(uri: str) -> set[str]:
-    """``clip_id``s already committed to the store (empty for a new store)."""
-    ids: set[str] = set()
-    for p in part_files(uri):
-        ids.update(storage.read_table(p, columns=["clip_id"]).column("clip_id").to_pylist())
-    return ids
-
-
 def read_meta(uri: str) -> dict[str, Any] | None:
     path = storage.join(uri, META_FILE)
     return storage.read_json(path) if storage.exists(path) else None
@@ -126,76 +107,6 @@ def ensure_meta(cfg: MerConfig, uri: str, *, allow_config_change: bool = False) 
         meta["created"] = time.strftime("%Y-%m-%dT%H:%M:%S")
         storage.write_json(storage.join(uri, META_FILE), meta)
     return meta
-
-
-class PartWriter:
-    """Driver-side buffer that commits full parts of ``rows_per_part`` rows atomically.
-
-    ``add`` drops rows whose clip_id is already stored or already seen in this run, which is what makes
-    a retried Ray task or a resumed run unable to produce a duplicate row.
-    """
-
-    def __init__(self, uri: str, schema: pa.Schema, rows_per_part: int, already: set[str] | None = None):
-        self.uri, self.schema, self.rows_per_part = uri, schema, rows_per_part
-        self.seen: set[str] = set(already or ())
-        self.run = time.strftime("%Y%m%d%H%M%S") + "-" + uuid.uuid4().hex[:6]
-        self.buffer: list[pa.Table] = []
-        self.buffered = 0
-        self.parts: list[str] = []
-        self.rows_written = 0
-        self.duplicates_dropped = 0
-
-    def add(self, table: pa.Table) -> None:
-        ids = table.column("clip_id").to_pylist()
-        keep = []
-        for i, cid in enumerate(ids):
-            if cid in self.seen:
-                self.duplicates_dropped += 1
-            else:
-                self.seen.add(cid)
-                keep.append(i)
-        if len(keep) != len(ids):
-            table = table.take(pa.array(keep, pa.int64()))
-        if table.num_rows == 0:
-            return
-        self.buffer.append(table.select(self.schema.names).cast(self.schema))
-        self.buffered += table.num_rows
-        while self.buffered >= self.rows_per_part:
-            self._commit(self.rows_per_part)
-
-    def _commit(self, n: int) -> None:
-        data = pa.concat_tables(self.buffer)
-        part, rest = data.slice(0, n), data.slice(n)
-        uri = storage.join(self.uri, f"{PART_PREFIX}{self.run}-{len(self.parts):05d}.parquet")
-        storage.write_table(uri, part)
-        self.parts.append(uri)
-        self.rows_written += part.num_rows
-        self.buffer = [rest] if rest.num_rows else []
-        self.buffered = rest.num_rows
-
-    def flush(self) -> None:
-        """Commit whatever is buffered (the last, possibly short, part)."""
-        if self.buffered:
-            self._commit(self.buffered)
-
-
-def read_features(uri: str, columns: list[str] | None = None) -> pa.Table:
-    """All rows of a store, one per clip_id (first committed part wins if a clip was ever written twice).
-
-    ``columns`` narrows the read; ``clip_id`` is always kept, first.
-    """
-    parts = part_files(uri)
-    if not parts:
-        raise FileNotFoundError(f"no feature parts under {uri}")
-    cols = None if columns is None else list(dict.fromkeys(["clip_id", *columns]))
-    table = pa.concat_tables([storage.read_table(p, columns=cols) for p in parts], promote_options="default")
-    ids = table.column("clip_id").to_pylist()
-    first: dict[str, int] = {}
-    for i, cid in enumerate(ids):
-        first.setdefault(cid, i)
-    if len(first) != len(ids):
-        table = table.take(pa.array(sorted(first.values()), pa.int64()))
-    return table if cols is None else table.select(cols)
 
 
 def check_store(uri: str, cfg: MerConfig | None = None, manifest_ids: list[str] | None = None) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""Generation backends behind the enrichment stage.
+"""Generation backends behind the enrichment stage (``enrich.backend``): vLLM and transformers generators.
 
 Input rows carry prompt token ids (``_enrich_prompt_ids``); each backend adds the generated text
 (``_enrich_gen``), its token count (``_enrich_gen_tokens``) and a per-row error (``_enrich_gen_error``,
@@ -17,11 +17,11 @@ import os
 from typing import Any
 
 import pyarrow as pa
-from ray.data import ActorPoolStrategy
-
+from mer.batches import isolate_rows
 from mer.config import MerConfig
 from mer.enrich.prepare import GEN, GEN_ERR, GEN_TOKENS, IDS
 from mer.enrich.prompt import sampling_params
+from mer.stream import Stage
 
 # Columns the vLLM processor adds to each row; an input column with one of these names would be
 # overwritten, so the stage refuses such inputs.
@@ -41,7 +41,7 @@ def engine_env(cfg: MerConfig) -> dict[str, str]:
     """
     e = cfg.enrich
     env: dict[str, str] = {}
-    if e.num_gpus == 0:
+    if e.resources.num_gpus == 0:
         env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         env["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, round(e.cpu_kv_cache_bytes / (1 << 30))))
     for key in ("VLLM_CACHE_ROOT", "TORCHINDUCTOR_CACHE_DIR", "XDG_CACHE_HOME", "HF_HOME", "HF_HUB_OFFLINE",
@@ -56,7 +56,7 @@ def engine_kwargs(cfg: MerConfig) -> dict[str, Any]:
     """vLLM engine arguments from config (the same for the Ray stage and the direct benchmark)."""
     e = cfg.enrich
     kw: dict[str, Any] = {
-        "dtype": e.dtype,
+        "dtype": e.resources.dtype,
         "max_model_len": e.max_model_len,
         "enforce_eager": e.enforce_eager,
         "tensor_parallel_size": e.tensor_parallel_size,
@@ -66,21 +66,23 @@ def engine_kwargs(cfg: MerConfig) -> dict[str, Any]:
     }
     if cfg.models.llm.revision:
         kw["revision"] = cfg.models.llm.revision
-    if e.num_gpus == 0:
+    if e.resources.num_gpus == 0:
         kw["kv_cache_memory_bytes"] = e.cpu_kv_cache_bytes
     kw.update(e.engine_kwargs)
     return kw
 
 
 def placement_group_config(cfg: MerConfig) -> dict[str, Any]:
-    """Engine placement: a GPU (+1 CPU) bundle per tensor-parallel worker, or one CPU bundle on CPU.
+    """Engine placement: a bundle of ``resources.num_gpus`` GPUs and ``resources.num_cpus`` CPUs per
+    tensor-parallel worker (CPU only on the CPU engine).
 
     Without an explicit CPU bundle Ray Data's vLLM stage asks for a GPU and never schedules on CPU nodes.
     """
     e = cfg.enrich
-    if e.num_gpus > 0:
-        return {"bundle_per_worker": {"GPU": e.num_gpus, "CPU": 1}, "strategy": "PACK"}
-    return {"bundles": [{"CPU": 1}] * e.tensor_parallel_size, "strategy": "PACK"}
+    r = e.resources
+    if r.num_gpus > 0:
+        return {"bundle_per_worker": {"GPU": r.num_gpus, "CPU": r.num_cpus}, "strategy": "PACK"}
+    return {"bundles": [{"CPU": r.num_cpus}] * e.tensor_parallel_size, "strategy": "PACK"}
 
 
 def _vllm_preprocess(row: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
@@ -122,12 +124,13 @@ def vllm_generate(cfg: MerConfig, model_path: str, ds: Any, timing: bool = False
     clash = VLLM_OUTPUT_COLUMNS.intersection(keep)
     if clash:
         raise ValueError(f"input columns {sorted(clash)} would be overwritten by the vLLM processor; rename them")
-    aux = {"num_cpus": e.aux_num_cpus}
+    aux = e.aux_resources.map_batches_args(actors=False)
+    aux.pop("batch_size")
     config = vLLMEngineProcessorConfig(
         model_source=model_path,
         engine_kwargs=engine_kwargs(cfg),
-        batch_size=e.batch_size,
-        concurrency=e.concurrency,
+        batch_size=e.resources.batch_size,
+        concurrency=e.resources.concurrency,
         placement_group_config=placement_group_config(cfg),
         runtime_env={"env_vars": engine_env(cfg)},
         # Prompts arrive tokenised (PromptBuilder applied the chat template and truncation) and vLLM
@@ -145,9 +148,9 @@ def vllm_generate(cfg: MerConfig, model_path: str, ds: Any, timing: bool = False
         preprocess_map_kwargs=aux,
         postprocess_map_kwargs=aux,
     )
-    out = processor(ds)
-    return out.map_batches(_vllm_normalize, fn_kwargs={"keep": keep, "timing": timing}, batch_format="pyarrow",
-                           batch_size=None, zero_copy_batch=True, **aux)
+    return Stage(name="vllm_normalize", fn=_vllm_normalize, kind="task", resources=e.aux_resources,
+                 fn_kwargs={"keep": keep, "timing": timing}, batch_format="pyarrow",
+                 map_args={"batch_size": None, "zero_copy_batch": True}).apply(processor(ds))
 
 
 class TransformersGenerator:
@@ -211,33 +214,25 @@ class TransformersGenerator:
             else:
                 ok_idx.append(i)
         if ok_idx:
-            try:
-                res = self._generate([prompts[i] for i in ok_idx])
-            except Exception:  # noqa: BLE001 - isolate the failing row(s) by retrying one at a time
-                res = []
-                for i in ok_idx:
-                    try:
-                        res.extend(self._generate([prompts[i]]))
-                    except Exception as ex:  # noqa: BLE001
-                        res.append(("", 0))
-                        err[i] = f"{type(ex).__name__}: {ex}"
-            for i, (text, n) in zip(ok_idx, res):
+            def forward(rows: list[int]) -> dict[int, tuple[str, int]]:
+                return dict(zip(rows, self._generate([prompts[i] for i in rows])))
+
+            failed: dict[int, str] = {}
+            for i, (text, n) in isolate_rows(ok_idx, forward, failed).items():
                 gen[i], ntok[i] = text, n
+            for i, message in failed.items():
+                err[i] = message
         batch = batch.append_column(GEN, pa.array(gen, pa.string()))
         batch = batch.append_column(GEN_TOKENS, pa.array(ntok, pa.int64()))
         return batch.append_column(GEN_ERR, pa.array(err, pa.string()))
 
 
 def transformers_generate(cfg: MerConfig, model_path: str, ds: Any) -> Any:
-    """Run ``ds`` (rows with prompt ids) through :class:`TransformersGenerator` actors."""
+    """Run ``ds`` (rows with prompt ids) through :class:`TransformersGenerator` actors (``enrich.resources``)."""
     e = cfg.enrich
-    return ds.map_batches(
-        TransformersGenerator,
-        fn_constructor_kwargs=dict(
-            model_path=model_path, max_tokens=e.max_tokens, max_model_len=e.max_model_len,
-            temperature=e.temperature, top_p=e.top_p, seed=e.seed, dtype=e.dtype, use_gpu=e.num_gpus > 0,
-            trust_remote_code=cfg.models.llm.trust_remote_code),
-        batch_format="pyarrow", batch_size=e.batch_size, compute=ActorPoolStrategy(size=e.concurrency),
-        num_gpus=e.num_gpus if e.num_gpus > 0 else None,
-        num_cpus=1 if e.num_gpus == 0 else e.aux_num_cpus,
-    )
+    r = e.resources
+    return Stage(name="generate", fn=TransformersGenerator, resources=r, batch_format="pyarrow",
+                 constructor_kwargs=dict(
+                     model_path=model_path, max_tokens=e.max_tokens, max_model_len=e.max_model_len,
+                     temperature=e.temperature, top_p=e.top_p, seed=e.seed, dtype=r.dtype, use_gpu=r.num_gpus > 0,
+                     trust_remote_code=cfg.models.llm.trust_remote_code)).apply(ds)

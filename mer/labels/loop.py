@@ -1,0 +1,288 @@
+"""The semi-supervised label loop (``mer pseudolabel``): sources → refinement → pseudo-label rounds, gated.
+
+Stages, each a k-fold training run on the same folds, each kept only if the gate (:mod:`mer.labels.gate`) says
+it does not lower the out-of-fold WAF against the original labels:
+
+0. ``labelled_only`` — the fused run on the labelled rows, plus one run per single modality
+   (``labels.source_modalities``): the independent label sources. Their fold models score the pool.
+1. ``refined`` — the train labels refined by every source's reliability-weighted vote
+   (:mod:`mer.labels.relabel`), retrained.
+2. ``round_<r>`` — pool clips on which the last accepted fused run and the independent sources agree
+   become pseudo-labels, fold by fold and class-balanced (:mod:`mer.labels.pseudolabel`), added to the last
+   accepted label table and retrained; k grows each round. A rejected round is recorded with its figures and
+   the next round builds on the last accepted stage.
+
+Layout of ``out_uri``::
+
+    sources/<name>/                 stage-0 runs (fused and one per modality)
+    sources/pool/<name>/            their fold models' predictions on the pool
+    sources/reliability.json        each source's reliability on the labelled rows
+    refined/labels.parquet          refined label table (+ labels.reliability.json), refined/run/, stage.json,
+                                    refined/pool/ (its pool scores, when a round builds on it)
+    round_<r>/selection.parquet     every (pool clip, fold) with its posterior, agreement and reason
+    round_<r>/labels.parquet, run/, stage.json
+    loop.json                       every stage's gate figures and decision, and ``best``: the best accepted
+                                    run, which ``mer score --run <out>`` scores
+
+A stage is finished when its ``stage.json`` exists; re-running skips finished stages (training and scoring
+resume by themselves).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from mer import storage
+from mer.config import MerConfig
+from mer.labels.evidence import Reliability, class_prior, fit_reliability
+from mer.labels.gate import decide, gate_figures
+from mer.labels.pseudolabel import build_label_table, round_quota, select_pseudo_labels, selection_summary
+from mer.labels.relabel import (fit_sources, refine_labels, rule_counts, train_labels, write_label_table)
+from mer.labels.sources import SourceVotes, pool_votes, read_source, run_oof_votes
+from mer.train.features import label_index
+
+log = logging.getLogger("mer.labels")
+
+LOOP_FILE = "loop.json"
+POOL_SPLIT = "unlabeled"
+
+
+def _test_figures(metrics: dict) -> dict[str, Any] | None:
+    test = metrics.get("test")
+    return {"waf": test.get("waf"), "accuracy": test.get("accuracy")} if isinstance(test, dict) else None
+
+
+def _source_modalities(cfg: MerConfig, fused: list[str]) -> list[str]:
+    wanted = cfg.labels.source_modalities
+    mods = list(fused) if wanted is None else [m for m in wanted if m in fused]
+    # A single-modality "fusion" is its own only source: a second identical run would add no independent view.
+    return [] if mods == list(fused) and len(fused) == 1 else mods
+
+
+def _pool_scores(cfg: MerConfig, name: str, run_uri: str, features_uri: str, out: str) -> SourceVotes:
+    """Per-fold predictions of a run's fold models on the pool, scored into ``out`` (a resumable Ray Data
+    scoring job)."""
+    from mer.parts import part_files, read_parts
+    from mer.score import score_features
+
+    score_features(cfg, run_uri, features_uri, out, splits=[POOL_SPLIT])
+    if not part_files(out):
+        return pool_votes(name, _empty_predictions(), cfg.train.folds)
+    return pool_votes(name, read_parts(out, columns=["fold_probs"]), cfg.train.folds)
+
+
+def _empty_predictions() -> Any:
+    from mer.score import PRED_SCHEMA
+
+    return PRED_SCHEMA.empty_table()
+
+
+class LabelLoop:
+    """One loop directory: trains or reuses every stage, keeps the decisions in ``loop.json``."""
+
+    def __init__(self, cfg: MerConfig, features_uri: str, out_uri: str, *, tables: dict[str, str] | None = None,
+                 base_run: str | None = None) -> None:
+        from mer.train.run import _resolve_modalities
+
+        self.cfg, self.features, self.out = cfg, features_uri, out_uri
+        self.tables = dict(tables or {})
+        self.base_run = base_run
+        self.fused_mods = _resolve_modalities(cfg, features_uri, None)
+        self.source_mods = _source_modalities(cfg, self.fused_mods)
+        original = train_labels(features_uri)
+        self.original_ids = original.column("clip_id").to_pylist()
+        self.original = dict(zip(self.original_ids, original.column("label").to_pylist()))
+        self.original_table = original
+        self.y = label_index(original.column("label").to_pylist())
+        self.prior = class_prior(self.y)
+        self.stages: list[dict[str, Any]] = []
+
+    # ------------------------------------------------------------------------------------ helpers
+    def _train(self, run_uri: str, name: str, *, labels_uri: str | None = None,
+               modalities: list[str] | None = None) -> dict:
+        from mer.train import train_run
+
+        return train_run(self.cfg, self.features, run_uri, resume=True, labels_uri=labels_uri,
+                         modalities=modalities or self.fused_mods, run_name=name)
+
+    def _stage_record(self, name: str, run_uri: str, metrics: dict, labels_uri: str | None, pool_uri: str,
+                      best_gate: float | None, extra: dict[str, Any]) -> dict[str, Any]:
+        gate = gate_figures(run_uri, self.original)
+        if best_gate is None:
+            accepted, why = True, "the labelled-only baseline"
+        else:
+            accepted, why = decide(gate["waf"], best_gate, self.cfg.labels.min_gain)
+        return {"stage": name, "run": run_uri, "labels": labels_uri, "pool": pool_uri, "gate": gate,
+                "accepted": accepted, "decision": why, "test": _test_figures(metrics), **extra}
+
+    def _base_labels(self, base: dict[str, Any]) -> pa.Table:
+        """The labelled rows of an accepted stage (original or refined), without its pseudo-labels: each
+        round picks its pool clips afresh (k grows), and an earlier round's per-fold picks must not leak
+        into other folds."""
+        if not base.get("labels"):
+            return self.original_table.append_column("weight", pa.array(np.ones(len(self.y), np.float32)))
+        table = storage.read_table(base["labels"])
+        if "source" in table.column_names:
+            table = table.filter(pa.array([s != "pseudo" for s in table.column("source").to_pylist()], pa.bool_()))
+        return table
+
+    def _finished(self, stage_dir: str) -> dict[str, Any] | None:
+        uri = storage.join(stage_dir, "stage.json")
+        return storage.read_json(uri) if storage.exists(uri) else None
+
+    def _commit(self, stage_dir: str, record: dict[str, Any]) -> dict[str, Any]:
+        storage.write_json(storage.join(stage_dir, "stage.json"), record)
+        verdict = "ACCEPTED" if record["accepted"] else "rejected"
+        log.info("label loop: %s %s (%s)", record["stage"], verdict, record["decision"])
+        return record
+
+    # ------------------------------------------------------------------------------------- stages
+    def sources(self) -> tuple[dict[str, Any], list[SourceVotes], list[SourceVotes], dict[str, Reliability]]:
+        """Stage 0: the fused and single-modality runs, their OOF votes and pool votes, vote tables, and
+        every source's reliability. Returns (the labelled-only stage, labelled-row sources, pool sources,
+        reliabilities)."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        runs = {"fused": self.base_run or storage.join(self.out, "sources", "fused")}
+        runs.update({m: storage.join(self.out, "sources", m) for m in self.source_mods})
+        pools = {n: storage.join(self.out, "sources", "pool", n) for n in runs}
+        with ThreadPoolExecutor(max_workers=self.cfg.labels.parallel_runs, thread_name_prefix="mer-source") as ex:
+            trained = {n: ex.submit(self._train, u, "labelled_only" if n == "fused" else f"source_{n}",
+                                    modalities=None if n == "fused" else [n]) for n, u in runs.items()}
+            fused_metrics = {n: f.result() for n, f in trained.items()}["fused"]
+            scored = {n: ex.submit(_pool_scores, self.cfg, n, u, self.features, pools[n]) for n, u in runs.items()}
+            pool = [f.result() for f in scored.values()]
+        labelled = [run_oof_votes(n, u) for n, u in runs.items()]
+        fused_run = runs["fused"]
+        for name, uri in self.tables.items():
+            table = read_source(name, uri)
+            labelled.append(table)
+            pool.append(table)
+        rel = fit_sources(labelled, self.original_ids, self.y, self.prior, self.cfg.labels)
+        storage.write_json(storage.join(self.out, "sources", "reliability.json"),
+                           {"sources": [r.to_json() for r in rel.values()],
+                            "runs": runs, "tables": self.tables})
+        stage0 = self._stage_record("labelled_only", fused_run, fused_metrics, None, pools["fused"], None,
+                                    {"sources": sorted(rel)})
+        return stage0, labelled, pool, rel
+
+    def refine(self, labelled: list[SourceVotes], best_gate: float) -> dict[str, Any]:
+        """Stage 1: refined labels from every source, retrained, gated."""
+        sdir = storage.join(self.out, "refined")
+        done = self._finished(sdir)
+        if done:
+            return done
+        labels_uri = storage.join(sdir, "labels.parquet")
+        refined, rel = refine_labels(self.original_table, labelled, self.cfg.relabel, self.cfg.labels)
+        write_label_table(labels_uri, refined, rel)
+        run_uri = storage.join(sdir, "run")
+        metrics = self._train(run_uri, "refined", labels_uri=labels_uri)
+        rules = rule_counts(refined)
+        return self._commit(sdir, self._stage_record("refined", run_uri, metrics, labels_uri,
+                                                     storage.join(sdir, "pool"), best_gate, {"rules": rules}))
+
+    def pseudo_round(self, r: int, base: dict[str, Any], others: list[SourceVotes],
+                     rel: dict[str, Reliability], best_gate: float) -> dict[str, Any]:
+        """Round ``r``: pool pseudo-labels from the accepted stage ``base`` and the sources, retrained, gated."""
+        sdir = storage.join(self.out, f"round_{r}")
+        done = self._finished(sdir)
+        if done:
+            return done
+        fused_pool = _pool_scores(self.cfg, "fused", base["run"], self.features, base["pool"])
+        if not fused_pool.ids:
+            # Nothing to pseudo-label: a retrain would only repeat the accepted stage.
+            return self._commit(sdir, {"stage": f"round_{r}", "run": None, "labels": None, "pool": base["pool"],
+                                       "gate": None, "accepted": False, "built_on": base["stage"], "test": None,
+                                       "decision": f"no clip in the store's {POOL_SPLIT!r} split: nothing to "
+                                                   "pseudo-label, not trained"})
+        # The accepted run's own reliability: its OOF predictions against the original labels.
+        lc = self.cfg.labels
+        rel = dict(rel)
+        rel["fused"] = fit_reliability("fused", "probs", run_oof_votes("fused", base["run"]).rows(self.original_ids),
+                                       self.y, self.prior, shrinkage=lc.reliability_shrinkage,
+                                       max_weight=lc.reliability_max_weight, min_votes=lc.min_labelled_votes)
+        quota = round_quota(self.cfg.pseudolabel, r, len(self.original_ids), self.prior)
+        selection = select_pseudo_labels(fused_pool.ids, fused_pool, others, rel, self.prior, quota,
+                                         self.cfg.pseudolabel)
+        storage.write_table(storage.join(sdir, "selection.parquet"), selection)
+        summary = selection_summary(selection)
+        if not summary["selected"]:
+            # No pool clip has the agreement the rules ask for: a retrain would only repeat the accepted stage.
+            return self._commit(sdir, {"stage": f"round_{r}", "run": None, "labels": None, "pool": base["pool"],
+                                       "gate": None, "accepted": False, "built_on": base["stage"], "test": None,
+                                       "pseudo": summary, "selection": storage.join(sdir, "selection.parquet"),
+                                       "decision": "no pool clip qualified (see selection.parquet reasons): "
+                                                   "not trained"})
+        table = build_label_table(self._base_labels(base), selection)
+        labels_uri = storage.join(sdir, "labels.parquet")
+        write_label_table(labels_uri, table, rel, {"quota_per_fold": dict(zip(
+            [str(x) for x in range(len(quota))], quota.tolist())), "built_on": base["stage"]})
+        run_uri = storage.join(sdir, "run")
+        metrics = self._train(run_uri, f"round_{r}", labels_uri=labels_uri)
+        summary["quota_per_class"] = quota.tolist()
+        return self._commit(sdir, self._stage_record(f"round_{r}", run_uri, metrics, labels_uri,
+                                                     storage.join(sdir, "pool"), best_gate,
+                                                     {"pseudo": summary, "built_on": base["stage"],
+                                                      "selection": storage.join(sdir, "selection.parquet")}))
+
+    def run(self, rounds: int | None = None) -> dict[str, Any]:
+        """Run (or resume) every stage; write and return ``loop.json``."""
+        t0 = time.time()
+        stage0, labelled, pool, rel = self.sources()
+        self.stages = [stage0]
+        best = stage0
+        if self.cfg.labels.refine:
+            rec = self.refine(labelled, best["gate"]["waf"])
+            self.stages.append(rec)
+            if rec["accepted"]:
+                best = rec
+        others = [s for s in pool if s.name != "fused"]
+        for r in range(1, (rounds or self.cfg.pseudolabel.rounds) + 1):
+            rec = self.pseudo_round(r, best, others, rel, best["gate"]["waf"])
+            self.stages.append(rec)
+            if rec["accepted"]:
+                best = rec
+        result = {
+            "features": self.features, "out": self.out, "stages": self.stages,
+            "best": {"stage": best["stage"], "run": best["run"], "labels": best["labels"],
+                     "gate_waf": best["gate"]["waf"],
+                     "why": (f"highest gate WAF among accepted stages ({best['gate']['waf']:.4f}: out-of-fold "
+                             f"WAF against the original labels, on {best['gate']['n']} labelled clips)")},
+            "seconds": round(time.time() - t0, 1),
+        }
+        storage.write_json(storage.join(self.out, LOOP_FILE), result)
+        try:
+            from mer.report import write_loop_report
+
+            result["report"] = write_loop_report(self.out)
+        except Exception as e:  # noqa: BLE001 - loop.json is committed; the report is only a view of it
+            log.warning("label loop %s: report.html not written: %s: %s", self.out, type(e).__name__, e)
+        return result
+
+
+def label_loop(cfg: MerConfig, features_uri: str, out_uri: str, *, tables: dict[str, str] | None = None,
+               base_run: str | None = None, rounds: int | None = None) -> dict[str, Any]:
+    """Run (or resume) the whole label loop into ``out_uri``; returns the content of ``loop.json``.
+
+    ``tables``: extra vote tables ({name: uri}, e.g. an LLM vote); ``base_run``: reuse a finished fused run
+    (same folds and seed) as the labelled-only stage.
+    """
+    return LabelLoop(cfg, features_uri, out_uri, tables=tables, base_run=base_run).run(rounds)
+
+
+def best_run(uri: str) -> tuple[str, dict[str, Any] | None]:
+    """The run to score for ``uri``: ``uri`` itself when it is a training run, the best accepted stage's
+    run when it is a label-loop directory. Anything else raises, naming what was expected."""
+    if storage.exists(storage.join(uri, "models", "model.json")):
+        return uri, None
+    loop_file = storage.join(uri, LOOP_FILE)
+    if storage.exists(loop_file):
+        loop = storage.read_json(loop_file)
+        return loop["best"]["run"], loop["best"]
+    raise FileNotFoundError(f"{uri} is not a training run (no models/model.json) nor a label-loop directory "
+                            f"(no {LOOP_FILE})")
