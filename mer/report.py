@@ -113,7 +113,7 @@ def _store_sections(features_uri: str) -> list[str]:
         from mer.extract.schema import status_counts
         from mer.parts import read_parts
 
-        cols = [c for c in _store_status_columns(features_uri)]
+        cols = _store_status_columns(features_uri)
         counts = status_counts(read_parts(features_uri, columns=cols), cols)
     except (FileNotFoundError, OSError, ValueError) as e:
         return [f'<p class="note">feature store {_e(features_uri)}: {_e(e)}</p>']
@@ -122,9 +122,9 @@ def _store_sections(features_uri: str) -> list[str]:
 
 
 def _store_status_columns(features_uri: str) -> list[str]:
-    from mer.train.features import store_columns
+    from mer.parts import part_columns
 
-    return [c for c in store_columns(features_uri) if c == "status" or c.endswith("_status")]
+    return [c for c in part_columns(features_uri) if c == "status" or c.endswith("_status")]
 
 
 def _counts_table(counts: dict[str, dict[str, int]]) -> str:

@@ -158,6 +158,9 @@ def test_reports_are_self_contained_and_show_the_stages(bench: dict) -> None:
     assert "gate WAF" in report and "Mean modality weights per class" in report and "Per-class F1" in report
     assert report.count("data:image/png;base64,") >= 2  # the best run's confusion matrix and curves
     assert "<script" not in report and 'src="http' not in report
+    # each run's own report, with the statuses of the store it trained on
+    run_report = (loop_dir / "sources" / "fused" / "report.html").read_text()
+    assert "Feature store statuses" in run_report and "Per-class F1" in run_report
     run = loop_dir / "sources" / "audio"
     run_report = (run / "report.html").read_text()
     assert "test split (fold ensemble)" in run_report and "Feature store statuses" in run_report
