@@ -20,8 +20,8 @@ def _common() -> argparse.ArgumentParser:
     p.add_argument("--overlay", dest="overlays", action="append", default=[], metavar="FILE",
                    help="a partial config merged over --config, e.g. cluster/ray_config.gpu.yaml (repeatable, "
                         "in order; --set flags apply after)")
-    p.add_argument("--profile", choices=["default", "tiny"], default=None,
-                   help="model profile; tiny builds offline tiny models on first use")
+    p.add_argument("--profile", choices=["default", "tiny", "random"], default=None,
+                   help="model profile; tiny / random (full-size, random weights) build offline models on first use")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set train.lr=3e-4 (repeatable)")
     p.add_argument("--cpu", action="store_true", help="zero every GPU request (laptop / CI)")
@@ -88,6 +88,14 @@ def _models_tiny(args: argparse.Namespace) -> None:
     from mer.models.tiny import build_tiny_models
 
     _print(build_tiny_models(args.out, force=args.force))
+
+
+def _models_random(args: argparse.Namespace) -> None:
+    from mer.models.random import build_random_models, describe
+
+    slots = args.slots.split(",") if args.slots else None
+    build_random_models(args.out, force=args.force, slots=slots, dtype=args.dtype)
+    _print({s: v for s, v in describe(args.out, dtype=args.dtype).items() if slots is None or s in slots})
 
 
 def _data_synth(args: argparse.Namespace) -> None:
@@ -205,7 +213,11 @@ def _demo(args: argparse.Namespace) -> None:
 
 
 def _bench(args: argparse.Namespace) -> None:
+    import time
+
+    t0 = time.perf_counter()
     cfg = _with_ray(args)
+    ray_init_s = time.perf_counter() - t0
     if args.what == "labels":
         from mer.labels.bench import bench_labels, format_bench
 
@@ -215,7 +227,10 @@ def _bench(args: argparse.Namespace) -> None:
     elif args.what == "extract":
         from mer.extract.bench import bench_extract
 
-        _print(bench_extract(cfg, args.manifest, n_clips=args.n))
+        # --json: only the JSON document on stdout (the table otherwise)
+        result = bench_extract(cfg, args.manifest, n_clips=args.n, ray_init_s=ray_init_s, verbose=not args.json)
+        if args.json:
+            _print(result)
     elif args.what == "tune":
         from mer.tune.bench import bench_tune, format_bench
 
@@ -252,6 +267,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("tiny", _models_tiny, "build offline tiny models of every branch", models)
     p.add_argument("--out", required=True)
     p.add_argument("--force", action="store_true")
+    p = add("random", _models_random, "build full-size random-weight models of the default architectures", models)
+    p.add_argument("--out", required=True)
+    p.add_argument("--force", action="store_true")
+    p.add_argument("--slots", default=None, help="comma list (default: global_visual,face,audio,text,llm)")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
 
     data = sub.add_parser("data", help="datasets").add_subparsers(dest="sub", required=True)
     p = add("synth", _data_synth, "generate a dataset in the MER2025 layout", data)

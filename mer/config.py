@@ -95,6 +95,10 @@ class Resources(_Strict):
     memory: int | None = Field(None, ge=0)  # bytes of Ray's `memory` resource per actor / worker (null: none)
     # Model weights and activations; train: "bfloat16" = DeepSpeed bf16 mixed precision, else fp32.
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    # Batches one actor holds at once (Ray Data's max_concurrent_calls_per_actor): its UDF still runs one
+    # batch at a time (enable_true_multi_threading stays off), but fetching the next input block and storing
+    # the last output overlap with it. Not used by train.
+    max_concurrent_calls: int = Field(1, ge=1)
 
     def map_batches_args(self, actors: bool = True) -> dict[str, Any]:
         """``Dataset.map_batches`` keyword arguments: batch size, resources per call and, for a callable
@@ -107,7 +111,8 @@ class Resources(_Strict):
         if actors:
             from ray.data import ActorPoolStrategy
 
-            args["compute"] = ActorPoolStrategy(size=self.concurrency)
+            args["compute"] = ActorPoolStrategy(size=self.concurrency,
+                                                max_concurrent_calls_per_actor=self.max_concurrent_calls)
         return args
 
     def scaling_config(self) -> Any:
@@ -139,8 +144,10 @@ class StorageConfig(_Strict):
     s3_endpoint_url: str | None = None
     s3_region: str | None = None
     tiny_models_dir: str = ".cache/mer/tiny-models"
+    # Full-size random-weight models of the `random` profile (`mer models random`; "random:<slot>").
+    random_models_dir: str = ".cache/mer/random-models"
 
-    @field_validator("tiny_models_dir")
+    @field_validator("tiny_models_dir", "random_models_dir")
     @classmethod
     def _absolute(cls, v: str) -> str:
         # Resolved once on the driver: Ray workers may start in another directory and would otherwise
@@ -153,7 +160,10 @@ class DecodeConfig(_Strict):
     frame_size: int = Field(224, ge=16)
     audio_sample_rate: int = Field(16000, ge=8000)
     max_audio_seconds: float = Field(10.0, gt=0)
-    backend: Literal["decord", "pyav"] = "decord"
+    backend: Literal["decord", "pyav"] = "decord"  # video
+    # Audio: PyAV (FFmpeg's resampler) by default; decord's AudioReader leaks each clip's samples and
+    # costs ~3x the CPU (mer.extract.decoders.decode_audio_decord). The fallback decodes with its own backend.
+    audio_backend: Literal["pyav", "decord"] = "pyav"
     fallback_backend: Literal["pyav", "none"] = "pyav"
     # decord can hang on some files; a clip that takes longer is abandoned and retried with the fallback.
     timeout_s: float = Field(30.0, gt=0)
@@ -167,7 +177,9 @@ class DecodeConfig(_Strict):
     # The decode runs in a child process per decode actor; it is replaced after this many clips so a
     # decoder that leaks memory (decord) cannot grow without bound.
     recycle_every: int = Field(500, ge=1)
-    resources: Resources = Resources(batch_size=4, concurrency=2, num_cpus=1.0)
+    # Requests queued in the decode child ahead of the one it decodes (it never waits for a round trip).
+    child_window: int = Field(4, ge=1)
+    resources: Resources = Resources(batch_size=4, concurrency=2, num_cpus=1.0, max_concurrent_calls=2)
 
 
 class FaceConfig(_Strict):
@@ -198,6 +210,11 @@ class EncodersConfig(_Strict):
     # Short token sequences: more clips per call than the frame and audio encoders.
     text: EncoderStage = EncoderStage(resources=Resources(batch_size=32, num_gpus=0.25))
     max_text_tokens: int = Field(128, ge=8)
+    # Run every enabled encoder in ONE actor pool with these resources (each actor loads all the models:
+    # one torch/transformers import and one worker process instead of one per branch, seconds of CPU each).
+    # For CPU-only machines where start-up weighs; null (separate pools) on GPU nodes, where each branch
+    # gets its own GPU share and concurrency.
+    colocated: Resources | None = None
 
 
 class EnrichConfig(_Strict):
@@ -515,8 +532,8 @@ class ScoreConfig(_Strict):
 class MerConfig(_Strict):
     """The whole ``ray_config.yaml``."""
 
-    profile: Literal["default", "tiny"] = "default"
-    profiles: dict[Literal["default", "tiny"], ModelProfile]
+    profile: Literal["default", "tiny", "random"] = "default"
+    profiles: dict[Literal["default", "tiny", "random"], ModelProfile]
     ray: RayConfig = RayConfig()
     storage: StorageConfig = StorageConfig()
     extract: ExtractConfig = ExtractConfig()

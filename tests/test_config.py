@@ -67,7 +67,8 @@ def test_cli_reports_bad_config_with_exit_2(capsys: pytest.CaptureFixture[str]) 
 
 def test_cli_contract_commands_exist() -> None:
     parser = build_parser()
-    for argv in (["models", "tiny", "--out", "x"], ["data", "synth", "--out", "x"],
+    for argv in (["models", "tiny", "--out", "x"], ["models", "random", "--out", "x", "--slots", "text"],
+                 ["data", "synth", "--out", "x"], ["bench", "extract", "--json"],
                  ["data", "import-mer2025", "--root", "r", "--out", "m"],
                  ["extract", "--manifest", "m", "--out", "f"], ["train", "--features", "f", "--out", "r"],
                  ["score", "--run", "r", "--features", "f", "--out", "p"],
@@ -88,6 +89,17 @@ def test_gpu_requests_are_listed_and_cpu_only_clears_them() -> None:
     assert "extract.encoders.audio.resources.num_gpus" in wanted and "train.resources.num_gpus" in wanted
     assert "score.resources.num_gpus" not in wanted
     assert gpu_requests(cpu_only(cfg)) == []
+
+
+def test_random_profile_resolves_every_slot_to_random_models() -> None:
+    cfg = load_config(profile="random", overrides=["storage.random_models_dir=/tmp/rm"])
+    assert cfg.storage.random_models_dir == "/tmp/rm"
+    assert {getattr(cfg.models, s).model_id for s in ("global_visual", "face", "audio", "text", "llm")} == {
+        f"random:{s}" for s in ("global_visual", "face", "audio", "text", "llm")}
+    # the same model classes as the default profile: same architectures, random weights
+    default = load_config(profile="default")
+    assert all(getattr(cfg.models, s).model_class == getattr(default.models, s).model_class
+               for s in ("global_visual", "face", "audio", "text"))
 
 
 def _leaves(d: dict, prefix: str = "") -> dict:
@@ -153,6 +165,9 @@ def test_resources_are_the_only_source_of_ray_arguments() -> None:
     args = r.map_batches_args()
     assert (args["batch_size"], args["num_cpus"], args["num_gpus"], args["memory"]) == (16, 0.5, 0.25, 1 << 30)
     assert args["compute"].min_size == args["compute"].max_size == 3
+    assert args["compute"].max_concurrent_calls_per_actor == 1
+    # the decode actors hold two batches: Ray fetches the next block while the child decodes the current one
+    assert load_config().extract.decode.resources.map_batches_args()["compute"].max_concurrent_calls_per_actor == 2
     assert "compute" not in r.map_batches_args(actors=False)
     assert "num_gpus" not in Resources().map_batches_args(actors=False)
     sc = r.scaling_config()

@@ -11,7 +11,7 @@ from mer.config import load_config
 from mer.extract.decoders import DecodeParams, decode_clip, sample_indices, snap_to_keyframes
 from mer.extract.clips import make_clip
 from mer.extract.decode import ClipDecoder
-from mer.extract.subproc import DecodeProcess, DecodeTimeout
+from mer.extract.subproc import DecodeProcess, DecodeTimeout, RequestError
 
 
 @pytest.fixture(scope="module")
@@ -134,3 +134,51 @@ def test_child_timeout_kill_and_recycle() -> None:
         assert proc.pid != first and proc.recycles == 1
     finally:
         proc.kill()
+
+
+def test_child_map_queues_requests_and_resends_those_behind_a_hang() -> None:
+    proc = DecodeProcess(recycle_every=100, window=4)
+    try:
+        out = proc.map("sleep", [{"seconds": 0}, {"seconds": 30}, {"seconds": 0}, {"seconds": 0}], timeout=1.5)
+        assert out[0] is None and isinstance(out[1], DecodeTimeout) and out[2] is None and out[3] is None
+        assert proc.restarts == 1  # one kill; the two queued behind the hang were re-sent to a fresh child
+        bad = proc.map("os_system", [{}], timeout=30)
+        assert isinstance(bad[0], RequestError) and proc.restarts == 1  # an error in the child is not a crash
+    finally:
+        proc.kill()
+
+
+def test_child_map_recycles_mid_batch() -> None:
+    proc = DecodeProcess(recycle_every=2, window=4)
+    try:
+        assert proc.map("sleep", [{"seconds": 0}] * 5, timeout=30) == [None] * 5
+        assert proc.recycles == 2 and proc.restarts == 0 and proc.calls == 1
+    finally:
+        proc.kill()
+
+
+def test_batch_decode_matches_in_process_and_survives_a_hang(clips, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MER_TEST_DECODE_HANG", "hang_me:decord")
+    cfg = _cfg("extract.decode.timeout_s=2")
+    dec = ClipDecoder(cfg)
+    try:
+        rows = dec.decode_rows([clips["good"], clips["hang"], clips["missing"], clips["odd"]], [None] * 4)
+        assert [r["decode_status"] for r in rows] == ["ok", "ok", "missing_file", "ok"]
+        assert [r["decode_backend"] for r in rows] == ["decord", "pyav", None, "decord"]
+        assert dec.timeouts == 1 and dec.child.restarts == 1
+        # frames and audio crossed the process boundary unchanged (out-of-band buffers)
+        p = DecodeParams.from_config(cfg).to_dict()
+        ref = decode_clip(clips["good"], None, "decord", p, audio_backend="pyav")
+        assert np.array_equal(rows[0]["frames"], ref["frames"]) and np.array_equal(rows[0]["audio"], ref["audio"])
+        assert rows[0]["frames"].flags.writeable
+        s = dec.stats()
+        assert s["clips"] == 4 and s["child_cpu_s"] > 0 and s["busy_s"] > 0
+    finally:
+        dec.child.kill()
+
+
+def test_audio_backends_agree_on_a_16khz_track(clips) -> None:
+    p = DecodeParams(num_frames=2, frame_size=32).to_dict()
+    a = decode_clip(clips["good"], None, "decord", p, want_video=False)["audio"]
+    b = decode_clip(clips["good"], None, "decord", p, want_video=False, audio_backend="pyav")["audio"]
+    assert a.shape == b.shape and np.abs(a - b).max() < 1e-5

@@ -80,6 +80,27 @@ def test_all_branches_and_broken_inputs(local_run) -> None:
     assert summary["status_counts"]["status"] == {"ok": 14, "partial": 12}
     assert summary["status_counts"]["face_status"]["no_face"] == 2
     assert set(summary["stage_busy_s"]) >= {"decode", "face_detect", "global_visual", "face", "audio", "text"}
+    assert 0 < summary["stage_busy_fraction"]["decode"] <= 1 and summary["first_row_s"] > 0
+
+
+def test_colocated_encoders_give_the_same_features(local_run, clip_manifest, tmp_path) -> None:
+    """extract.encoders.colocated: every encoder in one actor pool, same rows and vectors as separate pools."""
+    cfg, out, _ = local_run
+    col = with_overrides(cfg, ["extract.encoders.colocated={batch_size: 8, num_cpus: 0.5}"])
+    assert col.extract.encoders.colocated.num_cpus == 0.5
+    summary = extract_features(col, clip_manifest, str(tmp_path / "features"))
+    assert summary["processed"] == 16
+    # timings stay per branch: each model's load and busy time inside the one actor
+    assert set(summary["stage_busy_fraction"]) == {"decode", "face_detect", "global_visual", "face", "audio", "text"}
+    assert summary["first_row_s"] > 0
+    sep = {r["clip_id"]: r for r in parts.read_parts(out).to_pylist()}
+    for r in parts.read_parts(str(tmp_path / "features")).to_pylist():
+        ref = sep[r["clip_id"]]
+        for b in ("global_visual", "face", "audio", "text"):
+            assert r[f"{b}_status"] == ref[f"{b}_status"], (r["clip_id"], b)
+            assert (r[b] is None) == (ref[b] is None)
+            if r[b] is not None:
+                assert np.allclose(r[b], ref[b], atol=1e-4), (r["clip_id"], b)
 
 
 def test_synth_dataset_broken_kinds(local_run, synth_subset) -> None:

@@ -113,3 +113,51 @@ def test_normalize_batch_keeps_block_types_consistent() -> None:
     assert out["face"][1].shape == (0,) and out["face"][1].dtype == np.float32
     assert list(out["face_error"]) == ["", "boom"]
     assert out["frames"][0].shape == (0, 0, 0, 0) and out["frames"][0].dtype == np.uint8
+
+
+def test_colocated_encoders_are_one_stage_after_the_extra_stages() -> None:
+    from mer.extract.pipeline import build_stages
+
+    cfg = load_config(profile="tiny", overrides=["extract.encoders.colocated.num_cpus=0.5",
+                                                 "extract.encoders.colocated.batch_size=8"])
+    extra = Stage("enrich_actor", fn=None, inputs=("clip_id",), outputs=("text_enriched",))
+    stages = build_stages(cfg, extra_stages=[extra])
+    assert [s.name for s in stages] == ["decode", "face_detect", "enrich_actor", "encoders"]
+    group = stages[-1]
+    assert group.resources.num_cpus == 0.5 and group.constructor_args[1] == ("global_visual", "face", "audio", "text")
+    # columns a branch rewrites in place (the waveform `audio`, the transcript `text`) stay inputs
+    assert {"frames", "face_crops", "audio", "text"} <= set(group.inputs)
+    cols = validate_chain(stages, ["clip_id", "video_uri", "audio_uri", "text"])
+    assert {"global_visual", "face", "audio_status", "text_status", "text_enriched"} <= set(cols)
+
+
+def test_stage_times_fold_the_timing_columns() -> None:
+    import math
+
+    from mer.extract.timing import StageTimes, drop_timing, is_timing
+
+    t0 = 1000.0
+    st = StageTimes(t0)
+
+    def batch(stage: str, end: float, cpu: float, start: tuple[float, float, float] | None) -> pa.Table:
+        p, i, r = start or (math.nan,) * 3
+        return pa.table({"clip_id": ["a", "b"], f"_t_{stage}": [0.5, 0.5], f"_tc_{stage}": [cpu, cpu],
+                         f"_th_{stage}": [cpu / 2, cpu / 2],
+                         f"_tb_{stage}": [end - 1.0] * 2, f"_te_{stage}": [end] * 2,
+                         f"_tp_{stage}": [p] * 2, f"_ti_{stage}": [i] * 2, f"_tr_{stage}": [r] * 2})
+
+    # decode: actor process at +1 s, __init__ from +3 s to +4 s; 3 batches of 2 rows ending at +5, +6, +7 s
+    for k, end in enumerate((1005.0, 1006.0, 1007.0)):
+        st.add(batch("decode", end, 2.0 if k == 0 else 0.25, (1001.0, 1003.0, 1004.0) if k == 0 else None))
+    st.first_row_at, st.last_row_at = 1008.0, 1010.0
+    s = st.summary({"decode": 1})
+    d = s["stages"]["decode"]
+    assert d["steady_rows_per_s"] == 2.0 and d["steady_cpu_ms_per_row"] == 250.0  # first batch excluded
+    assert d["steady_helper_cpu_ms_per_row"] == 125.0
+    assert d["cpu_ms_per_row"] == round(1000 * (2 * 2.0 + 4 * 0.25) / 6, 2)  # start-up included
+    assert d["busy_fraction"] == round(3.0 / 10.0, 4) and d["first_batch_at_s"] == 4.0
+    assert d["actors"] == [{"process_started_s": 1.0, "init_s": 1.0, "ready_s": 4.0}]
+    fr = s["first_row"]
+    assert (fr["seconds"], fr["last_actor_ready_s"], fr["its_imports_s"], fr["after_all_ready_s"]) == (8.0, 4.0, 2.0, 4.0)
+    table = batch("decode", 1.0, 0.1, None)
+    assert is_timing("_tc_decode") and not is_timing("clip_id") and drop_timing(table).column_names == ["clip_id"]

@@ -147,3 +147,64 @@ def test_registry_resolution_device_and_dtype(tiny_config) -> None:
     model = registry.load_model(tiny_config.models.text, tiny_config, dtype="bfloat16")
     assert next(model.parameters()).dtype == torch.bfloat16
     assert set(BRANCHES) < set(registry.SLOTS)
+
+
+# Published sizes of the default profile's models (parameters of the transformers class the profile loads).
+FULL_SIZE = {"global_visual": (1024, 24, 303_179_776), "face": (768, 12, 86_389_248),
+             "audio": (1024, 24, 315_438_720), "text": (1024, 24, 559_890_432), "llm": (896, 24, 494_032_768)}
+
+
+def test_random_models_have_the_full_size_architectures() -> None:
+    from mer.models import random
+
+    for slot, (hidden, layers, params) in FULL_SIZE.items():
+        conf = random.model_config(slot)
+        assert (conf.hidden_size, conf.num_hidden_layers) == (hidden, layers), slot
+        assert random.parameter_count(slot) == params, slot  # meta device: nothing allocated
+        assert random.ARCHITECTURES[slot][1] == EXPECTED_CLASSES[slot]
+    assert random.model_config("text").vocab_size == 250002 and random.model_config("llm").vocab_size == 151936
+    assert random.model_config("global_visual").patch_size == 14
+    assert random.model_config("audio").conv_dim == (512,) * 7
+
+
+SHRUNK = {"global_visual": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                image_size=32, patch_size=16),
+          "face": dict(hidden_size=24, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2,
+                       image_size=32),
+          "audio": dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                        conv_dim=(16,) * 7, num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4),
+          "text": dict(hidden_size=40, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2),
+          "llm": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                      num_key_value_heads=1, max_window_layers=1)}
+
+
+def test_random_build_saves_loadable_models_through_the_random_profile(tmp_path: Path) -> None:
+    from mer.config import load_config
+    from mer.encoders import encoder_dims
+    from mer.models import random
+
+    # The full recipe (processors, tokenizers, vocab sizes, save_pretrained), shrunken in width and depth.
+    built = random.build_random_models(tmp_path, overrides=SHRUNK)
+    cfg = load_config(profile="random", overrides=[f"storage.random_models_dir={tmp_path}"])
+    for slot in random.SLOTS:
+        spec = getattr(cfg.models, slot)
+        assert registry.resolve_model_id(spec, cfg) == built[slot]  # any finished build is used as it is
+        model = registry.load_model(spec, cfg)
+        assert type(model).__name__ == EXPECTED_CLASSES[slot]
+        assert json.loads((Path(built[slot]) / "config.json").read_text())["dtype"] == "bfloat16"
+        assert registry.load_processor(spec, cfg) is not None
+    assert encoder_dims(cfg) == {"global_visual": 32, "face": 24, "audio": 16, "text": 40}
+    text = registry.load_processor(cfg.models.text, cfg)
+    ids = text(ZH)["input_ids"]
+    assert ids[0] == 0 and ids[-1] == 2 and text.decode(ids, skip_special_tokens=True) == ZH
+    llm_tok = registry.load_processor(cfg.models.llm, cfg)
+    llm = registry.load_model(cfg.models.llm, cfg)
+    assert llm.config.eos_token_id == llm_tok.convert_tokens_to_ids("<|im_end|>")
+    assert llm.config.vocab_size == 151936 and "<|im_start|>assistant" in llm_tok.apply_chat_template(
+        [{"role": "user", "content": ZH}], tokenize=False, add_generation_prompt=True)
+    state = random.describe(tmp_path)
+    assert not state["text"]["complete"] and "hidden_size=40" in state["text"]["build"]  # a shrunken build
+    # a second build with the same recipe is a no-op
+    mtime = (Path(built["face"]) / "model.safetensors").stat().st_mtime_ns
+    random.build_random_models(tmp_path, slots=["face"], overrides=SHRUNK)
+    assert (Path(built["face"]) / "model.safetensors").stat().st_mtime_ns == mtime

@@ -24,11 +24,12 @@ import numpy as np
 import pyarrow as pa
 
 from mer import storage
-from mer.config import BRANCHES, MerConfig
+from mer.config import BRANCHES, MerConfig, Resources
 from mer.extract import schema as store
 from mer.extract.decode import ClipDecoder
 from mer.extract.face import FaceDetector
-from mer.extract.stages import encoder_stage, timed
+from mer.extract.stages import encoder_group_stage, encoder_stage
+from mer.extract.timing import StageTimes, drop_timing, is_timing, timed
 from mer.parts import read_parts
 from mer.stream import Stage, build, write_stream
 
@@ -101,6 +102,12 @@ def build_stages(cfg: MerConfig, extra_stages: list[Stage | Any] | None = None,
         stages.append(Stage(name="face_detect", fn=timed(FaceDetector, "face_detect"), inputs=FaceDetector.input_columns,
                             outputs=FaceDetector.output_columns, kind="actor",
                             resources=cfg.extract.face.resources, constructor_args=(cfg,), map_args=ra))
+    colocated = cfg.extract.encoders.colocated
+    if colocated is not None and wanted:
+        # one pool for every encoder: the extra stages meant for just before the text encoder run before it
+        stages += before_text
+        return stages + [encoder_group_stage(list(wanted), cfg, colocated, ra,
+                                             optional=("text_enriched",) if "text" in wanted else ())]
     for b in wanted:
         if b == "text":
             stages += before_text
@@ -136,7 +143,7 @@ def _str(v: Any) -> str | None:
 
 def assemble_batch(batch: dict[str, np.ndarray], schema: pa.Schema, branches: list[str], config_hash: str,
                    model_ids: str) -> pa.Table:
-    """Encoded rows → store rows (the schema's columns + ``_t_*`` timings); heavy arrays are dropped."""
+    """Encoded rows → store rows (the schema's columns + the stages' timing columns); heavy arrays are dropped."""
     n = len(batch["clip_id"])
 
     def col(name: str) -> list[Any]:
@@ -189,7 +196,7 @@ def assemble_batch(batch: dict[str, np.ndarray], schema: pa.Schema, branches: li
     out["model_ids"] = [model_ids] * n
     arrays = {f.name: pa.array(out[f.name], type=f.type) for f in schema}
     for k in batch:
-        if k.startswith("_t_"):
+        if is_timing(k):
             arrays[k] = pa.array(np.asarray(batch[k], dtype=np.float64))
     return pa.table(arrays)
 
@@ -261,23 +268,24 @@ def extract_features(cfg: MerConfig, manifest_uri: str, out_uri: str, *, limit: 
         raise ValueError(f"{manifest_uri}: duplicate clip_ids in the manifest, e.g. {dup}")
     meta = store.ensure_meta(cfg, out_uri, allow_config_change=allow_config_change)
     lookup = dict(zip(ids, zip(manifest.column("split").to_pylist(), manifest.column("label").to_pylist())))
-    busy: Counter = Counter()
+    times = StageTimes(time.time())
+    concurrency: dict[str, int] = {}
     run_counts: Counter = Counter()
 
     def stream(pending: list[str]) -> Any:
         pend = set(pending)
         todo = manifest.filter(pa.array([cid in pend for cid in ids]))
         stages = build_stages(cfg, default_extra_stages(cfg, out_uri) if extra_stages is None else extra_stages)
+        concurrency.update({s.name: (s.resources or Resources()).concurrency for s in stages if s.kind == "actor"})
         log.info("extract: %d clips (%d already stored) → %s", todo.num_rows, len(ids) - todo.num_rows, out_uri)
-        return build_dataset(cfg, todo, stages)
+        ds = build_dataset(cfg, todo, stages)
+        times.t0 = time.time()  # the stream executes from here (first-row time excludes reading the store)
+        return ds
 
     def on_batch(batch: pa.Table) -> pa.Table:
-        for c in batch.column_names:
-            if c.startswith("_t_"):
-                busy[c[3:]] += float(np.nansum(batch.column(c).to_numpy(zero_copy_only=False)))
+        times.add(batch)
         run_counts.update(batch.column("status").to_pylist())
-        batch = batch.drop_columns([c for c in batch.column_names if c.startswith("_t_")])
-        return add_manifest_columns(batch, lookup)
+        return add_manifest_columns(drop_timing(batch), lookup)
 
     run = write_stream(out_uri, store.feature_schema(cfg), cfg.extract.rows_per_part, ids, stream, on_batch,
                        label="extract", restarts=cfg.extract.stream_restarts)
@@ -294,10 +302,13 @@ def extract_features(cfg: MerConfig, manifest_uri: str, out_uri: str, *, limit: 
         "processed": writer.rows_written, "parts_written": len(writer.parts),
         "duplicates_dropped": writer.duplicates_dropped, "seconds": round(seconds, 2),
         "clips_per_s": round(writer.rows_written / seconds, 3) if writer.rows_written else 0.0,
-        "stage_busy_s": {k: round(v, 3) for k, v in busy.items()},
-        "stage_ms_per_clip": {k: round(1000 * v / max(1, writer.rows_written), 2) for k, v in busy.items()},
         "run_status_counts": dict(run_counts), "config_hash": meta["config_hash"], "stream_restarts": run.restarts,
     }
+    st = times.summary(concurrency)
+    summary["first_row_s"] = st["first_row"]["seconds"] if st["first_row"] else None
+    summary["stage_busy_s"] = {k: round(v["busy_s"], 3) for k, v in times.stages.items()}
+    summary["stage_ms_per_clip"] = {k: v["busy_ms_per_row"] for k, v in st["stages"].items()}
+    summary["stage_busy_fraction"] = {k: v["busy_fraction"] for k, v in st["stages"].items()}
     try:
         summary["status_counts"] = store.status_counts(read_parts(
             out_uri, columns=["status", *[f"{b}_status" for b in store.vector_branches(cfg)], "decode_status"]))
@@ -314,9 +325,10 @@ def format_summary(summary: dict[str, Any]) -> str:
     """Human-readable end-of-run summary."""
     lines = [f"extract → {summary['out']}: {summary['processed']} clips in {summary['seconds']} s "
              f"({summary['clips_per_s']} clips/s), {summary['already_stored']} already stored, "
-             f"{summary['parts_written']} parts"]
+             f"{summary['parts_written']} parts, first row after {summary.get('first_row_s')} s"]
     if summary["stage_ms_per_clip"]:
         lines.append("  busy ms/clip: " + ", ".join(f"{k}={v}" for k, v in summary["stage_ms_per_clip"].items()))
+        lines.append("  busy fraction: " + ", ".join(f"{k}={v}" for k, v in summary["stage_busy_fraction"].items()))
     for col, counts in summary.get("status_counts", {}).items():
         lines.append(f"  {col}: " + json.dumps(counts, sort_keys=True))
     return "\n".join(lines)

@@ -25,7 +25,7 @@ META_FILE = "_meta.json"
 
 # Config sections that determine the feature values (resources/batch sizes do not).
 FEATURE_SECTIONS = ("extract.decode.num_frames", "extract.decode.frame_size", "extract.decode.audio_sample_rate",
-                    "extract.decode.max_audio_seconds", "extract.decode.sampling",
+                    "extract.decode.max_audio_seconds", "extract.decode.audio_backend", "extract.decode.sampling",
                     "extract.decode.keyframe_tolerance", "extract.face.detector", "extract.face.cascade",
                     "extract.face.crop_size", "extract.face.margin", "extract.face.min_face_frac",
                     "extract.face.detect_min_size", "extract.face.scale_factor", "extract.face.min_neighbors",

@@ -1,15 +1,16 @@
-"""Extraction stages (:class:`mer.stream.Stage`): the encoder stage, per-row busy time, and the in-flight
-representation of missing values that keeps Ray Data blocks concatenable.
+"""Extraction stages (:class:`mer.stream.Stage`): the encoder stage (one per branch, or every branch in one
+pool), and the in-flight representation of missing values that keeps Ray Data blocks concatenable. Per-row
+timings are :mod:`mer.extract.timing`'s.
 """
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import numpy as np
 
 from mer.config import Resources
+from mer.extract.timing import timed
 from mer.stream import Stage
 
 
@@ -50,21 +51,36 @@ def normalize_batch(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return batch
 
 
-def timed(cls: type, key: str) -> type:
-    """A subclass of a ``map_batches`` callable class that adds per-row busy time ``_t_<key>`` (seconds)
-    and normalises missing values (:func:`normalize_batch`).
+class EncoderGroup:
+    """``map_batches`` callable class running several branch encoders in one actor, one after another.
 
-    It keeps the class name, so Ray's actor names (``MapWorker(<Class>)``) still say which stage it is.
-    """
+    Each encoder is wrapped by :func:`timed` under its branch name, so busy times and model-load times stay
+    per branch; the group only saves the per-process cost (worker start, torch/transformers imports)."""
 
-    def __call__(self: Any, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        t0 = time.perf_counter()
-        out = normalize_batch(cls.__call__(self, batch))
-        n = len(next(iter(out.values()))) if out else 0
-        out[f"_t_{key}"] = np.full(n, (time.perf_counter() - t0) / max(1, n))
-        return out
+    def __init__(self, cfg: Any, branches: tuple[str, ...]):
+        from mer.encoders import ENCODERS
 
-    return type(cls.__name__, (cls,), {"__call__": __call__, "__qualname__": cls.__qualname__})
+        self.encoders = [timed(ENCODERS[b], b)(cfg) for b in branches]
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        for enc in self.encoders:
+            batch = enc(batch)
+        return batch
+
+
+def encoder_group_stage(branches: list[str], cfg: Any, resources: Resources, map_args: dict[str, Any],
+                        optional: tuple[str, ...] = ()) -> Stage:
+    """One stage (one actor pool) for the encoders of ``branches`` (``extract.encoders.colocated``)."""
+    from mer.encoders import ENCODERS
+
+    inputs: list[str] = []
+    outputs: list[str] = []
+    for b in branches:  # a column an earlier branch of the group produces is not an input of the group
+        inputs += [c for c in getattr(ENCODERS[b], "input_columns", ()) if c not in outputs and c not in inputs]
+        outputs += [c for c in getattr(ENCODERS[b], "output_columns", ()) if c not in outputs]
+    return Stage(name="encoders", fn=EncoderGroup, inputs=tuple(inputs), outputs=tuple(outputs), kind="actor",
+                 optional_inputs=optional, resources=resources, constructor_args=(cfg, tuple(branches)),
+                 map_args=map_args)
 
 
 def encoder_stage(name: str, cls: type, cfg: Any, resources: Resources, map_args: dict[str, Any],

@@ -15,6 +15,7 @@ from mer.config import BRANCHES, MerConfig, ModelSpec
 log = logging.getLogger(__name__)
 
 TINY_PREFIX = "tiny:"
+RANDOM_PREFIX = "random:"
 SLOTS: tuple[str, ...] = (*BRANCHES, "llm")
 
 
@@ -34,20 +35,26 @@ def _spec_key(spec: ModelSpec, cfg: MerConfig) -> str:
 
 
 def resolve_model_id(spec: ModelSpec, cfg: MerConfig) -> str:
-    """Local directory for ``tiny:<slot>`` (built on first use), else the id unchanged (hub id or path)."""
+    """Local directory for ``tiny:<slot>`` / ``random:<slot>`` (built on first use), else the id unchanged
+    (hub id or path)."""
     mid = spec.model_id
-    if not mid.startswith(TINY_PREFIX):
-        return mid
-    from mer.models.tiny import SLOTS as TINY_SLOTS
-    from mer.models.tiny import build_tiny_models, tiny_models_dir
+    if mid.startswith(TINY_PREFIX):
+        from mer.models import tiny
 
-    slot = mid[len(TINY_PREFIX):]
-    if slot not in TINY_SLOTS:
-        raise ModelConfigError(
-            f"{_spec_key(spec, cfg)}.model_id: unknown tiny model {mid!r}; choose from "
-            f"{[TINY_PREFIX + s for s in TINY_SLOTS]}"
-        )
-    return build_tiny_models(tiny_models_dir(cfg), slots=[slot])[slot]
+        kind, slots = "tiny", tiny.SLOTS
+        build = lambda slot: tiny.build_tiny_models(tiny.tiny_models_dir(cfg), slots=[slot])  # noqa: E731
+    elif mid.startswith(RANDOM_PREFIX):
+        from mer.models import random
+
+        kind, slots = "random", random.SLOTS
+        build = lambda slot: {slot: random.ensure_random_model(random.random_models_dir(cfg), slot)}  # noqa: E731
+    else:
+        return mid
+    slot = mid.split(":", 1)[1]
+    if slot not in slots:
+        raise ModelConfigError(f"{_spec_key(spec, cfg)}.model_id: unknown {kind} model {mid!r}; choose from "
+                               f"{[f'{kind}:{s}' for s in slots]}")
+    return build(slot)[slot]
 
 
 def _transformers_class(name: str, key: str) -> Any:

@@ -12,10 +12,10 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Callable
+
+from mer.models.build import build_slots, is_complete
 
 log = logging.getLogger(__name__)
 
@@ -24,7 +24,6 @@ SEED = 0
 # Hidden sizes differ per branch (64/48/32/96) so a test mixing branches up fails on the dimension.
 # Bump a slot's version when its recipe changes: existing builds with another version are rebuilt.
 _VERSIONS: dict[str, str] = {"llm": "1", "global_visual": "2", "face": "2", "audio": "2", "text": "2"}
-MARKER = ".mer-tiny-complete"
 
 # Emotion vocabulary and everyday subtitle phrases so that the tokenizers learn merges for them; the
 # byte-level alphabet still covers every other character.
@@ -85,6 +84,42 @@ _CHATML_TEMPLATE = (
 )
 
 
+def chatml_tokenizer(vocab_size: int = 1024, model_max_length: int = 2048):
+    """Byte-level BPE with Qwen's ChatML special tokens and chat template (``<|im_end|>`` ends a turn)."""
+    from transformers import PreTrainedTokenizerFast
+
+    raw = _train_byte_bpe(vocab_size, ["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=raw,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        bos_token=None,
+        unk_token=None,
+        additional_special_tokens=["<|im_start|>", "<|im_end|>"],
+        model_max_length=model_max_length,
+        clean_up_tokenization_spaces=False,
+    )
+    tok.chat_template = _CHATML_TEMPLATE
+    return tok
+
+
+def xlmr_tokenizer(vocab_size: int = 1024):
+    """Byte-level BPE with XLM-R's special tokens and ids (<s>=0, <pad>=1, </s>=2, <unk>=3, <mask>=4)."""
+    from tokenizers import processors
+    from transformers import PreTrainedTokenizerFast
+
+    raw = _train_byte_bpe(vocab_size, ["<s>", "<pad>", "</s>", "<unk>", "<mask>"])
+    raw.post_processor = processors.TemplateProcessing(
+        single="<s> $A </s>", pair="<s> $A </s> </s> $B </s>",
+        special_tokens=[("<s>", 0), ("</s>", 2)],
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=raw, bos_token="<s>", eos_token="</s>", sep_token="</s>", cls_token="<s>",
+        unk_token="<unk>", pad_token="<pad>", mask_token="<mask>", model_max_length=512,
+        clean_up_tokenization_spaces=False,
+    )
+
+
 def _seed() -> None:
     import torch
 
@@ -93,21 +128,9 @@ def _seed() -> None:
 
 def _build_llm(dst: Path) -> None:
     """Qwen2ForCausalLM (hidden 128, 4 heads / 2 KV heads -> head_dim 32, which vLLM's CPU attention accepts)."""
-    from transformers import GenerationConfig, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+    from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
 
-    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-    raw = _train_byte_bpe(1024, specials)
-    tok = PreTrainedTokenizerFast(
-        tokenizer_object=raw,
-        eos_token="<|im_end|>",
-        pad_token="<|endoftext|>",
-        bos_token=None,
-        unk_token=None,
-        additional_special_tokens=["<|im_start|>", "<|im_end|>"],
-        model_max_length=2048,
-        clean_up_tokenization_spaces=False,
-    )
-    tok.chat_template = _CHATML_TEMPLATE
+    tok = chatml_tokenizer()
     eos_id = tok.convert_tokens_to_ids("<|im_end|>")
     pad_id = tok.convert_tokens_to_ids("<|endoftext|>")
     config = Qwen2Config(
@@ -182,21 +205,9 @@ def _build_audio(dst: Path) -> None:
 
 def _build_text(dst: Path) -> None:
     """XLMRobertaModel (hidden 96, 2 layers) + a byte-level BPE tokenizer with XLM-R's special tokens."""
-    from tokenizers import processors
-    from transformers import PreTrainedTokenizerFast, XLMRobertaConfig, XLMRobertaModel
+    from transformers import XLMRobertaConfig, XLMRobertaModel
 
-    # XLM-R's ids: <s>=0, <pad>=1, </s>=2, <unk>=3; <mask> last.
-    specials = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
-    raw = _train_byte_bpe(1024, specials)
-    raw.post_processor = processors.TemplateProcessing(
-        single="<s> $A </s>", pair="<s> $A </s> </s> $B </s>",
-        special_tokens=[("<s>", 0), ("</s>", 2)],
-    )
-    tok = PreTrainedTokenizerFast(
-        tokenizer_object=raw, bos_token="<s>", eos_token="</s>", sep_token="</s>", cls_token="<s>",
-        unk_token="<unk>", pad_token="<pad>", mask_token="<mask>", model_max_length=512,
-        clean_up_tokenization_spaces=False,
-    )
+    tok = xlmr_tokenizer()
     config = XLMRobertaConfig(
         vocab_size=len(tok), hidden_size=96, intermediate_size=192, num_hidden_layers=2,
         num_attention_heads=4, max_position_embeddings=514, type_vocab_size=1,
@@ -217,43 +228,7 @@ _BUILDERS: dict[str, Callable[[Path], None]] = {
 
 
 def _is_complete(slot_dir: Path) -> bool:
-    try:
-        return (slot_dir / MARKER).read_text().strip() == _VERSIONS[slot_dir.name]
-    except OSError:
-        return False
-
-
-def _build_slot(out_dir: Path, slot: str, force: bool) -> Path:
-    """Build one slot into a temp dir next to its final place and move it there atomically."""
-    dst = out_dir / slot
-    if not force and _is_complete(dst):
-        return dst
-    tmp = Path(tempfile.mkdtemp(prefix=f".{slot}.build-", dir=out_dir))
-    os.chmod(tmp, 0o755)  # mkdtemp makes 0700; the models are shared with Ray workers and other users
-    try:
-        _BUILDERS[slot](tmp)
-        (tmp / MARKER).write_text(_VERSIONS[slot])
-        if dst.exists():
-            if not force and _is_complete(dst):  # another process finished first
-                return dst
-            # Stale/partial/forced: move it aside first so the final rename is a single atomic step.
-            trash = Path(tempfile.mkdtemp(prefix=f".{slot}.old-", dir=out_dir))
-            try:
-                os.rename(dst, trash / slot)
-            except FileNotFoundError:
-                pass
-            shutil.rmtree(trash, ignore_errors=True)
-        try:
-            os.rename(tmp, dst)
-        except OSError:
-            # A concurrent builder renamed its copy in between; theirs is equivalent (same seed).
-            if not _is_complete(dst):
-                raise
-        log.info("built tiny model %s -> %s", slot, dst)
-        return dst
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+    return is_complete(slot_dir, _VERSIONS.get(slot_dir.name, ""))
 
 
 def build_tiny_models(out_dir: str | os.PathLike, force: bool = False,
@@ -262,13 +237,8 @@ def build_tiny_models(out_dir: str | os.PathLike, force: bool = False,
 
     Returns ``{slot: absolute directory}``. Slots with a completion marker are skipped unless ``force``.
     """
-    out = Path(out_dir).expanduser().resolve()
-    out.mkdir(parents=True, exist_ok=True)
     wanted = list(slots) if slots is not None else list(SLOTS)
-    unknown = [s for s in wanted if s not in _BUILDERS]
-    if unknown:
-        raise ValueError(f"unknown tiny model slots {unknown}; choose from {list(SLOTS)}")
-    return {slot: str(_build_slot(out, slot, force)) for slot in wanted}
+    return build_slots(out_dir, _BUILDERS, _VERSIONS, wanted, force=force, kind="tiny model")
 
 
 def build_tiny_llm(out_dir: str | os.PathLike, force: bool = False) -> str:
