@@ -129,7 +129,7 @@ class Resources(_Strict):
 
 
 class RayConfig(_Strict):
-    address: str | None = None  # None: connect to a running cluster if any, else start local Ray
+    address: str | None = None  # None: RAY_ADDRESS (a submitted job) if set, else a new local Ray; "auto": the local `ray start` cluster
     num_cpus: int | None = None  # local Ray only
     num_gpus: int | None = None
     object_store_memory: int | None = None

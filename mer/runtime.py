@@ -60,6 +60,9 @@ def init_ray(cfg: MerConfig, **extra: Any) -> MerConfig:
     if cfg.ray.address:
         kwargs["address"] = cfg.ray.address
     elif not os.environ.get("RAY_ADDRESS"):
+        # A new local Ray: a bare ray.init() would join whatever `ray start` last ran on this machine (even a
+        # dead one, hanging on it); joining a running local cluster is `ray.address: auto`.
+        kwargs["address"] = "local"
         if cfg.ray.num_cpus is not None:
             kwargs["num_cpus"] = cfg.ray.num_cpus
         if cfg.ray.num_gpus is not None:
