@@ -602,7 +602,7 @@ def test_a_job_logs_the_config_it_runs_with(job: str, monkeypatch: pytest.Monkey
     import mer.train
 
     used: list = []
-    monkeypatch.setattr(mer.runtime, "init_ray", lambda cfg, **kw: None)
+    monkeypatch.setattr(mer.runtime, "init_ray", lambda cfg, **kw: cfg)  # joined cluster: the config as it is
     monkeypatch.setattr(mer.train, "train_run", lambda cfg, *a, **kw: used.append(cfg) or {})
     monkeypatch.setattr(mer.demo, "run_demo", lambda cfg, *a, **kw: used.append(cfg) or {})
     overlay = tmp_path / "o.yaml"
