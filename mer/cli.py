@@ -386,14 +386,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _log_dir(args: argparse.Namespace) -> str | None:
     """``--log-dir``, else ``logs/`` next to the command's output: inside ``--out`` (or the demo's workdir), beside
-    it when the output is a single file; local outputs only (an ``s3://`` output logs to ``./logs``)."""
+    it when the output is a single file; an ``s3://`` output logs locally to ``runs/logs/<command>``."""
     if args.log_dir:
         return args.log_dir
     out = getattr(args, "workdir", None) or getattr(args, "out", None)
     if not out:
         return None
     if "://" in out:
-        return "logs"
+        return f"runs/logs/{args.command}"
     from pathlib import Path
 
     p = Path(out)

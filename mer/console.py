@@ -88,6 +88,8 @@ def tame_libraries() -> None:
     for name, lg in list(logging.root.manager.loggerDict.items()):
         if not isinstance(lg, logging.Logger) or name == "mer" or name.startswith("mer."):
             continue
+        for h in [h for h in lg.handlers if getattr(h, "_mer", False) and h is not fh]:
+            lg.removeHandler(h)  # an earlier command's log file (commands run in one process: tests, jobs)
         for h in lg.handlers:
             if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler) \
                     and getattr(h, "stream", None) in (sys.stderr, sys.stdout):

@@ -607,7 +607,7 @@ def test_a_job_logs_the_config_it_runs_with(job: str, monkeypatch: pytest.Monkey
     monkeypatch.setattr(mer.demo, "run_demo", lambda cfg, *a, **kw: used.append(cfg) or {})
     overlay = tmp_path / "o.yaml"
     overlay.write_text("train: {max_epochs: 7}\nstorage: {s3_endpoint_url: 'http://u:pw@127.0.0.1:9'}\n")
-    args = {"train": ["--features", "f", "--out", "r"], "demo": ["--workdir", str(tmp_path / "d")]}[job]
+    args = {"train": ["--features", "f", "--out", str(tmp_path / "r")], "demo": ["--workdir", str(tmp_path / "d")]}[job]
     mod = importlib.import_module(f"jobs.{job}")
     with caplog.at_level("INFO"):
         assert mod.main(["--config", str(ROOT / "ray_config.yaml"), "--overlay", str(overlay),
