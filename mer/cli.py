@@ -33,29 +33,29 @@ def _common() -> argparse.ArgumentParser:
     return p
 
 
-def _preset(args: argparse.Namespace) -> tuple[list[str], str | None, bool]:
-    """A command's own starting point, below the user's overlays and --set flags: (overrides, default profile,
-    CPU only). The demo is the laptop path by definition (its scale, tiny models; placement is fitted to the
-    local Ray like any command's); the label bench trains at laptop scale."""
+def _preset(args: argparse.Namespace) -> tuple[list[str], str | None]:
+    """A command's own starting point, below the user's overlays and --set flags: (overrides, default profile).
+    The demo is the laptop path by definition (its scale, tiny models; placement is fitted to the local Ray like
+    any command's); the label bench trains at laptop scale."""
     if args.command == "demo":
         from mer.demo import DEMO_OVERRIDES
 
-        return DEMO_OVERRIDES, "tiny", False
+        return DEMO_OVERRIDES, "tiny"
     if args.command == "bench" and args.what == "labels":
         from mer.labels.bench import BENCH_OVERRIDES
 
-        return BENCH_OVERRIDES, None, False
-    return [], None, False
+        return BENCH_OVERRIDES, None
+    return [], None
 
 
 def resolve_config(args: argparse.Namespace) -> MerConfig:
     """The config a command runs with: ``--config``, the command's preset, ``--overlay`` files, ``--set`` flags,
     ``--profile``, then ``--cpu``. Every handler, and through :func:`main` every job, gets its config here; with
     ``log_config`` (jobs) the resolved config is logged, redacted, exactly as it is used."""
-    preset, profile, cpu = _preset(args)
+    preset, profile = _preset(args)
     cfg = load_config(args.config, overlays=[apply_overrides({}, preset), *args.overlays],
                       overrides=args.overrides, profile=args.profile or profile)
-    cfg = cpu_only(cfg) if args.cpu or cpu else cfg
+    cfg = cpu_only(cfg) if args.cpu else cfg
     if getattr(args, "log_config", False):
         import yaml
 
@@ -418,18 +418,17 @@ def main(argv: Sequence[str] | None = None, *, log_config: bool = False) -> int:
     from mer.runtime import setup_logging
 
     setup_logging(args.log_level, _log_dir(args))
+    code = 0
     try:
         args.fn(args)
     except _user_errors() as e:
         log.debug("traceback", exc_info=True)
         msg = str(e) if not isinstance(e, FileNotFoundError) or not e.filename else f"{e.strerror}: {e.filename}"
         print(f"mer: {msg}", file=sys.stderr)
-        for line in console.footer():
-            print(line, file=sys.stderr)
-        return 2
+        code = 2
     for line in console.footer():
         print(line, file=sys.stderr)
-    return 0
+    return code
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from mer.config import BRANCHES, MerConfig, Resources, cpu_only, with_overrides
+from mer.config import MerConfig, Resources, cpu_only, with_overrides
 
 # CPU kept free of actor pools on a local Ray: Ray Data's read and write tasks and the driver's own work.
 TASK_RESERVE_CPU = 0.25
@@ -69,17 +69,16 @@ class Cluster:
                    node_gpus=max((float(n.get("GPU", 0.0)) for n in nodes), default=0.0))
 
 
-def _enabled(cfg: MerConfig) -> list[str]:
-    return [b for b in BRANCHES if getattr(cfg.extract.encoders, b).enabled]
-
-
 def stream_demands(cfg: MerConfig) -> list[Demand]:
     """The actor pools of the widest stream ``cfg`` builds (extraction with face detection, every enabled
     encoder and, when scoring from videos, the scorer), each ``concurrency`` actors."""
+    from mer.extract.pipeline import enabled_branches
+
+    branches = enabled_branches(cfg)
     pools = [("extract.decode.resources", cfg.extract.decode.resources)]
-    if "face" in _enabled(cfg):
+    if "face" in branches:
         pools.append(("extract.face.resources", cfg.extract.face.resources))
-    pools += [(f"extract.encoders.{b}.resources", getattr(cfg.extract.encoders, b).resources) for b in _enabled(cfg)]
+    pools += [(f"extract.encoders.{b}.resources", getattr(cfg.extract.encoders, b).resources) for b in branches]
     pools.append(("score.resources", cfg.score.resources))
     return [Demand(k, r, r.concurrency) for k, r in pools]
 

@@ -72,7 +72,7 @@ def init_ray(cfg: MerConfig, **extra: Any) -> MerConfig:
     kwargs.update(extra)
     console.tame_libraries()  # Ray's own console handlers exist from `import ray`: tame them before init talks
     ray.init(**kwargs)
-    _LOCAL["started"] = _started_here()
+    _LOCAL["started"] = kwargs.get("address") == "local"
     fit.set_policy(check=not _LOCAL["started"], autoscaler=cfg.ray.autoscaler)
     ctx = ray.data.DataContext.get_current()
     ctx.target_max_block_size = cfg.ray.target_max_block_size
@@ -90,18 +90,6 @@ def init_ray(cfg: MerConfig, **extra: Any) -> MerConfig:
         log.warning("the config requests GPUs (%s) but the Ray cluster has none now: those stages wait for a GPU "
                     "node; on a CPU-only machine pass --cpu", ", ".join(wanted))
     return cfg
-
-
-def _started_here() -> bool:
-    """Whether ``ray.init`` started a new local Ray in this process (rather than joining a cluster: a configured
-    address, RAY_ADDRESS, or the latest ``ray start`` on this machine, which ``ray.init()`` also joins)."""
-    try:
-        from ray._private import worker as ray_worker
-
-        node = ray_worker._global_node  # noqa: SLF001 (Ray has no public "did I start it")
-        return bool(node is not None and node.head)
-    except (ImportError, AttributeError):
-        return False
 
 
 # Whether this process started its own local Ray (then every config it runs is fitted to it).
