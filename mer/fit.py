@@ -15,11 +15,14 @@ cluster. So:
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 from typing import Any
 
 from mer.config import MerConfig, Resources, cpu_only, with_overrides
+
+log = logging.getLogger("mer.fit")
 
 # CPU kept free of actor pools on a local Ray: Ray Data's read and write tasks and the driver's own work.
 TASK_RESERVE_CPU = 0.25
@@ -199,11 +202,27 @@ def set_policy(*, check: bool, autoscaler: bool) -> None:
 
 
 def ensure_placeable(what: str, demands: list[Demand]) -> None:
-    """:func:`check_placement` under this process's policy (a no-op when Ray is not initialised yet)."""
+    """:func:`check_placement` under this process's policy (a no-op when Ray is not initialised yet).
+
+    Checked against the cluster as it is now, so a stream restarted after a node loss (:mod:`mer.stream`) could
+    be refused while the node is being replaced; what was placeable once in this process is therefore only
+    logged, and its pools wait for the capacity to come back as Ray's pending actors do."""
     import ray
 
-    if _policy["check"] and ray.is_initialized():
+    if not (_policy["check"] and ray.is_initialized()):
+        return
+    try:
         check_placement(what, demands, _policy["autoscaler"])
+    except PlacementError as e:
+        if what not in _placed:
+            raise
+        log.warning("%s: the cluster is smaller than when it started (a node lost?); its pools wait for the "
+                    "capacity to come back. %s", what, str(e).splitlines()[0])
+        return
+    _placed.add(what)
+
+
+_placed: set[str] = set()
 
 
 def stage_demands(stages: list[Any]) -> list[Demand]:

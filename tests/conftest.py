@@ -60,15 +60,19 @@ def _free_ports(n: int) -> list[int]:
 
 
 class RayHead:
-    """A ``ray start --head --block`` process of its own (SIGTERM to it stops exactly this cluster)."""
+    """A ``ray start --block`` node in a process group of its own (SIGTERM to it stops exactly this node, SIGKILL
+    to the group is the node lost). By default a head with 2 CPUs and its dashboard (the Jobs API); with
+    ``address`` a worker node joining that head; ``env`` adds variables (e.g. Ray's health-check timings)."""
 
     STARTED = "Ray runtime started."
 
-    def __init__(self, token: str, attempts: int = 3) -> None:
-        self.token = token
+    def __init__(self, token: str, attempts: int = 3, *, num_cpus: float = 2, address: str | None = None,
+                 dashboard: bool = True, env: dict[str, str] | None = None) -> None:
+        self.token, self.num_cpus, self.head_address, self.extra_env = token, num_cpus, address, env or {}
+        self.dashboard_on = dashboard and address is None
         # Unix socket paths must stay short, hence /tmp rather than pytest's deep tmp_path.
         self.temp_dir = tempfile.mkdtemp(prefix="mer-ray-", dir="/tmp")
-        self.log_path = Path(self.temp_dir) / "head.log"
+        self.log_path = Path(self.temp_dir) / "node.log"
         self._log = None
         # On a loaded machine the raylet can give up waiting for its dashboard agent (a fixed 15 s in Ray,
         # ray-project/ray#65983); the node then never comes up and a fresh start usually succeeds.
@@ -79,27 +83,32 @@ class RayHead:
             diagnostics = self.diagnostics()
             self._terminate()
         shutil.rmtree(self.temp_dir, ignore_errors=True)
-        raise RuntimeError(f"ray head did not start after {attempts} attempts:\n{diagnostics}")
+        raise RuntimeError(f"ray node did not start after {attempts} attempts:\n{diagnostics}")
 
     def _start(self) -> None:
         gcs, dash, agent_http, agent_grpc, env_agent, metrics, node_mgr, obj_mgr, client = _free_ports(9)
-        self.address = f"127.0.0.1:{gcs}"
+        self.address = self.head_address or f"127.0.0.1:{gcs}"
         self.dashboard = f"http://127.0.0.1:{dash}"
         env = dict(os.environ)
         env.update({
             # The job entrypoint's `python` must be this venv's interpreter.
             "PATH": f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}",
             "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": self.token, "RAY_USAGE_STATS_ENABLED": "0",
+            **self.extra_env,
         })
         for k in [k for k in env if k.startswith("AWS_")]:
             del env[k]  # the jobs get S3 settings only through their runtime_env, as on a real cluster
-        cmd = [str(VENV_BIN / "ray"), "start", "--head", "--block", "--num-cpus", "2", "--num-gpus", "0",
-               "--node-ip-address", "127.0.0.1", "--port", str(gcs), "--dashboard-host", "127.0.0.1",
-               "--dashboard-port", str(dash), "--include-dashboard", "true",
-               "--dashboard-agent-listen-port", str(agent_http), "--dashboard-agent-grpc-port", str(agent_grpc),
-               "--runtime-env-agent-port", str(env_agent), "--metrics-export-port", str(metrics),
-               "--node-manager-port", str(node_mgr), "--object-manager-port", str(obj_mgr),
-               "--ray-client-server-port", str(client), "--temp-dir", self.temp_dir, "--disable-usage-stats"]
+        cmd = [str(VENV_BIN / "ray"), "start", "--block", "--num-cpus", f"{self.num_cpus:g}", "--num-gpus", "0",
+               "--node-ip-address", "127.0.0.1", "--dashboard-agent-listen-port", str(agent_http),
+               "--dashboard-agent-grpc-port", str(agent_grpc), "--runtime-env-agent-port", str(env_agent),
+               "--metrics-export-port", str(metrics), "--node-manager-port", str(node_mgr),
+               "--object-manager-port", str(obj_mgr), "--temp-dir", self.temp_dir, "--disable-usage-stats"]
+        if self.head_address:
+            cmd += ["--address", self.head_address]
+        else:
+            cmd += ["--head", "--port", str(gcs), "--ray-client-server-port", str(client)]
+            cmd += (["--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash), "--include-dashboard", "true"]
+                    if self.dashboard_on else ["--include-dashboard", "false"])
         self._log = open(self.log_path, "w")  # noqa: SIM115 - closed in _terminate()
         self.proc = subprocess.Popen(cmd, env=env, stdout=self._log, stderr=subprocess.STDOUT,
                                      start_new_session=True)
@@ -141,6 +150,15 @@ class RayHead:
             if p.exists():
                 out.append(f"--- {p.name} ---\n{p.read_text(errors='replace')[-2500:]}")
         return "\n".join(out)
+
+    def kill(self) -> None:
+        """The node lost: every process of it (raylet, object store, agents, workers) killed at once."""
+        from faults import kill_tree
+
+        kill_tree(self.proc.pid)
+        self.proc.wait(timeout=30)
+        if self._log is not None:
+            self._log.close()
 
     def _terminate(self) -> None:
         if self.proc.poll() is None:
@@ -377,38 +395,12 @@ def trained_run(ablation) -> Path:
     return ablation[1] / "fused"
 
 
-class KillWorker:
-    """A Ray Train callback (``train_run(callbacks=[...])``) that SIGKILLs one training worker for real, once:
-    when fold ``fold`` has reported epoch ``in_epoch - 1`` (its checkpoint registered), the worker of rank
-    ``rank`` is in epoch ``in_epoch``. ``marker`` records it (and when: ``reached_at <time>``). It runs in the
-    fold's Ray Train controller, so it is shipped there by value (``register_pickle_by_value`` below)."""
-
-    def __init__(self, marker: Path, in_epoch: int, rank: int = 0, fold: int = 0) -> None:
-        assert in_epoch >= 2, "a worker is killed after an epoch's report: in epoch 2 at the earliest"
-        self.marker, self.in_epoch, self.rank, self.fold = Path(marker), in_epoch, rank, fold
-
-    def callback(self) -> Any:
-        from ray.train import UserCallback
-
-        spec = self
-
-        class _Kill(UserCallback):
-            def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
-                m = metrics[spec.rank]
-                if (run_context.train_loop_config["fold"] != spec.fold or m["epoch"] != spec.in_epoch - 1
-                        or spec.marker.exists()):
-                    return
-                spec.marker.write_text(f"killed rank {spec.rank} at epoch {spec.in_epoch} pid {m['pid']} "
-                                       f"reached_at {time.time()!r}\n")
-                os.kill(int(m["pid"]), signal.SIGKILL)
-
-        return _Kill()
-
-
 @pytest.fixture(scope="session")
 def kill_worker():
     """:class:`KillWorker`, shipped to Ray Train's controller by value."""
     import ray.cloudpickle
 
-    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    return KillWorker
+    import faults
+
+    ray.cloudpickle.register_pickle_by_value(faults)
+    return faults.KillWorker

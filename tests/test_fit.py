@@ -84,3 +84,27 @@ def test_a_joined_fixed_cluster_fails_at_once_instead_of_stalling(ray_local, tin
     with pytest.raises(PlacementError, match="train.resources: 4 x"):
         train_run(with_overrides(tiny_config, ["train.resources.concurrency=4", "train.resources.num_cpus=1"]),
                   str(tmp_path / "nofeatures"), str(tmp_path / "run"))
+
+
+def test_a_stream_restarted_while_a_node_is_replaced_waits_instead_of_failing(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """A stream restarted after a node loss meets a cluster smaller than the one it started on: what was
+    placeable once in this process only logs (its pools wait for the node to come back); a stream that never
+    fitted still fails at once."""
+    import ray
+
+    from mer import fit
+
+    demands = stream_demands(load_config(profile="tiny"))
+    sizes = iter([Cluster(8, 1, 8, 1), Cluster(0, 0, 0, 0), Cluster(0, 0, 0, 0)])
+    monkeypatch.setattr(fit.Cluster, "current", classmethod(lambda cls: next(sizes)))
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)
+    monkeypatch.setattr(fit, "_placed", set())
+    monkeypatch.setitem(fit._policy, "check", True)
+    monkeypatch.setitem(fit._policy, "autoscaler", False)
+    fit.ensure_placeable("the stream a -> b", demands)  # the whole cluster: placed
+    with caplog.at_level("WARNING", logger="mer.fit"):
+        fit.ensure_placeable("the stream a -> b", demands)  # its node gone: the restart waits
+    assert "smaller than when it started" in caplog.text
+    with pytest.raises(PlacementError, match="the stream c -> d cannot start"):
+        fit.ensure_placeable("the stream c -> d", demands)

@@ -1,0 +1,78 @@
+"""Faults the tests inject from outside ``mer/``: a Ray Train callback that kills a training worker, or its
+whole node, at an exact point of a run. A module of its own (no fixtures, no environment changes), so that a
+driver process of a drill can import it too."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+
+def _descendants(root: int) -> list[int]:
+    """Every process below ``root`` (Linux /proc; Ray's raylet starts its workers in process groups of their
+    own, so a process group is not a node)."""
+    children: dict[int, list[int]] = {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/stat") as f:
+                    children.setdefault(int(f.read().rsplit(")", 1)[1].split()[1]), []).append(int(d))
+            except (OSError, ValueError, IndexError):
+                pass
+    out, stack = [], [root]
+    while stack:
+        for c in children.get(stack.pop(), []):
+            out.append(c)
+            stack.append(c)
+    return out
+
+
+def kill_tree(root: int) -> None:
+    """A node lost at once: ``root`` (a ``ray start --block`` process) and every process below it — raylet,
+    object store, agents, workers — frozen first (SIGSTOP, so none reacts to another's death), then SIGKILLed."""
+    procs = [root, *_descendants(root)]
+    for sig in (signal.SIGSTOP, signal.SIGKILL):
+        for pid in procs:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+
+
+class KillWorker:
+    """A Ray Train callback (``train_run(callbacks=[...])``) that SIGKILLs one training worker for real, once:
+    when fold ``fold`` has reported epoch ``in_epoch - 1`` (its checkpoint registered), the worker of rank
+    ``rank`` is in epoch ``in_epoch``. ``marker`` records it (and when: ``reached_at <time>``). With
+    ``node_pid`` it kills that ``ray start`` process and everything below it instead (:func:`kill_tree`): the
+    worker's node lost at that moment. It runs in the fold's Ray Train controller, so it is shipped there by value
+    (``ray.cloudpickle.register_pickle_by_value(faults)``)."""
+
+    def __init__(self, marker: Path, in_epoch: int, rank: int = 0, fold: int = 0,
+                 node_pid: int | None = None) -> None:
+        assert in_epoch >= 2, "a worker is killed after an epoch's report: in epoch 2 at the earliest"
+        self.marker, self.in_epoch, self.rank, self.fold = Path(marker), in_epoch, rank, fold
+        self.node_pid = node_pid
+
+    def callback(self) -> Any:
+        from ray.train import UserCallback
+
+        spec = self
+
+        class _Kill(UserCallback):
+            def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
+                m = metrics[spec.rank]
+                if (run_context.train_loop_config["fold"] != spec.fold or m["epoch"] != spec.in_epoch - 1
+                        or spec.marker.exists()):
+                    return
+                if spec.node_pid is not None:  # the worker's whole node
+                    kill_tree(spec.node_pid)
+                    spec.marker.write_text(f"killed the node of rank {spec.rank} at epoch {spec.in_epoch}\n")
+                    return
+                spec.marker.write_text(f"killed rank {spec.rank} at epoch {spec.in_epoch} pid {m['pid']} "
+                                       f"reached_at {time.time()!r}\n")
+                os.kill(int(m["pid"]), signal.SIGKILL)
+
+        return _Kill()
