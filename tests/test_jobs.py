@@ -9,6 +9,7 @@ repository, exactly as ``ray job submit --working-dir . -- python -m jobs.train 
 from __future__ import annotations
 
 import secrets
+import shlex
 import time
 from pathlib import Path
 
@@ -57,7 +58,7 @@ def _run_job(client, entrypoint: list[str], env_vars: dict[str, str], deadline_s
     deadline = time.time() + 120
     while sub_id is None:
         try:
-            sub_id = client.submit_job(entrypoint=" ".join(entrypoint), runtime_env=runtime_env)
+            sub_id = client.submit_job(entrypoint=shlex.join(entrypoint), runtime_env=runtime_env)
         except RuntimeError as e:  # "No available agent to submit job" while the head warms up
             if time.time() > deadline or "agent" not in str(e):
                 raise
@@ -166,3 +167,44 @@ def test_jobs_extract_train_score_on_s3(ray_head, s3_server, tiny_models_dir, tm
         lines = f.read().decode().strip().splitlines()
     assert lines[0].split(",") == ["name", "discrete"]
     assert sorted(line.split(",")[0] for line in lines[1:]) == sorted(clip_ids)
+
+
+def test_jobs_tune_ensemble_score_on_s3(ray_head, s3_server, train_store: str):
+    """A study, an ensemble of its two best trials and scoring with it, as three submitted jobs on s3:// only:
+    Tune's experiment, the trials' runs, the leaderboard and ``best/`` live in the bucket."""
+    import pyarrow.parquet as pq
+
+    from mer import storage
+    from test_tune import STUDY_SETS  # the suite's tiny study (2 folds x 3 epochs of small_config)
+
+    client = ray_head.client()
+    root = f"{BUCKET}/jobs-tune"
+    features, study, ens, pred = (f"{root}/{p}" for p in ("features", "study", "ens", "pred"))
+    storage.copy_dir(train_store, features)
+    env_vars = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": s3_server, "RAY_USAGE_STATS_ENABLED": "0"}
+    # Two trials, no early stopping: both finish, so the ensemble has its two members whatever ASHA would do.
+    sets = [*STUDY_SETS, "tune.num_samples=2", "tune.asha.enabled=false"]
+    common = ["--config", "ray_config.yaml", "--cpu", *[a for s in sets for a in ("--set", s)]]
+
+    logs = _submit_and_wait(ray_head, client, ["python", "-m", "jobs.tune", "--features", features, "--out", study,
+                                               *common], env_vars, deadline_s=1200)
+    assert "resolved config" in logs
+    summary = storage.read_json(f"{study}/study.json")
+    assert summary["trials"] == 2 and summary["status_counts"]["finished"] == 2
+    fs, path = storage.filesystem(f"{study}/leaderboard.parquet")
+    board = pq.read_table(path, filesystem=fs).to_pylist()
+    assert [r["rank"] for r in board] == [1, 2] and all(r["run"].startswith(f"{study}/trials/") for r in board)
+    assert storage.exists(f"{study}/best/models/model.json") and storage.exists(f"{study}/waf_vs_params.png")
+    assert storage.exists(f"{study}/tune/study")  # Tune's experiment state (what a resume restores), in the bucket
+
+    _submit_and_wait(ray_head, client, ["python", "-m", "jobs.ensemble", "--from-study", study, "--top", "2",
+                                        "--out", ens, *common], env_vars)
+    members = storage.read_json(f"{ens}/metrics.json")["members"]
+    assert [m["run"] for m in members] == [r["run"] for r in board]
+
+    _submit_and_wait(ray_head, client, ["python", "-m", "jobs.score", "--run", ens, "--features", features,
+                                        "--out", pred, *common], env_vars)
+    from mer.parts import read_parts
+
+    assert read_parts(f"{pred}/predictions").num_rows == read_parts(features, columns=[]).num_rows
