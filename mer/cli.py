@@ -224,6 +224,14 @@ def _bench(args: argparse.Namespace) -> None:
         summary = bench_labels(cfg, args.out or "runs/bench-labels", seeds=list(range(args.seeds)),
                                noise=args.noise)
         print(format_bench(summary))
+    elif args.what == "extract" and args.rss:
+        from mer.extract.rss import bench_rss, format_rss
+
+        result = bench_rss(cfg, args.rss, workdir=args.out)
+        if args.json:
+            _print(result)
+        else:
+            print(format_rss(result))
     elif args.what == "extract":
         from mer.extract.bench import bench_extract
 
@@ -376,8 +384,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-n", type=int, default=32, help="clips / prompts")
     p.add_argument("--seeds", type=int, default=3, help="bench labels: generated stores (seeds 0..N-1)")
     p.add_argument("--noise", type=float, default=2.0, help="bench labels: feature noise of the stores")
-    p.add_argument("--out", default=None, help="bench labels | tune: working directory (default runs/bench-<what>)")
+    p.add_argument("--out", default=None, help="bench labels | tune | extract --rss: working directory "
+                   "(default runs/bench-<what>; --rss: a temp dir)")
     p.add_argument("--trials", type=int, default=6, help="bench tune: trials per study")
+    p.add_argument("--rss", type=int, default=0, metavar="N",
+                   help="bench extract: driver and worker memory over N generated clips (small frames) instead")
 
     cfgp = sub.add_parser("config", help="configuration").add_subparsers(dest="sub", required=True)
     add("show", _config_show, "print the resolved, validated config", cfgp)

@@ -59,10 +59,8 @@ class DrillCluster:
             if proc.poll() is None:
                 proc.kill()
                 proc.wait(timeout=30)
-        for node in [self.worker, *self.lost, self.head]:  # nothing to keep: no graceful shutdown
-            if node.proc.poll() is None:
-                node.kill()
-            shutil.rmtree(node.temp_dir, ignore_errors=True)
+        for node in [self.worker, *self.lost, self.head]:
+            node.stop()
 
 
 @pytest.fixture(scope="module")
