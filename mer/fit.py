@@ -205,24 +205,27 @@ def ensure_placeable(what: str, demands: list[Demand]) -> None:
     """:func:`check_placement` under this process's policy (a no-op when Ray is not initialised yet).
 
     Checked against the cluster as it is now, so a stream restarted after a node loss (:mod:`mer.stream`) could
-    be refused while the node is being replaced; what was placeable once in this process is therefore only
-    logged, and its pools wait for the capacity to come back as Ray's pending actors do."""
+    be refused while the node is being replaced; the same pools (same stream, counts and resources) placeable
+    once in this process are therefore only logged, and wait for the capacity to come back as Ray's pending
+    actors do."""
     import ray
 
     if not (_policy["check"] and ray.is_initialized()):
         return
+    key = (what, *sorted((d.key, d.count, d.resources.num_cpus, d.resources.num_gpus) for d in demands))
     try:
         check_placement(what, demands, _policy["autoscaler"])
     except PlacementError as e:
-        if what not in _placed:
+        if key not in _placed:
             raise
         log.warning("%s: the cluster is smaller than when it started (a node lost?); its pools wait for the "
                     "capacity to come back. %s", what, str(e).splitlines()[0])
         return
-    _placed.add(what)
+    _placed.add(key)
 
 
-_placed: set[str] = set()
+# The exact pools (stream, and each pool's count, CPUs, GPUs) placed once in this process.
+_placed: set[tuple[Any, ...]] = set()
 
 
 def stage_demands(stages: list[Any]) -> list[Demand]:

@@ -4,9 +4,11 @@ have — the worker node lost mid-stream (SIGKILL to every process of it), a fre
 driver itself killed. What must hold is what a user needs: the command finishes by itself (or, for a killed
 driver, a re-run finishes what is left), with every clip exactly once.
 
-The test chooses the moment of each failure: it waits for the first committed part, then holds the driver
-(SIGSTOP) so nothing more is committed while the node goes; the driver resumes once the new node is starting,
-and finds its actors and their results gone with the old one.
+The test chooses the moment of each failure. Extraction: it waits for the first committed part, then holds the
+driver (SIGSTOP) so nothing more is committed while the node goes; the driver resumes once the new node is
+starting, and finds its actors and their results gone with the old one. Scoring (under a second of work once
+its actor is up): the node goes as soon as the scorer actor runs on it. Training: a Ray Train callback kills
+the node right after fold 0's epoch-2 report (``tests/drill_train.py``).
 """
 
 from __future__ import annotations
@@ -87,7 +89,8 @@ def drill_config(tiny_config, tmp_path_factory: pytest.TempPathFactory) -> str:
     """The suite's tiny config, small parts (many commits, so a failure lands between two of them)."""
     from mer.config import dump_config, with_overrides
 
-    cfg = with_overrides(tiny_config, ["extract.rows_per_part=4", "score.rows_per_part=4"])
+    cfg = with_overrides(tiny_config, ["extract.rows_per_part=4", "score.rows_per_part=4",
+                                       "score.resources.batch_size=4"])
     path = tmp_path_factory.mktemp("drill_cfg") / "config.yaml"
     path.write_text(dump_config(cfg))
     return str(path)
@@ -158,6 +161,38 @@ def _lose_node_mid_stream(drill: DrillCluster, driver: Driver, store: Path, n: i
     return committed
 
 
+def _actor_on_worker(drill: DrillCluster, cls: str) -> bool:
+    """Whether an actor of class ``cls`` runs on the worker node (a process of it titled ``ray::…(cls)…``)."""
+    from faults import _descendants
+
+    for pid in _descendants(drill.worker.proc.pid):
+        try:
+            if f"({cls})" in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace"):
+                return True
+        except OSError:
+            pass
+    return False
+
+
+def _lose_node_once_actor_runs(drill: DrillCluster, driver: Driver, cls: str, store: Path, n: int) -> int:
+    """Lose the worker node as soon as an actor of ``cls`` runs there (a stream too short to be caught between
+    two commits from outside: scoring 46 rows takes well under a second once its actor is up); the rows
+    committed by then (fewer than ``n``)."""
+    deadline = time.monotonic() + 600
+    while not _actor_on_worker(drill, cls):
+        assert driver.proc.poll() is None, driver.console()[-4000:]
+        assert time.monotonic() < deadline, f"no {cls} actor within 600 s:\n{driver.console()[-4000:]}"
+        time.sleep(0.02)
+    driver.signal(signal.SIGSTOP)
+    try:
+        committed = len(_rows(store))
+        assert committed < n, "the stream finished before the node was lost: the drill proved nothing"
+        drill.lose_worker()
+    finally:
+        driver.signal(signal.SIGCONT)
+    return committed
+
+
 @pytest.fixture(scope="module")
 def extract_drill(drill: DrillCluster, drill_manifest, drill_config: str, tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("drill_extract")
@@ -187,13 +222,13 @@ def test_score_finishes_by_itself_when_its_worker_node_is_lost(drill: DrillClust
                                                                drill_manifest, drill_config: str,
                                                                trained_run: Path, tmp_path: Path) -> None:
     """Scoring raw videos whose features are already extracted (the extract drill's store, as a resumed
-    scoring job finds them): the node goes while the scorer pool streams predictions."""
+    scoring job finds them): the node goes with the scorer actor that has just started on it."""
     manifest, ids = drill_manifest
     out = tmp_path / "scores"
     shutil.copytree(extract_drill["store"], out / "features")
     driver = Driver(drill, ["score", "--config", drill_config, "--run", str(trained_run), "--manifest", manifest,
                             "--out", str(out)], tmp_path / "console.txt")
-    _lose_node_mid_stream(drill, driver, out / "predictions", len(ids))
+    _lose_node_once_actor_runs(drill, driver, "EnsemblePredictor", out / "predictions", len(ids))
     result = driver.wait()
     assert sorted(_rows(out / "predictions")) == sorted(ids)
     assert result["score"]["written"] == len(ids) and result["extract"]["processed"] == 0

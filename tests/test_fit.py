@@ -108,3 +108,8 @@ def test_a_stream_restarted_while_a_node_is_replaced_waits_instead_of_failing(
     assert "smaller than when it started" in caplog.text
     with pytest.raises(PlacementError, match="the stream c -> d cannot start"):
         fit.ensure_placeable("the stream c -> d", demands)
+    # the same stream with other pools (another config in the same process) is checked as new
+    bigger = stream_demands(load_config(profile="tiny", overrides=["extract.face.resources.concurrency=3"]))
+    sizes = iter([Cluster(0, 0, 0, 0)])
+    with pytest.raises(PlacementError, match="the stream a -> b cannot start"):
+        fit.ensure_placeable("the stream a -> b", bigger)
