@@ -385,7 +385,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int, default=3, help="bench labels: generated stores (seeds 0..N-1)")
     p.add_argument("--noise", type=float, default=2.0, help="bench labels: feature noise of the stores")
     p.add_argument("--out", default=None, help="bench labels | tune | extract --rss: working directory "
-                   "(default runs/bench-<what>; --rss: a temp dir)")
+                   "(default runs/bench-<what>; --rss: a local dir, default a temp dir)")
     p.add_argument("--trials", type=int, default=6, help="bench tune: trials per study")
     p.add_argument("--rss", type=int, default=0, metavar="N",
                    help="bench extract: driver and worker memory over N generated clips (small frames) instead")

@@ -116,6 +116,7 @@ class RssSampler:
         self._thread = threading.Thread(target=self._run, name="rss-sampler", daemon=True)
 
     def rows(self) -> int:
+        """Rows committed so far (full parts: a part is committed whole, the last one may be short)."""
         return min(self.total, len(list(self.store.glob("part-*.parquet"))) * self.rows_per_part)
 
     def sample(self) -> None:
@@ -179,7 +180,8 @@ def rss_manifest(workdir: Path, n_clips: int, distinct: int = 24) -> pa.Table:
 def bench_rss(cfg: MerConfig, n_clips: int = 2000, *, workdir: str | None = None, interval_s: float = 1.0,
               warm_fraction: float = 0.25) -> dict[str, Any]:
     """Extract ``n_clips`` generated clips with small frames and report driver/worker RSS growth per 1,000
-    clips once warm (see the module docstring). The local Ray is started (and fitted) here."""
+    clips once warm (see the module docstring). ``workdir`` is a local directory (default: a new temp dir) for
+    the clips, the manifest and the scratch store; the local Ray is started (and fitted) here."""
     from mer.extract.pipeline import extract_features
     from mer.runtime import init_ray
 
