@@ -147,10 +147,9 @@ def _rows(store: Path) -> list[str]:
     return read_parts(str(store), columns=["clip_id"], key=None).column("clip_id").to_pylist()
 
 
-def _lose_node_mid_stream(drill: DrillCluster, driver: Driver, store: Path, n: int) -> int:
-    """Hold the driver once ``store`` has a part, lose the worker node, let the driver go on; the number of rows
+def _lose_node_holding_driver(drill: DrillCluster, driver: Driver, store: Path, n: int) -> int:
+    """Hold the driver (nothing more is committed), lose the worker node, let the driver go on; the rows
     committed when the node went (fewer than ``n``: the drill hit a running stream)."""
-    driver.wait_for_parts(store)
     driver.signal(signal.SIGSTOP)
     try:
         committed = len(_rows(store))
@@ -159,6 +158,12 @@ def _lose_node_mid_stream(drill: DrillCluster, driver: Driver, store: Path, n: i
     finally:
         driver.signal(signal.SIGCONT)
     return committed
+
+
+def _lose_node_mid_stream(drill: DrillCluster, driver: Driver, store: Path, n: int) -> int:
+    """Once ``store`` has a part: :func:`_lose_node_holding_driver`."""
+    driver.wait_for_parts(store)
+    return _lose_node_holding_driver(drill, driver, store, n)
 
 
 def _actor_on_worker(drill: DrillCluster, cls: str) -> bool:
@@ -183,14 +188,7 @@ def _lose_node_once_actor_runs(drill: DrillCluster, driver: Driver, cls: str, st
         assert driver.proc.poll() is None, driver.console()[-4000:]
         assert time.monotonic() < deadline, f"no {cls} actor within 600 s:\n{driver.console()[-4000:]}"
         time.sleep(0.02)
-    driver.signal(signal.SIGSTOP)
-    try:
-        committed = len(_rows(store))
-        assert committed < n, "the stream finished before the node was lost: the drill proved nothing"
-        drill.lose_worker()
-    finally:
-        driver.signal(signal.SIGCONT)
-    return committed
+    return _lose_node_holding_driver(drill, driver, store, n)
 
 
 @pytest.fixture(scope="module")
