@@ -12,16 +12,13 @@ from typing import Any
 
 
 def _descendants(root: int) -> list[int]:
-    """Every process below ``root`` (Linux /proc; Ray's raylet starts its workers in process groups of their
-    own, so a process group is not a node)."""
+    """Every process below ``root`` (Ray's raylet starts its workers in process groups of their own, so a
+    process group is not a node)."""
+    from mer.extract.rss import _processes
+
     children: dict[int, list[int]] = {}
-    for d in os.listdir("/proc"):
-        if d.isdigit():
-            try:
-                with open(f"/proc/{d}/stat") as f:
-                    children.setdefault(int(f.read().rsplit(")", 1)[1].split()[1]), []).append(int(d))
-            except (OSError, ValueError, IndexError):
-                pass
+    for pid, (ppid, _) in _processes().items():
+        children.setdefault(ppid, []).append(pid)
     out, stack = [], [root]
     while stack:
         for c in children.get(stack.pop(), []):
