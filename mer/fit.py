@@ -81,7 +81,10 @@ def stream_demands(cfg: MerConfig) -> list[Demand]:
     pools = [("extract.decode.resources", cfg.extract.decode.resources)]
     if "face" in branches:
         pools.append(("extract.face.resources", cfg.extract.face.resources))
-    pools += [(f"extract.encoders.{b}.resources", getattr(cfg.extract.encoders, b).resources) for b in branches]
+    if cfg.extract.encoders.colocated is not None and branches:
+        pools.append(("extract.encoders.colocated", cfg.extract.encoders.colocated))
+    else:
+        pools += [(f"extract.encoders.{b}.resources", getattr(cfg.extract.encoders, b).resources) for b in branches]
     pools.append(("score.resources", cfg.score.resources))
     return [Demand(k, r, r.concurrency) for k, r in pools]
 
@@ -129,16 +132,36 @@ def fit_group(demands: list[Demand], cluster: Cluster, reserve_cpu: float = TASK
     return changes
 
 
+def _colocate_on_cpu(cfg: MerConfig, cluster: Cluster) -> MerConfig | None:
+    """``cfg`` with its encoders in one pool when ``extract.encoders.colocate`` is auto, the local Ray has no
+    GPU and the stream's pools do not all fit its CPUs as configured (None when that does not apply)."""
+    from mer.extract.pipeline import enabled_branches
+
+    enc = cfg.extract.encoders
+    branches = enabled_branches(cfg)
+    if cluster.gpus or enc.colocate != "auto" or enc.colocated is not None or len(branches) < 2:
+        return None
+    if sum(d.cpus for d in stream_demands(cfg)) <= max(cluster.cpus - TASK_RESERVE_CPU, 0.0):
+        return None
+    batch = min(getattr(enc, b).resources.batch_size for b in branches)
+    return with_overrides(cfg, [f"extract.encoders.colocated={{batch_size: {batch}, num_cpus: 1.0}}"])
+
+
 def fit_local(cfg: MerConfig, cluster: Cluster) -> tuple[MerConfig, str]:
-    """``cfg`` sized to a local Ray: CPU placement when it has no GPU, and each group of pools that runs at
-    once (a stream, enrichment, a training run) scaled to fit. Returns the config and one line saying what
-    changed (empty when nothing did)."""
+    """``cfg`` sized to a local Ray: CPU placement when it has no GPU, the encoders in one pool when the
+    stream's pools must share the CPUs (``extract.encoders.colocate: auto``), and each group of pools that
+    runs at once (a stream, enrichment, a training run) scaled to fit. Returns the config and one line saying
+    what changed (empty when nothing did)."""
     notes: list[str] = []
     if not cluster.gpus:
         before = cfg
         cfg = cpu_only(cfg)
         if before.model_dump() != cfg.model_dump():
             notes.append("no GPU: every stage on CPU")
+    colocated = _colocate_on_cpu(cfg, cluster)
+    if colocated is not None:
+        cfg = colocated
+        notes.append("encoders in one pool (extract.encoders.colocate=never keeps a pool per branch)")
     overrides: list[str] = []
     fitted: list[str] = []
     for name, demands in (("stream", stream_demands(cfg)), ("enrich", enrich_demands(cfg)),

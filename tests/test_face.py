@@ -74,3 +74,27 @@ def test_cascade_config_errors() -> None:
     assert cascade_path("haarcascade_frontalface_default.xml").endswith(".xml")
     with pytest.raises(FileNotFoundError, match="extract.face.cascade"):
         cascade_path("no_such_cascade.xml")
+
+
+def test_tracking_finds_the_same_faces_with_one_full_scan_per_clip() -> None:
+    """extract.face.track: after the first frame the face is searched near the last one; the boxes are the
+    full-frame scan's, the whole frame is scanned once, and a face that jumps away is found by the fallback."""
+    frames = np.full((8, 224, 224, 3), 80, np.uint8)
+    for t in range(8):  # a speaker drifting right and growing a little, then a cut to the other side
+        cx, r = (70 + 6 * t, 40 + t) if t < 6 else (170, 44)
+        draw_face(frames[t], cx, 110, r)
+    full = FaceDetector(load_config(overrides=["extract.face.track=false"]))
+    tracked = FaceDetector(load_config())
+    a, b = full.process(frames, "ok"), tracked.process(frames, "ok")
+    assert a["face_mask"].all() and b["face_mask"].all()
+    assert full.full_scans == 8
+    assert tracked.full_scans == 2  # the first frame, and the cut (the window around the old face is empty)
+    boxes_a = [full.detect(f) for f in frames]
+    last, boxes_b = None, []
+    for f in frames:
+        last = tracked.detect(f, near=last) or last
+        boxes_b.append(last)
+    for (xa, ya, wa, ha), (xb, yb, wb, hb) in zip(boxes_a, boxes_b):
+        # the window's scale grid starts at a different size than the full scan's: boxes agree to a few pixels
+        inter = max(0, min(xa + wa, xb + wb) - max(xa, xb)) * max(0, min(ya + ha, yb + hb) - max(ya, yb))
+        assert inter / (wa * ha + wb * hb - inter) >= 0.85, (boxes_a, boxes_b)

@@ -19,7 +19,12 @@ def test_a_two_core_laptop_gets_cpu_placement_and_every_pool_at_once() -> None:
     cfg = load_config(profile="tiny")  # the repo's defaults: 8 CPU of pools and GPU encoders
     assert sum(d.cpus for d in stream_demands(cfg)) == 8 and sum(d.gpus for d in stream_demands(cfg)) == 1
     fitted, note = fit_local(cfg, LAPTOP)
-    assert "no GPU" in note and "stream 8->" in note
+    # the four encoders share one pool (batch: the smallest branch batch), so the stream wants 2+1+1+1 CPUs
+    assert "no GPU" in note and "encoders in one pool" in note and "stream 5->" in note
+    col = fitted.extract.encoders.colocated
+    assert col is not None and col.batch_size == 8 and col.concurrency == 1
+    assert [d.key for d in stream_demands(fitted)].count("extract.encoders.colocated") == 1
+    assert not any(d.key.startswith("extract.encoders.text") for d in stream_demands(fitted))
     stream = stream_demands(fitted)
     assert sum(d.gpus for d in stream) == 0
     assert sum(d.cpus for d in stream) <= 2 - 0.25 + 1e-9
@@ -33,6 +38,19 @@ def test_a_two_core_laptop_gets_cpu_placement_and_every_pool_at_once() -> None:
     # idempotent: a fitted config fits
     again, note2 = fit_local(fitted, LAPTOP)
     assert note2 == "" and again.model_dump() == fitted.model_dump()
+
+
+def test_encoders_stay_in_their_own_pools_where_they_fit_or_when_told() -> None:
+    cfg = load_config(profile="tiny")
+    never, note = fit_local(load_config(profile="tiny", overrides=["extract.encoders.colocate=never"]), LAPTOP)
+    assert never.extract.encoders.colocated is None and "stream 8->" in note and "one pool" not in note
+    # a 16-core CPU box: the 8 CPUs of pools fit as configured, each encoder keeps its pool and its core
+    big, note = fit_local(cfg, Cluster(cpus=16, gpus=0, node_cpus=16, node_gpus=0))
+    assert big.extract.encoders.colocated is None and "one pool" not in note
+    # one branch: nothing to colocate
+    one, _ = fit_local(load_config(profile="tiny", overrides=[f"extract.encoders.{b}.enabled=false"
+                                                             for b in BRANCHES if b != "audio"]), LAPTOP)
+    assert one.extract.encoders.colocated is None
 
 
 def test_a_gpu_workstation_keeps_gpus_and_shares_them_by_fraction() -> None:

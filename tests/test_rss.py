@@ -56,6 +56,7 @@ def test_bench_extract_rss_samples_the_driver_and_every_stage(tiny_models_dir: P
     proc = subprocess.run([sys.executable, "-m", "mer.cli", "bench", "extract", "--profile", "tiny", "--rss", "120",
                            "--json", "--out", str(tmp_path / "work"), "--set", "extract.rows_per_part=8",
                            "--set", "extract.encoders.text.resources.batch_size=4",  # rows stream in steadily
+                           "--set", "extract.encoders.colocate=never",  # one pool (and group) per encoder
                            "--set", f"storage.tiny_models_dir={tiny_models_dir}"],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]

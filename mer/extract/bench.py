@@ -6,7 +6,7 @@ after it; CPU ms/clip count every thread of a stage's actor plus the decode chil
 * decode in one process — decord's default uniform ``get_batch`` vs keyframe sampling (ms/clip), in the
   driver and in a Ray worker (Ray runs workers at nice 15: on a machine shared with other jobs the
   driver gets more of the CPU than any stage, so the worker figure is the like-for-like reference);
-* the decode stage alone (one Ray Data actor pool), both samplings, and its rate over the one-process one;
+* the decode stage alone (one decode actor), both samplings, and its rate over the one-process one;
 * face detection alone and each encoder alone, on pre-decoded (materialised) batches;
 * the full streaming pipeline: end to end, steady, time to the first row and its parts (Ray init, actor
   process start, imports, ``__init__``/model load, the first batch through the chain), busy fraction of
@@ -146,14 +146,18 @@ def _rss_growth(cfg: MerConfig, paths: list[str], decodes: int, audio_backend: s
 
 
 def sequential_baseline(cfg: MerConfig, table: pa.Table, branches: list[str]) -> dict[str, Any]:
-    """MERTools-style: for each model, load it, then for each clip decode what it needs and encode it alone."""
+    """MERTools-style: for each model, load it, then for each clip decode what it needs and encode it alone.
+
+    Timed from before its imports (torch, transformers, OpenCV), as the pipeline's end-to-end time includes
+    its actors' imports; ``import_s`` says how much of it they were (0 when this worker had them already)."""
+    t0 = time.perf_counter()
     from mer.encoders import ENCODERS
 
     uniform = DecodeParams(**{**DecodeParams.from_config(cfg).to_dict(), "sampling": "uniform"}).to_dict()
     rows = table.to_pylist()
-    t0 = time.perf_counter()
     per_branch = {}
     face = FaceDetector(cfg) if "face" in branches else None
+    import_s = time.perf_counter() - t0
 
     def obj(v: Any) -> np.ndarray:
         col = np.empty(1, dtype=object)
@@ -179,7 +183,17 @@ def sequential_baseline(cfg: MerConfig, table: pa.Table, branches: list[str]) ->
         per_branch[b] = round(time.perf_counter() - tb, 2)
         del enc
     total = time.perf_counter() - t0
-    return {"seconds": round(total, 2), "clips_per_s": round(len(rows) / total, 3), "per_branch_s": per_branch}
+    return {"seconds": round(total, 2), "clips_per_s": round(len(rows) / total, 3), "per_branch_s": per_branch,
+            "import_s": round(import_s, 2)}
+
+
+def _fresh_sequential_baseline(cfg: MerConfig, table: pa.Table, branches: list[str]) -> dict[str, Any]:
+    """:func:`sequential_baseline` in a new interpreter, so that it imports torch and transformers itself like
+    a script would (a reused Ray worker may have them already)."""
+    import multiprocessing
+
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(sequential_baseline, (cfg, table, branches))
 
 
 def _limits(alone: dict[str, dict[str, Any]], cpus: float) -> dict[str, Any]:
@@ -251,15 +265,17 @@ def bench_extract(cfg: MerConfig, manifest_uri: str | None = None, *, n_clips: i
     rows = cfg.extract.input_block_rows or d.resources.batch_size
     blocks = [inp.slice(i, rows) for i in range(0, inp.num_rows, rows)]
 
-    def decode_stage(sampling: str) -> Stage:
+    def decode_stage(sampling: str, resources: Any = d.resources) -> Stage:
         return Stage("decode", timed(ClipDecoder, "decode"), ClipDecoder.input_columns, ClipDecoder.output_columns,
-                     resources=d.resources, constructor_args=(cfg, None, sampling), map_args=ra)
+                     resources=resources, constructor_args=(cfg, None, sampling), map_args=ra)
 
+    # ONE decode actor (the pool's unit) against the same decoder in one process: a pool of several would
+    # divide by a one-process rate it does not share, and on a small machine its actors compete for the cores
+    one_actor = with_overrides(cfg, ["extract.decode.resources.concurrency=1"]).extract.decode.resources
     dec_only = {}
     for sampling in ("uniform", d.sampling):
-        ds = decode_stage(sampling).apply(ray.data.from_arrow(blocks))
-        dec_only[sampling] = _drain(ds.map_batches(_keep_light, batch_format="pyarrow", num_cpus=0.0),
-                                    {"decode": d.resources.concurrency})
+        ds = decode_stage(sampling, one_actor).apply(ray.data.from_arrow(blocks))
+        dec_only[sampling] = _drain(ds.map_batches(_keep_light, batch_format="pyarrow", num_cpus=0.0), {"decode": 1})
     result["decode_only"] = dec_only
     rate = _stage_rate(dec_only[d.sampling], "decode")
     result["decode_stage_rate"] = {s: _stage_rate(v, "decode") for s, v in dec_only.items()}
@@ -323,7 +339,7 @@ def bench_extract(cfg: MerConfig, manifest_uri: str | None = None, *, n_clips: i
     if baseline:
         node_cpus = max((n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n.get("Alive")), default=cpus)
         gpu = 1.0 if gpu_requests(cfg) and ray.cluster_resources().get("GPU") else 0.0
-        seq_task = ray.remote(num_cpus=node_cpus, num_gpus=gpu)(sequential_baseline)
+        seq_task = ray.remote(num_cpus=node_cpus, num_gpus=gpu)(_fresh_sequential_baseline)
         seq = ray.get(seq_task.remote(cfg, table, branches))
         seq["where"] = f"one Ray worker, {node_cpus:g} CPUs, {gpu:g} GPU"
         result["sequential_baseline"] = seq
@@ -388,7 +404,7 @@ def format_bench(r: dict[str, Any]) -> str:
     if "sequential_baseline" in r:
         s = r["sequential_baseline"]
         lines.append(f"MERTools-style sequential baseline ({s['where']}): {s['clips_per_s']} clips/s ({s['seconds']} s, "
-                     f"per model {s['per_branch_s']}); pipeline speedup x{r['speedup_vs_sequential']}")
+                     f"imports {s.get('import_s')} s, per model {s['per_branch_s']}); pipeline speedup x{r['speedup_vs_sequential']}")
     for ab, m in (r.get("decode_rss") or {}).items():
         if isinstance(m, dict) and m:
             lines.append(f"decode child RSS over {m['decodes']} decodes, no recycling, {ab} audio: {m['rss_mb_after_20']} "

@@ -90,7 +90,7 @@ class ClipDecoder:
         self.params = params.to_dict()
         self.audio_backend = d.audio_backend
         self.timeout = float(d.timeout_s)
-        self.child = DecodeProcess(recycle_every=d.recycle_every, window=d.child_window)
+        self.child = DecodeProcess(recycle_every=d.recycle_every, window=d.child_window, niceness=d.child_niceness)
         self.busy_s = 0.0
         self.tmp = tempfile.mkdtemp(prefix="mer-decode-")
         self.clips = 0

@@ -1,7 +1,10 @@
 """Face stage: detect the largest face per sampled frame, crop it square with a margin, align, resize.
 
 The detector is OpenCV's Haar cascade (``extract.face.cascade``: a file name inside the cascades bundled
-with opencv-python, or a path), loaded once per actor. Alignment is a similarity normalisation: the crop
+with opencv-python, or a path), loaded once per actor. With ``extract.face.track`` the first face of a clip
+is found by a full-frame scan and each later frame is searched in a window around the last face, at sizes
+near it, falling back to the full frame when the window has none (most of the stage's CPU was the full
+multi-scale scan of every frame). Alignment is a similarity normalisation: the crop
 is centred on the face box and scaled so the face fills the same fraction of every crop.
 
 Per-row outputs: ``face_crops`` (uint8 [T, c, c, 3], zeros where no face, or None), ``face_mask`` (bool [T]
@@ -71,22 +74,58 @@ class FaceDetector:
         if self.cascade.empty():
             raise ValueError(f"extract.face.cascade: OpenCV could not load {fc.cascade!r}")
         cv2.setNumThreads(1)  # one CPU per stage actor, as requested from Ray
+        self.scans = 0  # cascade scans run (full frames and tracking windows)
+        self.full_scans = 0  # of which whole frames
 
-    def detect(self, frame: np.ndarray) -> tuple[int, int, int, int] | None:
-        """Largest face box (x, y, w, h) in an RGB frame, or None."""
+    def _gray(self, frame: np.ndarray) -> tuple[np.ndarray, float]:
+        """Equalised grey frame for the cascade, upscaled when small (its window is 24 px), and the scale."""
         import cv2
 
         gray = cv2.equalizeHist(cv2.cvtColor(frame, cv2.COLOR_RGB2GRAY))
-        # The cascade's window is 24 px: small sampled frames are upscaled for detection only.
         up = max(1.0, self.fc.detect_min_size / max(1, min(gray.shape)))
         if up > 1.0:
             gray = cv2.resize(gray, None, fx=up, fy=up, interpolation=cv2.INTER_LINEAR)
-        min_px = max(24, int(self.fc.min_face_frac * min(gray.shape)))
+        return gray, up
+
+    def _scan(self, gray: np.ndarray, min_px: int, max_px: int | None = None) -> tuple[int, int, int, int] | None:
+        """Largest box the cascade finds in ``gray`` with sides in [min_px, max_px]."""
+        kwargs = {"maxSize": (max_px, max_px)} if max_px else {}
+        self.scans += 1
         boxes = self.cascade.detectMultiScale(gray, scaleFactor=self.fc.scale_factor,
-                                              minNeighbors=self.fc.min_neighbors, minSize=(min_px, min_px))
+                                              minNeighbors=self.fc.min_neighbors, minSize=(min_px, min_px), **kwargs)
         if len(boxes) == 0:
             return None
         x, y, w, h = max(boxes, key=lambda b: int(b[2]) * int(b[3]))
+        return int(x), int(y), int(w), int(h)
+
+    def _near(self, gray: np.ndarray, prev: tuple[int, int, int, int]) -> tuple[int, int, int, int] | None:
+        """The face near ``prev`` (a box in ``gray``'s pixels): a window around it, sizes close to it."""
+        x, y, w, h = prev
+        side = max(w, h)
+        pad = int(round(side * self.fc.track_margin))
+        x0, y0 = max(0, x - pad), max(0, y - pad)
+        x1, y1 = min(gray.shape[1], x + w + pad), min(gray.shape[0], y + h + pad)
+        lo = max(24, int(side / self.fc.track_scale), int(self.fc.min_face_frac * min(gray.shape)))
+        hi = int(side * self.fc.track_scale) + 1
+        if x1 - x0 < lo or y1 - y0 < lo:
+            return None
+        box = self._scan(gray[y0:y1, x0:x1], lo, hi)
+        return None if box is None else (box[0] + x0, box[1] + y0, box[2], box[3])
+
+    def detect(self, frame: np.ndarray, near: tuple[int, int, int, int] | None = None
+               ) -> tuple[int, int, int, int] | None:
+        """Largest face box (x, y, w, h) in an RGB frame, or None. ``near``: a box of the previous frame (in
+        this frame's pixels): searched around it first, the whole frame only when that finds nothing."""
+        gray, up = self._gray(frame)
+        box = None
+        if near is not None:
+            box = self._near(gray, tuple(int(round(v * up)) for v in near))  # type: ignore[arg-type]
+        if box is None:
+            self.full_scans += 1
+            box = self._scan(gray, max(24, int(self.fc.min_face_frac * min(gray.shape))))
+        if box is None:
+            return None
+        x, y, w, h = box
         return int(x / up), int(y / up), max(1, int(w / up)), max(1, int(h / up))
 
     def process(self, frames: Any, decode_status: Any) -> dict[str, Any]:
@@ -97,8 +136,10 @@ class FaceDetector:
         c = self.fc.crop_size
         crops = np.zeros((len(frames), c, c, 3), dtype=np.uint8)
         mask = np.zeros(len(frames), dtype=bool)
+        last = None
         for t, f in enumerate(frames):
-            box = self.detect(np.ascontiguousarray(f))
+            box = self.detect(np.ascontiguousarray(f), near=last if self.fc.track else None)
+            last = box or last
             if box is not None:
                 crops[t] = square_crop(f, box, self.fc.margin, c)
                 mask[t] = True

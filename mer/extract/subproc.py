@@ -115,8 +115,10 @@ def cpu_seconds(pid: int) -> float:
 class DecodeProcess:
     """Client side: runs ``mer.extract.decoders.<fn>(**kwargs)`` in the child, one request or many."""
 
-    def __init__(self, recycle_every: int = 500, start_timeout: float = 120.0, window: int = DEFAULT_WINDOW):
+    def __init__(self, recycle_every: int = 500, start_timeout: float = 120.0, window: int = DEFAULT_WINDOW,
+                 niceness: int = 0):
         self.recycle_every = recycle_every
+        self.niceness = niceness
         self.start_timeout = start_timeout
         self.window = max(1, window)
         self.proc: subprocess.Popen | None = None
@@ -127,8 +129,10 @@ class DecodeProcess:
         self.work_cpu_s = 0.0  # CPU time the children spent inside the requested functions (the rest: protocol)
 
     def _start(self) -> None:
+        nice = self.niceness
         self.proc = subprocess.Popen([sys.executable, "-m", "mer.extract.subproc"], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, bufsize=0, close_fds=True)
+                                     stdout=subprocess.PIPE, bufsize=0, close_fds=True,
+                                     preexec_fn=(lambda: os.nice(nice)) if nice else None)
         try:
             import fcntl
 

@@ -96,6 +96,9 @@ def load_model(spec: ModelSpec, cfg: MerConfig, device: str = "cpu", dtype: str 
     cls = _transformers_class(spec.model_class, f"{key}.model_class")
     path = resolve_model_id(spec, cfg)
     torch_dtype = resolve_dtype(dtype, device)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # a "Loading weights" bar per actor and model; the log line below says it
     model = cls.from_pretrained(path, dtype=torch_dtype, **_hub_kwargs(spec))
     model.to(device)
     model.eval()
