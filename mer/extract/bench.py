@@ -148,8 +148,9 @@ def _rss_growth(cfg: MerConfig, paths: list[str], decodes: int, audio_backend: s
 def sequential_baseline(cfg: MerConfig, table: pa.Table, branches: list[str]) -> dict[str, Any]:
     """MERTools-style: for each model, load it, then for each clip decode what it needs and encode it alone.
 
-    Timed from before its imports (torch, transformers, OpenCV), as the pipeline's end-to-end time includes
-    its actors' imports; ``import_s`` says how much of it they were (0 when this worker had them already)."""
+    Run in a fresh interpreter (:func:`_fresh_sequential_baseline`) and timed from before its imports, as the
+    pipeline's end-to-end time includes its actors' imports: torch and transformers load lazily inside the first
+    model's load (in ``per_branch_s``); ``import_s`` is the rest (mer's encoder registry, OpenCV)."""
     t0 = time.perf_counter()
     from mer.encoders import ENCODERS
 
@@ -404,7 +405,7 @@ def format_bench(r: dict[str, Any]) -> str:
     if "sequential_baseline" in r:
         s = r["sequential_baseline"]
         lines.append(f"MERTools-style sequential baseline ({s['where']}): {s['clips_per_s']} clips/s ({s['seconds']} s, "
-                     f"imports {s.get('import_s')} s, per model {s['per_branch_s']}); pipeline speedup x{r['speedup_vs_sequential']}")
+                     f"eager imports {s.get('import_s')} s, per model (with torch's import in the first) {s['per_branch_s']}); pipeline speedup x{r['speedup_vs_sequential']}")
     for ab, m in (r.get("decode_rss") or {}).items():
         if isinstance(m, dict) and m:
             lines.append(f"decode child RSS over {m['decodes']} decodes, no recycling, {ab} audio: {m['rss_mb_after_20']} "
