@@ -86,11 +86,15 @@ def drill_manifest(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, list[
 
 @pytest.fixture(scope="module")
 def drill_config(tiny_config, tmp_path_factory: pytest.TempPathFactory) -> str:
-    """The suite's tiny config, small parts (many commits, so a failure lands between two of them)."""
+    """The suite's tiny config, small parts and small batches (rows reach the driver a few at a time and are
+    committed in many parts, so a failure lands between two of them: the last encoder's batch is the block the
+    driver gets, and at the text encoder's 32 most of the 46 clips would arrive at once)."""
     from mer.config import dump_config, with_overrides
 
     cfg = with_overrides(tiny_config, ["extract.rows_per_part=4", "score.rows_per_part=4",
-                                       "score.resources.batch_size=4"])
+                                       "score.resources.batch_size=4", "extract.decode.resources.batch_size=4",
+                                       *(f"extract.encoders.{b}.resources.batch_size=4"
+                                         for b in ("global_visual", "face", "audio", "text"))])
     path = tmp_path_factory.mktemp("drill_cfg") / "config.yaml"
     path.write_text(dump_config(cfg))
     return str(path)
