@@ -141,8 +141,8 @@ def _colocate_on_cpu(cfg: MerConfig, cluster: Cluster) -> MerConfig | None:
     branches = enabled_branches(cfg)
     if cluster.gpus or enc.colocate != "auto" or enc.colocated is not None or len(branches) < 2:
         return None
-    if sum(d.cpus for d in stream_demands(cfg)) <= max(cluster.cpus - TASK_RESERVE_CPU, 0.0):
-        return None
+    if not any("num_cpus" in change for change in fit_group(stream_demands(cfg), cluster).values()):
+        return None  # every pool fits as configured
     batch = min(getattr(enc, b).resources.batch_size for b in branches)
     return with_overrides(cfg, [f"extract.encoders.colocated={{batch_size: {batch}, num_cpus: 1.0}}"])
 

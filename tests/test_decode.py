@@ -119,6 +119,23 @@ def test_hang_without_fallback_is_decode_timeout(clips, monkeypatch: pytest.Monk
         dec.child.kill()
 
 
+def _nice(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as f:
+        return int(f.read().rsplit(")", 1)[1].split()[16])
+
+
+def test_child_runs_at_the_configured_extra_niceness() -> None:
+    """extract.decode.child_niceness: the decode child yields the CPU to its actor and the other stages."""
+    import os
+
+    proc = DecodeProcess(niceness=3)
+    try:
+        proc.call("sleep", {"seconds": 0}, timeout=60)
+        assert _nice(proc.pid) == min(19, _nice(os.getpid()) + 3)
+    finally:
+        proc.kill()
+
+
 def test_child_timeout_kill_and_recycle() -> None:
     proc = DecodeProcess(recycle_every=2)
     try:

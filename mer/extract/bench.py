@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from mer.config import MerConfig, gpu_requests, with_overrides
+from mer.config import MerConfig, Resources, gpu_requests, with_overrides
 from mer.extract.decoders import AUDIO, VIDEO, DecodeParams, decode_clip
 from mer.extract.decode import ClipDecoder
 from mer.extract.face import FaceDetector
@@ -266,7 +266,7 @@ def bench_extract(cfg: MerConfig, manifest_uri: str | None = None, *, n_clips: i
     rows = cfg.extract.input_block_rows or d.resources.batch_size
     blocks = [inp.slice(i, rows) for i in range(0, inp.num_rows, rows)]
 
-    def decode_stage(sampling: str, resources: Any = d.resources) -> Stage:
+    def decode_stage(sampling: str, resources: Resources = d.resources) -> Stage:
         return Stage("decode", timed(ClipDecoder, "decode"), ClipDecoder.input_columns, ClipDecoder.output_columns,
                      resources=resources, constructor_args=(cfg, None, sampling), map_args=ra)
 

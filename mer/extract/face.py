@@ -74,8 +74,7 @@ class FaceDetector:
         if self.cascade.empty():
             raise ValueError(f"extract.face.cascade: OpenCV could not load {fc.cascade!r}")
         cv2.setNumThreads(1)  # one CPU per stage actor, as requested from Ray
-        self.scans = 0  # cascade scans run (full frames and tracking windows)
-        self.full_scans = 0  # of which whole frames
+        self.full_scans = 0  # whole-frame scans (the tracking windows' are the cheap ones)
 
     def _gray(self, frame: np.ndarray) -> tuple[np.ndarray, float]:
         """Equalised grey frame for the cascade, upscaled when small (its window is 24 px), and the scale."""
@@ -87,10 +86,13 @@ class FaceDetector:
             gray = cv2.resize(gray, None, fx=up, fy=up, interpolation=cv2.INTER_LINEAR)
         return gray, up
 
+    def _min_side(self, gray: np.ndarray) -> int:
+        """Smallest face side searched in ``gray``: ``min_face_frac`` of the frame, never below the 24 px window."""
+        return max(24, int(self.fc.min_face_frac * min(gray.shape)))
+
     def _scan(self, gray: np.ndarray, min_px: int, max_px: int | None = None) -> tuple[int, int, int, int] | None:
         """Largest box the cascade finds in ``gray`` with sides in [min_px, max_px]."""
         kwargs = {"maxSize": (max_px, max_px)} if max_px else {}
-        self.scans += 1
         boxes = self.cascade.detectMultiScale(gray, scaleFactor=self.fc.scale_factor,
                                               minNeighbors=self.fc.min_neighbors, minSize=(min_px, min_px), **kwargs)
         if len(boxes) == 0:
@@ -105,7 +107,7 @@ class FaceDetector:
         pad = int(round(side * self.fc.track_margin))
         x0, y0 = max(0, x - pad), max(0, y - pad)
         x1, y1 = min(gray.shape[1], x + w + pad), min(gray.shape[0], y + h + pad)
-        lo = max(24, int(side / self.fc.track_scale), int(self.fc.min_face_frac * min(gray.shape)))
+        lo = max(self._min_side(gray), int(side / self.fc.track_scale))
         hi = int(side * self.fc.track_scale) + 1
         if x1 - x0 < lo or y1 - y0 < lo:
             return None
@@ -122,7 +124,7 @@ class FaceDetector:
             box = self._near(gray, tuple(int(round(v * up)) for v in near))  # type: ignore[arg-type]
         if box is None:
             self.full_scans += 1
-            box = self._scan(gray, max(24, int(self.fc.min_face_frac * min(gray.shape))))
+            box = self._scan(gray, self._min_side(gray))
         if box is None:
             return None
         x, y, w, h = box

@@ -14,7 +14,6 @@ large arrays never reach the driver or the store, and memory is bounded by the i
 from __future__ import annotations
 
 import dataclasses
-
 import json
 import logging
 import os

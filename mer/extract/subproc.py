@@ -129,10 +129,8 @@ class DecodeProcess:
         self.work_cpu_s = 0.0  # CPU time the children spent inside the requested functions (the rest: protocol)
 
     def _start(self) -> None:
-        nice = self.niceness
-        self.proc = subprocess.Popen([sys.executable, "-m", "mer.extract.subproc"], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, bufsize=0, close_fds=True,
-                                     preexec_fn=(lambda: os.nice(nice)) if nice else None)
+        self.proc = subprocess.Popen([sys.executable, "-m", "mer.extract.subproc", str(self.niceness)],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0, close_fds=True)
         try:
             import fcntl
 
@@ -265,10 +263,13 @@ def _simulated_hang(kwargs: dict[str, Any]) -> bool:
     return bool(sub) and sub in path and (not backend or backend == kwargs.get("backend"))
 
 
-def _serve() -> None:
+def _serve(niceness: int = 0) -> None:
     """Child main loop: the protocol owns the original stdout; fd 1 goes to stderr so that native
-    libraries printing to stdout cannot corrupt a message."""
+    libraries printing to stdout cannot corrupt a message. ``niceness`` is added to the child's own (set here,
+    not by a ``preexec_fn``, which is unsafe in the parent's threaded Ray worker)."""
     _die_with_parent()
+    if niceness:
+        os.nice(niceness)
     out = os.dup(1)
     os.dup2(2, 1)
     sys.stdout = sys.stderr
@@ -303,4 +304,4 @@ def _serve() -> None:
 
 
 if __name__ == "__main__":
-    _serve()
+    _serve(int(sys.argv[1]) if len(sys.argv) > 1 else 0)
