@@ -6,8 +6,9 @@ their sum exceeds what the cluster has, Ray Data and Ray Train do not fail, they
 cluster. So:
 
 * on a **local Ray that mer started** (:func:`fit_local`): no GPU → CPU placement; CPU (and GPU) fractions
-  scaled so that each group fits at once, leaving a slice for Ray Data's read/write tasks. Batch sizes, frame
-  counts and pool sizes stay as configured.
+  scaled so that each group fits at once, leaving a slice for Ray Data's read/write tasks. Batch sizes and frame
+  counts stay as configured; where the stream's pools must share the CPUs, the encoders run in one pool and the
+  decode pool in one actor (``extract.encoders.colocate``, ``extract.decode.trim``).
 * on a **cluster it joined** (:func:`check_placement`): the config is kept; if a stream's or a training run's
   pools cannot all be placed and the cluster cannot grow (``ray.autoscaler: false``), fail at once with each
   stage's demand against the cluster's resources.
@@ -147,10 +148,22 @@ def _colocate_on_cpu(cfg: MerConfig, cluster: Cluster) -> MerConfig | None:
     return with_overrides(cfg, [f"extract.encoders.colocated={{batch_size: {batch}, num_cpus: 1.0}}"])
 
 
+def _one_decode_actor(cfg: MerConfig, cluster: Cluster) -> MerConfig | None:
+    """``cfg`` with one decode actor when ``extract.decode.trim`` is auto, the local Ray has no GPU and the
+    stream's pools do not all fit its CPUs as configured (None when that does not apply): where every core is
+    shared, a second decode actor adds a process to start and no throughput (see ``DecodeConfig.trim``)."""
+    d = cfg.extract.decode
+    if cluster.gpus or d.trim != "auto" or d.resources.concurrency == 1:
+        return None
+    if not any("num_cpus" in change for change in fit_group(stream_demands(cfg), cluster).values()):
+        return None
+    return with_overrides(cfg, ["extract.decode.resources.concurrency=1"])
+
+
 def fit_local(cfg: MerConfig, cluster: Cluster) -> tuple[MerConfig, str]:
-    """``cfg`` sized to a local Ray: CPU placement when it has no GPU, the encoders in one pool when the
-    stream's pools must share the CPUs (``extract.encoders.colocate: auto``), and each group of pools that
-    runs at once (a stream, enrichment, a training run) scaled to fit. Returns the config and one line saying
+    """``cfg`` sized to a local Ray: CPU placement when it has no GPU, the encoders in one pool and one decode
+    actor when the stream's pools must share the CPUs (``extract.encoders.colocate``, ``extract.decode.trim``),
+    and each group of pools that runs at once (a stream, enrichment, a training run) scaled to fit. Returns the config and one line saying
     what changed (empty when nothing did)."""
     notes: list[str] = []
     if not cluster.gpus:
@@ -162,6 +175,10 @@ def fit_local(cfg: MerConfig, cluster: Cluster) -> tuple[MerConfig, str]:
     if colocated is not None:
         cfg = colocated
         notes.append("encoders in one pool (extract.encoders.colocate=never keeps a pool per branch)")
+    one_decoder = _one_decode_actor(cfg, cluster)
+    if one_decoder is not None:
+        cfg = one_decoder
+        notes.append("one decode actor (extract.decode.trim=never keeps resources.concurrency)")
     overrides: list[str] = []
     fitted: list[str] = []
     for name, demands in (("stream", stream_demands(cfg)), ("enrich", enrich_demands(cfg)),

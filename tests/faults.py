@@ -73,3 +73,32 @@ class KillWorker:
                 os.kill(int(m["pid"]), signal.SIGKILL)
 
         return _Kill()
+
+
+class HoldFold:
+    """A Ray Train callback that holds fold ``fold`` after its report of epoch ``after_epoch`` until ``marker``
+    exists (another fold's :class:`KillWorker` wrote it), for at most ``timeout_s``. The held fold's worker group
+    stays up meanwhile (its next report waits for this one), so a test can prove that two folds train at the same
+    time whatever the machine's load: run in turn, the held fold would wait for a fold that never starts, and it
+    fails."""
+
+    def __init__(self, marker: Path, fold: int = 0, after_epoch: int = 1, timeout_s: float = 300.0) -> None:
+        self.marker, self.fold, self.after_epoch, self.timeout_s = Path(marker), fold, after_epoch, timeout_s
+
+    def callback(self) -> Any:
+        from ray.train import UserCallback
+
+        spec = self
+
+        class _Hold(UserCallback):
+            def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
+                if run_context.train_loop_config["fold"] != spec.fold or metrics[0]["epoch"] != spec.after_epoch:
+                    return
+                deadline = time.time() + spec.timeout_s
+                while not spec.marker.exists():
+                    if time.time() > deadline:
+                        raise TimeoutError(f"fold {spec.fold}: {spec.marker} not written within {spec.timeout_s} s "
+                                           "(the other fold never trained beside this one)")
+                    time.sleep(0.05)
+
+        return _Hold()

@@ -10,7 +10,7 @@ def test_bench_extract_reports_all_figures(ray_local, tiny_config, tmp_path) -> 
     cfg = with_overrides(tiny_config, [f"extract.encoders.{b}.enabled={b in ('global_visual', 'face')}"
                                        for b in ("global_visual", "face", "audio", "text")])
     r = bench_extract(cfg, n_clips=4, workdir=str(tmp_path), clip_seconds=1.0, clip_width=160, clip_height=120,
-                      gop=5, rss_decodes=20, ray_init_s=1.5, verbose=False)
+                      gop=5, rss_decodes=20, ray_init_s=1.5, verbose=False, decode_pairs=2)
     assert r["clips"] == 4 and r["branches"] == ["global_visual", "face"]
     assert r["decode_only"]["uniform"]["clips"] == 4 and r["decode_only"]["keyframe"]["clips"] == 4
     # face detection is measured on its own, next to each encoder
@@ -21,6 +21,11 @@ def test_bench_extract_reports_all_figures(ray_local, tiny_config, tmp_path) -> 
         assert sp["decord_uniform"]["ms"] > 0 and sp["decord_keyframe"]["cpu_ms"] > 0
         assert sp["configured_with_audio"]["ms"] > 0 and r["decode_stage_over_single_process"][where] > 0
     assert r["decode_single_process"]["driver"]["pyav_keyframe"]["ms"] > 0
+    # paired (one-process, stage) runs: the first pair is the runs above, the median lies among the ratios
+    pairs = r["decode_stage_pairs"]
+    assert len(pairs["ratio_with_audio"]) == len(pairs["reference_ms"]) == 2 and all(x > 0 for x in pairs["stage_rate"])
+    assert pairs["ratio_with_audio"][0] == r["decode_stage_over_single_process"]["ray_worker_with_audio"]
+    assert min(pairs["ratio_with_audio"]) <= pairs["median_with_audio"] <= max(pairs["ratio_with_audio"])
     # the decode stage's CPU includes its decode child (more than the actor's own share)
     assert r["decode_only"]["keyframe"]["stages"]["decode"]["cpu_ms_per_row"] > 0
     assert r["decode_cpu_efficiency"]["video_over_stage"] > 0 and r["decode_speedup"] > 0 and r["decode_speedup_cpu"] > 0
@@ -48,3 +53,4 @@ def test_bench_extract_reports_all_figures(ray_local, tiny_config, tmp_path) -> 
     assert 0 < rss["pyav"]["decode_cpu_ms"] <= rss["pyav"]["child_cpu_ms"] + tick_ms_per_decode
     text = format_bench(r)
     assert "1/sum(1/rate_i)" in text and "time to first row" in text and "busy fraction" in text
+    assert "2 paired runs" in text

@@ -19,8 +19,10 @@ def test_a_two_core_laptop_gets_cpu_placement_and_every_pool_at_once() -> None:
     cfg = load_config(profile="tiny")  # the repo's defaults: 8 CPU of pools and GPU encoders
     assert sum(d.cpus for d in stream_demands(cfg)) == 8 and sum(d.gpus for d in stream_demands(cfg)) == 1
     fitted, note = fit_local(cfg, LAPTOP)
-    # the four encoders share one pool (batch: the smallest branch batch), so the stream wants 2+1+1+1 CPUs
-    assert "no GPU" in note and "encoders in one pool" in note and "stream 5->" in note
+    # the four encoders share one pool (batch: the smallest branch batch) and one decode actor feeds them, so
+    # the stream wants 1+1+1+1 CPUs
+    assert "no GPU" in note and "encoders in one pool" in note and "one decode actor" in note
+    assert "stream 4->" in note
     col = fitted.extract.encoders.colocated
     assert col is not None and col.batch_size == 8 and col.concurrency == 1
     assert [d.key for d in stream_demands(fitted)].count("extract.encoders.colocated") == 1
@@ -30,9 +32,9 @@ def test_a_two_core_laptop_gets_cpu_placement_and_every_pool_at_once() -> None:
     assert sum(d.cpus for d in stream) <= 2 - 0.25 + 1e-9
     assert placement_problem(stream, LAPTOP) is None
     assert placement_problem(train_demands(fitted), LAPTOP) is None
-    # proportions kept, sizes untouched
+    # proportions kept, sizes untouched but the decode pool's
     assert fitted.extract.decode.resources.num_cpus == fitted.extract.face.resources.num_cpus
-    assert fitted.extract.decode.resources.concurrency == cfg.extract.decode.resources.concurrency
+    assert cfg.extract.decode.resources.concurrency == 2 and fitted.extract.decode.resources.concurrency == 1
     assert fitted.extract.decode.resources.batch_size == cfg.extract.decode.resources.batch_size
     assert fitted.extract.decode.num_frames == cfg.extract.decode.num_frames
     # idempotent: a fitted config fits
@@ -42,11 +44,15 @@ def test_a_two_core_laptop_gets_cpu_placement_and_every_pool_at_once() -> None:
 
 def test_encoders_stay_in_their_own_pools_where_they_fit_or_when_told() -> None:
     cfg = load_config(profile="tiny")
-    never, note = fit_local(load_config(profile="tiny", overrides=["extract.encoders.colocate=never"]), LAPTOP)
+    never, note = fit_local(load_config(profile="tiny", overrides=["extract.encoders.colocate=never",
+                                                                   "extract.decode.trim=never"]), LAPTOP)
     assert never.extract.encoders.colocated is None and "stream 8->" in note and "one pool" not in note
-    # a 16-core CPU box: the 8 CPUs of pools fit as configured, each encoder keeps its pool and its core
+    assert never.extract.decode.resources.concurrency == 2 and "decode actor" not in note
+    # a 16-core CPU box: the 8 CPUs of pools fit as configured, each encoder keeps its pool and its core, and
+    # the decode pool its two actors
     big, note = fit_local(cfg, Cluster(cpus=16, gpus=0, node_cpus=16, node_gpus=0))
     assert big.extract.encoders.colocated is None and "one pool" not in note
+    assert big.extract.decode.resources.concurrency == 2 and "decode actor" not in note
     # one branch: nothing to colocate
     one, _ = fit_local(load_config(profile="tiny", overrides=[f"extract.encoders.{b}.enabled=false"
                                                              for b in BRANCHES if b != "audio"]), LAPTOP)

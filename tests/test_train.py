@@ -159,13 +159,17 @@ def test_parallel_folds_overlap_and_resume_the_failed_one(ray_local, store: str,
     out = str(tmp_path / "par")
     # fold 1, rank 0 dies in epoch 2 with no retries left: the run must fail, fold 0 must still commit.
     kill = kill_worker(tmp_path / "fault.marker", in_epoch=2, rank=0, fold=1)
+    import faults
+
+    # Fold 0 waits after its first epoch until fold 1 has reached its fault: on a loaded machine fold 0 could
+    # otherwise finish its 10 epochs before fold 1's worker group is up. Folds run in turn would fail here.
+    hold = faults.HoldFold(tmp_path / "fault.marker", fold=0, after_epoch=1)
     with pytest.raises(Exception, match="fold"):
-        train_run(cfg, store, out, callbacks=[kill.callback()])
+        train_run(cfg, store, out, callbacks=[kill.callback(), hold.callback()])
     assert (tmp_path / "par" / "folds" / "fold_0.json").exists()
     assert not (tmp_path / "par" / "folds" / "fold_1.json").exists()
     r0 = storage.read_json(f"{out}/folds/fold_0.json")
-    # when fold 1's worker reached the fault (it is killed a few seconds later, which on a loaded machine
-    # can land after fold 0 has finished): fold 1 was training while fold 0's worker group was
+    # when fold 1's worker reached the fault: fold 1 was training while fold 0's worker group was
     fold1_training_at = float((tmp_path / "fault.marker").read_text().split("reached_at ")[1])
     assert r0["started_at"] < fold1_training_at < r0["finished_at"], (r0["started_at"], fold1_training_at,
                                                                         r0["finished_at"])
