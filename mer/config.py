@@ -186,7 +186,7 @@ class DecodeConfig(_Strict):
     # decode pool runs ONE actor. One actor decodes ~40 clips/s of 224 px keyframes on a core, more than such a
     # box's stages take in together (~17 clips/s on 2 cores); each further actor is a process and a decode child
     # to start, seconds of the shared CPUs (measured on 96 clips: pipeline x1.33-1.53 of the sequential
-    # baseline with two actors, x1.58-1.66 with one). never: keep ``resources.concurrency``.
+    # baseline with two actors, x1.51-1.67 with one). never: keep ``resources.concurrency``.
     trim: Literal["auto", "never"] = "auto"
     # Blocks of 8 clips: a decode actor's per-block cost (Ray Data's task round trip, the child's first request
     # of a batch) is spread over twice the clips of 4 (measured: 0.55-0.61 of one-process decode at 4, 0.76-0.81 at 8).
