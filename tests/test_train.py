@@ -135,6 +135,18 @@ def test_label_table_pseudo_rows_only_train(tmp_path: Path, store: str) -> None:
     assert subset.tolist() == [every[c] for c in cv.column("clip_id").to_pylist()]
 
 
+def test_folds_do_not_depend_on_the_order_rows_were_committed() -> None:
+    """The same labelled clips in another part order (extraction actors finishing in another order) get the
+    same folds."""
+    rng = np.random.default_rng(0)
+    ids = [f"clip_{i:03d}" for i in range(60)]
+    table = pa.table({"clip_id": ids, "y": pa.array(rng.integers(0, len(LABELS), 60), pa.int64())})
+    shuffled = table.take(pa.array(rng.permutation(60)))
+    in_order = dict(zip(ids, cv_folds(table, ids, 3, seed=0).tolist()))
+    assert dict(zip(ids, cv_folds(shuffled, ids, 3, seed=0).tolist())) == in_order
+    assert sorted(np.bincount(list(in_order.values())).tolist()) == [20, 20, 20]
+
+
 @pytest.mark.gpu
 def test_gpu_bf16_zero2_nccl(ray_local, store: str, train_cfg, tmp_path: Path) -> None:
     """The GPU path: NCCL process group, bf16, ZeRO-2 (one worker per GPU)."""

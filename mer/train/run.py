@@ -101,10 +101,13 @@ def _fold_assignment(y: np.ndarray, folds: int, seed: int) -> np.ndarray:
 def cv_folds(store_train: pa.Table, cv_ids: list[str], folds: int, seed: int) -> np.ndarray:
     """Fold of each CV row. Folds are drawn over the store's labelled train rows, stratified by their
     original labels, so every run on the same store (any label table, any modalities) validates on the same
-    rows: refined or pseudo-labelled runs stay comparable out of fold. CV rows the store does not label
+    rows: refined or pseudo-labelled runs stay comparable out of fold. The draw is over the rows in clip-id
+    order: a store's row order is the order its parts were committed in, which depends on how fast each actor
+    ran, and two extractions of the same clips must give the same folds. CV rows the store does not label
     (a label table may add some) get a fold from a hash of their id."""
     import hashlib
 
+    store_train = store_train.sort_by("clip_id")
     assigned = dict(zip(store_train.column("clip_id").to_pylist(),
                         _fold_assignment(np.asarray(store_train.column("y").to_numpy()), folds, seed).tolist())
                     ) if store_train.num_rows >= folds else {}
