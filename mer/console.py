@@ -190,10 +190,10 @@ class Progress:
         if not self.enabled:
             return
         if self.tty:
-            self.stream.write("\r" + self.line() + " " * 4)
+            self.stream.write("\r" + self.line(now) + " " * 4)
             self.stream.flush()
         elif now - self.last >= self.every_s and self.done < self.total:
-            self.stream.write(self.line() + "\n")
+            self.stream.write(self.line(now) + "\n")
             self.last = now
 
     def close(self) -> None:

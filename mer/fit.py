@@ -133,6 +133,13 @@ def fit_group(demands: list[Demand], cluster: Cluster, reserve_cpu: float = TASK
     return changes
 
 
+def _stream_shares_cpus(cfg: MerConfig, cluster: Cluster) -> bool:
+    """True on a local Ray without GPUs where the stream's pools do not all fit its CPUs as configured (the
+    condition for colocating the encoders and trimming the decode pool)."""
+    return not cluster.gpus and any("num_cpus" in change
+                                    for change in fit_group(stream_demands(cfg), cluster).values())
+
+
 def _colocate_on_cpu(cfg: MerConfig, cluster: Cluster) -> MerConfig | None:
     """``cfg`` with its encoders in one pool when ``extract.encoders.colocate`` is auto, the local Ray has no
     GPU and the stream's pools do not all fit its CPUs as configured (None when that does not apply)."""
@@ -140,10 +147,10 @@ def _colocate_on_cpu(cfg: MerConfig, cluster: Cluster) -> MerConfig | None:
 
     enc = cfg.extract.encoders
     branches = enabled_branches(cfg)
-    if cluster.gpus or enc.colocate != "auto" or enc.colocated is not None or len(branches) < 2:
+    if enc.colocate != "auto" or enc.colocated is not None or len(branches) < 2:
         return None
-    if not any("num_cpus" in change for change in fit_group(stream_demands(cfg), cluster).values()):
-        return None  # every pool fits as configured
+    if not _stream_shares_cpus(cfg, cluster):
+        return None  # a GPU, or every pool fits as configured
     batch = min(getattr(enc, b).resources.batch_size for b in branches)
     return with_overrides(cfg, [f"extract.encoders.colocated={{batch_size: {batch}, num_cpus: 1.0}}"])
 
@@ -153,9 +160,7 @@ def _one_decode_actor(cfg: MerConfig, cluster: Cluster) -> MerConfig | None:
     stream's pools do not all fit its CPUs as configured (None when that does not apply): where every core is
     shared, a second decode actor adds a process to start and no throughput (see ``DecodeConfig.trim``)."""
     d = cfg.extract.decode
-    if cluster.gpus or d.trim != "auto" or d.resources.concurrency == 1:
-        return None
-    if not any("num_cpus" in change for change in fit_group(stream_demands(cfg), cluster).values()):
+    if d.trim != "auto" or d.resources.concurrency == 1 or not _stream_shares_cpus(cfg, cluster):
         return None
     return with_overrides(cfg, ["extract.decode.resources.concurrency=1"])
 
@@ -163,8 +168,8 @@ def _one_decode_actor(cfg: MerConfig, cluster: Cluster) -> MerConfig | None:
 def fit_local(cfg: MerConfig, cluster: Cluster) -> tuple[MerConfig, str]:
     """``cfg`` sized to a local Ray: CPU placement when it has no GPU, the encoders in one pool and one decode
     actor when the stream's pools must share the CPUs (``extract.encoders.colocate``, ``extract.decode.trim``),
-    and each group of pools that runs at once (a stream, enrichment, a training run) scaled to fit. Returns the config and one line saying
-    what changed (empty when nothing did)."""
+    and each group of pools that runs at once (a stream, enrichment, a training run) scaled to fit. Returns the
+    config and one line saying what changed (empty when nothing did)."""
     notes: list[str] = []
     if not cluster.gpus:
         before = cfg

@@ -274,10 +274,12 @@ def bench_extract(cfg: MerConfig, manifest_uri: str | None = None, *, n_clips: i
     # ONE decode actor (the pool's unit) against the same decoder in one process: a pool of several would
     # divide by a one-process rate it does not share, and on a small machine its actors compete for the cores
     one_actor = with_overrides(cfg, ["extract.decode.resources.concurrency=1"]).extract.decode.resources
-    dec_only = {}
-    for sampling in ("uniform", d.sampling):
+
+    def decode_alone(sampling: str) -> dict[str, Any]:
         ds = decode_stage(sampling, one_actor).apply(ray.data.from_arrow(blocks))
-        dec_only[sampling] = _drain(ds.map_batches(_keep_light, batch_format="pyarrow", num_cpus=0.0), {"decode": 1})
+        return _drain(ds.map_batches(_keep_light, batch_format="pyarrow", num_cpus=0.0), {"decode": 1})
+
+    dec_only = {sampling: decode_alone(sampling) for sampling in ("uniform", d.sampling)}
     result["decode_only"] = dec_only
     rate = _stage_rate(dec_only[d.sampling], "decode")
     result["decode_stage_rate"] = {s: _stage_rate(v, "decode") for s, v in dec_only.items()}
@@ -294,9 +296,7 @@ def bench_extract(cfg: MerConfig, manifest_uri: str | None = None, *, n_clips: i
     pairs = [(single["ray_worker"]["configured_with_audio"]["ms"], rate)]
     for _ in range(max(0, decode_pairs - 1)):
         ref_ms = ray.get(in_worker.remote(paths, params, d.backend, d.audio_backend))["ms"]
-        ds = decode_stage(d.sampling, one_actor).apply(ray.data.from_arrow(blocks))
-        run = _drain(ds.map_batches(_keep_light, batch_format="pyarrow", num_cpus=0.0), {"decode": 1})
-        pairs.append((ref_ms, _stage_rate(run, "decode")))
+        pairs.append((ref_ms, _stage_rate(decode_alone(d.sampling), "decode")))
     ratios = [round(r * ms / 1000, 3) for ms, r in pairs]
     result["decode_stage_pairs"] = {"reference_ms": [ms for ms, _ in pairs], "stage_rate": [r for _, r in pairs],
                                     "ratio_with_audio": ratios, "median_with_audio": float(np.median(ratios))}
