@@ -59,20 +59,39 @@ class KillWorker:
         spec = self
 
         class _Kill(UserCallback):
+            killed_pid: int | None = None
+
             def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
                 m = metrics[spec.rank]
-                if (run_context.train_loop_config["fold"] != spec.fold or m["epoch"] != spec.in_epoch - 1
-                        or spec.marker.exists()):
+                if run_context.train_loop_config["fold"] != spec.fold:
                     return
+                if self.killed_pid is not None:
+                    # The workers report without waiting for the controller, so reports they made before the kill
+                    # landed can still be registered after it: the run resumes from the last of those.
+                    if int(m["pid"]) == self.killed_pid:
+                        with spec.marker.open("a") as f:
+                            f.write(f"registered epoch {m['epoch']} after the kill\n")
+                    return
+                if m["epoch"] != spec.in_epoch - 1 or spec.marker.exists():
+                    return
+                self.killed_pid = int(m["pid"])
                 if spec.node_pid is not None:  # the worker's whole node
                     kill_tree(spec.node_pid)
                     spec.marker.write_text(f"killed the node of rank {spec.rank} at epoch {spec.in_epoch}\n")
                     return
                 spec.marker.write_text(f"killed rank {spec.rank} at epoch {spec.in_epoch} pid {m['pid']} "
                                        f"reached_at {time.time()!r}\n")
-                os.kill(int(m["pid"]), signal.SIGKILL)
+                os.kill(self.killed_pid, signal.SIGKILL)
 
         return _Kill()
+
+
+def last_registered_epoch(marker: Path, in_epoch: int) -> int:
+    """The last epoch whose report (and checkpoint) Ray Train registered from the killed worker group: the
+    kill's trigger, epoch ``in_epoch - 1``, or a later one it had already reported when the kill landed."""
+    later = [int(line.split()[2]) for line in Path(marker).read_text().splitlines()
+             if line.startswith("registered epoch ")]
+    return max([in_epoch - 1, *later])
 
 
 class HoldFold:

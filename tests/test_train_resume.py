@@ -11,6 +11,8 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
+import faults
+
 from mer import storage
 from mer.train import load_ensemble, train_run
 from mer.train.fold import checkpoint_dirs, remove_unregistered_checkpoints
@@ -62,7 +64,8 @@ def test_killed_worker_resumes_from_checkpoint(ray_local, train_store: str, unin
     metrics = train_run(train_cfg(**{"train.max_failures": 1}), train_store, str(run), callbacks=[kill.callback()])
     assert marker.exists() and "killed rank 1 at epoch 3" in marker.read_text()
     resumed = metrics["folds"][0]["resumed_from"]
-    assert len(resumed) == 1 and 1 <= resumed[0] <= 2, resumed  # restarted from a checkpoint, not from scratch
+    # Restarted from the last checkpoint registered before the kill, not from scratch.
+    assert resumed == [faults.last_registered_epoch(marker, 3)], (resumed, marker.read_text())
     epochs = _epochs(run, 0)
     assert [e for e, _ in epochs] == list(range(1, epochs_n + 1)), "every epoch recorded exactly once"
     assert all(a == (0 if e <= resumed[0] else 1) for e, a in epochs), epochs
@@ -108,7 +111,8 @@ def test_interrupted_run_on_s3_resumed_equals_the_uninterrupted_one(s3_server: s
     metrics = train_run(cfg, train_store, out, resume=True)
     assert metrics["skipped_folds"] == [0]
     resumed = metrics["folds"][1]["resumed_from"]
-    assert len(resumed) == 1 and 1 <= resumed[0] <= 2, resumed  # continued from an S3 checkpoint
+    # Continued from the last S3 checkpoint registered before the failure.
+    assert resumed == [faults.last_registered_epoch(marker, 3)], (resumed, marker.read_text())
     assert metrics["folds"][1]["epochs"] == epochs_n and metrics["test"] is not None
     assert _computed(out) == _computed(uninterrupted)
     assert storage.read_table(f"{out}/oof.parquet").equals(pq.read_table(uninterrupted / "oof.parquet"))
