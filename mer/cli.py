@@ -222,7 +222,8 @@ def _bench(args: argparse.Namespace) -> None:
         from mer.labels.bench import bench_labels, format_bench
 
         summary = bench_labels(cfg, args.out or "runs/bench-labels", seeds=list(range(args.seeds)),
-                               noise=args.noise)
+                               noise=args.noise, n_train=args.n_train, pool_ratio=args.pool_ratio,
+                               n_test=args.n_test, label_noise=args.label_noise)
         print(format_bench(summary))
     elif args.what == "extract" and args.rss:
         from mer.extract.rss import bench_rss, format_rss
@@ -384,6 +385,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-n", type=int, default=32, help="clips / prompts")
     p.add_argument("--seeds", type=int, default=3, help="bench labels: generated stores (seeds 0..N-1)")
     p.add_argument("--noise", type=float, default=2.0, help="bench labels: feature noise of the stores")
+    p.add_argument("--n-train", type=int, default=200, help="bench labels: labelled train clips per store")
+    p.add_argument("--pool-ratio", type=float, default=2.5, help="bench labels: unlabelled pool / train clips")
+    p.add_argument("--n-test", type=int, default=200, help="bench labels: labelled test clips (never seen)")
+    p.add_argument("--label-noise", type=float, default=0.15, help="bench labels: train labels flipped")
     p.add_argument("--out", default=None, help="bench labels | tune | extract --rss: working directory "
                    "(default runs/bench-<what>; --rss: a local dir, default a temp dir)")
     p.add_argument("--trials", type=int, default=6, help="bench tune: trials per study")
