@@ -38,6 +38,9 @@ def test_every_stage_is_recorded_with_its_gate(bench: dict) -> None:
     assert [s["stage"] for s in loop["stages"]] == ["labelled_only", "refined", "round_1", "round_2"]
     for s in loop["stages"]:
         assert s["gate"]["n"] == 200 and 0 < s["gate"]["waf"] <= 1 and s["decision"]
+    # every later stage also says how sure its gain is: paired bootstrap against the stage it had to beat
+    for s in loop["stages"][1:]:
+        assert 0 <= s["gate"]["better_share"] <= 1 and s["gate"]["vs"] in ("labelled_only", "refined", "round_1")
     # the best stage is the accepted one with the highest gate WAF, and loop.json says why
     accepted = [s for s in loop["stages"] if s["accepted"]]
     assert loop["best"]["stage"] == max(accepted, key=lambda s: s["gate"]["waf"])["stage"]
@@ -146,6 +149,26 @@ def test_a_harmful_stage_is_rejected_and_scoring_uses_the_earlier_run(bench: dic
     assert set(preds.column("run_id").to_pylist()) == {loop["best"]["stage"]}
     with pytest.raises(FileNotFoundError, match="not a training run"):
         best_run(str(tmp_path))
+
+
+def test_a_round_that_would_repeat_a_rejected_one_is_not_trained_again(bench: dict, tmp_path: Path) -> None:
+    import shutil
+
+    root = bench["root"]
+    out = tmp_path / "repeat"
+    shutil.copytree(root / "loop" / "sources", out / "sources")  # stage 0 as trained: resumed, not retrained
+    # A margin no stage can meet rejects round 1; with k fixed (k_growth 1) round 2 draws the same picks on the
+    # same base, so its training would only repeat round 1's.
+    cfg = load_config(overrides=[*BENCH_OVERRIDES, "labels.refine=false", "labels.min_gain=0.5",
+                                 "pseudolabel.rounds=2", "pseudolabel.k_growth=1.0"])
+    loop = label_loop(cfg, str(root / "features"), str(out))
+    stages = {s["stage"]: s for s in loop["stages"]}
+    r1, r2 = stages["round_1"], stages["round_2"]
+    assert r1["run"] and not r1["accepted"] and r1["pseudo"]["selected"] > 0
+    assert r2["run"] is None and not r2["accepted"] and r2["built_on"] == "labelled_only"
+    assert "the same pseudo-labels as round_1 (rejected)" in r2["decision"], r2["decision"]
+    assert r2["pseudo"]["selected"] == r1["pseudo"]["selected"] and not (out / "round_2" / "run").exists()
+    assert loop["best"]["stage"] == "labelled_only"
 
 
 def test_reports_are_self_contained_and_show_the_stages(bench: dict) -> None:

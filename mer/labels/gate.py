@@ -23,22 +23,71 @@ from mer.metrics import accuracy, weighted_f1
 from mer.train.features import label_index
 
 
-def gate_figures(run_uri: str, original: dict[str, str]) -> dict[str, Any]:
-    """Out-of-fold WAF and accuracy of ``run_uri`` against ``original`` labels ({clip_id: label})."""
+def _oof_predictions(run_uri: str, original: dict[str, str]) -> dict[str, int]:
+    """{clip_id: predicted class} of a run's out-of-fold rows that have an original label."""
     oof = storage.read_table(storage.join(run_uri, "oof.parquet"))
     ids = oof.column("clip_id").to_pylist()
-    keep = np.array([c in original for c in ids], dtype=bool)
-    if not keep.any():
-        raise ValueError(f"run {run_uri}: none of its out-of-fold rows has an original label")
     probs = np.stack([np.asarray(oof.column(c).to_numpy(zero_copy_only=False), np.float64)
-                      for c in PROB_COLUMNS], axis=1)[keep]
-    y = label_index([original[c] for c, k in zip(ids, keep) if k])
+                      for c in PROB_COLUMNS], axis=1)
     pred = probs.argmax(axis=1)
-    return {"waf": weighted_f1(y, pred), "accuracy": accuracy(y, pred), "n": int(keep.sum())}
+    return {c: int(p) for c, p in zip(ids, pred) if c in original}
 
 
-def decide(candidate: float, best: float, min_gain: float) -> tuple[bool, str]:
-    """Accept a stage whose gate WAF is at least the best accepted one's plus ``min_gain``; say why."""
+def gate_figures(run_uri: str, original: dict[str, str]) -> dict[str, Any]:
+    """Out-of-fold WAF and accuracy of ``run_uri`` against ``original`` labels ({clip_id: label})."""
+    pred = _oof_predictions(run_uri, original)
+    if not pred:
+        raise ValueError(f"run {run_uri}: none of its out-of-fold rows has an original label")
+    y = label_index([original[c] for c in pred])
+    p = np.fromiter(pred.values(), np.int64, len(pred))
+    return {"waf": weighted_f1(y, p), "accuracy": accuracy(y, p), "n": len(pred)}
+
+
+def _waf_of_counts(y: np.ndarray, pred: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """Weighted F1 of ``pred`` against ``y`` for each row of ``counts`` (resamples × clips: how often each clip
+    is drawn), the same figure as :func:`mer.metrics.weighted_f1` on the resampled rows."""
+    c = len(PROB_COLUMNS)
+    true1 = np.eye(c)[y]                       # clips × classes
+    pred1 = np.eye(c)[pred]
+    support = counts @ true1                   # resamples × classes
+    predicted = counts @ pred1
+    tp = counts @ (true1 * pred1)
+    denom = support + predicted
+    f1 = np.divide(2 * tp, denom, out=np.zeros_like(tp), where=denom > 0)
+    return (f1 * support).sum(axis=1) / np.maximum(support.sum(axis=1), 1)
+
+
+def better_share(candidate_run: str, best_run: str, original: dict[str, str], *, min_gain: float = 0.0,
+                 resamples: int = 2000, seed: int = 0) -> float:
+    """Paired bootstrap over the labelled clips both runs scored out of fold: the share of resamples in which
+    the candidate's gate WAF exceeds the best run's by more than ``min_gain``. Near 1: the gain is not
+    an accident of which clips the gate set holds; near 0.5 or below: it could well be."""
+    cand = _oof_predictions(candidate_run, original)
+    best = _oof_predictions(best_run, original)
+    ids = [c for c in cand if c in best]
+    if not ids:
+        return 0.0
+    y = label_index([original[c] for c in ids])
+    pc = np.array([cand[c] for c in ids], np.int64)
+    pb = np.array([best[c] for c in ids], np.int64)
+    n = len(ids)
+    counts = np.random.default_rng(seed).multinomial(n, np.full(n, 1.0 / n), size=resamples).astype(np.float64)
+    diff = _waf_of_counts(y, pc, counts) - _waf_of_counts(y, pb, counts)
+    return float(np.mean(diff > min_gain + 1e-12))
+
+
+def decide(candidate: float, best: float, min_gain: float, *, share: float | None = None,
+           confidence: float = 0.0) -> tuple[bool, str]:
+    """Accept a stage whose gate WAF is at least the best accepted one's plus ``min_gain`` and, when
+    ``confidence`` > 0, whose bootstrap ``share`` (:func:`better_share`) is at least that; say why (the share is
+    always said: "better in 52 % of resamples" is a coin flip, whatever the gate decided)."""
     ok = candidate >= best + min_gain - 1e-12
     rel = "≥" if ok else "<"
-    return ok, f"gate WAF {candidate:.4f} {rel} {best:.4f}" + (f" + {min_gain:g}" if min_gain else "")
+    why = f"gate WAF {candidate:.4f} {rel} {best:.4f}" + (f" + {min_gain:g}" if min_gain else "")
+    if share is not None:
+        why += f"; better in {share:.0%} of bootstrap resamples"
+        if confidence > 0:
+            sure = share >= confidence - 1e-12
+            why += f" ({'≥' if sure else '<'} {confidence:.0%} asked)"
+            ok = ok and sure
+    return ok, why

@@ -40,7 +40,7 @@ import pyarrow as pa
 from mer import storage
 from mer.config import MerConfig
 from mer.labels.evidence import Reliability, class_prior, fit_reliability
-from mer.labels.gate import decide, gate_figures
+from mer.labels.gate import better_share, decide, gate_figures
 from mer.labels.pseudolabel import build_label_table, round_quota, select_pseudo_labels, selection_summary
 from mer.labels.relabel import (fit_sources, refine_labels, rule_counts, train_labels, write_label_table)
 from mer.labels.sources import SourceVotes, pool_votes, read_source, run_oof_votes
@@ -111,12 +111,17 @@ class LabelLoop:
                          modalities=modalities or self.fused_mods, run_name=name)
 
     def _stage_record(self, name: str, run_uri: str, metrics: dict, labels_uri: str | None, pool_uri: str,
-                      best_gate: float | None, extra: dict[str, Any]) -> dict[str, Any]:
+                      best: dict[str, Any] | None, extra: dict[str, Any]) -> dict[str, Any]:
         gate = gate_figures(run_uri, self.original)
-        if best_gate is None:
+        if best is None:
             accepted, why = True, "the labelled-only baseline"
         else:
-            accepted, why = decide(gate["waf"], best_gate, self.cfg.labels.min_gain)
+            lc = self.cfg.labels
+            gate["better_share"] = better_share(run_uri, best["run"], self.original, min_gain=lc.min_gain,
+                                                resamples=lc.gate_resamples, seed=self.cfg.train.seed)
+            gate["vs"] = best["stage"]
+            accepted, why = decide(gate["waf"], best["gate"]["waf"], lc.min_gain, share=gate["better_share"],
+                                   confidence=lc.gate_confidence)
         return {"stage": name, "run": run_uri, "labels": labels_uri, "pool": pool_uri, "gate": gate,
                 "accepted": accepted, "decision": why, "test": _test_figures(metrics), **extra}
 
@@ -171,7 +176,7 @@ class LabelLoop:
                                     {"sources": sorted(rel)})
         return stage0, labelled, pool, rel
 
-    def refine(self, labelled: list[SourceVotes], best_gate: float) -> dict[str, Any]:
+    def refine(self, labelled: list[SourceVotes], best: dict[str, Any]) -> dict[str, Any]:
         """Stage 1: refined labels from every source, retrained, gated."""
         sdir = storage.join(self.out, "refined")
         done = self._finished(sdir)
@@ -184,11 +189,12 @@ class LabelLoop:
         metrics = self._train(run_uri, "refined", labels_uri=labels_uri)
         rules = rule_counts(refined)
         return self._commit(sdir, self._stage_record("refined", run_uri, metrics, labels_uri,
-                                                     storage.join(sdir, "pool"), best_gate, {"rules": rules}))
+                                                     storage.join(sdir, "pool"), best, {"rules": rules}))
 
     def pseudo_round(self, r: int, base: dict[str, Any], others: list[SourceVotes],
-                     rel: dict[str, Reliability], best_gate: float) -> dict[str, Any]:
-        """Round ``r``: pool pseudo-labels from the accepted stage ``base`` and the sources, retrained, gated."""
+                     rel: dict[str, Reliability], previous: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Round ``r``: pool pseudo-labels from the accepted stage ``base`` and the sources, retrained, gated.
+        ``previous``: the round before, whose training a round with the very same label table would repeat."""
         sdir = storage.join(self.out, f"round_{r}")
         done = self._finished(sdir)
         if done:
@@ -219,6 +225,16 @@ class LabelLoop:
                                        "decision": "no pool clip qualified (see selection.parquet reasons): "
                                                    "not trained"})
         table = build_label_table(self._base_labels(base), selection)
+        if (previous and previous.get("labels") and not previous["accepted"]
+                and previous.get("built_on") == base["stage"]
+                and storage.read_table(previous["labels"]).equals(table)):
+            # Agreement, not the quota, bounded the picks: the same label table on the same base would train the
+            # same run (training is deterministic) and meet the same rejection.
+            return self._commit(sdir, {"stage": f"round_{r}", "run": None, "labels": None, "pool": base["pool"],
+                                       "gate": None, "accepted": False, "built_on": base["stage"], "test": None,
+                                       "pseudo": summary, "selection": storage.join(sdir, "selection.parquet"),
+                                       "decision": f"the same pseudo-labels as {previous['stage']} (rejected) on the "
+                                                   "same base: not trained again"})
         labels_uri = storage.join(sdir, "labels.parquet")
         write_label_table(labels_uri, table, rel, {"quota_per_fold": dict(zip(
             [str(x) for x in range(len(quota))], quota.tolist())), "built_on": base["stage"]})
@@ -226,7 +242,7 @@ class LabelLoop:
         metrics = self._train(run_uri, f"round_{r}", labels_uri=labels_uri)
         summary["quota_per_class"] = quota.tolist()
         return self._commit(sdir, self._stage_record(f"round_{r}", run_uri, metrics, labels_uri,
-                                                     storage.join(sdir, "pool"), best_gate,
+                                                     storage.join(sdir, "pool"), base,
                                                      {"pseudo": summary, "built_on": base["stage"],
                                                       "selection": storage.join(sdir, "selection.parquet")}))
 
@@ -237,14 +253,16 @@ class LabelLoop:
         self.stages = [stage0]
         best = stage0
         if self.cfg.labels.refine:
-            rec = self.refine(labelled, best["gate"]["waf"])
+            rec = self.refine(labelled, best)
             self.stages.append(rec)
             if rec["accepted"]:
                 best = rec
         others = [s for s in pool if s.name != "fused"]
+        previous = None
         for r in range(1, (rounds or self.cfg.pseudolabel.rounds) + 1):
-            rec = self.pseudo_round(r, best, others, rel, best["gate"]["waf"])
+            rec = self.pseudo_round(r, best, others, rel, previous)
             self.stages.append(rec)
+            previous = rec
             if rec["accepted"]:
                 best = rec
         result = {
