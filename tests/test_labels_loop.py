@@ -157,10 +157,10 @@ def test_a_round_that_would_repeat_a_rejected_one_is_not_trained_again(bench: di
     root = bench["root"]
     out = tmp_path / "repeat"
     shutil.copytree(root / "loop" / "sources", out / "sources")  # stage 0 as trained: resumed, not retrained
-    # A margin no stage can meet rejects round 1; with k fixed (k_growth 1) round 2 draws the same picks on the
-    # same base, so its training would only repeat round 1's.
+    # A margin no stage can meet rejects round 1; with k fixed (k_growth 1) rounds 2 and 3 draw the same picks on
+    # the same base, so their training would only repeat round 1's.
     cfg = load_config(overrides=[*BENCH_OVERRIDES, "labels.refine=false", "labels.min_gain=0.5",
-                                 "pseudolabel.rounds=2", "pseudolabel.k_growth=1.0"])
+                                 "pseudolabel.rounds=3", "pseudolabel.k_growth=1.0"])
     loop = label_loop(cfg, str(root / "features"), str(out))
     stages = {s["stage"]: s for s in loop["stages"]}
     r1, r2 = stages["round_1"], stages["round_2"]
@@ -168,6 +168,8 @@ def test_a_round_that_would_repeat_a_rejected_one_is_not_trained_again(bench: di
     assert r2["run"] is None and not r2["accepted"] and r2["built_on"] == "labelled_only"
     assert "the same pseudo-labels as round_1 (rejected)" in r2["decision"], r2["decision"]
     assert r2["pseudo"]["selected"] == r1["pseudo"]["selected"] and not (out / "round_2" / "run").exists()
+    # ... and so would round 3's: it is compared with the last round trained, not with the skipped one
+    assert stages["round_3"]["run"] is None and "as round_1 (rejected)" in stages["round_3"]["decision"]
     assert loop["best"]["stage"] == "labelled_only"
 
 

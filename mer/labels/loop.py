@@ -146,6 +146,12 @@ class LabelLoop:
         log.info("label loop: %s %s (%s)", record["stage"], verdict, record["decision"])
         return record
 
+    def _untrained(self, stage_dir: str, r: int, base: dict[str, Any], why: str, **extra: Any) -> dict[str, Any]:
+        """Round ``r`` recorded as rejected without a run: training it could only repeat a stage already judged."""
+        return self._commit(stage_dir, {"stage": f"round_{r}", "run": None, "labels": None, "pool": base["pool"],
+                                        "gate": None, "accepted": False, "built_on": base["stage"], "test": None,
+                                        **extra, "decision": why})
+
     # ------------------------------------------------------------------------------------- stages
     def sources(self) -> tuple[dict[str, Any], list[SourceVotes], list[SourceVotes], dict[str, Reliability]]:
         """Stage 0: the fused and single-modality runs, their OOF votes and pool votes, vote tables, and
@@ -194,7 +200,7 @@ class LabelLoop:
     def pseudo_round(self, r: int, base: dict[str, Any], others: list[SourceVotes],
                      rel: dict[str, Reliability], previous: dict[str, Any] | None = None) -> dict[str, Any]:
         """Round ``r``: pool pseudo-labels from the accepted stage ``base`` and the sources, retrained, gated.
-        ``previous``: the round before, whose training a round with the very same label table would repeat."""
+        ``previous``: the last round trained, whose training a round with the very same label table would repeat."""
         sdir = storage.join(self.out, f"round_{r}")
         done = self._finished(sdir)
         if done:
@@ -202,10 +208,8 @@ class LabelLoop:
         fused_pool = _pool_scores(self.cfg, "fused", base["run"], self.features, base["pool"])
         if not fused_pool.ids:
             # Nothing to pseudo-label: a retrain would only repeat the accepted stage.
-            return self._commit(sdir, {"stage": f"round_{r}", "run": None, "labels": None, "pool": base["pool"],
-                                       "gate": None, "accepted": False, "built_on": base["stage"], "test": None,
-                                       "decision": f"no clip in the store's {POOL_SPLIT!r} split: nothing to "
-                                                   "pseudo-label, not trained"})
+            return self._untrained(sdir, r, base, f"no clip in the store's {POOL_SPLIT!r} split: nothing to "
+                                                  "pseudo-label, not trained")
         # The accepted run's own reliability: its OOF predictions against the original labels.
         lc = self.cfg.labels
         rel = dict(rel)
@@ -219,22 +223,17 @@ class LabelLoop:
         summary = selection_summary(selection)
         if not summary["selected"]:
             # No pool clip has the agreement the rules ask for: a retrain would only repeat the accepted stage.
-            return self._commit(sdir, {"stage": f"round_{r}", "run": None, "labels": None, "pool": base["pool"],
-                                       "gate": None, "accepted": False, "built_on": base["stage"], "test": None,
-                                       "pseudo": summary, "selection": storage.join(sdir, "selection.parquet"),
-                                       "decision": "no pool clip qualified (see selection.parquet reasons): "
-                                                   "not trained"})
+            return self._untrained(sdir, r, base, "no pool clip qualified (see selection.parquet reasons): not trained",
+                                   pseudo=summary, selection=storage.join(sdir, "selection.parquet"))
         table = build_label_table(self._base_labels(base), selection)
         if (previous and previous.get("labels") and not previous["accepted"]
                 and previous.get("built_on") == base["stage"]
                 and storage.read_table(previous["labels"]).equals(table)):
             # Agreement, not the quota, bounded the picks: the same label table on the same base would train the
             # same run (training is deterministic) and meet the same rejection.
-            return self._commit(sdir, {"stage": f"round_{r}", "run": None, "labels": None, "pool": base["pool"],
-                                       "gate": None, "accepted": False, "built_on": base["stage"], "test": None,
-                                       "pseudo": summary, "selection": storage.join(sdir, "selection.parquet"),
-                                       "decision": f"the same pseudo-labels as {previous['stage']} (rejected) on the "
-                                                   "same base: not trained again"})
+            return self._untrained(sdir, r, base, f"the same pseudo-labels as {previous['stage']} (rejected) on the "
+                                                  "same base: not trained again",
+                                   pseudo=summary, selection=storage.join(sdir, "selection.parquet"))
         labels_uri = storage.join(sdir, "labels.parquet")
         write_label_table(labels_uri, table, rel, {"quota_per_fold": dict(zip(
             [str(x) for x in range(len(quota))], quota.tolist())), "built_on": base["stage"]})
@@ -262,7 +261,7 @@ class LabelLoop:
         for r in range(1, (rounds or self.cfg.pseudolabel.rounds) + 1):
             rec = self.pseudo_round(r, best, others, rel, previous)
             self.stages.append(rec)
-            previous = rec
+            previous = rec if rec["run"] else previous  # the last round trained: what a repeat would repeat
             if rec["accepted"]:
                 best = rec
         result = {
