@@ -55,6 +55,19 @@ def weighted_f1(y_true: Sequence[int], y_pred: Sequence[int]) -> float:
     return float(f1_score(t, p, labels=list(range(N_CLASSES)), average="weighted", zero_division=0.0))
 
 
+def weighted_f1_resampled(y_true: np.ndarray, y_pred: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """:func:`weighted_f1` of every resample at once: row ``r`` of ``counts`` (resamples × rows) says how often
+    each row is drawn. The bootstrap of the label gate draws thousands; one scikit-learn call each would cost
+    seconds per decision. Valid class indices only (no ``-1``)."""
+    true1 = np.eye(N_CLASSES)[y_true]          # rows × classes
+    pred1 = np.eye(N_CLASSES)[y_pred]
+    support = counts @ true1                   # resamples × classes
+    tp = counts @ (true1 * pred1)
+    denom = support + counts @ pred1
+    f1 = np.divide(2 * tp, denom, out=np.zeros_like(tp), where=denom > 0)
+    return (f1 * support).sum(axis=1) / np.maximum(support.sum(axis=1), 1)
+
+
 def confusion(y_true: Sequence[int], y_pred: Sequence[int]) -> np.ndarray:
     """Confusion matrix ``[true, pred]`` of shape (6, 6); rows with no prediction (-1) are not counted."""
     from sklearn.metrics import confusion_matrix

@@ -11,8 +11,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from mer.config import LABELS, PROB_COLUMNS
-from mer.labels.gate import _waf_of_counts, better_share, decide, gate_figures
-from mer.metrics import weighted_f1
+from mer.labels.gate import better_share, decide, gate_figures, oof_predictions
+from mer.metrics import weighted_f1, weighted_f1_resampled
 
 
 def _run(tmp_path: Path, name: str, ids: list[str], pred: np.ndarray) -> str:
@@ -42,7 +42,7 @@ def test_resampled_waf_is_sklearns_weighted_f1_of_the_drawn_rows() -> None:
     rng = np.random.default_rng(3)
     y, p = rng.integers(0, 6, 50), rng.integers(0, 6, 50)
     counts = rng.multinomial(50, np.full(50, 1 / 50), size=4).astype(float)
-    got = _waf_of_counts(y, p, counts)
+    got = weighted_f1_resampled(y, p, counts)
     for row, w in zip(counts, got):
         idx = np.repeat(np.arange(50), row.astype(int))
         assert w == pytest.approx(weighted_f1(y[idx], p[idx]), abs=1e-12)
@@ -64,6 +64,7 @@ def test_bootstrap_share_separates_a_real_gain_from_a_few_clips_luck(tmp_path: P
     wrong = np.concatenate([np.arange(0, 120, 2)[:-22], np.arange(1, 41, 2)])
     lucky = _run(tmp_path, "lucky", ids, _with_errors(y, wrong))
     assert gate_figures(lucky, original)["waf"] > gate_figures(best, original)["waf"]
+    clearly, lucky, best = (oof_predictions(r, original) for r in (clearly, lucky, best))
     s_clear = better_share(clearly, best, original)
     s_lucky = better_share(lucky, best, original)
     s_same = better_share(best, best, original)

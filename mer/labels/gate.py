@@ -7,8 +7,9 @@ is scored by the fold model that did not train on it, and it is compared with th
 from fold ``k``'s models (:mod:`mer.labels.pseudolabel`), so no validation row reaches its fold's training
 through the pool. Refinement is the one stage whose training labels were decided with out-of-fold votes of
 models that did see the other folds' rows: a second-order leak that can make its gate figure a little
-optimistic. ``labels.min_gain`` > 0 demands a margin; ``mer bench labels`` checks the decisions against a test
-split the loop never sees.
+optimistic. ``labels.min_gain`` > 0 demands a margin. Every decision also gives the paired-bootstrap share of
+resamples of the labelled clips in which the stage wins (:func:`better_share`); ``labels.gate_confidence`` > 0
+demands it. ``mer bench labels`` checks the decisions against a test split the loop never sees.
 """
 
 from __future__ import annotations
@@ -19,12 +20,13 @@ import numpy as np
 
 from mer import storage
 from mer.config import PROB_COLUMNS
-from mer.metrics import accuracy, weighted_f1
+from mer.metrics import accuracy, weighted_f1, weighted_f1_resampled
 from mer.train.features import label_index
 
 
-def _oof_predictions(run_uri: str, original: dict[str, str]) -> dict[str, int]:
-    """{clip_id: predicted class} of a run's out-of-fold rows that have an original label."""
+def oof_predictions(run_uri: str, original: dict[str, str]) -> dict[str, int]:
+    """{clip_id: predicted class} of a run's out-of-fold rows that have an original label: what the gate
+    judges (read once per stage; :func:`gate_figures` and :func:`better_share` take it)."""
     oof = storage.read_table(storage.join(run_uri, "oof.parquet"))
     ids = oof.column("clip_id").to_pylist()
     probs = np.stack([np.asarray(oof.column(c).to_numpy(zero_copy_only=False), np.float64)
@@ -33,9 +35,10 @@ def _oof_predictions(run_uri: str, original: dict[str, str]) -> dict[str, int]:
     return {c: int(p) for c, p in zip(ids, pred) if c in original}
 
 
-def gate_figures(run_uri: str, original: dict[str, str]) -> dict[str, Any]:
-    """Out-of-fold WAF and accuracy of ``run_uri`` against ``original`` labels ({clip_id: label})."""
-    pred = _oof_predictions(run_uri, original)
+def gate_figures(run_uri: str, original: dict[str, str], pred: dict[str, int] | None = None) -> dict[str, Any]:
+    """Out-of-fold WAF and accuracy of ``run_uri`` against ``original`` labels ({clip_id: label});
+    ``pred``: its :func:`oof_predictions` when the caller already has them."""
+    pred = oof_predictions(run_uri, original) if pred is None else pred
     if not pred:
         raise ValueError(f"run {run_uri}: none of its out-of-fold rows has an original label")
     y = label_index([original[c] for c in pred])
@@ -43,27 +46,12 @@ def gate_figures(run_uri: str, original: dict[str, str]) -> dict[str, Any]:
     return {"waf": weighted_f1(y, p), "accuracy": accuracy(y, p), "n": len(pred)}
 
 
-def _waf_of_counts(y: np.ndarray, pred: np.ndarray, counts: np.ndarray) -> np.ndarray:
-    """Weighted F1 of ``pred`` against ``y`` for each row of ``counts`` (resamples × clips: how often each clip
-    is drawn), the same figure as :func:`mer.metrics.weighted_f1` on the resampled rows."""
-    c = len(PROB_COLUMNS)
-    true1 = np.eye(c)[y]                       # clips × classes
-    pred1 = np.eye(c)[pred]
-    support = counts @ true1                   # resamples × classes
-    predicted = counts @ pred1
-    tp = counts @ (true1 * pred1)
-    denom = support + predicted
-    f1 = np.divide(2 * tp, denom, out=np.zeros_like(tp), where=denom > 0)
-    return (f1 * support).sum(axis=1) / np.maximum(support.sum(axis=1), 1)
-
-
-def better_share(candidate_run: str, best_run: str, original: dict[str, str], *, min_gain: float = 0.0,
+def better_share(cand: dict[str, int], best: dict[str, int], original: dict[str, str], *, min_gain: float = 0.0,
                  resamples: int = 2000, seed: int = 0) -> float:
-    """Paired bootstrap over the labelled clips both runs scored out of fold: the share of resamples in which
-    the candidate's gate WAF exceeds the best run's by more than ``min_gain``. Near 1: the gain is not
-    an accident of which clips the gate set holds; near 0.5 or below: it could well be."""
-    cand = _oof_predictions(candidate_run, original)
-    best = _oof_predictions(best_run, original)
+    """Paired bootstrap over the labelled clips both runs scored out of fold (their :func:`oof_predictions`):
+    the share of resamples in which the candidate's gate WAF exceeds the best run's by more than ``min_gain``.
+    Near 1: the gain is not an accident of which clips the gate set holds; near 0.5 or below: it could well
+    be."""
     ids = [c for c in cand if c in best]
     if not ids:
         return 0.0
@@ -72,7 +60,7 @@ def better_share(candidate_run: str, best_run: str, original: dict[str, str], *,
     pb = np.array([best[c] for c in ids], np.int64)
     n = len(ids)
     counts = np.random.default_rng(seed).multinomial(n, np.full(n, 1.0 / n), size=resamples).astype(np.float64)
-    diff = _waf_of_counts(y, pc, counts) - _waf_of_counts(y, pb, counts)
+    diff = weighted_f1_resampled(y, pc, counts) - weighted_f1_resampled(y, pb, counts)
     return float(np.mean(diff > min_gain + 1e-12))
 
 

@@ -40,7 +40,7 @@ import pyarrow as pa
 from mer import storage
 from mer.config import MerConfig
 from mer.labels.evidence import Reliability, class_prior, fit_reliability
-from mer.labels.gate import better_share, decide, gate_figures
+from mer.labels.gate import better_share, decide, gate_figures, oof_predictions
 from mer.labels.pseudolabel import build_label_table, round_quota, select_pseudo_labels, selection_summary
 from mer.labels.relabel import (fit_sources, refine_labels, rule_counts, train_labels, write_label_table)
 from mer.labels.sources import SourceVotes, pool_votes, read_source, run_oof_votes
@@ -112,13 +112,15 @@ class LabelLoop:
 
     def _stage_record(self, name: str, run_uri: str, metrics: dict, labels_uri: str | None, pool_uri: str,
                       best: dict[str, Any] | None, extra: dict[str, Any]) -> dict[str, Any]:
-        gate = gate_figures(run_uri, self.original)
+        pred = oof_predictions(run_uri, self.original)
+        gate = gate_figures(run_uri, self.original, pred)
         if best is None:
             accepted, why = True, "the labelled-only baseline"
         else:
             lc = self.cfg.labels
-            gate["better_share"] = better_share(run_uri, best["run"], self.original, min_gain=lc.min_gain,
-                                                resamples=lc.gate_resamples, seed=self.cfg.train.seed)
+            gate["better_share"] = better_share(pred, oof_predictions(best["run"], self.original), self.original,
+                                                min_gain=lc.min_gain, resamples=lc.gate_resamples,
+                                                seed=self.cfg.train.seed)
             gate["vs"] = best["stage"]
             accepted, why = decide(gate["waf"], best["gate"]["waf"], lc.min_gain, share=gate["better_share"],
                                    confidence=lc.gate_confidence)
@@ -226,8 +228,7 @@ class LabelLoop:
             return self._untrained(sdir, r, base, "no pool clip qualified (see selection.parquet reasons): not trained",
                                    pseudo=summary, selection=storage.join(sdir, "selection.parquet"))
         table = build_label_table(self._base_labels(base), selection)
-        if (previous and previous.get("labels") and not previous["accepted"]
-                and previous.get("built_on") == base["stage"]
+        if (previous and not previous["accepted"] and previous["built_on"] == base["stage"]
                 and storage.read_table(previous["labels"]).equals(table)):
             # Agreement, not the quota, bounded the picks: the same label table on the same base would train the
             # same run (training is deterministic) and meet the same rejection.
