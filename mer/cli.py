@@ -218,7 +218,14 @@ def _bench(args: argparse.Namespace) -> None:
     t0 = time.perf_counter()
     cfg = _with_ray(args)
     ray_init_s = time.perf_counter() - t0
-    if args.what == "labels":
+    if args.what == "labels" and args.features:
+        from mer.labels.bench import bench_store, format_bench
+        from mer.labels.sources import parse_sources
+
+        print(format_bench(bench_store(cfg, args.features, args.out or "runs/bench-labels",
+                                       seeds=list(range(args.seeds)), tables=parse_sources(args.source),
+                                       truth_uri=args.truth)))
+    elif args.what == "labels":
         from mer.labels.bench import bench_labels, format_bench
 
         summary = bench_labels(cfg, args.out or "runs/bench-labels", seeds=list(range(args.seeds)),
@@ -377,18 +384,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", default="runs/demo")
     p.add_argument("--n-train", type=int, default=120)
     p.add_argument("--n-unlabeled", type=int, default=300, help="unlabelled pool (MER2025: ~2.7x the labelled set)")
-    p.add_argument("--n-test", type=int, default=90)
+    p.add_argument("--n-test", type=int, default=300, help="labelled test clips: the judge of every stage")
 
     p = add("bench", _bench, "benchmarks: extract | train | enrich | labels | tune")
     p.add_argument("what", choices=["extract", "train", "enrich", "labels", "tune"])
     p.add_argument("--manifest", default=None, help="bench extract: manifest (default: generated clips)")
     p.add_argument("-n", type=int, default=32, help="clips / prompts")
-    p.add_argument("--seeds", type=int, default=3, help="bench labels: generated stores (seeds 0..N-1)")
+    p.add_argument("--seeds", type=int, default=3,
+                   help="bench labels: seeds 0..N-1 (a generated store each, or --features' folds)")
     p.add_argument("--noise", type=float, default=2.0, help="bench labels: feature noise of the stores")
     p.add_argument("--n-train", type=int, default=200, help="bench labels: labelled train clips per store")
     p.add_argument("--pool-ratio", type=float, default=2.5, help="bench labels: unlabelled pool / train clips")
     p.add_argument("--n-test", type=int, default=200, help="bench labels: labelled test clips (never seen)")
     p.add_argument("--label-noise", type=float, default=0.15, help="bench labels: train labels flipped")
+    p.add_argument("--features", default=None, help="bench labels: loop over this feature store instead of "
+                   "generated ones (its test split judges; --seeds draws other folds)")
+    p.add_argument("--source", action="append", default=[], metavar="NAME=URI",
+                   help="bench labels --features: vote table, as for mer pseudolabel (repeatable)")
+    p.add_argument("--truth", default=None, help="bench labels --features: true labels (CSV/Parquet), when known")
     p.add_argument("--out", default=None, help="bench labels | tune | extract --rss: working directory "
                    "(default runs/bench-<what>; --rss: a local dir, default a temp dir)")
     p.add_argument("--trials", type=int, default=6, help="bench tune: trials per study")

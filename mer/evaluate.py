@@ -47,6 +47,14 @@ def _normalise(label: object) -> str | None:
     return text or None
 
 
+def read_labels(uri: str) -> dict[str, str]:
+    """{clip id: lower-cased label} of a labels table (CSV, Parquet or part store; project or MER2025 column
+    names); rows without a label are left out."""
+    table = _read_any(uri)
+    ids, labels = _pick(table, ("clip_id", "name"), "id", uri), _pick(table, ("label", "discrete"), "label", uri)
+    return {str(c): lab for c, lab in zip(ids, map(_normalise, labels)) if lab is not None}
+
+
 def evaluate(pred_uri: str, labels_uri: str, out_dir: str | None = None) -> dict:
     """Compare predictions with labels; write ``report.json`` and ``confusion_matrix.png`` to ``out_dir``."""
     pred_t, lab_t = _read_any(pred_uri), _read_any(labels_uri)

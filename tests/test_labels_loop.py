@@ -93,6 +93,31 @@ def test_rerun_resumes_without_training(bench: dict) -> None:
     assert metrics.stat().st_mtime == mtime
 
 
+def test_bench_on_an_existing_store_gives_the_generated_bench_figures(bench: dict, tmp_path: Path) -> None:
+    """``mer bench labels --features``: the same store and seed give the same figures as the generated bench
+    (the loop copied as trained: resumed, not retrained), true labels from a CSV in the MER2025 layout."""
+    import shutil
+
+    from mer.labels.bench import bench_store, format_bench
+    from mer.parts import read_parts
+
+    root = bench["root"]
+    out = tmp_path / "store-bench"
+    shutil.copytree(root / "loop", out / "seed_0" / "loop")
+    truth = read_parts(str(root / "truth"), columns=["label"])
+    rows = ["name,discrete"] + [f"{c},{lab}" for c, lab in zip(truth.column("clip_id").to_pylist(),
+                                                               truth.column("label").to_pylist())]
+    (tmp_path / "truth.csv").write_text("\n".join(rows) + "\n")
+    summary = bench_store(bench["cfg"], str(root / "features"), str(out), seeds=[0],
+                          truth_uri=str(tmp_path / "truth.csv"))
+    got, want = summary["seeds"][0], bench["result"]
+    for key in ("test_waf", "gate_waf", "accepted", "best", "gain", "refinement", "pseudo_precision"):
+        assert got[key] == want[key], key
+    assert summary["store"]["features"] == str(root / "features")
+    assert json.loads((out / "bench_labels.json").read_text())["gain"][0] == want["gain"]
+    assert f"{want['gain']:+.4f}" in format_bench(summary)
+
+
 def _trap_votes(root: Path) -> str:
     """A vote table that agrees with the annotations on 55 % of the labelled clips and names the next label
     on the rest: reliable-looking enough to get a say, wrong enough to damage what it relabels."""

@@ -67,6 +67,28 @@ def _pseudo_precision(selection_uri: str, truth: dict[str, str]) -> float | None
                                                            picked.column("pred_label").to_pylist())]))
 
 
+def _loop_figures(loop: dict[str, Any], truth: dict[str, str] | None) -> dict[str, Any]:
+    """Test-split WAF of every trained stage of a finished loop, the gate's decisions, the best stage's gain
+    over labelled-only; with ``truth`` ({clip_id: true label}) also the refinement's flip scores and the
+    pseudo-labels' precision."""
+    stages = {s["stage"]: s for s in loop["stages"] if s["run"]}  # a round with no pool trains nothing
+    out: dict[str, Any] = {"test_waf": {name: s["test"]["waf"] for name, s in stages.items()},
+                           "gate_waf": {name: s["gate"]["waf"] for name, s in stages.items()},
+                           "accepted": {name: s["accepted"] for name, s in stages.items()},
+                           "best": loop["best"]["stage"]}
+    out["final_test_waf"] = stages[loop["best"]["stage"]]["test"]["waf"]
+    out["gain"] = out["final_test_waf"] - out["test_waf"]["labelled_only"]
+    if truth is not None and "refined" in stages:
+        out["refinement"] = _refinement_scores(stages["refined"]["labels"], truth)
+    out["pseudo_precision"] = {}
+    out["pseudo_selected"] = {}
+    for name, s in stages.items():
+        if name.startswith("round_"):
+            out["pseudo_precision"][name] = _pseudo_precision(s["selection"], truth) if truth else None
+            out["pseudo_selected"][name] = s["pseudo"]["selected"]
+    return out
+
+
 def bench_seed(cfg: MerConfig, root: str, seed: int, *, n_train: int, pool_ratio: float, n_test: int,
                noise: float, label_noise: float) -> dict[str, Any]:
     """One seed: generated store → label loop → test-split figures per stage, flip and pseudo-label scores."""
@@ -82,24 +104,27 @@ def bench_seed(cfg: MerConfig, root: str, seed: int, *, n_train: int, pool_ratio
     truth = _truth(root, seed, n, noise, n_test / n)
     t0 = time.time()
     loop = label_loop(cfg, features, storage.join(root, "loop"))
-    stages = {s["stage"]: s for s in loop["stages"]}
-    stages = {name: s for name, s in stages.items() if s["run"]}  # a round with no pool trains nothing
-    out: dict[str, Any] = {"seed": seed, "seconds": round(time.time() - t0, 1),
-                           "test_waf": {name: s["test"]["waf"] for name, s in stages.items()},
-                           "gate_waf": {name: s["gate"]["waf"] for name, s in stages.items()},
-                           "accepted": {name: s["accepted"] for name, s in stages.items()},
-                           "best": loop["best"]["stage"]}
-    out["final_test_waf"] = stages[loop["best"]["stage"]]["test"]["waf"]
-    out["gain"] = out["final_test_waf"] - out["test_waf"]["labelled_only"]
-    if "refined" in stages:
-        out["refinement"] = _refinement_scores(stages["refined"]["labels"], truth)
-    out["pseudo_precision"] = {}
-    out["pseudo_selected"] = {}
-    for name, s in stages.items():
-        if name.startswith("round_"):
-            out["pseudo_precision"][name] = _pseudo_precision(s["selection"], truth)
-            out["pseudo_selected"][name] = s["pseudo"]["selected"]
-    return out
+    return {"seed": seed, "seconds": round(time.time() - t0, 1), **_loop_figures(loop, truth)}
+
+
+def bench_store(cfg: MerConfig, features_uri: str, out_dir: str, *, seeds: list[int],
+                tables: dict[str, str] | None = None, truth_uri: str | None = None) -> dict[str, Any]:
+    """The label loop on an existing feature store (its labelled ``test`` split is the judge), once per seed:
+    ``train.seed`` draws other folds and initialisations, so the spread is the loop's own, not the store's.
+    ``tables``: extra vote tables as for ``mer pseudolabel --source``; ``truth_uri``: true labels, when known
+    (generated data), for the flip and pseudo-label precision columns."""
+    from mer.config import with_overrides
+    from mer.evaluate import read_labels
+    from mer.labels.loop import label_loop
+
+    truth = read_labels(truth_uri) if truth_uri else None
+    results = []
+    for s in seeds:
+        t0 = time.time()
+        loop = label_loop(with_overrides(cfg, [f"train.seed={s}"]), features_uri,
+                          storage.join(out_dir, f"seed_{s}", "loop"), tables=tables)
+        results.append({"seed": s, "seconds": round(time.time() - t0, 1), **_loop_figures(loop, truth)})
+    return _summarise(out_dir, {"features": features_uri, "tables": tables or {}, "truth": truth_uri}, results)
 
 
 def _mean_std(values: list[float | None]) -> tuple[float | None, float | None]:
@@ -107,17 +132,12 @@ def _mean_std(values: list[float | None]) -> tuple[float | None, float | None]:
     return (float(np.mean(v)), float(np.std(v))) if v else (None, None)
 
 
-def bench_labels(cfg: MerConfig, out_dir: str, *, seeds: list[int], n_train: int = 200, pool_ratio: float = 2.5,
-                 n_test: int = 200, noise: float = 2.0, label_noise: float = 0.15) -> dict[str, Any]:
-    """Run :func:`bench_seed` for every seed under ``out_dir/seed_<s>`` and summarise mean and spread."""
-    if not storage.is_s3(out_dir):
-        Path(out_dir).mkdir(parents=True, exist_ok=True)
-    results = [bench_seed(cfg, storage.join(out_dir, f"seed_{s}"), s, n_train=n_train, pool_ratio=pool_ratio,
-                          n_test=n_test, noise=noise, label_noise=label_noise) for s in seeds]
+def _summarise(out_dir: str, store: dict[str, Any], results: list[dict[str, Any]]) -> dict[str, Any]:
+    """Mean and spread over seeds of every stage's test WAF, the gain, flip and pseudo-label scores; written to
+    ``out_dir/bench_labels.json``."""
     stage_names = list(dict.fromkeys(name for r in results for name in r["test_waf"]))
     summary: dict[str, Any] = {
-        "store": {"n_train": n_train, "pool_ratio": pool_ratio, "n_test": n_test, "noise": noise,
-                  "label_noise": label_noise, **STORE},
+        "store": store,
         "seeds": results,
         "mean_std": {name: _mean_std([r["test_waf"].get(name) for r in results]) for name in stage_names},
         "final": _mean_std([r["final_test_waf"] for r in results]),
@@ -130,6 +150,17 @@ def bench_labels(cfg: MerConfig, out_dir: str, *, seeds: list[int], n_train: int
     }
     storage.write_json(storage.join(out_dir, "bench_labels.json"), summary)
     return summary
+
+
+def bench_labels(cfg: MerConfig, out_dir: str, *, seeds: list[int], n_train: int = 200, pool_ratio: float = 2.5,
+                 n_test: int = 200, noise: float = 2.0, label_noise: float = 0.15) -> dict[str, Any]:
+    """Run :func:`bench_seed` for every seed under ``out_dir/seed_<s>`` and summarise mean and spread."""
+    if not storage.is_s3(out_dir):
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+    results = [bench_seed(cfg, storage.join(out_dir, f"seed_{s}"), s, n_train=n_train, pool_ratio=pool_ratio,
+                          n_test=n_test, noise=noise, label_noise=label_noise) for s in seeds]
+    return _summarise(out_dir, {"n_train": n_train, "pool_ratio": pool_ratio, "n_test": n_test, "noise": noise,
+                                "label_noise": label_noise, **STORE}, results)
 
 
 def format_bench(summary: dict[str, Any]) -> str:
