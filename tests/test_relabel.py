@@ -79,7 +79,7 @@ def test_multi_source_refinement_finds_flipped_labels() -> None:
                _source("text", ids, truth, 0.6, 0.6, 3),
                SourceVotes("llm", "label", ids, one_hot([LABELS[k] if i % 3 else None
                                                          for i, k in enumerate(truth)]))]
-    out, rel = refine_labels(_original(orig.tolist()), sources, RelabelConfig(), LC)
+    out, rel = refine_labels(_original(orig.tolist()), sources, RelabelConfig(mode="relabel"), LC)
     assert out.num_rows == len(truth) and set(rel) == {"fused", "audio", "text", "llm"}
     rows = out.to_pylist()
     flagged = np.array([r["rule"] in ("relabel", "downweight") for r in rows])
@@ -96,6 +96,16 @@ def test_multi_source_refinement_finds_flipped_labels() -> None:
     assert all(0 < r["weight"] <= 1 for r in rows)
     assert all(r["source"] == ("refined" if r["rule"] == "relabel" else "original") for r in rows)
 
+    # The default mode changes no label: the same doubted clips are down-weighted instead, so less of the
+    # training weight sits on wrong labels than before refinement.
+    kept, _ = refine_labels(_original(orig.tolist()), sources, RelabelConfig(), LC)
+    kept_rows = kept.to_pylist()
+    assert [r["label"] for r in kept_rows] == [LABELS[k] for k in orig]
+    assert [r["rule"] == "downweight" for r in kept_rows] == flagged.tolist()
+    assert all(k["weight"] < 0.5 for k, r in zip(kept_rows, rows) if r["rule"] == "relabel")
+    w = np.array([r["weight"] for r in kept_rows])
+    assert (w * flip).sum() / w.sum() < flip.mean()
+
 
 def test_one_confident_source_cannot_relabel_alone() -> None:
     ids = [f"c{i:03d}" for i in range(60)]
@@ -103,10 +113,10 @@ def test_one_confident_source_cannot_relabel_alone() -> None:
     orig = truth.copy()
     orig[0] = (truth[0] + 1) % K  # one flipped label
     fused = SourceVotes("fused", "probs", ids, _probs(truth.tolist(), 0.95))
-    out, _ = refine_labels(_original(orig.tolist()), [fused], RelabelConfig(min_agree=2), LC)
+    out, _ = refine_labels(_original(orig.tolist()), [fused], RelabelConfig(mode="relabel", min_agree=2), LC)
     row = out.to_pylist()[0]
     assert row["rule"] == "downweight" and row["label"] == LABELS[orig[0]] and row["weight"] < 0.5
-    out1, _ = refine_labels(_original(orig.tolist()), [fused], RelabelConfig(min_agree=1), LC)
+    out1, _ = refine_labels(_original(orig.tolist()), [fused], RelabelConfig(mode="relabel", min_agree=1), LC)
     assert out1.to_pylist()[0]["rule"] == "relabel" and out1.to_pylist()[0]["label"] == LABELS[truth[0]]
     assert rule_counts(out1)["agree"] == 59
 

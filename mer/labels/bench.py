@@ -55,7 +55,10 @@ def _refinement_scores(labels_uri: str, truth: dict[str, str]) -> dict[str, Any]
             "relabel_correct": (sum(r["label"] == truth[r["clip_id"]] for r in relabelled) / len(relabelled)
                                 if relabelled else None),
             "label_accuracy_before": float(np.mean([r["original_label"] == truth[r["clip_id"]] for r in rows])),
-            "label_accuracy_after": float(np.mean([r["label"] == truth[r["clip_id"]] for r in rows]))}
+            "label_accuracy_after": float(np.mean([r["label"] == truth[r["clip_id"]] for r in rows])),
+            # what training sees: the share of the sample weight that sits on right labels (all weights 1 before)
+            "right_weight_after": float(sum(r["weight"] for r in rows if r["label"] == truth[r["clip_id"]])
+                                        / sum(r["weight"] for r in rows))}
 
 
 def _pseudo_precision(selection_uri: str, truth: dict[str, str]) -> float | None:

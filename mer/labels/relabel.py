@@ -7,9 +7,12 @@ original annotation is one more source, of precision ``relabel.annotation_accura
 posterior decides, in order:
 
 1. ``no_votes``   — no source has a vote for this clip: keep, weight 1.
-2. ``relabel``    — another label has posterior ≥ ``relabel.min_posterior`` *and* at least
-                    ``relabel.min_agree`` sources vote for it themselves (one confident model is not enough):
-                    the label changes, weight = its posterior.
+2. ``relabel``    — only with ``relabel.mode: relabel``: another label has posterior ≥ ``relabel.min_posterior``
+                    *and* at least ``relabel.min_agree`` sources vote for it themselves (one confident model is
+                    not enough): the label changes, weight = its posterior. By default (``mode: weight``) no label
+                    changes and such a clip falls to the next rule: where the sources are weak their alternative
+                    is more often their own confusion than the truth, and a wrong relabel teaches the wrong class
+                    at full strength where a down-weighted label only pulls less.
 3. ``downweight`` — the original label's posterior is below ``relabel.keep_min_posterior``: keep it with
                     weight = that posterior (at least ``relabel.min_weight``), so a probably wrong label
                     pulls less.
@@ -102,7 +105,7 @@ def refine_labels(original: pa.Table, sources: list[SourceVotes], rc: RelabelCon
         consensus = int(np.argmax(post_sources[i]))
         label, weight, rule = o, 1.0, "no_votes"
         if has_votes:
-            if post[i, alt] >= rc.min_posterior and n_alt >= rc.min_agree:
+            if rc.mode == "relabel" and post[i, alt] >= rc.min_posterior and n_alt >= rc.min_agree:
                 label, weight, rule = alt, float(post[i, alt]), "relabel"
             elif post[i, o] < rc.keep_min_posterior:
                 weight, rule = max(float(post[i, o]), rc.min_weight), "downweight"
