@@ -9,6 +9,8 @@ from __future__ import annotations
 import csv
 import io
 
+from typing import Any
+
 import pyarrow as pa
 
 from mer import storage
@@ -47,28 +49,28 @@ def _normalise(label: object) -> str | None:
     return text or None
 
 
-def read_labels(uri: str) -> dict[str, str]:
-    """{clip id: lower-cased label} of a labels table (CSV, Parquet or part store; project or MER2025 column
-    names); rows without a label are left out."""
+def label_rows(uri: str) -> list[tuple[Any, str]]:
+    """(clip id, lower-cased label) of every labelled row of a labels table (CSV, Parquet or part store; project
+    or MER2025 column names), in file order; rows without a label are left out, unknown labels are not."""
     table = _read_any(uri)
     ids, labels = _pick(table, ("clip_id", "name"), "id", uri), _pick(table, ("label", "discrete"), "label", uri)
-    return {str(c): lab for c, lab in zip(ids, map(_normalise, labels)) if lab is not None}
+    return [(c, lab) for c, lab in zip(ids, map(_normalise, labels)) if lab is not None]
+
+
+def read_labels(uri: str) -> dict[str, str]:
+    """{clip id: lower-cased label} of a labels table (:func:`label_rows`)."""
+    return {str(c): lab for c, lab in label_rows(uri)}
 
 
 def evaluate(pred_uri: str, labels_uri: str, out_dir: str | None = None) -> dict:
     """Compare predictions with labels; write ``report.json`` and ``confusion_matrix.png`` to ``out_dir``."""
-    pred_t, lab_t = _read_any(pred_uri), _read_any(labels_uri)
+    pred_t = _read_any(pred_uri)
     pred_ids = _pick(pred_t, ("clip_id", "name"), "id", pred_uri)
     preds = _pick(pred_t, ("pred_label", "discrete", "label"), "prediction", pred_uri)
-    lab_ids = _pick(lab_t, ("clip_id", "name"), "id", labels_uri)
-    labs = _pick(lab_t, ("label", "discrete"), "label", labels_uri)
 
     truth = {}
     unknown_labels = []
-    for cid, lab in zip(lab_ids, labs):
-        lab = _normalise(lab)
-        if lab is None:
-            continue
+    for cid, lab in label_rows(labels_uri):
         if lab not in LABELS:
             unknown_labels.append({"clip_id": cid, "label": lab})
             continue

@@ -9,12 +9,13 @@ through the pool. Refinement is the one stage whose training labels were decided
 models that did see the other folds' rows: fold ``j``'s source model learnt fold ``k``'s labels, its votes
 set the weights (and, with ``relabel.mode: relabel``, the labels) of fold ``j``'s rows, and those train fold
 ``k``'s refined model — a distillation of fold ``k``'s labels into the model judged on them. Measured by
-``mer bench labels``: on the generated stores its gate gain matched its test gain (within 0.005 on average over 6
-seeds), on the demo's extracted store it overstated it by +0.035 (weight mode; +0.084 with relabels) over 4
-seeds, while the rounds' gate gains stayed honest there (±0.01). A leak-free figure needs source runs that
-saw neither fold (nested), not built. ``labels.min_gain`` > 0 demands a margin. Every decision also gives the paired-bootstrap share of
-resamples of the labelled clips in which the stage wins (:func:`better_share`); ``labels.gate_confidence`` > 0
-demands it. ``mer bench labels`` checks the decisions against a test split the loop never sees.
+``mer bench labels``: on the generated stores its gate gain matched its test gain (within 0.005 on average over
+6 seeds), on the demo's extracted store it overstated it by +0.035 (weight mode; +0.084 with relabels) over 4
+seeds, while the rounds' gate gains stayed honest there (±0.01). A leak-free figure needs source runs that saw
+neither fold (nested), not built. ``labels.min_gain`` > 0 demands a margin. Every decision also gives the
+paired-bootstrap share of resamples of the labelled clips in which the stage wins (:func:`better_share`);
+``labels.gate_confidence`` > 0 demands it. ``mer bench labels`` checks the decisions against a test split the
+loop never sees.
 """
 
 from __future__ import annotations
