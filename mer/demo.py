@@ -191,7 +191,11 @@ def run_demo(cfg: MerConfig, workdir: str, *, n_train: int = 120, n_unlabeled: i
                           "accepted": s["accepted"], "decision": s["decision"],
                           **({"rules": s["rules"]} if "rules" in s else {}),
                           **({"pseudo_labels": s["pseudo"]["selected"]} if "pseudo" in s else {})}
-                         for s in loop["stages"]],
+                         for s in loop["stages"]]
+        + ([{"stage": "ensemble", "test_waf": (loop["best"].get("test") or {}).get("waf"),
+             "gate_waf": loop["best"]["gate_waf"], "accepted": True,
+             "decision": "scored: mean of " + ", ".join(loop["best"]["members"])}]
+           if loop["best"]["stage"] == "ensemble" else []),
         "best_stage": loop["best"],
         "label_quality": _label_quality(loop, _truth(data)),
         "scored_test": {"waf": report.get("waf"), "accuracy": report.get("accuracy"),

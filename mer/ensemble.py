@@ -40,10 +40,13 @@ def _fold_map(run_uri: str) -> dict[str, int]:
     return dict(zip(oof.column("clip_id").to_pylist(), oof.column("fold").to_pylist()))
 
 
-def build_ensemble(run_uris: list[str], out_uri: str, weighting: Weighting = "waf") -> dict[str, Any]:
+def build_ensemble(run_uris: list[str], out_uri: str, weighting: Weighting = "waf",
+                   names: list[str] | None = None) -> dict[str, Any]:
     """Write the ensemble of ``run_uris`` (training runs or label-loop directories) to ``out_uri``; returns its
-    metrics. ``weighting``: ``mean`` (every run alike) or ``waf`` (each run by its mean fold validation WAF)."""
+    metrics. ``weighting``: ``mean`` (every run alike) or ``waf`` (each run by its mean fold validation WAF);
+    ``names``: the members' names (default: their directory names)."""
     from mer.labels.loop import best_run
+    from mer.provenance import run_record
     from mer.train.ensemble import load_ensemble
     from mer.train.report import prediction_table
     from mer.train.run import _score_split  # how a run scores its test split: the same for the ensemble
@@ -63,7 +66,7 @@ def build_ensemble(run_uris: list[str], out_uri: str, weighting: Weighting = "wa
                              "label rows differ); fold ensembles can only be combined over the same folds")
     members = []
     for i, (r, m) in enumerate(zip(runs, metrics)):
-        name = f"{i}_{r.rstrip('/').rsplit('/', 1)[-1]}"
+        name = f"{i}_{names[i] if names else r.rstrip('/').rsplit('/', 1)[-1]}"
         storage.copy_dir(storage.join(r, "models"), storage.join(out_uri, "members", name, "models"))
         storage.write_json(storage.join(out_uri, "members", name, "metrics.json"), m)
         weight = 1.0 if weighting == "mean" else float(m["cv_waf_mean"])
@@ -72,6 +75,11 @@ def build_ensemble(run_uris: list[str], out_uri: str, weighting: Weighting = "wa
                         "test_waf": (m.get("test") or {}).get("waf"), "modalities": m["modalities"]})
     mods = list(dict.fromkeys(mod for m in metrics for mod in m["modalities"]))
     spec = {"members": members, "weighting": weighting, "modalities": mods, "labels": list(LABELS)}
+    # The training store's provenance (one store, so one record): scoring checks a store's config hash against
+    # it, and `mer score --manifest` extracts with its settings, as for a single run.
+    recorded = run_record(runs[0])
+    if recorded is not None:
+        spec["features"] = recorded
     storage.write_json(storage.join(out_uri, "models", "model.json"), spec)
 
     ens = load_ensemble(out_uri)

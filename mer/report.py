@@ -79,6 +79,15 @@ def run_sections(run_uri: str, heading: str = "") -> list[str]:
     m = storage.read_json(storage.join(run_uri, "metrics.json"))
     test = m.get("test") or {}
     h = f"{heading} — " if heading else ""
+    if m.get("model") == "ensemble":  # mer ensemble or a label loop's: figures and members, no training of its own
+        return [f"<h2>{_e(h)}Weighted F1 (WAF) and accuracy</h2>",
+                _table(["split", "WAF", "accuracy", "clips"],
+                       [["out of fold (store labels)", m.get("waf"), m.get("accuracy"), None],
+                        *([["test split", test.get("waf"), test.get("accuracy"), test.get("n")]] if test else [])]),
+                f"<h2>{_e(h)}Members ({_e(m.get('weighting'))} of their fold ensembles)</h2>",
+                _table(["member", "weight", "out-of-fold WAF", "test WAF", "run"],
+                       [[x["name"], x["weight"], x.get("oof_waf"), x.get("test_waf"), x["run"]]
+                        for x in m.get("members", [])])]
     body = [f"<h2>{_e(h)}Weighted F1 (WAF) and accuracy</h2>",
             _table(["split", "WAF", "accuracy", "clips"],
                    [["out of fold (training labels)", m.get("waf"), m.get("accuracy"), m.get("n_cv")],
@@ -141,26 +150,46 @@ def write_run_report(run_uri: str) -> str:
 
 
 def loop_sections(loop: dict[str, Any]) -> list[str]:
-    """The label loop's stages (gate, decision, test figures) and what the best stage is."""
+    """The label loop's stages (gate, decision, test figures) and what is scored."""
     rows, classes = [], []
+    scored = set(loop["best"].get("members") or [loop["best"]["stage"]])
     for s in loop["stages"]:
         gate, test = s.get("gate") or {}, s.get("test") or {}
         what = s.get("rules") or ({"pseudo-labels (clip, fold)": s["pseudo"]["selected"],
                                    "clips": s["pseudo"]["distinct_clips"]} if s.get("pseudo") else "")
         rows.append([s["stage"], gate.get("waf"), test.get("waf"), "kept" if s["accepted"] else "rejected",
                      s.get("decision", ""), json.dumps(what) if what else ""])
-        classes.append("best" if s["stage"] == loop["best"]["stage"] else "" if s["accepted"] else "no")
+        classes.append("best" if s["stage"] in scored else "" if s["accepted"] else "no")
+    best = loop["best"]
+    if best["stage"] == "ensemble":
+        rows.append(["ensemble", (best.get("gate") or {}).get("waf"), (best.get("test") or {}).get("waf"), "scored",
+                     "mean of the accepted stages' fold ensembles (its out-of-fold WAF does not compare with "
+                     "theirs: each stage's is read at every fold's best validation epoch on that fold, which "
+                     "flatters one run more than a mean of several)",
+                     ", ".join(best["members"])])
+        classes.append("best")
     return ["<h2>Label stages</h2>",
             '<p class="note">gate WAF: out-of-fold WAF against the original labels (decides); test WAF: the '
-            "store's labelled test split (shown, never used to decide). The highlighted stage is scored.</p>",
+            "store's labelled test split (shown, never used to decide). Highlighted: what is scored.</p>",
             _table(["stage", "gate WAF", "test WAF", "decision", "why", "details"], rows, classes, left=1),
-            f"<p>best: <b>{_e(loop['best']['stage'])}</b> — {_e(loop['best']['why'])}</p>"]
+            f"<p>scored: <b>{_e(best['stage'])}</b> — {_e(best['why'])}</p>"]
+
+
+def scored_sections(loop: dict[str, Any]) -> list[str]:
+    """The run ``mer score`` uses; for the accepted stages' ensemble, then also the best single stage's run (its
+    folds, plots and modality weights: an ensemble has no training of its own)."""
+    best = loop["best"]
+    if best["stage"] != "ensemble":
+        return run_sections(best["run"], heading=f"best stage ({best['stage']})")
+    stage = loop["best_stage"]
+    return run_sections(best["run"], heading="ensemble of the accepted stages") + \
+        run_sections(stage["run"], heading=f"best single stage ({stage['stage']})")
 
 
 def write_loop_report(loop_uri: str) -> str:
-    """Write ``DIR/report.html`` for a label-loop directory (its stages, then the best stage's run)."""
+    """Write ``DIR/report.html`` for a label-loop directory (its stages, then the run that is scored)."""
     loop = storage.read_json(storage.join(loop_uri, "loop.json"))
-    body = loop_sections(loop) + run_sections(loop["best"]["run"], heading=f"best stage ({loop['best']['stage']})")
+    body = loop_sections(loop) + scored_sections(loop)
     uri = storage.join(loop_uri, "report.html")
     storage.write_text(uri, _page("mer label loop", loop_uri, body))
     return uri
@@ -197,7 +226,7 @@ def write_demo_report(workdir: str, summary: dict[str, Any]) -> str:
              f"<p>WAF {_num(scored.get('waf'))}, accuracy {_num(scored.get('accuracy'))}, "
              f"clips missing from the predictions: {_e(scored.get('missing'))}; run {_e(scored.get('run'))} "
              "(its confusion matrix on this split is below)</p>"]
-    body += run_sections(loop["best"]["run"], heading=f"best stage ({loop['best']['stage']})")
+    body += scored_sections(loop)
     statuses = {"extraction (status)": summary.get("extract_status") or {},
                 "enrichment": summary.get("enrich_status") or {},
                 "LLM vote": summary.get("llm_vote_status") or {}}

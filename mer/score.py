@@ -163,7 +163,8 @@ def score(cfg: MerConfig, run_uri: str, out_uri: str, *, features_uri: str | Non
           splits: list[str] | None = None, allow_config_change: bool = False) -> dict:
     """``mer score``: predictions Parquet parts under ``out_uri/predictions`` + ``out_uri/submission.csv``.
 
-    ``run_uri`` is a training run or a label-loop directory, which scores its best accepted stage's run.
+    ``run_uri`` is a training run or a label-loop directory, which scores what its ``best`` names (the accepted
+    stages' ensemble, or the best accepted stage).
     With ``manifest_uri`` the raw videos are first run through the (resumable) extraction pipeline into
     ``features_out`` (default ``out_uri/features``), with the feature settings the run was trained on; bad
     inputs keep their extraction status and error. A ``features_uri`` store must have the config hash of the
@@ -178,7 +179,7 @@ def score(cfg: MerConfig, run_uri: str, out_uri: str, *, features_uri: str | Non
     run_uri, chosen = best_run(run_uri)
     summary: dict[str, Any] = {"run": run_uri}
     if chosen is not None:
-        log.info("scoring the label loop's best accepted stage %s: %s (%s)", chosen["stage"], run_uri, chosen["why"])
+        log.info("scoring the label loop's %s: %s (%s)", chosen["stage"], run_uri, chosen["why"])
         summary["stage"] = chosen
     if manifest_uri is not None:
         from mer.extract.pipeline import extract_features

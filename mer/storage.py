@@ -115,6 +115,13 @@ def copy_dir(src: str, dst: str, skip: tuple[str, ...] = ()) -> int:
         n += 1
     return n
 
+def delete_dir(uri: str) -> None:
+    """Remove the directory ``uri`` and everything under it (nothing when it does not exist)."""
+    fs, path = filesystem(uri)
+    if fs.get_file_info(path).type == pafs.FileType.Directory:
+        fs.delete_dir(path)
+
+
 def read_bytes(uri: str) -> bytes:
     fs, path = filesystem(uri)
     with fs.open_input_stream(path) as f:

@@ -3,7 +3,8 @@ every stage must hold its ground — no slack — and a stage made harmful on pu
 ``mer score`` then scoring the earlier run.
 
 Store: 200 labelled train clips (15 % of the labels flipped), a pool 2.5x larger, 200 labelled test clips the
-loop never sees; fused ECMF plus four single-modality source runs, refinement, two pseudo-label rounds.
+loop never sees; fused ECMF plus four single-modality source runs, refinement, two pseudo-label rounds, and
+what ``mer score`` then uses: the accepted stages' ensemble.
 """
 
 from __future__ import annotations
@@ -43,8 +44,15 @@ def test_every_stage_is_recorded_with_its_gate(bench: dict) -> None:
         assert 0 <= s["gate"]["better_share"] <= 1 and s["gate"]["vs"] in ("labelled_only", "refined", "round_1")
     # the best stage is the accepted one with the highest gate WAF, and loop.json says why
     accepted = [s for s in loop["stages"] if s["accepted"]]
-    assert loop["best"]["stage"] == max(accepted, key=lambda s: s["gate"]["waf"])["stage"]
-    assert "gate WAF" in loop["best"]["why"]
+    assert loop["best_stage"]["stage"] == max(accepted, key=lambda s: s["gate"]["waf"])["stage"]
+    assert "gate WAF" in loop["best_stage"]["why"]
+    # what mer score uses (labels.final: ensemble): the mean of every accepted stage's fold ensemble
+    final = loop["best"]
+    assert len(accepted) >= 2 and final["stage"] == "ensemble" and final["members"] == [s["stage"] for s in accepted]
+    members = storage.read_json(str(Path(final["run"]) / "metrics.json"))["members"]
+    assert [m["run"] for m in members] == [s["run"] for s in accepted] and {m["weight"] for m in members} == {1.0}
+    assert best_run(str(bench["root"] / "loop")) == (final["run"], final)
+    assert final["gate"]["n"] == 200 and "accepted stages" in final["why"]
     rel = storage.read_json(str(bench["root"] / "loop" / "sources" / "reliability.json"))
     assert {r["source"] for r in rel["sources"]} == {"fused", "global_visual", "face", "audio", "text"}
     assert all(set(r["alpha"]) == set(LABELS) for r in rel["sources"])
@@ -53,9 +61,11 @@ def test_every_stage_is_recorded_with_its_gate(bench: dict) -> None:
 def test_the_loop_raises_test_waf_over_labelled_only(bench: dict) -> None:
     r = bench["result"]
     before, after = r["test_waf"]["labelled_only"], r["final_test_waf"]
-    # the bench's own seed: the best accepted stage must not be below labelled-only training, no slack
+    # the bench's own seed: what mer score uses (the accepted stages' ensemble) must not be below labelled-only
+    # training, no slack; nor the best single stage
+    assert r["best"] == "ensemble" and after == bench["loop"]["best"]["test"]["waf"]
     assert after >= before, (before, after)
-    assert r["best"] != "labelled_only"
+    assert r["best_stage_test_waf"] >= before, (before, r["best_stage_test_waf"])
 
 
 def test_refinement_finds_flipped_labels_and_pseudo_labels_are_right(bench: dict) -> None:
@@ -89,10 +99,25 @@ def test_pseudo_labels_are_per_fold_and_never_labelled_clips(bench: dict) -> Non
 
 def test_rerun_resumes_without_training(bench: dict) -> None:
     metrics = Path(bench["loop"]["stages"][-1]["run"]) / "metrics.json"
-    mtime = metrics.stat().st_mtime
+    ensemble = Path(bench["loop"]["best"]["run"]) / "metrics.json"
+    mtimes = metrics.stat().st_mtime, ensemble.stat().st_mtime
     again = label_loop(bench["cfg"], str(bench["root"] / "features"), str(bench["root"] / "loop"))
     assert [s["gate"] for s in again["stages"]] == [s["gate"] for s in bench["loop"]["stages"]]
-    assert metrics.stat().st_mtime == mtime
+    assert again["best"] == bench["loop"]["best"]
+    assert (metrics.stat().st_mtime, ensemble.stat().st_mtime) == mtimes  # neither retrained nor rebuilt
+
+
+def test_final_best_scores_the_best_single_stage(bench: dict, tmp_path: Path) -> None:
+    """``labels.final: best``: the loop (resumed, not retrained) hands mer score its best accepted stage."""
+    import shutil
+
+    from mer.config import with_overrides
+
+    out = tmp_path / "loop"
+    shutil.copytree(bench["root"] / "loop", out)
+    loop = label_loop(with_overrides(bench["cfg"], ["labels.final=best"]), str(bench["root"] / "features"), str(out))
+    assert loop["best"] == loop["best_stage"] and loop["best"]["stage"] == bench["loop"]["best_stage"]["stage"]
+    assert best_run(str(out)) == (loop["best"]["run"], loop["best"])
 
 
 def test_bench_on_an_existing_store_gives_the_generated_bench_figures(bench: dict, tmp_path: Path) -> None:
@@ -113,7 +138,8 @@ def test_bench_on_an_existing_store_gives_the_generated_bench_figures(bench: dic
     summary = bench_store(bench["cfg"], str(root / "features"), str(out), seeds=[0],
                           truth_uri=str(tmp_path / "truth.csv"))
     got, want = summary["seeds"][0], bench["result"]
-    for key in ("test_waf", "gate_waf", "accepted", "best", "gain", "refinement", "pseudo_precision"):
+    for key in ("test_waf", "gate_waf", "accepted", "best", "gain", "gain_best_stage", "refinement",
+                "pseudo_precision"):
         assert got[key] == want[key], key
     assert summary["store"]["features"] == str(root / "features")
     assert json.loads((out / "bench_labels.json").read_text())["gain"][0] == want["gain"]

@@ -183,6 +183,7 @@ def test_ensemble_of_two_runs_is_no_worse_than_the_worse_and_scores(ray_local, a
                                                                     train_store: str, tmp_path: Path) -> None:
     from mer.ensemble import build_ensemble
     from mer.parts import read_parts
+    from mer.provenance import run_record
     from mer.score import score
 
     runs = [str(ablation[1] / "audio"), str(ablation[1] / "fused")]
@@ -195,8 +196,10 @@ def test_ensemble_of_two_runs_is_no_worse_than_the_worse_and_scores(ray_local, a
     assert m["test"]["waf"] >= min(x["test"]["waf"] for x in members)
     oof = storage.read_table(storage.join(out, "oof.parquet"))
     assert oof.num_rows == storage.read_table(storage.join(runs[0], "oof.parquet")).num_rows
-    # Self-contained: the members' fold models were copied.
+    # Self-contained: the members' fold models were copied, and the training store's provenance (scoring checks
+    # a store against it; --manifest extracts with its settings).
     assert all(Path(out, x["path"], "models", "fold_1.pt").exists() for x in m["members"])
+    assert json.loads(Path(out, "models", "model.json").read_text())["features"] == run_record(runs[0]) is not None
 
     # mer score takes it like a run; its test rows are the ensemble's test predictions.
     res = score(train_cfg(), out, str(tmp_path / "pred"), features_uri=train_store)

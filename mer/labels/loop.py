@@ -21,8 +21,11 @@ Layout of ``out_uri``::
                                     refined/pool/ (its pool scores, when a round builds on it)
     round_<r>/selection.parquet     every (pool clip, fold) with its posterior, agreement and reason
     round_<r>/labels.parquet, run/, stage.json
-    loop.json                       every stage's gate figures and decision, and ``best``: the best accepted
-                                    run, which ``mer score --run <out>`` scores
+    ensemble/                       with ``labels.final: ensemble`` and two or more accepted stages: the mean of
+                                    their fold ensembles (a run directory, as ``mer ensemble`` writes one)
+    loop.json                       every stage's gate figures and decision; ``best_stage``: the accepted stage
+                                    with the highest gate WAF; ``best``: what ``mer score --run <out>`` scores
+                                    (the ensemble, or that stage)
 
 A stage is finished when its ``stage.json`` exists; re-running skips finished stages (training and scoring
 resume by themselves).
@@ -246,6 +249,32 @@ class LabelLoop:
                                                      {"pseudo": summary, "built_on": base["stage"],
                                                       "selection": storage.join(sdir, "selection.parquet")}))
 
+    def final(self, best_stage: dict[str, Any]) -> dict[str, Any]:
+        """What ``mer score`` uses: with ``labels.final: ensemble`` and two or more accepted stages, the mean of
+        their fold ensembles (built in ``<out>/ensemble``, or reused when it holds the same runs); otherwise
+        ``best_stage``."""
+        from mer.ensemble import build_ensemble
+
+        members = [s for s in self.stages if s["accepted"] and s["run"]]
+        if self.cfg.labels.final != "ensemble" or len(members) < 2:
+            return best_stage
+        uri = storage.join(self.out, "ensemble")
+        runs, names = [s["run"] for s in members], [s["stage"] for s in members]
+        metrics_uri = storage.join(uri, "metrics.json")
+        metrics = storage.read_json(metrics_uri) if storage.exists(metrics_uri) else None
+        if metrics is None or [m["run"] for m in metrics.get("members", [])] != runs:
+            if storage.exists(uri):
+                storage.delete_dir(uri)  # members of an earlier, different set of accepted stages
+            metrics = build_ensemble(runs, uri, weighting="mean", names=names)
+        # Shown, not compared: a stage's out-of-fold predictions come from each fold's best validation epoch on
+        # that very fold, which flatters a single run more than the mean of several.
+        gate = gate_figures(uri, self.original)
+        return {"stage": "ensemble", "run": uri, "labels": None, "members": names, "gate_waf": gate["waf"],
+                "gate": gate, "test": _test_figures(metrics),
+                "why": (f"mean of the {len(names)} accepted stages' fold ensembles ({', '.join(names)}; "
+                        f"labels.final=ensemble); the best single stage is {best_stage['stage']} "
+                        f"(gate WAF {best_stage['gate_waf']:.4f})")}
+
     def run(self, rounds: int | None = None) -> dict[str, Any]:
         """Run (or resume) every stage; write and return ``loop.json``."""
         t0 = time.time()
@@ -265,12 +294,13 @@ class LabelLoop:
             previous = rec if rec["run"] else previous  # the last round trained: what a repeat would repeat
             if rec["accepted"]:
                 best = rec
+        best_stage = {"stage": best["stage"], "run": best["run"], "labels": best["labels"],
+                      "gate_waf": best["gate"]["waf"],
+                      "why": (f"highest gate WAF among accepted stages ({best['gate']['waf']:.4f}: out-of-fold "
+                              f"WAF against the original labels, on {best['gate']['n']} labelled clips)")}
         result = {
             "features": self.features, "out": self.out, "stages": self.stages,
-            "best": {"stage": best["stage"], "run": best["run"], "labels": best["labels"],
-                     "gate_waf": best["gate"]["waf"],
-                     "why": (f"highest gate WAF among accepted stages ({best['gate']['waf']:.4f}: out-of-fold "
-                             f"WAF against the original labels, on {best['gate']['n']} labelled clips)")},
+            "best_stage": best_stage, "best": self.final(best_stage),
             "seconds": round(time.time() - t0, 1),
         }
         storage.write_json(storage.join(self.out, LOOP_FILE), result)
@@ -294,8 +324,9 @@ def label_loop(cfg: MerConfig, features_uri: str, out_uri: str, *, tables: dict[
 
 
 def best_run(uri: str) -> tuple[str, dict[str, Any] | None]:
-    """The run to score for ``uri``: ``uri`` itself when it is a training run, the best accepted stage's
-    run when it is a label-loop directory. Anything else raises, naming what was expected."""
+    """The run to score for ``uri``: ``uri`` itself when it is a training run; for a label-loop directory its
+    ``best`` (the accepted stages' ensemble, or the best accepted stage: ``labels.final``). Anything else
+    raises, naming what was expected."""
     if storage.exists(storage.join(uri, "models", "model.json")):
         return uri, None
     loop_file = storage.join(uri, LOOP_FILE)

@@ -18,7 +18,6 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.fs as pafs
 
 from mer import storage
 from mer.config import LABELS, PROB_COLUMNS, MerConfig, dump_config, with_overrides
@@ -175,12 +174,6 @@ def _score_split(features_uri: str, run_uri: str, modalities: list[str], split: 
 
 
 # ------------------------------------------------------------------------------------------- helpers
-def _delete_dir(uri: str) -> None:
-    fs, path = storage.filesystem(uri)
-    if fs.get_file_info(path).type == pafs.FileType.Directory:
-        fs.delete_dir(path)
-
-
 def _table_bytes(table: pa.Table) -> bytes:
     import pyarrow.parquet as pq
 
@@ -233,7 +226,7 @@ def train_run(cfg: MerConfig, features_uri: str, out_uri: str, *, resume: bool =
     if not resume:
         # Starting over: stale checkpoints would otherwise be picked up by Ray Train (same run names).
         for sub in ("ray", "folds", "models"):
-            _delete_dir(storage.join(out_uri, sub))
+            storage.delete_dir(storage.join(out_uri, sub))
         if storage.exists(metrics_uri):
             fs, path = storage.filesystem(metrics_uri)
             fs.delete_file(path)
