@@ -361,8 +361,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("score", _score, "batch scoring -> predictions Parquet + submission CSV")
     p.add_argument("--run", required=True,
-                   help="a training run, or a label-loop directory (mer pseudolabel --out): its accepted stages' "
-                        "ensemble (labels.final=best: its best accepted stage)")
+                   help="a training run, or a label-loop directory (mer pseudolabel --out): its best accepted stage "
+                        "(labels.final=ensemble: the accepted stages' ensemble)")
     p.add_argument("--out", required=True)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--features")

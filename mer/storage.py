@@ -115,6 +115,7 @@ def copy_dir(src: str, dst: str, skip: tuple[str, ...] = ()) -> int:
         n += 1
     return n
 
+
 def delete_dir(uri: str) -> None:
     """Remove the directory ``uri`` and everything under it (nothing when it does not exist)."""
     fs, path = filesystem(uri)
