@@ -18,9 +18,10 @@ paired-bootstrap share of resamples of the labelled clips in which the stage win
 loop never sees.
 
 Each fold contributes its best validation epoch's predictions, which flatters every stage (0.02–0.06 on the demo's
-store). Figures that select less were compared on 105 benched stages: the mean of the last five epochs, a window
-around the best epoch, the top three epochs, the lowest validation loss. Each predicted the stage's test-split
-change worse than this one (correlation ≤ 0.49 against 0.65; README, "gate figures with less epoch selection").
+store). Figures that select less were compared on 105 benched refined and round stages: the mean of the last five
+epochs, a window around the best epoch, the top three epochs, the lowest validation loss. Each predicted the
+stage's test-split change worse than this one (correlation ≤ 0.49 against 0.65; README, "gate figures with less
+epoch selection").
 """
 
 from __future__ import annotations
