@@ -85,6 +85,12 @@ def tame_libraries() -> None:
     if _state["debug"]:
         return
     fh = _state["file"]
+    llm = logging.getLogger("ray.llm")
+    if not llm.handlers:
+        # ray.llm gives every logger it creates later (e.g. its model-download helper, first used when a vLLM stage
+        # starts) a stdout handler of its own unless this parent has one. With this no-op handler they propagate to
+        # ``ray``'s handlers instead, which the loop below sends to the log file (errors still on the console).
+        llm.addHandler(logging.NullHandler())
     for name, lg in list(logging.root.manager.loggerDict.items()):
         if not isinstance(lg, logging.Logger) or name == "mer" or name.startswith("mer."):
             continue

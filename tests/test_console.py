@@ -1,4 +1,4 @@
-"""The progress line a user reads while a stream runs."""
+"""What a user reads: the progress line while a stream runs, and no library chatter on the console."""
 
 from __future__ import annotations
 
@@ -24,3 +24,28 @@ def test_progress_rate_and_eta_leave_out_the_start_up(monkeypatch: pytest.Monkey
     assert out.getvalue().splitlines()[-1] == "extract: 101/510 rows (20%), 10.00 rows/s, ETA 41 s"
     p.close()
     assert out.getvalue().splitlines()[-1] == "extract: 101/510 rows in 50 s"
+
+
+def test_ray_llm_loggers_created_later_write_to_the_log_file_not_the_console(
+        tmp_path, capsys: pytest.CaptureFixture[str]) -> None:
+    """ray.llm sets up a stdout handler for each logger it creates, and creates some only when a vLLM stage starts
+    (the demo's console showed "No cloud storage mirror configured")."""
+    import logging
+
+    import ray  # noqa: F401 - Ray's own logger configuration, as in every command
+    from ray.llm._internal.common.observability.logging import get_logger
+
+    console.setup("INFO", tmp_path / "logs")
+    try:
+        late = get_logger(f"mer_test_late_{tmp_path.name}")
+        late.info("late ray.llm line")
+        late.error("late ray.llm error")
+        for h in logging.getLogger("ray").handlers:
+            h.flush()
+        err = capsys.readouterr()
+        assert "late ray.llm line" not in err.err + err.out
+        assert "late ray.llm error" in err.err + err.out  # errors stay on the console
+        log = (tmp_path / "logs" / "mer.log").read_text()
+        assert "late ray.llm line" in log and log.count("late ray.llm error") == 1
+    finally:
+        console.setup("INFO")
