@@ -27,14 +27,20 @@ def test_progress_rate_and_eta_leave_out_the_start_up(monkeypatch: pytest.Monkey
 
 
 def test_ray_llm_loggers_created_later_write_to_the_log_file_not_the_console(
-        tmp_path, capsys: pytest.CaptureFixture[str]) -> None:
+        tmp_path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
     """ray.llm sets up a stdout handler for each logger it creates, and creates some only when a vLLM stage starts
     (the demo's console showed "No cloud storage mirror configured")."""
     import logging
+    import sys
 
     import ray  # noqa: F401 - Ray's own logger configuration, as in every command
     from ray.llm._internal.common.observability.logging import get_logger
 
+    # Ray's console handler keeps the sys.stderr of the moment ray was first imported; in a suite that was an
+    # earlier test's capture, which capsys cannot read. Point it at this test's stderr, as in a real command.
+    for h in logging.getLogger("ray").handlers:
+        if isinstance(h, logging.StreamHandler) and type(h).__module__.startswith("ray"):
+            monkeypatch.setattr(h, "stream", sys.stderr)
     console.setup("INFO", tmp_path / "logs")
     try:
         late = get_logger(f"mer_test_late_{tmp_path.name}")
