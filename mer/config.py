@@ -327,7 +327,7 @@ class TrainConfig(_Strict):
     resources: Resources = Resources(batch_size=32, concurrency=2, num_cpus=1.0, num_gpus=0.0)
     zero_stage: Literal[0, 1, 2, 3] = 2
     max_failures: int = Field(2, ge=0)
-    checkpoints_to_keep: int = Field(2, ge=1)  # per fold, in <run>/ray/fold_<k> (latest ones)
+    checkpoints_to_keep: int = Field(2, ge=1)  # per group of folds, in <run>/ray/folds_<k>_… (latest ones)
     # Keep each worker's Ray Data shard in memory after the first pass (pooled vectors are small);
     # false streams it from Ray Data every epoch.
     cache_shards: bool = True

@@ -29,13 +29,13 @@ log = logging.getLogger("mer.demo")
 DEMO_OVERRIDES: list[str] = [
     "extract.decode.num_frames=8",
     "extract.decode.frame_size=64",
-    # One worker per fold, the three folds at once: on 2 cores a fold is mostly Ray Train and DeepSpeed
-    # start-up, which overlaps well (a 300-clip run: 133 s with two workers and folds in turn, 94 s with one
-    # worker, 58-66 s with the folds in parallel; 6 concurrent 2-worker folds were slower than sequential).
-    # The test suite runs the 2-worker DeepSpeed path.
+    # One worker, the three folds in turn in its worker group: on 2 cores a fold is mostly Ray Train and
+    # DeepSpeed start-up, which one group pays once (a 300-clip run with a trainer per fold: 133 s with two
+    # workers and folds in turn, 94 s with one worker, 58-66 s with the folds in parallel). The test suite runs
+    # the 2-worker DeepSpeed path.
     "train.folds=3",
     "train.resources.concurrency=1",
-    "train.parallel_folds=3",
+    "train.parallel_folds=1",
     "train.max_epochs=20",
     "train.patience=5",
     # Each per-epoch report waits for the controller's next poll: at 0.5 s that is ~40 % of a tiny epoch.

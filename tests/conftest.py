@@ -362,13 +362,13 @@ TRAIN_DIMS = {"audio": 32, "text": 96}
 
 @pytest.fixture(scope="session")
 def train_cfg():
-    """Small, fast training settings shared by the training tests (2 folds trained at once, each 2 DeepSpeed
-    workers of half a CPU, 8 epochs, ZeRO-2, fp32, the demo's 0.1 s controller poll):
-    ``train_cfg(**{"train.key": value})``. Worker start-up dominates a tiny fold; concurrent folds overlap it."""
+    """Small, fast training settings shared by the training tests (2 folds in turn in one worker group of 2
+    DeepSpeed workers of half a CPU, 8 epochs, ZeRO-2, fp32, the demo's 0.1 s controller poll):
+    ``train_cfg(**{"train.key": value})``. Worker start-up dominates a tiny fold; one group pays it once."""
     from mer.train.synthetic import small_config
 
     def make(**extra: object):
-        return small_config(list(TRAIN_DIMS), **{"train.zero_stage": 2, "train.parallel_folds": 2,
+        return small_config(list(TRAIN_DIMS), **{"train.zero_stage": 2, "train.parallel_folds": 1,
                                                  "train.resources.num_cpus": 0.5, **extra})
 
     return make

@@ -44,7 +44,7 @@ class KillWorker:
     when fold ``fold`` has reported epoch ``in_epoch - 1`` (its checkpoint registered), the worker of rank
     ``rank`` is in epoch ``in_epoch``. ``marker`` records it (and when: ``reached_at <time>``). With
     ``node_pid`` it kills that ``ray start`` process and everything below it instead (:func:`kill_tree`): the
-    worker's node lost at that moment. It runs in the fold's Ray Train controller, so it is shipped there by value
+    worker's node lost at that moment. It runs in the Ray Train controller of the fold's group, so it is shipped there by value
     (``ray.cloudpickle.register_pickle_by_value(faults)``)."""
 
     def __init__(self, marker: Path, in_epoch: int, rank: int = 0, fold: int = 0,
@@ -63,7 +63,7 @@ class KillWorker:
 
             def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
                 m = metrics[spec.rank]
-                if run_context.train_loop_config["fold"] != spec.fold:
+                if m["fold"] != spec.fold:  # a group's folds report through one controller
                     return
                 if self.killed_pid is not None:
                     # The workers report without waiting for the controller, so reports they made before the kill
@@ -111,7 +111,7 @@ class HoldFold:
 
         class _Hold(UserCallback):
             def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
-                if run_context.train_loop_config["fold"] != spec.fold or metrics[0]["epoch"] != spec.after_epoch:
+                if metrics[0]["fold"] != spec.fold or metrics[0]["epoch"] != spec.after_epoch:
                     return
                 deadline = time.time() + spec.timeout_s
                 while not spec.marker.exists():

@@ -17,7 +17,7 @@ import pytest
 from mer import storage
 from mer.config import LABELS
 from mer.train import load_ensemble, train_run
-from mer.train.fold import checkpoint_dirs
+from mer.train.fold import checkpoint_dirs, group_name
 from mer.train.run import _label_rows, cv_folds
 
 MODS = ["audio", "text"]
@@ -67,11 +67,14 @@ def test_run_directory_contract(ablation, store: str) -> None:
         assert set(per_mod) == {"audio", "text"} and 0.9 < sum(per_mod.values()) <= 1.0 + 1e-5
     assert "zero_stage: 2" in (run / "config.yaml").read_text()
 
-    # Ray Train checkpoints: DeepSpeed shards of both ranks merged in one directory + our state.
-    ckpts = checkpoint_dirs(str(run / "ray"), 0)
+    # Ray Train checkpoints of the group (both folds, in turn): DeepSpeed shards of both ranks merged in one
+    # directory + our state; the last holds both folds' outputs.
+    ckpts = checkpoint_dirs(str(run / "ray"), group_name([0, 1]))
     assert 1 <= len(ckpts) <= 2  # checkpoints_to_keep
-    files = {p.name for p in (run / "ray" / "fold_0" / ckpts[-1]).rglob("*")}
-    assert {"state.json", "best.pt", "val_pred.parquet"} <= files
+    last = run / "ray" / group_name([0, 1]) / ckpts[-1]
+    files = {str(p.relative_to(last)) for p in last.rglob("*")}
+    assert {"state.json", "fold_0/best.pt", "fold_0/val_pred.parquet", "fold_1/best.pt",
+            "fold_1/val_pred.parquet"} <= files
     assert any("zero_pp_rank_1" in f for f in files) and any("zero_pp_rank_0" in f for f in files)
 
 
@@ -98,14 +101,14 @@ def test_resume_skips_finished_run_and_folds(trained_run: Path, store: str, trai
     run = tmp_path / "fused"
     shutil.copytree(trained_run, run)  # the session's run stays as it is
     before = storage.read_json(str(run / "metrics.json"))
-    ckpts = checkpoint_dirs(str(run / "ray"), 0)
+    ckpts = checkpoint_dirs(str(run / "ray"), group_name([0, 1]))
     again = train_run(train_cfg(), store, str(run), resume=True)
     assert again == before  # the finished run's record, returned as it is (its "seconds" included)
     # Without the run-level record, every fold is skipped by its own record and only reports are redone.
     (run / "metrics.json").unlink()
     redone = train_run(train_cfg(), store, str(run), resume=True)
     assert redone["skipped_folds"] == [0, 1]
-    assert checkpoint_dirs(str(run / "ray"), 0) == ckpts
+    assert checkpoint_dirs(str(run / "ray"), group_name([0, 1])) == ckpts
     assert redone["test"]["waf"] == pytest.approx(before["test"]["waf"])
 
 

@@ -15,7 +15,7 @@ import faults
 
 from mer import storage
 from mer.train import load_ensemble, train_run
-from mer.train.fold import checkpoint_dirs, remove_unregistered_checkpoints
+from mer.train.fold import checkpoint_dirs, group_name, remove_unregistered_checkpoints
 from mer.train.loop import shard_ids
 
 # What a run computes; "seconds", "samples_per_s" and "attempt" describe how it ran.
@@ -81,16 +81,17 @@ def test_killed_worker_resumes_from_checkpoint(ray_local, train_store: str, unin
         assert ref.keys() == got.keys() and all(torch.equal(ref[n], got[n]) for n in ref), f"fold {k} weights"
     assert pq.read_table(run / "oof.parquet").equals(pq.read_table(uninterrupted / "oof.parquet"))
 
-    # Only checkpoints Ray Train registered are left (at most checkpoints_to_keep per fold).
-    assert 1 <= len(checkpoint_dirs(str(run / "ray"), 0)) <= train_cfg().train.checkpoints_to_keep
+    # Only checkpoints Ray Train registered are left (at most checkpoints_to_keep per group of folds).
+    assert 1 <= len(checkpoint_dirs(str(run / "ray"), group_name([0, 1]))) <= train_cfg().train.checkpoints_to_keep
 
 
 def test_interrupted_run_on_s3_resumed_equals_the_uninterrupted_one(s3_server: str, ray_local, train_store: str,
                                                                     uninterrupted: Path, train_cfg, kill_worker,
                                                                     tmp_path: Path) -> None:
     """The run directory is on S3: Ray Train checkpoints land in the bucket. The run dies (a worker killed with
-    no retries left) in fold 1's epoch 3, after fold 0 finished; ``resume=True`` in a new call continues it from
-    the checkpoints in the bucket: the finished run is the uninterrupted one."""
+    no retries left) in fold 1's epoch 3, after fold 0 finished in the same worker group; ``resume=True`` in a
+    new call continues it from the checkpoints in the bucket, without training fold 0 again: the finished run
+    is the uninterrupted one."""
     epochs_n = train_cfg().train.max_epochs
     prefix = f"runs/{tmp_path.name}/"
     out = f"s3://mer-test/{prefix.rstrip('/')}"
@@ -101,15 +102,24 @@ def test_interrupted_run_on_s3_resumed_equals_the_uninterrupted_one(s3_server: s
     with pytest.raises(Exception) as failed:
         train_run(cfg, train_store, out, callbacks=[kill.callback()])
     assert marker.exists(), f"the run failed before the injected fault: {failed.value!r}"
+    killed_at = marker.stat().st_mtime
     keys = _keys(s3_server, prefix)
-    assert prefix + "folds/fold_0.json" in keys and prefix + "folds/fold_1.json" not in keys
-    assert prefix + "metrics.json" not in keys
-    fold1 = [k for k in keys if k.startswith(f"{prefix}ray/fold_1/checkpoint_")]
-    assert any(k.endswith("/state.json") for k in fold1), "fold 1's checkpoints are in the bucket"
-    assert any("zero_pp_rank_1" in k for k in fold1), "rank 1's DeepSpeed shard uploaded too"
+    # The group did not finish, so no fold is committed; its checkpoints in the bucket hold fold 0's outputs.
+    assert not any(k.startswith(prefix + "folds/fold_") for k in keys) and prefix + "metrics.json" not in keys
+    group = [k for k in keys if k.startswith(f"{prefix}ray/{group_name([0, 1])}/checkpoint_")]
+    assert any(k.endswith("/state.json") for k in group), "the group's checkpoints are in the bucket"
+    assert any(k.endswith("/fold_0/val_pred.parquet") for k in group), "fold 0's outputs are in them"
+    assert any("zero_pp_rank_1" in k for k in group), "rank 1's DeepSpeed shard uploaded too"
 
-    metrics = train_run(cfg, train_store, out, resume=True)
-    assert metrics["skipped_folds"] == [0]
+    from mer.tune.trial import FoldReports
+
+    relay = FoldReports()  # what a study's trial hears of the folds: the resumed group reports fold 0 too
+    metrics = train_run(cfg, train_store, out, resume=True, callbacks=[relay.callback()])
+    # fold 0 came from the checkpoint as it was before the kill: not trained again
+    assert metrics["folds"][0]["resumed_from"] == []
+    assert storage.read_json(f"{out}/folds/fold_0.json")["finished_at"] < killed_at
+    heard = [relay.queue.get() for _ in range(relay.queue.qsize())]
+    assert [h for h in heard if h[0] == 0] == [(0, epochs_n, metrics["folds"][0]["val_waf"], True)]
     resumed = metrics["folds"][1]["resumed_from"]
     # Continued from the last S3 checkpoint registered before the failure.
     assert resumed == [faults.last_registered_epoch(marker, 3)], (resumed, marker.read_text())
@@ -140,10 +150,11 @@ def test_shard_ids_partition_equally_whatever_the_order() -> None:
 
 def test_unregistered_checkpoint_directories_are_removed(tmp_path: Path) -> None:
     ray_dir = tmp_path / "ray"
+    group = ray_dir / group_name([0, 2])
     for name in ("checkpoint_a", "checkpoint_b", "checkpoint_orphan", "not_a_checkpoint"):
-        (ray_dir / "fold_0" / name).mkdir(parents=True)
-        (ray_dir / "fold_0" / name / "state.json").write_text("{}")
-    registered = [str(ray_dir / "fold_0" / "checkpoint_a"), str(ray_dir / "fold_0" / "checkpoint_b")]
-    assert remove_unregistered_checkpoints(str(ray_dir), 0, registered) == ["checkpoint_orphan"]
-    assert checkpoint_dirs(str(ray_dir), 0) == ["checkpoint_a", "checkpoint_b"]
-    assert (ray_dir / "fold_0" / "not_a_checkpoint").is_dir()
+        (group / name).mkdir(parents=True)
+        (group / name / "state.json").write_text("{}")
+    registered = [str(group / "checkpoint_a"), str(group / "checkpoint_b")]
+    assert remove_unregistered_checkpoints(str(ray_dir), "folds_0_2", registered) == ["checkpoint_orphan"]
+    assert checkpoint_dirs(str(ray_dir), "folds_0_2") == ["checkpoint_a", "checkpoint_b"]
+    assert (group / "not_a_checkpoint").is_dir()

@@ -29,7 +29,7 @@ def bench_train(cfg: MerConfig, *, n: int = 4000, dim: int = 256, epochs: int = 
     """
     from mer.parts import part_columns
     from mer.train.features import modality_dims
-    from mer.train.fold import controller_poll_interval, run_fold
+    from mer.train.fold import controller_poll_interval, run_folds
     from mer.parts import read_dataset
     from mer.train.run import _attach_targets, _fold_assignment, _label_rows, quiet_data
     from mer.train.synthetic import make_feature_store
@@ -69,8 +69,8 @@ def bench_train(cfg: MerConfig, *, n: int = 4000, dim: int = 256, epochs: int = 
         tc = run_cfg.train
         t0 = time.time()
         with controller_poll_interval(tc.poll_interval_s):
-            res = run_fold(run_cfg, fold=0, arch=tc.model, dims=dims, train_ds=train_ds, val_ds=val_ds,
-                           ray_dir=storage.join(out_uri, f"ray_w{w}_{int(t0)}"))
+            res = run_folds(run_cfg, folds=[0], arch=tc.model, dims=dims, datasets={0: (train_ds, val_ds)},
+                            ray_dir=storage.join(out_uri, f"ray_w{w}_{int(t0)}"))[0]
         wall = time.time() - t0
         hist = res["state"]["history"]
         steady = [h["samples_per_s"] for h in hist[1:]] or [h["samples_per_s"] for h in hist]

@@ -1,4 +1,5 @@
-"""One fold = one Ray Train ``TorchTrainer`` run (DeepSpeed inside), checkpointed under ``<out>/ray/fold_<k>``."""
+"""One group of folds = one Ray Train ``TorchTrainer`` run (DeepSpeed inside), checkpointed under
+``<out>/ray/folds_<k>_<k2>…`` (:func:`group_name`)."""
 
 from __future__ import annotations
 
@@ -72,17 +73,27 @@ def controller_poll_interval(seconds: float) -> Iterator[None]:
                     os.environ.pop(_POLL_VAR, None)
 
 
-def run_fold(cfg: MerConfig, *, fold: int, arch: str, dims: dict[str, int], train_ds: Any, val_ds: Any,
-             ray_dir: str, max_failures: int | None = None,
-             input_stats: tuple[list[float], list[float]] | None = None,
-             callbacks: list[Any] | None = None) -> dict[str, Any]:
-    """Train one fold through Ray Train; returns ``state`` (history, best epoch...), ``best`` (state-dict
-    bytes) and ``val_pred`` (table) from the final checkpoint.
+def group_name(folds: list[int]) -> str:
+    """The Ray Train run name of a group of folds trained by one trainer (``folds_0_2_4``): a resumed run finds
+    the group's checkpoints under the same name as long as the same folds are left to train together."""
+    return "folds_" + "_".join(str(k) for k in folds)
 
-    Re-running with the same ``ray_dir`` continues from the fold's latest checkpoint (Ray Train restores
-    its checkpoint snapshot for the same storage path and run name). ``callbacks`` are Ray Train
-    ``UserCallback``s of the fold's controller (``RunConfig(callbacks)``): they see every epoch's report, whose
-    metrics include the fold and each worker's process id (``pid``).
+
+def run_folds(cfg: MerConfig, *, folds: list[int], arch: str, dims: dict[str, int],
+              datasets: dict[int, tuple[Any, Any]], ray_dir: str, max_failures: int | None = None,
+              input_stats: tuple[list[float], list[float]] | None = None,
+              callbacks: list[Any] | None = None) -> dict[int, dict[str, Any]]:
+    """Train a group of folds, one after the other, in one Ray Train run (one worker group); returns per fold
+    ``state`` (history, best epoch...), ``best`` (state-dict bytes), ``val_pred`` (table) and
+    ``checkpoint_path``, from the group's final checkpoint. ``datasets``: fold -> (train, validation) dataset.
+
+    One trainer for several folds pays the worker group's start-up (processes, torch and DeepSpeed imports,
+    the process group) once instead of once per fold; each fold still gets a fresh model and engine.
+    Re-running with the same ``ray_dir`` continues from the group's latest checkpoint (Ray Train restores its
+    checkpoint snapshot for the same storage path and run name): finished folds are not trained again, the
+    unfinished one continues at its next epoch. ``callbacks`` are Ray Train ``UserCallback``s of the group's
+    controller (``RunConfig(callbacks)``): they see every epoch's report, whose metrics include the fold and
+    each worker's process id (``pid``).
     """
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -90,12 +101,14 @@ def run_fold(cfg: MerConfig, *, fold: int, arch: str, dims: dict[str, int], trai
     from mer.train.loop import train_loop_per_worker
 
     tc = cfg.train
+    name = group_name(folds)
     storage_path, fs = ray_storage(ray_dir)
     gpu = tc.resources.num_gpus > 0
     # The ids only (not the vectors) pass through the driver: each worker picks its rows by id, so that a
     # restarted worker group sees the rows the first one saw (loop.shard_ids).
-    train_ids = [r["clip_id"] for r in train_ds.select_columns(["clip_id"]).take_all()]
-    loop_config = {"train": tc.model_dump(mode="json"), "arch": arch, "dims": dims, "fold": fold,
+    train_ids = {str(k): [r["clip_id"] for r in datasets[k][0].select_columns(["clip_id"]).take_all()]
+                 for k in folds}
+    loop_config = {"train": tc.model_dump(mode="json"), "arch": arch, "dims": dims, "folds": list(folds),
                    "input_stats": input_stats, "train_ids": train_ids,
                    "threads": max(1, int(tc.resources.num_cpus))}
     trainer = TorchTrainer(
@@ -104,42 +117,48 @@ def run_fold(cfg: MerConfig, *, fold: int, arch: str, dims: dict[str, int], trai
         torch_config=TorchConfig(backend="nccl" if gpu else "gloo"),
         scaling_config=tc.resources.scaling_config(),
         run_config=RunConfig(
-            name=f"fold_{fold}", storage_path=storage_path, storage_filesystem=fs,
+            name=name, storage_path=storage_path, storage_filesystem=fs,
             failure_config=FailureConfig(max_failures=tc.max_failures if max_failures is None else max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=tc.checkpoints_to_keep),
             callbacks=list(callbacks or []),
         ),
-        datasets={"train": train_ds, "val": val_ds},
+        datasets={f"{split}_{k}": datasets[k][i] for k in folds for i, split in enumerate(("train", "val"))},
         # Nothing is split by Ray Data: every worker validates on the whole (small) validation fold, so all
         # reach the same WAF, and keeps its own training rows of the whole training set by clip id.
         dataset_config=DataConfig(datasets_to_split=[]),
     )
     t0 = time.time()
     result = trainer.fit()
-    log.debug("fold %d: trainer.fit %.1f s", fold, time.time() - t0)
+    log.debug("%s: trainer.fit %.1f s", name, time.time() - t0)
     if result.checkpoint is None:
-        raise RuntimeError(f"fold {fold}: training produced no checkpoint ({result.error})")
-    removed = remove_unregistered_checkpoints(ray_dir, fold, [result.checkpoint.path,
+        raise RuntimeError(f"fold {folds[0]}: training produced no checkpoint ({result.error})")
+    removed = remove_unregistered_checkpoints(ray_dir, name, [result.checkpoint.path,
                                                               *(c.path for c, _ in result.best_checkpoints or [])])
     if removed:
-        log.info("fold %d: removed %d checkpoint directories no restart registered: %s", fold, len(removed),
-                 removed)
+        log.info("%s: removed %d checkpoint directories no restart registered: %s", name, len(removed), removed)
+    out: dict[int, dict[str, Any]] = {}
     with result.checkpoint.as_directory() as d:
-        state = json.loads((Path(d) / "state.json").read_text())
-        if not state.get("finished"):
-            raise RuntimeError(f"fold {fold}: latest checkpoint is not final (epoch {state.get('epoch')})")
-        best = (Path(d) / "best.pt").read_bytes()
-        val_pred = pq.read_table(io.BytesIO((Path(d) / "val_pred.parquet").read_bytes()))
-    log.debug("fold %d: best val WAF %.4f at epoch %d (%d epochs, resumed from %s)", fold, state["best_waf"],
-             state["best_epoch"], state["epoch"], state["resumed_from"])
-    return {"state": state, "best": best, "val_pred": val_pred, "checkpoint_path": result.checkpoint.path}
+        states = json.loads((Path(d) / "state.json").read_text())["folds"]
+        for k in folds:
+            state = states.get(str(k))
+            if not state or not state.get("finished"):
+                raise RuntimeError(f"fold {k}: latest checkpoint of {name} has not finished it "
+                                   f"(epoch {(state or {}).get('epoch')})")
+            fold_dir = Path(d) / f"fold_{k}"
+            out[k] = {"state": state, "best": (fold_dir / "best.pt").read_bytes(),
+                      "val_pred": pq.read_table(io.BytesIO((fold_dir / "val_pred.parquet").read_bytes())),
+                      "checkpoint_path": result.checkpoint.path}
+            log.debug("fold %d: best val WAF %.4f at epoch %d (%d epochs, resumed from %s)", k, state["best_waf"],
+                      state["best_epoch"], state["epoch"], state["resumed_from"])
+    return out
 
 
-def checkpoint_dirs(ray_dir: str, fold: int) -> list[str]:
-    """Checkpoint directory names kept for a fold (for tests and reports)."""
+def checkpoint_dirs(ray_dir: str, name: str) -> list[str]:
+    """Checkpoint directory names kept for the group of folds ``name`` (:func:`group_name`; for tests and
+    reports)."""
     storage_path, fs = ray_storage(ray_dir)
     fs = fs or pafs.LocalFileSystem()
-    base = f"{storage_path}/fold_{fold}"
+    base = f"{storage_path}/{name}"
     if fs.get_file_info(base).type == pafs.FileType.NotFound:
         return []
     infos = fs.get_file_info(pafs.FileSelector(base, recursive=False))
@@ -148,8 +167,8 @@ def checkpoint_dirs(ray_dir: str, fold: int) -> list[str]:
 
 
 
-def remove_unregistered_checkpoints(ray_dir: str, fold: int, registered: list[str]) -> list[str]:
-    """Delete the fold's checkpoint directories that Ray Train never registered; returns their names.
+def remove_unregistered_checkpoints(ray_dir: str, name: str, registered: list[str]) -> list[str]:
+    """Delete the group's (:func:`group_name`) checkpoint directories that Ray Train never registered; returns their names.
 
     When a worker group dies after its workers uploaded an epoch's checkpoint but before the controller
     registered it, the restarted group resumes from the previous registered checkpoint and the uploaded
@@ -159,7 +178,7 @@ def remove_unregistered_checkpoints(ray_dir: str, fold: int, registered: list[st
     storage_path, fs = ray_storage(ray_dir)
     fs = fs or pafs.LocalFileSystem()
     keep = {p.rstrip("/").rsplit("/", 1)[-1] for p in registered}
-    removed = [name for name in checkpoint_dirs(ray_dir, fold) if name not in keep]
-    for name in removed:
-        fs.delete_dir(f"{storage_path}/fold_{fold}/{name}")
+    removed = [d for d in checkpoint_dirs(ray_dir, name) if d not in keep]
+    for d in removed:
+        fs.delete_dir(f"{storage_path}/{name}/{d}")
     return removed

@@ -1,11 +1,13 @@
-"""The per-worker training loop (runs inside Ray Train workers): DeepSpeed engine, epochs, checkpoints.
+"""The per-worker training loop (runs inside Ray Train workers): a group's folds in turn, each with its own
+DeepSpeed engine, epochs and checkpoints.
 
 Every epoch each worker saves its DeepSpeed shard (``engine.save_checkpoint``) and rank 0 adds
-``state.json`` (epoch, best WAF, patience counter, history) and ``best.pt`` (plain state dict of the best
-epoch so far); Ray Train merges the workers' files into one checkpoint directory in ``RunConfig.storage_path``.
-A restarted worker group (``FailureConfig``) or a resumed run finds it via ``ray.train.get_checkpoint()``
-and continues with the next epoch, optimizer state included. The final checkpoint also holds
-``val_pred.parquet``: the best model's predictions on the fold's validation rows.
+``state.json`` (per fold reached: epoch, best WAF, patience counter, history) and ``fold_<k>/best.pt`` (plain
+state dict of the best epoch so far); Ray Train merges the workers' files into one checkpoint directory in
+``RunConfig.storage_path``. A restarted worker group (``FailureConfig``) or a resumed run finds it via
+``ray.train.get_checkpoint()``, skips the finished folds and continues the unfinished one with its next epoch,
+optimizer state included. A finished fold's checkpoint also holds ``fold_<k>/val_pred.parquet``: the best
+model's predictions on the fold's validation rows; later checkpoints of the group carry them on.
 
 A resumed fold continues the same run: every rank also saves ``rng_rank_<r>.json`` (torch incl. CUDA,
 numpy and Python ``random`` states, taken after the epoch's validation) and restores it, and the data a rank
@@ -184,9 +186,46 @@ def _weighted_ce(logits: Any, y: Any, w: Any, smoothing: float) -> Any:
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
-    """Ray Train entry point. ``config``: train (TrainConfig dump), arch, dims, fold, input_stats
-    (``[mean, std]`` or None), train_ids (every training clip id; each rank trains on its
-    :func:`shard_ids`)."""
+    """Ray Train entry point: the group's folds, one after the other. ``config``: train (TrainConfig dump),
+    arch, dims, folds (the group's fold numbers, in training order), input_stats (``[mean, std]`` or None),
+    train_ids (fold -> every training clip id of the fold; each rank trains on its :func:`shard_ids`).
+
+    The checkpoint's ``state.json`` holds every fold the group reached (``{"folds": {k: state}}``), and
+    ``fold_<k>/`` its best weights (and, once finished, its validation predictions); the DeepSpeed shards and
+    random states are those of the fold in training. A restored group skips its finished folds."""
+    import ray.train
+    import torch
+
+    t_start = time.time()
+    folds = [int(k) for k in config["folds"]]
+    torch.set_num_threads(max(1, int(config.get("threads", 1))))
+    states: dict[int, dict[str, Any]] = {}
+    files: dict[str, bytes] = {}  # finished folds' outputs, carried into every later checkpoint of the group
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            states = {int(k): v for k, v in json.loads((Path(d) / "state.json").read_text())["folds"].items()}
+            for k, st in states.items():
+                if st["finished"]:
+                    for name in ("best.pt", "val_pred.parquet"):
+                        path = Path(d) / f"fold_{k}" / name
+                        if path.exists():
+                            files[f"fold_{k}/{name}"] = path.read_bytes()
+    for k in folds:
+        if states.get(k, {}).get("finished"):
+            # The restored checkpoint already holds everything of this fold. Its last epoch is reported again
+            # (no checkpoint) so that callbacks that follow folds to their end (a study's per-epoch score over
+            # folds) hear of it.
+            ray.train.report({**states[k]["history"][-1], "pid": os.getpid(), "finished": True, "restored": True})
+            continue
+        _train_fold(config, k, states, files, ckpt if k in states else None, t_start)
+        t_start = time.time()
+
+
+def _train_fold(config: dict[str, Any], fold: int, states: dict[int, dict[str, Any]], files: dict[str, bytes],
+                ckpt: Any, t_start: float) -> None:
+    """One fold to its end: a fresh model and engine (or the fold's state from ``ckpt``), every epoch
+    checkpointed and reported; adds the fold's state to ``states`` and its outputs to ``files``."""
     import deepspeed
     import ray.train
     import torch
@@ -195,16 +234,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     from mer.fusion import build_model
     from mer.metrics import accuracy, weighted_f1
 
-    t_start = time.time()
     tc = TrainConfig.model_validate(config["train"])
-    fold = int(config["fold"])
     dims: dict[str, int] = {m: int(d) for m, d in config["dims"].items()}
     mods = list(dims)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
-    threads = max(1, int(config.get("threads", 1)))
-    torch.set_num_threads(threads)
 
     torch.manual_seed(tc.seed * 1000 + fold)  # same initial weights on every rank
     model = build_model(config["arch"], dims, tc)
@@ -216,15 +251,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     dtype = torch.bfloat16 if tc.bf16 else torch.float32
     torch.manual_seed(tc.seed * 1000 + fold * 10 + rank + 1)  # modality dropout differs per rank
 
-    state: dict[str, Any] = {"epoch": 0, "best_waf": -1.0, "best_epoch": 0, "bad_epochs": 0,
-                             "finished": False, "history": [], "resumed_from": []}
+    state: dict[str, Any] = {"fold": fold, "epoch": 0, "best_waf": -1.0, "best_epoch": 0, "bad_epochs": 0,
+                             "finished": False, "history": [], "resumed_from": [], "started_at": time.time()}
     best: dict[str, Any] | None = None
-    ckpt = ray.train.get_checkpoint()
     if ckpt is not None:
         with ckpt.as_directory() as d:
             engine.load_checkpoint(d, tag=DS_TAG, load_optimizer_states=True)
-            state = json.loads((Path(d) / "state.json").read_text())
-            best_path = Path(d) / "best.pt"
+            state = dict(states[fold])
+            best_path = Path(d) / f"fold_{fold}" / "best.pt"
             if best_path.exists():
                 best = torch.load(best_path, map_location="cpu", weights_only=True)
             rng_path = Path(d) / RNG_FILE.format(rank=rank)
@@ -233,15 +267,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             else:  # a checkpoint written by another world size: dropout draws differ from here on
                 print(f"[mer.train] fold {fold} rank {rank}: checkpoint has no random state for this rank; "
                       "continuing with fresh seeds", flush=True)
-        state["resumed_from"].append(int(state["epoch"]))
+        state["resumed_from"] = [*state["resumed_from"], int(state["epoch"])]
     print(f"[mer.train] fold {fold} rank {rank}: engine ready in {time.time() - t_start:.1f} s", flush=True)
-    if state["finished"]:
-        return  # a finished fold's final checkpoint already holds everything
 
     shuffle_seed = tc.seed * 1000 + fold * 100
-    train_src = ShardBatches(ray.train.get_dataset_shard("train"), mods, dims, tc.resources.batch_size, tc.cache_shards,
-                             shuffle=True, keep=shard_ids(config["train_ids"], world, rank, shuffle_seed))
-    val_src = ShardBatches(ray.train.get_dataset_shard("val"), mods, dims, 256, tc.cache_shards, shuffle=False)
+    train_src = ShardBatches(ray.train.get_dataset_shard(f"train_{fold}"), mods, dims, tc.resources.batch_size,
+                             tc.cache_shards, shuffle=True,
+                             keep=shard_ids(config["train_ids"][str(fold)], world, rank, shuffle_seed))
+    val_src = ShardBatches(ray.train.get_dataset_shard(f"val_{fold}"), mods, dims, 256, tc.cache_shards,
+                           shuffle=False)
 
     def to_t(a: np.ndarray, dt: Any = None) -> Any:
         t = torch.from_numpy(np.ascontiguousarray(a)).to(device)
@@ -299,19 +333,29 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                "samples_per_s": n_seen * world / max(train_seconds, 1e-9), "seconds": seconds,
                "attempt": len(state["resumed_from"])}
         state["history"].append(row)
+        if state["finished"]:
+            state["finished_at"] = time.time()
+        states[fold] = state
 
         with tempfile.TemporaryDirectory() as tmp:
             # Taken before _write_val_predictions (which draws initial weights): the next epoch starts here.
             (Path(tmp) / RNG_FILE.format(rank=rank)).write_text(json.dumps(rng_state()))
             engine.save_checkpoint(tmp, tag=DS_TAG)
             if rank == 0:
-                (Path(tmp) / "state.json").write_text(json.dumps(state))
+                (Path(tmp) / "state.json").write_text(json.dumps({"folds": {str(k): v for k, v in states.items()}}))
+                fold_dir = Path(tmp) / f"fold_{fold}"
+                fold_dir.mkdir()
                 if best is not None:
-                    torch.save(best, Path(tmp) / "best.pt")
+                    torch.save(best, fold_dir / "best.pt")
                 if state["finished"]:
-                    _write_val_predictions(Path(tmp) / "val_pred.parquet", config, tc, best, ids, y_val,
+                    _write_val_predictions(fold_dir / "val_pred.parquet", config, tc, best, ids, y_val,
                                            np.concatenate(xs)[by_id] if xs else None,
                                            np.concatenate(masks)[by_id] if masks else None)
+                    files.update({f"fold_{fold}/{p.name}": p.read_bytes() for p in fold_dir.iterdir()})
+                for rel, data in files.items():
+                    if not (Path(tmp) / rel).exists():
+                        (Path(tmp) / rel).parent.mkdir(exist_ok=True)
+                        (Path(tmp) / rel).write_bytes(data)
             t_rep = time.time()
             # Which process trained the epoch, and whether it was the fold's last: lets a Ray Train callback tell
             # the workers apart and follow a fold to its end (a study's per-epoch score over folds).
@@ -321,6 +365,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                   f"checkpoint {t_rep - t0 - seconds:.2f} s, report {time.time() - t_rep:.2f} s", flush=True)
         if state["finished"]:
             break
+    if hasattr(engine, "destroy"):
+        engine.destroy()  # the next fold's engine starts clean (DeepSpeed keeps hooks and buffers otherwise)
 
 
 def _write_val_predictions(path: Path, config: dict, tc: Any, best: dict | None, ids: list[str],

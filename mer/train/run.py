@@ -207,11 +207,12 @@ def train_run(cfg: MerConfig, features_uri: str, out_uri: str, *, resume: bool =
     unfinished one from its latest Ray Train checkpoint; ``resume=False`` starts over (clears checkpoints).
     ``labels_uri``: label table (clip_id, label, weight, source) overriding labels and sample weights.
     ``modalities`` restricts the branches (ablations). ``callbacks``: Ray Train ``UserCallback``s given to
-    every fold's controller (progress reporting, experiment tracking; tests inject worker failures with one),
-    see :func:`mer.train.fold.run_fold`. Needs a Ray connection (started locally if none).
+    every group's controller (progress reporting, experiment tracking; tests inject worker failures with one),
+    see :func:`mer.train.fold.run_folds`. Folds train in ``train.parallel_folds`` groups at once, each group's
+    folds in turn in one worker group. Needs a Ray connection (started locally if none).
     """
     from mer.fusion import build_model
-    from mer.train.fold import controller_poll_interval, run_fold
+    from mer.train.fold import controller_poll_interval, run_folds
 
     t_start = time.time()
     metrics_uri = storage.join(out_uri, "metrics.json")
@@ -282,8 +283,7 @@ def train_run(cfg: MerConfig, features_uri: str, out_uri: str, *, resume: bool =
         else:
             todo.append(k)
 
-    def fit_fold(k: int) -> dict:
-        t0 = time.time()
+    def fold_datasets(k: int) -> tuple[Any, Any, dict, dict]:
         tr = fold_of != k
         train_targets = {c: (int(y), float(w)) for c, y, w, t in zip(cv_ids, cv_y, cv_w, tr) if t}
         val_targets = {c: (int(y), 1.0) for c, y, t in zip(cv_ids, cv_y, tr) if not t}
@@ -295,42 +295,57 @@ def train_run(cfg: MerConfig, features_uri: str, out_uri: str, *, resume: bool =
                                         batch_format="pyarrow").materialize()
             val_ds = base.map_batches(_attach_targets, fn_kwargs={"targets": val_targets},
                                       batch_format="pyarrow").materialize()
-        log.debug("fold %d: datasets ready in %.1f s", k, time.time() - t0)
-        res = run_fold(cfg, fold=k, arch=tc.model, dims=dims, train_ds=train_ds, val_ds=val_ds,
-                       ray_dir=storage.join(out_uri, "ray"), input_stats=stats, callbacks=callbacks)
-        storage.write_bytes(storage.join(out_uri, "models", f"fold_{k}.pt"), res["best"])
-        vp = res["val_pred"].sort_by("clip_id")
-        storage.write_bytes(storage.join(out_uri, "folds", f"oof_{k}.parquet"), _table_bytes(vp))
-        st = res["state"]
-        record = {"fold": k, "best_epoch": st["best_epoch"], "val_waf": st["best_waf"],
-                  "val_acc": next((r["val_acc"] for r in st["history"] if r["epoch"] == st["best_epoch"]), None),
-                  "epochs": st["epoch"], "n_train": len(train_targets), "n_val": len(val_targets),
-                  "n_pseudo": len(pseudo_by_fold[k]), "resumed_from": st["resumed_from"],
-                  "seconds": round(time.time() - t0, 2), "started_at": t0, "finished_at": time.time(),
-                  "history": st["history"],
-                  "checkpoint": str(res["checkpoint_path"]), "config_hash": cfg.hash()}
-        storage.write_json(storage.join(out_uri, "folds", f"fold_{k}.json"), record)  # the fold's commit record
-        return record
+        return train_ds, val_ds, train_targets, val_targets
 
-    # Each fold is its own TorchTrainer; TorchTrainer.fit is safe to call from driver threads (it only
-    # installs its SIGINT handler on the main thread), and Ray schedules the worker groups as resources
-    # allow. A failed fold fails the run after the others finish, so their commit records survive for
-    # resume=True.
+    def fit_group(group: list[int]) -> dict[int, dict]:
+        t0 = time.time()
+        data = {k: fold_datasets(k) for k in group}
+        log.debug("folds %s: datasets ready in %.1f s", group, time.time() - t0)
+        results = run_folds(cfg, folds=group, arch=tc.model, dims=dims,
+                            datasets={k: (d[0], d[1]) for k, d in data.items()},
+                            ray_dir=storage.join(out_uri, "ray"), input_stats=stats, callbacks=callbacks)
+        records = {}
+        for k in group:
+            res, (_, _, train_targets, val_targets) = results[k], data[k]
+            storage.write_bytes(storage.join(out_uri, "models", f"fold_{k}.pt"), res["best"])
+            vp = res["val_pred"].sort_by("clip_id")
+            storage.write_bytes(storage.join(out_uri, "folds", f"oof_{k}.parquet"), _table_bytes(vp))
+            st = res["state"]
+            record = {"fold": k, "best_epoch": st["best_epoch"], "val_waf": st["best_waf"],
+                      "val_acc": next((r["val_acc"] for r in st["history"] if r["epoch"] == st["best_epoch"]),
+                                      None),
+                      "epochs": st["epoch"], "n_train": len(train_targets), "n_val": len(val_targets),
+                      "n_pseudo": len(pseudo_by_fold[k]), "resumed_from": st["resumed_from"],
+                      "seconds": round(st["finished_at"] - st["started_at"], 2), "started_at": st["started_at"],
+                      "finished_at": st["finished_at"], "history": st["history"],
+                      "checkpoint": str(res["checkpoint_path"]), "config_hash": cfg.hash()}
+            storage.write_json(storage.join(out_uri, "folds", f"fold_{k}.json"), record)  # the fold's commit record
+            records[k] = record
+        return records
+
+    # parallel_folds groups of folds (fold k in group k mod groups), each one TorchTrainer training its folds in
+    # turn: a worker group's start-up is paid once per group, not once per fold. TorchTrainer.fit is safe to call
+    # from driver threads (it only installs its SIGINT handler on the main thread), and Ray schedules the
+    # worker groups as resources allow. A failed group fails the run after the others finish, so their commit
+    # records survive for resume=True (and the failed group's checkpoint keeps the folds it finished).
+    n_groups = min(tc.parallel_folds, tc.folds)
+    groups = [g for g in ([k for k in todo if k % n_groups == i] for i in range(n_groups)) if g]
     with controller_poll_interval(tc.poll_interval_s):
-        if tc.parallel_folds > 1 and len(todo) > 1:
+        if len(groups) > 1:
             from concurrent.futures import ThreadPoolExecutor
 
-            with ThreadPoolExecutor(max_workers=min(tc.parallel_folds, len(todo)),
-                                    thread_name_prefix="mer-fold") as pool:
-                futures = {k: pool.submit(fit_fold, k) for k in todo}
-            errors = {k: f.exception() for k, f in futures.items() if f.exception() is not None}
+            with ThreadPoolExecutor(max_workers=len(groups), thread_name_prefix="mer-folds") as pool:
+                futures = {g[0]: (g, pool.submit(fit_group, g)) for g in groups}
+            errors = {k: f.exception() for k, (_, f) in futures.items() if f.exception() is not None}
             if errors:
                 k, err = min(errors.items())
-                raise RuntimeError(f"folds {sorted(errors)} failed (first: fold {k}: {err})") from err
-            fold_records.update({k: f.result() for k, f in futures.items()})
+                failed = sorted(f for k2 in errors for f in futures[k2][0])
+                raise RuntimeError(f"folds {failed} failed (first: fold {k}: {err})") from err
+            for _, f in futures.values():
+                fold_records.update(f.result())
         else:
-            for k in todo:
-                fold_records[k] = fit_fold(k)
+            for g in groups:
+                fold_records.update(fit_group(g))
     records = [fold_records[k] for k in sorted(fold_records)]
 
     t_fin = time.time()
