@@ -1,7 +1,7 @@
 """Stage resources against the Ray cluster they run on.
 
 Every actor pool of a stream runs at once (decode, face detection, one pool per encoder, the scorer), and
-every fold's worker group of a training run (times ``train.parallel_folds`` and ``labels.parallel_runs``): when
+every fold group's worker group of a training run (times ``train.parallel_folds`` and ``labels.parallel_runs``): when
 their sum exceeds what the cluster has, Ray Data and Ray Train do not fail, they wait — forever on a fixed
 cluster. So:
 

@@ -1,8 +1,8 @@
 """One trial of ``mer tune``: the k-fold run of ``mer train`` (:func:`mer.train.train_run`) for one sampled config,
 reporting the mean fold validation WAF to Ray Tune epoch by epoch.
 
-Every fold is its own Ray Train run; its controller hands each epoch's report to :class:`FoldReports` (a Ray
-Train ``UserCallback``) which forwards it through a Ray queue to the trial, where :class:`EpochScores` turns the
+Each group of folds (``train.parallel_folds`` groups) is one Ray Train run; its controller hands each epoch's
+report to :class:`FoldReports` (a Ray Train ``UserCallback``) which forwards it through a Ray queue to the trial, where :class:`EpochScores` turns the
 folds' reports into one score per epoch: the mean over folds of each fold's best validation WAF so far (a fold
 that stopped early keeps its final best). ASHA compares trials on that score at the same epoch.
 """
@@ -56,7 +56,7 @@ class EpochScores:
 
 
 class FoldReports:
-    """A Ray Train callback factory: every fold's controller puts ``(fold, epoch, best WAF, finished)`` on a Ray
+    """A Ray Train callback factory: every fold group's controller puts ``(fold, epoch, best WAF, finished)`` on a Ray
     queue the trial reads."""
 
     def __init__(self) -> None:
