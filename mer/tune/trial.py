@@ -2,9 +2,10 @@
 reporting the mean fold validation WAF to Ray Tune epoch by epoch.
 
 Each group of folds (``train.parallel_folds`` groups) is one Ray Train run; its controller hands each epoch's
-report to :class:`FoldReports` (a Ray Train ``UserCallback``) which forwards it through a Ray queue to the trial, where :class:`EpochScores` turns the
-folds' reports into one score per epoch: the mean over folds of each fold's best validation WAF so far (a fold
-that stopped early keeps its final best). ASHA compares trials on that score at the same epoch.
+report to :class:`FoldReports` (a Ray Train ``UserCallback``) which forwards it through a Ray queue to the
+trial, where :class:`EpochScores` turns the folds' reports into one score per epoch: the mean over folds of
+each fold's best validation WAF so far (a fold that stopped early keeps its final best). ASHA compares trials
+on that score at the same epoch.
 """
 
 from __future__ import annotations
