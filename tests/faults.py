@@ -44,8 +44,8 @@ class KillWorker:
     when fold ``fold`` has reported epoch ``in_epoch - 1`` (its checkpoint registered), the worker of rank
     ``rank`` is in epoch ``in_epoch``. ``marker`` records it (and when: ``reached_at <time>``). With
     ``node_pid`` it kills that ``ray start`` process and everything below it instead (:func:`kill_tree`): the
-    worker's node lost at that moment. It runs in the Ray Train controller of the fold's group, so it is shipped there by value
-    (``ray.cloudpickle.register_pickle_by_value(faults)``)."""
+    worker's node lost at that moment. It runs in the Ray Train controller of the fold's group, so it is shipped
+    there by value (``ray.cloudpickle.register_pickle_by_value(faults)``)."""
 
     def __init__(self, marker: Path, in_epoch: int, rank: int = 0, fold: int = 0,
                  node_pid: int | None = None) -> None:

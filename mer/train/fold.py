@@ -131,7 +131,7 @@ def run_folds(cfg: MerConfig, *, folds: list[int], arch: str, dims: dict[str, in
     result = trainer.fit()
     log.debug("%s: trainer.fit %.1f s", name, time.time() - t0)
     if result.checkpoint is None:
-        raise RuntimeError(f"fold {folds[0]}: training produced no checkpoint ({result.error})")
+        raise RuntimeError(f"{name}: training produced no checkpoint ({result.error})")
     removed = remove_unregistered_checkpoints(ray_dir, name, [result.checkpoint.path,
                                                               *(c.path for c, _ in result.best_checkpoints or [])])
     if removed:
@@ -168,7 +168,8 @@ def checkpoint_dirs(ray_dir: str, name: str) -> list[str]:
 
 
 def remove_unregistered_checkpoints(ray_dir: str, name: str, registered: list[str]) -> list[str]:
-    """Delete the group's (:func:`group_name`) checkpoint directories that Ray Train never registered; returns their names.
+    """Delete the checkpoint directories of the group ``name`` (:func:`group_name`) that Ray Train never
+    registered; returns their names.
 
     When a worker group dies after its workers uploaded an epoch's checkpoint but before the controller
     registered it, the restarted group resumes from the previous registered checkpoint and the uploaded

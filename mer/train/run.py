@@ -335,13 +335,13 @@ def train_run(cfg: MerConfig, features_uri: str, out_uri: str, *, resume: bool =
             from concurrent.futures import ThreadPoolExecutor
 
             with ThreadPoolExecutor(max_workers=len(groups), thread_name_prefix="mer-folds") as pool:
-                futures = {g[0]: (g, pool.submit(fit_group, g)) for g in groups}
-            errors = {k: f.exception() for k, (_, f) in futures.items() if f.exception() is not None}
+                futures = [(g, pool.submit(fit_group, g)) for g in groups]
+            errors = [(g, f.exception()) for g, f in futures if f.exception() is not None]
             if errors:
-                k, err = min(errors.items())
-                failed = sorted(f for k2 in errors for f in futures[k2][0])
-                raise RuntimeError(f"folds {failed} failed (first: fold {k}: {err})") from err
-            for _, f in futures.values():
+                (first, *_), err = errors[0]  # groups are in order of their first fold
+                failed = sorted(k for g, _ in errors for k in g)
+                raise RuntimeError(f"folds {failed} failed (first: fold {first}: {err})") from err
+            for _, f in futures:
                 fold_records.update(f.result())
         else:
             for g in groups:
