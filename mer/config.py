@@ -328,8 +328,8 @@ class TrainConfig(_Strict):
     zero_stage: Literal[0, 1, 2, 3] = 2
     max_failures: int = Field(2, ge=0)
     checkpoints_to_keep: int = Field(2, ge=1)  # per group of folds, in <run>/ray/folds_<k>_… (latest ones)
-    # Keep each worker's Ray Data shard in memory after the first pass (pooled vectors are small);
-    # false streams it from Ray Data every epoch.
+    # Each worker reads the rows its group's folds use once and keeps them in memory (pooled vectors are
+    # small); false streams them from Ray Data for every epoch.
     cache_shards: bool = True
     standardize_inputs: bool = True
     # Ray Train controller poll interval; each per-epoch report waits for the previous one to be polled.

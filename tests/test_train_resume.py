@@ -148,6 +148,56 @@ def test_shard_ids_partition_equally_whatever_the_order() -> None:
     assert parts != [shard_ids(ids, 4, r, seed=8) for r in range(4)]
 
 
+class _Shard:
+    """A worker's dataset shard as Ray Train hands it over: ``iter_batches`` over Arrow blocks (counted)."""
+
+    def __init__(self, table, block: int) -> None:
+        self.table, self.block, self.passes = table, block, 0
+
+    def iter_batches(self, batch_size=None, batch_format="pyarrow", **_):
+        self.passes += 1
+        for s in range(0, self.table.num_rows, batch_size or self.block):
+            yield self.table.slice(s, batch_size or self.block)
+
+
+def test_a_group_reads_its_rows_once_and_each_fold_sees_its_own_targets() -> None:
+    """One features dataset for a group of folds: a worker streams it once (cache), each fold then gets exactly
+    its clips (and this rank's share of the training ones) with the fold's labels and weights, in clip order;
+    without the cache every epoch streams it again and yields the same rows."""
+    import numpy as np
+    import pyarrow as pa
+
+    from mer.train.loop import GroupRows, ShardBatches
+
+    ids = [f"c{i:02d}" for i in range(20)][::-1]  # blocks in another order than the clips'
+    vec = [None if i % 7 == 3 else [float(i), -float(i)] for i in range(20)][::-1]
+    table = pa.table({"clip_id": ids, "audio": pa.array(vec, pa.list_(pa.float32()))})
+    folds = {0: ({f"c{i:02d}": (i % 6, 0.5) for i in range(0, 10)}, {f"c{i:02d}": (i % 6, 1.0) for i in (10, 11)}),
+             1: ({f"c{i:02d}": (1, 1.0) for i in range(10, 18)}, {f"c{i:02d}": (2, 1.0) for i in (0, 1, 2)})}
+    needed = {c for tr, va in folds.values() for c in (*tr, *va)}
+    for cache in (True, False):
+        shard = _Shard(table, block=6)
+        rows = GroupRows(shard, ["audio"], {"audio": 2}, needed, cache)
+        for k, (train, val) in folds.items():
+            keep = set(list(train)[::2])
+            got = [b for _ in range(2) for b in ShardBatches(rows, train, 4, shuffle=True, keep=keep).epoch(k)]
+            seen = sorted(c for b in got for c in b[0])
+            assert seen == sorted([*keep, *keep])  # this rank's training clips, once per epoch
+            for b_ids, x, mask, y, w in got:
+                for c, xi, mi, yi, wi in zip(b_ids, x, mask, y, w):
+                    i = int(c[1:])
+                    assert (yi, wi) == train[c] and bool(mi[0]) == (i % 7 != 3)
+                    assert list(xi) == ([float(i), -float(i)] if i % 7 != 3 else [0.0, 0.0])
+            v = list(ShardBatches(rows, val, 256, shuffle=False).epoch(0))
+            v_ids = [c for b in v for c in b[0]]
+            assert sorted(v_ids) == sorted(val) and np.concatenate([b[3] for b in v]).tolist() == \
+                [val[c][0] for c in v_ids]
+            if cache:
+                assert v_ids == sorted(val)  # clip order, whatever order the blocks came in
+        # cached: one pass for both folds and every epoch; streamed: a pass per epoch (2 per fold) and per validation
+        assert shard.passes == (1 if cache else 6)
+
+
 def test_unregistered_checkpoint_directories_are_removed(tmp_path: Path) -> None:
     ray_dir = tmp_path / "ray"
     group = ray_dir / group_name([0, 2])

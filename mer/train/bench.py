@@ -31,7 +31,7 @@ def bench_train(cfg: MerConfig, *, n: int = 4000, dim: int = 256, epochs: int = 
     from mer.train.features import modality_dims
     from mer.train.fold import controller_poll_interval, run_folds
     from mer.parts import read_dataset
-    from mer.train.run import _attach_targets, _fold_assignment, _label_rows, quiet_data
+    from mer.train.run import _fold_assignment, _label_rows, quiet_data
     from mer.train.synthetic import make_feature_store
 
     from mer.runtime import init_ray
@@ -53,10 +53,6 @@ def bench_train(cfg: MerConfig, *, n: int = 4000, dim: int = 256, epochs: int = 
     val_t = {c: (int(v), 1.0) for c, v, f in zip(ids, y, fold_of) if f == 0}
     with quiet_data():
         base = read_dataset(features_uri, columns=mods).materialize()
-        train_ds = base.map_batches(_attach_targets, fn_kwargs={"targets": train_t},
-                                    batch_format="pyarrow").materialize()
-        val_ds = base.map_batches(_attach_targets, fn_kwargs={"targets": val_t},
-                                  batch_format="pyarrow").materialize()
 
     results: dict[str, Any] = {"model": cfg.train.model, "modalities": mods, "dims": dims,
                                "n_train": len(train_t), "epochs": epochs, "zero_stage": cfg.train.zero_stage,
@@ -69,7 +65,7 @@ def bench_train(cfg: MerConfig, *, n: int = 4000, dim: int = 256, epochs: int = 
         tc = run_cfg.train
         t0 = time.time()
         with controller_poll_interval(tc.poll_interval_s):
-            res = run_folds(run_cfg, folds=[0], arch=tc.model, dims=dims, datasets={0: (train_ds, val_ds)},
+            res = run_folds(run_cfg, folds=[0], arch=tc.model, dims=dims, dataset=base, targets={0: (train_t, val_t)},
                             ray_dir=storage.join(out_uri, f"ray_w{w}_{int(t0)}"))[0]
         wall = time.time() - t0
         hist = res["state"]["history"]

@@ -79,13 +79,18 @@ def group_name(folds: list[int]) -> str:
     return "folds_" + "_".join(str(k) for k in folds)
 
 
-def run_folds(cfg: MerConfig, *, folds: list[int], arch: str, dims: dict[str, int],
-              datasets: dict[int, tuple[Any, Any]], ray_dir: str, max_failures: int | None = None,
+Targets = dict[str, tuple[int, float]]  # clip id -> (label index, sample weight)
+
+
+def run_folds(cfg: MerConfig, *, folds: list[int], arch: str, dims: dict[str, int], dataset: Any,
+              targets: dict[int, tuple[Targets, Targets]], ray_dir: str, max_failures: int | None = None,
               input_stats: tuple[list[float], list[float]] | None = None,
               callbacks: list[Any] | None = None) -> dict[int, dict[str, Any]]:
     """Train a group of folds, one after the other, in one Ray Train run (one worker group); returns per fold
     ``state`` (history, best epoch...), ``best`` (state-dict bytes), ``val_pred`` (table) and
-    ``checkpoint_path``, from the group's final checkpoint. ``datasets``: fold -> (train, validation) dataset.
+    ``checkpoint_path``, from the group's final checkpoint. ``dataset``: the store's rows (clip id and the
+    modalities' vectors), one Ray dataset for every fold; ``targets``: fold -> (training, validation) clips with
+    their label index and weight (every clip a row of ``dataset``).
 
     One trainer for several folds pays the worker group's start-up (processes, torch and DeepSpeed imports,
     the process group) once instead of once per fold; each fold still gets a fresh model and engine.
@@ -104,12 +109,13 @@ def run_folds(cfg: MerConfig, *, folds: list[int], arch: str, dims: dict[str, in
     name = group_name(folds)
     storage_path, fs = ray_storage(ray_dir)
     gpu = tc.resources.num_gpus > 0
-    # The ids only (not the vectors) pass through the driver: each worker picks its rows by id, so that a
-    # restarted worker group sees the rows the first one saw (loop.shard_ids).
-    train_ids = {str(k): [r["clip_id"] for r in datasets[k][0].select_columns(["clip_id"]).take_all()]
-                 for k in folds}
+    # The ids, labels and weights (not the vectors) pass through the driver: each worker picks its rows of the
+    # one dataset by id, so that a restarted worker group sees the rows the first one saw (loop.shard_ids).
+    fold_targets = {str(k): {"train": [list(tr), [t[0] for t in tr.values()], [t[1] for t in tr.values()]],
+                             "val": [list(va), [t[0] for t in va.values()]]}
+                    for k, (tr, va) in ((k, targets[k]) for k in folds)}
     loop_config = {"train": tc.model_dump(mode="json"), "arch": arch, "dims": dims, "folds": list(folds),
-                   "input_stats": input_stats, "train_ids": train_ids,
+                   "input_stats": input_stats, "targets": fold_targets,
                    "threads": max(1, int(tc.resources.num_cpus))}
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -122,7 +128,7 @@ def run_folds(cfg: MerConfig, *, folds: list[int], arch: str, dims: dict[str, in
             checkpoint_config=CheckpointConfig(num_to_keep=tc.checkpoints_to_keep),
             callbacks=list(callbacks or []),
         ),
-        datasets={f"{split}_{k}": datasets[k][i] for k in folds for i, split in enumerate(("train", "val"))},
+        datasets={"features": dataset},
         # Nothing is split by Ray Data: every worker validates on the whole (small) validation fold, so all
         # reach the same WAF, and keeps its own training rows of the whole training set by clip id.
         dataset_config=DataConfig(datasets_to_split=[]),

@@ -66,15 +66,6 @@ def _state_dict(engine: Any) -> dict[str, Any]:
     return {k: v.detach().float().cpu().clone() for k, v in module.state_dict().items()}
 
 
-def _batch_arrays(batch: pa.Table, mods: list[str], dims: dict[str, int]) -> tuple:
-    from mer.train.features import table_inputs
-
-    x, mask = table_inputs(batch, mods, dims)
-    y = np.asarray(batch.column("y").to_numpy(zero_copy_only=False), dtype=np.int64)
-    w = np.asarray(batch.column("w").to_numpy(zero_copy_only=False), dtype=np.float32)
-    return x, mask, y, w
-
-
 def shard_ids(ids: list[str], world: int, rank: int, seed: int) -> set[str]:
     """The training clips of ``rank``: a seeded, equal-sized partition of ``ids`` (any order).
 
@@ -90,49 +81,80 @@ def shard_ids(ids: list[str], world: int, rank: int, seed: int) -> set[str]:
     return {ordered[i] for i in perm[rank * per:(rank + 1) * per]}
 
 
-class ShardBatches:
-    """Batches ``(clip_ids, x, mask, y, w)`` of a Ray Data dataset, restricted to ``keep`` clips if given.
+class GroupRows:
+    """The rows of the store that a worker's group of folds uses (``needed`` clip ids), from the one features
+    dataset every fold shares: fold membership, labels and weights come from the folds' targets, not from
+    per-fold datasets.
 
-    ``cache=False`` streams the dataset from Ray Data every epoch (local shuffle buffer; the row order then
-    follows Ray Data's block order, so only ``cache=True`` makes a fold reproducible across processes).
-    ``cache=True`` streams it once and keeps this worker's rows in memory as arrays, sorted by clip id:
-    pooled feature vectors are small, and re-running the streaming executor every epoch costs seconds of
-    scheduling per epoch.
+    ``cache=True`` streams the dataset once per worker and keeps the needed rows' model inputs in memory as
+    arrays sorted by clip id (pooled feature vectors are small; every later fold and epoch indexes them).
+    ``cache=False`` streams it from Ray Data again for every epoch of every fold (local shuffle buffer; the
+    row order then follows Ray Data's block order, so only ``cache=True`` makes a fold reproducible across
+    processes).
     """
 
-    def __init__(self, it: Any, mods: list[str], dims: dict[str, int], batch_size: int, cache: bool,
-                 shuffle: bool, keep: set[str] | None = None) -> None:
-        self.it, self.mods, self.dims = it, mods, dims
-        self.batch_size, self.cache, self.shuffle, self.keep = batch_size, cache, shuffle, keep
+    def __init__(self, it: Any, mods: list[str], dims: dict[str, int], needed: set[str], cache: bool) -> None:
+        self.it, self.mods, self.dims, self.needed, self.cache = it, mods, dims, needed, cache
+        self._arrays: tuple[list[str], np.ndarray, np.ndarray] | None = None
+
+    def select(self, batch: pa.Table, ids: set[str] | dict[str, Any]) -> pa.Table:
+        """The rows of ``batch`` whose clip id is in ``ids``."""
+        return batch.filter(pa.array([c in ids for c in batch.column("clip_id").to_pylist()], pa.bool_()))
+
+    def arrays(self) -> tuple[list[str], np.ndarray, np.ndarray]:
+        """(clip ids sorted, x, mask) of the needed rows, loaded on first use."""
+        if self._arrays is None:
+            from mer.train.features import table_inputs
+
+            ids: list[str] = []
+            xs, masks = [], []
+            for batch in self.it.iter_batches(batch_size=None, batch_format="pyarrow"):
+                batch = self.select(batch, self.needed)
+                ids += batch.column("clip_id").to_pylist()
+                x, mask = table_inputs(batch, self.mods, self.dims)
+                xs.append(x)
+                masks.append(mask)
+            if not xs:
+                self._arrays = ([], np.zeros((0, sum(self.dims.values())), np.float32),
+                                np.zeros((0, len(self.mods)), bool))
+            else:
+                order = np.argsort(np.asarray(ids, dtype=object), kind="stable")
+                self._arrays = ([ids[i] for i in order], np.concatenate(xs)[order], np.concatenate(masks)[order])
+        return self._arrays
+
+
+class ShardBatches:
+    """Batches ``(clip_ids, x, mask, y, w)`` of one fold's rows: the clips of ``targets`` (clip id → (label
+    index, weight)), restricted to ``keep`` clips if given, from the group's :class:`GroupRows`."""
+
+    def __init__(self, rows: GroupRows, targets: dict[str, tuple[int, float]], batch_size: int, shuffle: bool,
+                 keep: set[str] | None = None) -> None:
+        self.rows, self.batch_size, self.shuffle = rows, batch_size, shuffle
+        self.targets = targets if keep is None else {c: t for c, t in targets.items() if c in keep}
         self._arrays: tuple | None = None
 
-    def _mine(self, batch: pa.Table) -> pa.Table:
-        if self.keep is None:
-            return batch
-        return batch.filter(pa.array([c in self.keep for c in batch.column("clip_id").to_pylist()], pa.bool_()))
+    def _yw(self, ids: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        y = np.array([self.targets[c][0] for c in ids], dtype=np.int64)
+        w = np.array([self.targets[c][1] for c in ids], dtype=np.float32)
+        return y, w
 
     def _load(self) -> tuple:
-        ids: list[str] = []
-        parts = []
-        for batch in self.it.iter_batches(batch_size=None, batch_format="pyarrow"):
-            batch = self._mine(batch)
-            ids += batch.column("clip_id").to_pylist()
-            parts.append(_batch_arrays(batch, self.mods, self.dims))
-        if not parts:
-            total = sum(self.dims.values())
-            return (ids, np.zeros((0, total), np.float32), np.zeros((0, len(self.mods)), bool),
-                    np.zeros(0, np.int64), np.zeros(0, np.float32))
-        order = np.argsort(np.asarray(ids, dtype=object), kind="stable")
-        return ([ids[i] for i in order], *(np.concatenate([p[i] for p in parts])[order] for i in range(4)))
+        ids, x, mask = self.rows.arrays()
+        idx = [i for i, c in enumerate(ids) if c in self.targets]
+        mine = [ids[i] for i in idx]
+        return (mine, x[idx], mask[idx], *self._yw(mine))
 
     def epoch(self, seed: int):
-        if not self.cache:
+        if not self.rows.cache:
+            from mer.train.features import table_inputs
+
             kw = ({"local_shuffle_buffer_size": max(self.batch_size * 4, 64), "local_shuffle_seed": seed}
                   if self.shuffle else {})
-            for batch in self.it.iter_batches(batch_size=self.batch_size, batch_format="pyarrow", **kw):
-                batch = self._mine(batch)
+            for batch in self.rows.it.iter_batches(batch_size=self.batch_size, batch_format="pyarrow", **kw):
+                batch = self.rows.select(batch, self.targets)
                 if batch.num_rows:
-                    yield (batch.column("clip_id").to_pylist(), *_batch_arrays(batch, self.mods, self.dims))
+                    ids = batch.column("clip_id").to_pylist()
+                    yield (ids, *table_inputs(batch, self.rows.mods, self.rows.dims), *self._yw(ids))
             return
         if self._arrays is None:
             self._arrays = self._load()
@@ -188,7 +210,9 @@ def _weighted_ce(logits: Any, y: Any, w: Any, smoothing: float) -> Any:
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Ray Train entry point: the group's folds, one after the other. ``config``: train (TrainConfig dump),
     arch, dims, folds (the group's fold numbers, in training order), input_stats (``[mean, std]`` or None),
-    train_ids (fold -> every training clip id of the fold; each rank trains on its :func:`shard_ids`).
+    targets (fold -> ``{"train": [ids, y, w], "val": [ids, y]}``: the fold's training and validation clips of
+    the ``features`` dataset, with label indices and weights; each rank trains on its :func:`shard_ids` of the
+    training clips).
 
     The checkpoint's ``state.json`` holds every fold the group reached (``{"folds": {k: state}}``), and
     ``fold_<k>/`` its best weights (and, once finished, its validation predictions); the DeepSpeed shards and
@@ -211,6 +235,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                         path = Path(d) / f"fold_{k}" / name
                         if path.exists():
                             files[f"fold_{k}/{name}"] = path.read_bytes()
+    todo = [k for k in folds if not states.get(k, {}).get("finished")]
+    targets = {k: _fold_targets(config["targets"][str(k)]) for k in todo}
+    # One dataset for every fold of the group: each worker reads the rows its folds use once.
+    rows = GroupRows(ray.train.get_dataset_shard("features"), list(config["dims"]),
+                     {m: int(d) for m, d in config["dims"].items()},
+                     {c for tr, va in targets.values() for c in (*tr, *va)},
+                     bool(config["train"].get("cache_shards", True)))
     for k in folds:
         if states.get(k, {}).get("finished"):
             # The restored checkpoint already holds everything of this fold. Its last epoch is reported again
@@ -218,14 +249,23 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             # folds) hear of it.
             ray.train.report({**states[k]["history"][-1], "pid": os.getpid(), "finished": True, "restored": True})
             continue
-        _train_fold(config, k, states, files, ckpt if k in states else None, t_start)
+        _train_fold(config, k, rows, targets[k], states, files, ckpt if k in states else None, t_start)
         t_start = time.time()
 
 
-def _train_fold(config: dict[str, Any], fold: int, states: dict[int, dict[str, Any]], files: dict[str, bytes],
-                ckpt: Any, t_start: float) -> None:
+def _fold_targets(t: dict[str, list]) -> tuple[dict[str, tuple[int, float]], dict[str, tuple[int, float]]]:
+    """(training, validation) clip id → (label index, weight) of one fold's ``targets`` entry."""
+    ids, y, w = t["train"]
+    vids, vy = t["val"]
+    return ({c: (int(a), float(b)) for c, a, b in zip(ids, y, w)}, {c: (int(a), 1.0) for c, a in zip(vids, vy)})
+
+
+def _train_fold(config: dict[str, Any], fold: int, rows: GroupRows,
+                targets: tuple[dict[str, tuple[int, float]], dict[str, tuple[int, float]]],
+                states: dict[int, dict[str, Any]], files: dict[str, bytes], ckpt: Any, t_start: float) -> None:
     """One fold to its end: a fresh model and engine (or the fold's state from ``ckpt``), every epoch
-    checkpointed and reported; adds the fold's state to ``states`` and its outputs to ``files``."""
+    checkpointed and reported; adds the fold's state to ``states`` and its outputs to ``files``. ``targets``:
+    the fold's (training, validation) clips with their labels and weights, rows of ``rows``."""
     import deepspeed
     import ray.train
     import torch
@@ -236,7 +276,6 @@ def _train_fold(config: dict[str, Any], fold: int, states: dict[int, dict[str, A
 
     tc = TrainConfig.model_validate(config["train"])
     dims: dict[str, int] = {m: int(d) for m, d in config["dims"].items()}
-    mods = list(dims)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
@@ -271,11 +310,10 @@ def _train_fold(config: dict[str, Any], fold: int, states: dict[int, dict[str, A
     print(f"[mer.train] fold {fold} rank {rank}: engine ready in {time.time() - t_start:.1f} s", flush=True)
 
     shuffle_seed = tc.seed * 1000 + fold * 100
-    train_src = ShardBatches(ray.train.get_dataset_shard(f"train_{fold}"), mods, dims, tc.resources.batch_size,
-                             tc.cache_shards, shuffle=True,
-                             keep=shard_ids(config["train_ids"][str(fold)], world, rank, shuffle_seed))
-    val_src = ShardBatches(ray.train.get_dataset_shard(f"val_{fold}"), mods, dims, 256, tc.cache_shards,
-                           shuffle=False)
+    train_targets, val_targets = targets
+    train_src = ShardBatches(rows, train_targets, tc.resources.batch_size, shuffle=True,
+                             keep=shard_ids(list(train_targets), world, rank, shuffle_seed))
+    val_src = ShardBatches(rows, val_targets, 256, shuffle=False)
 
     def to_t(a: np.ndarray, dt: Any = None) -> Any:
         t = torch.from_numpy(np.ascontiguousarray(a)).to(device)

@@ -120,16 +120,6 @@ def cv_folds(store_train: pa.Table, cv_ids: list[str], folds: int, seed: int) ->
 
 
 # ------------------------------------------------------------------------------------------ Ray Data
-def _attach_targets(batch: pa.Table, targets: dict[str, tuple[int, float]]) -> pa.Table:
-    """Keep the rows of ``targets`` and add their label index ``y`` and sample weight ``w``."""
-    ids = batch.column("clip_id").to_pylist()
-    keep = [c in targets for c in ids]
-    batch = batch.filter(pa.array(keep, pa.bool_()))
-    kept = [c for c, k in zip(ids, keep) if k]
-    batch = batch.append_column("y", pa.array([targets[c][0] for c in kept], pa.int64()))
-    return batch.append_column("w", pa.array([targets[c][1] for c in kept], pa.float32()))
-
-
 @contextlib.contextmanager
 def quiet_data() -> Iterator[None]:
     """Datasets created inside don't draw progress bars (per-epoch iterations would flood the logs).
@@ -283,30 +273,22 @@ def train_run(cfg: MerConfig, features_uri: str, out_uri: str, *, resume: bool =
         else:
             todo.append(k)
 
-    def fold_datasets(k: int) -> tuple[Any, Any, dict, dict]:
+    def fold_targets(k: int) -> tuple[dict, dict]:
         tr = fold_of != k
         train_targets = {c: (int(y), float(w)) for c, y, w, t in zip(cv_ids, cv_y, cv_w, tr) if t}
         val_targets = {c: (int(y), 1.0) for c, y, t in zip(cv_ids, cv_y, tr) if not t}
         # A labelled clip keeps its own label; a validation clip never trains, not even as a pseudo-label.
         train_targets.update({c: t for c, t in pseudo_by_fold[k].items()
                               if c not in train_targets and c not in val_targets})
-        with quiet_data():
-            train_ds = base.map_batches(_attach_targets, fn_kwargs={"targets": train_targets},
-                                        batch_format="pyarrow").materialize()
-            val_ds = base.map_batches(_attach_targets, fn_kwargs={"targets": val_targets},
-                                      batch_format="pyarrow").materialize()
-        return train_ds, val_ds, train_targets, val_targets
+        return train_targets, val_targets
 
     def fit_group(group: list[int]) -> dict[int, dict]:
-        t0 = time.time()
-        data = {k: fold_datasets(k) for k in group}
-        log.debug("folds %s: datasets ready in %.1f s", group, time.time() - t0)
-        results = run_folds(cfg, folds=group, arch=tc.model, dims=dims,
-                            datasets={k: (d[0], d[1]) for k, d in data.items()},
+        data = {k: fold_targets(k) for k in group}
+        results = run_folds(cfg, folds=group, arch=tc.model, dims=dims, dataset=base, targets=data,
                             ray_dir=storage.join(out_uri, "ray"), input_stats=stats, callbacks=callbacks)
         records = {}
         for k in group:
-            res, (_, _, train_targets, val_targets) = results[k], data[k]
+            res, (train_targets, val_targets) = results[k], data[k]
             storage.write_bytes(storage.join(out_uri, "models", f"fold_{k}.pt"), res["best"])
             vp = res["val_pred"].sort_by("clip_id")
             storage.write_bytes(storage.join(out_uri, "folds", f"oof_{k}.parquet"), _table_bytes(vp))
