@@ -37,3 +37,24 @@ def test_local_write_is_atomic(tmp_path: Path) -> None:
     storage.write_bytes(str(target), b"abc")
     assert target.read_bytes() == b"abc"
     assert [p.name for p in tmp_path.iterdir()] == ["f.bin"]  # no temp leftovers
+
+
+def test_s3_calls_share_one_client_until_endpoint_or_credentials_change(s3_server: str,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    base = f"s3://mer-test/shared-client-{id(monkeypatch)}"
+    fs = storage.filesystem(base)[0].handler.fs
+    storage.write_json(storage.join(base, "a.json"), {"v": 1})
+    client = fs._s3  # built by the first call; a new filesystem per call rebuilt it every time
+    assert client is not None
+    assert storage.exists(storage.join(base, "a.json")) and storage.read_json(storage.join(base, "a.json")) == {"v": 1}
+    storage.write_json(storage.join(base, "b.json"), {"v": 2})
+    # the listing is not cached with the filesystem: a file written since is listed
+    assert [u.rsplit("/", 1)[-1] for u in storage.list_files(base, ".json")] == ["a.json", "b.json"]
+    assert storage.filesystem(base)[0].handler.fs is fs and fs._s3 is client
+
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "rotated")  # boto's chain would read other credentials
+    other = storage.filesystem(base)[0].handler.fs
+    assert other is not fs and storage.exists(storage.join(base, "a.json"))
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server.replace("127.0.0.1", "localhost"))
+    assert storage.filesystem(base)[0].handler.fs not in (fs, other)
+    assert storage.s3fs_filesystem(key="k", secret="s") is not storage.s3fs_filesystem(key="k", secret="t")
