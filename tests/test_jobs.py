@@ -184,7 +184,10 @@ def test_jobs_tune_ensemble_score_on_s3(ray_head, s3_server, train_store: str):
     env_vars = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
                 "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": s3_server, "RAY_USAGE_STATS_ENABLED": "0"}
     # Two trials, no early stopping: both finish, so the ensemble has its two members whatever ASHA would do.
-    sets = [*STUDY_SETS, "tune.num_samples=2", "tune.asha.enabled=false"]
+    # One worker per trial (a fold group of one): 2 trials start 2 DeepSpeed workers on the 2-CPU head, not 8
+    # (2-worker ZeRO-2 on S3 is trained by the extract/train/score jobs test).
+    sets = [*STUDY_SETS, "tune.num_samples=2", "tune.asha.enabled=false",
+            "tune.train={parallel_folds: 1, resources: {num_cpus: 0.25, concurrency: 1}}"]
     common = ["--config", "ray_config.yaml", "--cpu", *[a for s in sets for a in ("--set", s)]]
 
     logs = _submit_and_wait(ray_head, client, ["python", "-m", "jobs.tune", "--features", features, "--out", study,
