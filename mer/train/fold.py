@@ -34,11 +34,10 @@ def ray_storage(uri: str) -> tuple[str, pafs.FileSystem | None]:
     """
     if not storage.is_s3(uri):
         return os.path.abspath(os.path.expanduser(uri)), None
-    fs = storage.s3fs_filesystem()
-    if os.environ.get("AWS_ACCESS_KEY_ID") and os.environ.get("AWS_SECRET_ACCESS_KEY"):
-        fs = storage.s3fs_filesystem(key=os.environ["AWS_ACCESS_KEY_ID"],
-                                     secret=os.environ["AWS_SECRET_ACCESS_KEY"],
-                                     token=os.environ.get("AWS_SESSION_TOKEN"))
+    creds = ({"key": os.environ["AWS_ACCESS_KEY_ID"], "secret": os.environ["AWS_SECRET_ACCESS_KEY"],
+              "token": os.environ.get("AWS_SESSION_TOKEN")}
+             if os.environ.get("AWS_ACCESS_KEY_ID") and os.environ.get("AWS_SECRET_ACCESS_KEY") else {})
+    fs = storage.s3fs_filesystem(**creds)
     return uri[len("s3://"):], pafs.PyFileSystem(pafs.FSSpecHandler(fs))
 
 
@@ -111,9 +110,11 @@ def run_folds(cfg: MerConfig, *, folds: list[int], arch: str, dims: dict[str, in
     gpu = tc.resources.num_gpus > 0
     # The ids, labels and weights (not the vectors) pass through the driver: each worker picks its rows of the
     # one dataset by id, so that a restarted worker group sees the rows the first one saw (loop.shard_ids).
-    fold_targets = {str(k): {"train": [list(tr), [t[0] for t in tr.values()], [t[1] for t in tr.values()]],
-                             "val": [list(va), [t[0] for t in va.values()]]}
-                    for k, (tr, va) in ((k, targets[k]) for k in folds)}
+    fold_targets: dict[str, dict[str, list]] = {}
+    for k in folds:
+        tr, va = targets[k]
+        fold_targets[str(k)] = {"train": [list(tr), [t[0] for t in tr.values()], [t[1] for t in tr.values()]],
+                                "val": [list(va), [t[0] for t in va.values()]]}
     loop_config = {"train": tc.model_dump(mode="json"), "arch": arch, "dims": dims, "folds": list(folds),
                    "input_stats": input_stats, "targets": fold_targets,
                    "threads": max(1, int(tc.resources.num_cpus))}
