@@ -38,7 +38,7 @@ demo: $(STAMP)
 	$(VENV)/bin/mer demo --workdir runs/demo --profile tiny
 
 test: $(STAMP)
-	$(PY) -m pytest -q -m "not gpu" $(PYTEST_ARGS)
+	$(PY) -m pytest -q -m "not gpu" --durations=25 $(PYTEST_ARGS)
 
 clean:
 	rm -rf runs .cache .pytest_cache
