@@ -233,3 +233,19 @@ def test_training_reads_each_clip_once(ray_local, store: str, tmp_path: Path) ->
     n_train = sum(1 for s in pq.read_table(store, columns=["split"]).column("split").to_pylist() if s == "train")
     assert cv.num_rows == store_train.num_rows == n_train
     assert len(set(cv.column("clip_id").to_pylist())) == n_train
+
+
+def test_part_store_reads_plan_no_footer_reader_pool(ray_local, store: str) -> None:
+    """A part store's Ray Data read plans the V1 Parquet read (Ray 2.60's default V2 read starts a pool of
+    footer-reading actors per read: the costliest part of a small read) and leaves the process's choice of
+    reader as it was."""
+    from ray.data import DataContext
+
+    from mer.parts import read_dataset
+
+    before = DataContext.get_current().use_datasource_v2
+    ds = read_dataset(store, columns=MODS).materialize()
+    assert DataContext.get_current().use_datasource_v2 == before
+    stats = ds.stats()
+    assert "ReadParquet" in stats and "ListFiles" not in stats, stats
+    assert ds.count() == pq.read_table(store, columns=["clip_id"]).num_rows
