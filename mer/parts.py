@@ -14,6 +14,7 @@ key (the first committed part wins), so even two concurrent runs cannot yield a 
 from __future__ import annotations
 
 import contextlib
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -97,6 +98,9 @@ def _drop_rows(batch: pa.Table, drop: dict[str, set[str]], key: str) -> pa.Table
     return batch.filter(keep).drop_columns(["path"])
 
 
+_reader_lock = threading.Lock()
+
+
 @contextlib.contextmanager
 def _file_list_reader() -> Iterator[None]:
     """Ray Data's V1 Parquet reader for the reads inside the block.
@@ -105,17 +109,19 @@ def _file_list_reader() -> Iterator[None]:
     footer-reading actors (32 by default) on every read, for predicate pushdown over large listings. A
     part store is read whole from a list of files it already knows, so that pool is pure start-up cost: on
     a 2-CPU local Ray, six reads of a 4-part store took 26.6 s with it and 5.7 s with V1. The flag is read
-    when the read is planned, so it is restored at once and other readers in the process keep Ray's default.
+    when the read is planned, so it is restored at once and other readers in the process keep Ray's default;
+    the lock keeps runs that read at the same time (threads of one driver) from restoring each other's value.
     """
     from ray.data import DataContext
 
-    ctx = DataContext.get_current()
-    before = ctx.use_datasource_v2
-    ctx.use_datasource_v2 = False
-    try:
-        yield
-    finally:
-        ctx.use_datasource_v2 = before
+    with _reader_lock:
+        ctx = DataContext.get_current()
+        before = ctx.use_datasource_v2
+        ctx.use_datasource_v2 = False
+        try:
+            yield
+        finally:
+            ctx.use_datasource_v2 = before
 
 
 def read_dataset(uri: str, columns: list[str] | None = None, key: str = KEY) -> Any:
