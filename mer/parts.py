@@ -13,8 +13,6 @@ key (the first committed part wins), so even two concurrent runs cannot yield a 
 
 from __future__ import annotations
 
-import contextlib
-import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -25,6 +23,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from mer import storage
+from mer.data_context import data_context
 
 PART_PREFIX = "part-"
 KEY = "clip_id"
@@ -98,32 +97,6 @@ def _drop_rows(batch: pa.Table, drop: dict[str, set[str]], key: str) -> pa.Table
     return batch.filter(keep).drop_columns(["path"])
 
 
-_reader_lock = threading.Lock()
-
-
-@contextlib.contextmanager
-def _file_list_reader() -> Iterator[None]:
-    """Ray Data's V1 Parquet reader for the reads inside the block.
-
-    Ray 2.60 routes ``read_parquet`` through DataSourceV2, which lists files by starting a pool of
-    footer-reading actors (32 by default) on every read, for predicate pushdown over large listings. A
-    part store is read whole from a list of files it already knows, so that pool is pure start-up cost: on
-    a 2-CPU local Ray, six reads of a 4-part store took 26.6 s with it and 5.7 s with V1. The flag is read
-    when the read is planned, so it is restored at once and other readers in the process keep Ray's default;
-    the lock keeps runs that read at the same time (threads of one driver) from restoring each other's value.
-    """
-    from ray.data import DataContext
-
-    with _reader_lock:
-        ctx = DataContext.get_current()
-        before = ctx.use_datasource_v2
-        ctx.use_datasource_v2 = False
-        try:
-            yield
-        finally:
-            ctx.use_datasource_v2 = before
-
-
 def read_dataset(uri: str, columns: list[str] | None = None, key: str = KEY) -> Any:
     """The store as a Ray Dataset (lazy), one row per key like :func:`read_parts`: rows whose key an earlier
     part holds are dropped. Only the keys pass through the driver (to find such rows)."""
@@ -138,7 +111,11 @@ def read_dataset(uri: str, columns: list[str] | None = None, key: str = KEY) -> 
         if again:
             drop[storage.ray_path(f)] = again
         seen.update(ids)
-    with _file_list_reader():
+    # Ray 2.60 plans read_parquet as a DataSourceV2 read by default, which lists the files through a pool of
+    # footer-reading actors (32 by default) on every read, for pushdown over large listings. A part store is
+    # read whole from files it already knows, so that pool is pure start-up cost (six reads of a 4-part store
+    # on a 2-CPU local Ray: 26.6 s with it, 5.7 s with the V1 read).
+    with data_context(use_datasource_v2=False):
         ds = ray.data.read_parquet([storage.ray_path(f) for f in files], filesystem=storage.ray_filesystem(uri),
                                    include_paths=bool(drop))
     if columns is not None:

@@ -21,6 +21,7 @@ import pyarrow as pa
 
 from mer import storage
 from mer.config import LABELS, PROB_COLUMNS, MerConfig, dump_config, with_overrides
+from mer.data_context import data_context
 from mer.metrics import accuracy, confusion, per_class_f1, plot_confusion, weighted_f1
 from mer.parts import iter_parts, part_columns, read_dataset, read_parts
 from mer.provenance import store_record
@@ -122,20 +123,9 @@ def cv_folds(store_train: pa.Table, cv_ids: list[str], folds: int, seed: int) ->
 # ------------------------------------------------------------------------------------------ Ray Data
 @contextlib.contextmanager
 def quiet_data() -> Iterator[None]:
-    """Datasets created inside don't draw progress bars (per-epoch iterations would flood the logs).
-
-    A dataset deep-copies the current DataContext when it is created, so restoring it afterwards leaves
-    everyone else's datasets as they were.
-    """
-    import ray.data
-
-    ctx = ray.data.DataContext.get_current()
-    old = (ctx.enable_progress_bars, ctx.print_on_execution_start)
-    ctx.enable_progress_bars, ctx.print_on_execution_start = False, False
-    try:
+    """Datasets created inside don't draw progress bars (per-epoch iterations would flood the logs)."""
+    with data_context(enable_progress_bars=False, print_on_execution_start=False):
         yield
-    finally:
-        ctx.enable_progress_bars, ctx.print_on_execution_start = old
 
 
 def _score_split(features_uri: str, run_uri: str, modalities: list[str], split: str) -> pa.Table | None:
