@@ -216,6 +216,10 @@ def run_demo(cfg: MerConfig, workdir: str, *, n_train: int = 120, n_unlabeled: i
     return summary
 
 
+def _figure(v: float | None) -> str:
+    return "-" if v is None else f"{v:.4f}"
+
+
 def format_summary(summary: dict[str, Any]) -> str:
     """The demo's closing tables."""
     lines = ["", "Test-split WAF by modality (labelled-only training, k-fold ensemble)",
@@ -230,14 +234,13 @@ def format_summary(summary: dict[str, Any]) -> str:
                  f"; {s['pseudo_labels']} pseudo-labels" if "pseudo_labels" in s else "")
         fig = "".join(f"{'-':>9}" if v is None else f"{v:>9.4f}" for v in (s["test_waf"], s["gate_waf"]))
         lines.append(f"{s['stage']:<16}{fig}  {what}{extra}")
-    best = summary["best_stage"]
+    best, scored = summary["best_stage"], summary["scored_test"]
     lines += [f"scored with: {best['stage']} ({best['why']})",
               f"label quality vs the generator's truth: {json.dumps(summary['label_quality'])}",
               "", f"extraction statuses: {json.dumps(summary['extract_status'])}",
               f"enrichment statuses: {json.dumps(summary['enrich_status'])}",
               f"LLM vote statuses: {json.dumps(summary['llm_vote_status'])}",
-              f"scored test split: WAF {summary['scored_test']['waf']}, "
-              f"accuracy {summary['scored_test']['accuracy']}",
+              f"scored test split: WAF {_figure(scored.get('waf'))}, accuracy {_figure(scored.get('accuracy'))}",
               f"total {summary['seconds']} s", "outputs:"]
     lines += [f"  {k:<12}{v}" for k, v in summary["outputs"].items()]
     return "\n".join(lines)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -62,6 +63,25 @@ def test_build_is_deterministic_and_idempotent(tmp_path: Path) -> None:
 
     with pytest.raises(ValueError, match="unknown tiny model slots"):
         build_tiny_models(tmp_path / "a", slots=["nope"])
+
+
+def test_a_fresh_build_leaves_the_console_to_mer(tmp_path: Path) -> None:
+    """As on a new machine (`make demo` builds every slot first): no "Writing model shards" bar and no
+    transformers notice (the face slot's processor falls back for want of torchvision) on the console; mer's own
+    line says what was built. A fresh process, so no earlier build in this one has used up a once-only notice."""
+    import subprocess
+    import sys
+
+    code = ("import logging, sys; from mer import console; console.setup(directory=sys.argv[2]); "
+            "from mer.models.tiny import build_tiny_models; build_tiny_models(sys.argv[1], slots=['face', 'text'])")
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path / "models"), str(tmp_path / "logs")],
+                          capture_output=True, text=True, timeout=300, check=True)
+    console_text = done.stdout + done.stderr
+    assert "Writing model shards" not in console_text and "[transformers]" not in console_text, console_text
+    assert [line for line in console_text.splitlines() if line] == [
+        f"built model {slot} -> {tmp_path / 'models' / slot}" for slot in ("face", "text")]
+    if importlib.util.find_spec("torchvision") is None:  # as `make venv` leaves it: the notice is in the log file
+        assert "requires torchvision" in (tmp_path / "logs" / "mer.log").read_text()
 
 
 def test_partial_slot_is_rebuilt_and_concurrent_builds_agree(tmp_path: Path) -> None:

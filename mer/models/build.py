@@ -74,4 +74,18 @@ def build_slots(out_dir: str | os.PathLike, builders: dict[str, Callable[[Path],
     unknown = [s for s in slots if s not in builders]
     if unknown:
         raise ValueError(f"unknown {kind} slots {unknown}; choose from {list(builders)}")
+    _quiet_transformers()
     return {slot: str(build_slot(out, slot, builders[slot], versions[slot], force)) for slot in slots}
+
+
+def _quiet_transformers() -> None:
+    """A small model saves at once, so ``save_pretrained``'s "Writing model shards" bar and transformers' notices
+    (e.g. a processor falling back because torchvision is absent) are console noise on a fresh machine: the bar is
+    off and transformers' own console handler is tamed like other libraries' (its records go to the log file)."""
+    from transformers.utils import logging as hf_logging
+
+    from mer.console import tame_libraries
+
+    hf_logging.disable_progress_bar()
+    hf_logging.get_logger("transformers")  # creates the library's console handler, for tame_libraries to find
+    tame_libraries()
