@@ -115,6 +115,10 @@ def run_trial(params: dict[str, Any], *, cfg: MerConfig, features_uri: str, stud
                                            callbacks=[relay.callback()])
         except BaseException as e:  # noqa: BLE001 - re-raised in the trial's thread below
             outcome["error"] = e
+        finally:
+            # Every fold report is on the queue by now (a controller's put returns once the queue holds it), so
+            # this marks the end and the loop below can wait for reports instead of polling for them.
+            relay.queue.put(None)
 
     # The run trains in a daemon thread while this one reports to Tune: when ASHA stops the trial, Tune ends
     # this actor, and with it the folds' Ray Train controllers it owns.
@@ -123,11 +127,16 @@ def run_trial(params: dict[str, Any], *, cfg: MerConfig, features_uri: str, stud
     epoch = 0
     from ray.util.queue import Empty
 
-    while worker.is_alive() or not relay.queue.empty():
+    while True:
         try:
-            scores.add(*relay.queue.get(timeout=0.5))
+            report = relay.queue.get(timeout=30)
         except Empty:
-            continue
+            if worker.is_alive():
+                continue
+            break  # the end marker was never put (the queue failed): the run's own outcome decides below
+        if report is None:
+            break
+        scores.add(*report)
         for epoch, waf in scores.ready():
             tune.report({"epoch": epoch, "waf": waf, "done": False, "run": run_uri})
     worker.join()
