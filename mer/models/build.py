@@ -41,6 +41,7 @@ def build_slot(out_dir: Path, slot: str, builder: Callable[[Path], None], versio
     tmp = Path(tempfile.mkdtemp(prefix=f".{slot}.build-", dir=out_dir))
     os.chmod(tmp, 0o755)  # mkdtemp makes 0700; the models are shared with Ray workers and other users
     try:
+        _quiet_transformers()  # here, not per call: a finished slot costs no transformers import
         builder(tmp)
         (tmp / MARKER).write_text(version)
         if dst.exists():
@@ -74,7 +75,6 @@ def build_slots(out_dir: str | os.PathLike, builders: dict[str, Callable[[Path],
     unknown = [s for s in slots if s not in builders]
     if unknown:
         raise ValueError(f"unknown {kind} slots {unknown}; choose from {list(builders)}")
-    _quiet_transformers()
     return {slot: str(build_slot(out, slot, builders[slot], versions[slot], force)) for slot in slots}
 
 
