@@ -232,7 +232,7 @@ def format_summary(summary: dict[str, Any]) -> str:
         what = ("kept" if s["accepted"] else "REJECTED") + f" ({s['decision']})"
         extra = (f"; rules {json.dumps(s['rules'])}" if "rules" in s else
                  f"; {s['pseudo_labels']} pseudo-labels" if "pseudo_labels" in s else "")
-        fig = "".join(f"{'-':>9}" if v is None else f"{v:>9.4f}" for v in (s["test_waf"], s["gate_waf"]))
+        fig = "".join(_figure(v).rjust(9) for v in (s["test_waf"], s["gate_waf"]))
         lines.append(f"{s['stage']:<16}{fig}  {what}{extra}")
     best, scored = summary["best_stage"], summary["scored_test"]
     lines += [f"scored with: {best['stage']} ({best['why']})",

@@ -60,7 +60,9 @@ def test_ray_llm_loggers_created_later_write_to_the_log_file_not_the_console(
 def test_demo_summary_prints_figures_to_four_places() -> None:
     from mer.demo import format_summary
 
-    summary = {"waf": {"fused": 0.626}, "accuracy_by_setting": {"fused": 0.62666}, "label_stages": [],
+    summary = {"waf": {"fused": 0.626}, "accuracy_by_setting": {"fused": 0.62666},
+               "label_stages": [{"stage": "round_2", "test_waf": None, "gate_waf": 0.56301, "accepted": False,
+                                 "decision": "gate WAF 0.5630 < 0.5886"}],
                "best_stage": {"stage": "round_1", "why": "highest gate WAF"}, "label_quality": {},
                "extract_status": {}, "enrich_status": {}, "llm_vote_status": {},
                "scored_test": {"waf": 0.66182983451549, "accuracy": 0.6633333333333333}, "seconds": 478.3,
@@ -68,5 +70,6 @@ def test_demo_summary_prints_figures_to_four_places() -> None:
     lines = format_summary(summary).splitlines()
     assert "scored test split: WAF 0.6618, accuracy 0.6633" in lines
     assert "fused             0.6260  0.6267" in lines
+    assert "round_2                 -   0.5630  REJECTED (gate WAF 0.5630 < 0.5886)" in lines
     summary["scored_test"] = {"waf": None, "accuracy": None}  # a test split without labels
     assert "scored test split: WAF -, accuracy -" in format_summary(summary).splitlines()
