@@ -370,7 +370,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--features-out", default=None,
                    help="with --manifest: where the extracted features go (default <out>/features)")
     p.add_argument("--splits", default=None,
-                   help="comma-separated splits to score, e.g. unlabeled,test (the MER2025 candidates); default all")
+                   help="comma-separated splits to score, e.g. unlabeled,test (the MER2025 candidates); with "
+                        "--manifest only those rows are extracted; default all")
     p.add_argument("--allow-config-change", action="store_true",
                    help="score although the features' extraction settings differ from the run's training store "
                         "(default: --manifest extracts with the run's settings, --features refuses a store "
@@ -430,11 +431,13 @@ def _log_dir(args: argparse.Namespace) -> str | None:
     return str((p.parent if p.suffix in (".parquet", ".csv", ".json") else p) / "logs")
 
 
-# Errors a user can cause (bad config, manifest, path, run directory, placement): one line, no traceback.
+# Errors a user can cause (bad config, manifest, path, run directory, placement, a stalled stream): one line
+# (a stall adds its placement table), no traceback.
 def _user_errors() -> tuple[type[BaseException], ...]:
     from mer.fit import PlacementError
+    from mer.stall import StreamStalled
 
-    return (ValueError, OSError, PlacementError)
+    return (ValueError, OSError, PlacementError, StreamStalled)
 
 
 def main(argv: Sequence[str] | None = None, *, log_config: bool = False) -> int:

@@ -137,6 +137,12 @@ class RayConfig(_Strict):
     # A joined cluster that adds nodes on demand (Ray autoscaler, KubeRay): pools that do not fit now are
     # left to it. false: a stream or training run whose pools cannot all be placed fails at once.
     autoscaler: bool = False
+    # A stream (extraction, scoring, enrichment) that commits no row while none of its actors is starting up, for
+    # this long, is stalled: on a fixed cluster the command fails with each stage's demand and placement; with
+    # `autoscaler` it keeps waiting and logs that table every `stall_timeout_s`. 0 = never checked.
+    stall_timeout_s: float = Field(300.0, ge=0.0)
+    # How often the driver looks at the stream's actors while no row arrives.
+    stall_poll_s: float = Field(10.0, gt=0.0)
 
 
 class StorageConfig(_Strict):
@@ -279,7 +285,12 @@ class EnrichConfig(_Strict):
     cpu_kv_cache_bytes: int = Field(1 << 30, ge=1 << 20)
     engine_kwargs: dict[str, Any] = Field(default_factory=dict)  # extra vLLM engine args, applied last
     engine_env: dict[str, str] = Field(default_factory=dict)  # extra env vars for the engine actor
-    cache_dir: str | None = None  # default: <features>/../enrich_cache
+    cache_dir: str | None = None  # default: <features>/../enrich_cache (mer score: the one its run recorded)
+    # Where the LLM stage runs when extracting: `stream` — inside the extraction stream, its engine beside the
+    # decode/face/encoder pools; `before` — first, as its own stream (cache filled), then the extraction stream
+    # without the engine; `auto` — `stream` when the stream's pools and the engine fit the cluster at once (or
+    # it autoscales), else `before`.
+    placement: Literal["auto", "stream", "before"] = "auto"
     # `mer enrich`: restarts of a run Ray aborts (lost engine node…); the cache keeps what was generated.
     stream_restarts: int = Field(2, ge=0)
 

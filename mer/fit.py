@@ -12,6 +12,10 @@ cluster. So:
 * on a **cluster it joined** (:func:`check_placement`): the config is kept; if a stream's or a training run's
   pools cannot all be placed and the cluster cannot grow (``ray.autoscaler: false``), fail at once with each
   stage's demand against the cluster's resources.
+
+The LLM enrichment stage counts like every other pool (:func:`enrich_demands`). Where its engine and the
+extraction stream's pools cannot run at once (``enrich.placement: auto``), it runs first as its own stream
+(:func:`llm_placement`), so neither waits for the other's CPUs.
 """
 
 from __future__ import annotations
@@ -95,6 +99,28 @@ def enrich_demands(cfg: MerConfig) -> list[Demand]:
     e = cfg.enrich
     return [Demand("enrich.resources", e.resources, e.resources.concurrency * max(1, e.tensor_parallel_size)),
             Demand("enrich.aux_resources", e.aux_resources, e.aux_resources.concurrency)]
+
+
+def stream_fits_with_llm(cfg: MerConfig, cluster: Cluster, reserve_cpu: float = 0.0) -> bool:
+    """Whether the extraction stream's pools and the LLM stage (engine + its small CPU steps) can all run at once
+    on ``cluster`` as configured, ``reserve_cpu`` left for Ray Data's tasks."""
+    both = stream_demands(cfg) + enrich_demands(cfg)
+    spare = Cluster(cpus=max(0.0, cluster.cpus - reserve_cpu), gpus=cluster.gpus, node_cpus=cluster.node_cpus,
+                    node_gpus=cluster.node_gpus)
+    return placement_problem(both, spare) is None
+
+
+def llm_placement(cfg: MerConfig, cluster: Cluster | None = None) -> str:
+    """Where extraction runs the LLM stage: ``stream`` (inside the stream) or ``before`` (first, as its own
+    stream). ``enrich.placement`` unless ``auto``; auto is ``stream`` on a cluster that autoscales or where the
+    stream's pools and the engine fit at once, else ``before``. A local Ray that mer started was fitted already
+    (:func:`fit_local` writes the choice into the config)."""
+    placement = cfg.enrich.placement
+    if placement != "auto":
+        return placement
+    if autoscaling():
+        return "stream"
+    return "stream" if stream_fits_with_llm(cfg, cluster or Cluster.current(), TASK_RESERVE_CPU) else "before"
 
 
 def train_demands(cfg: MerConfig, runs: int = 1, *, one_fold: bool = False) -> list[Demand]:
@@ -184,10 +210,22 @@ def fit_local(cfg: MerConfig, cluster: Cluster) -> tuple[MerConfig, str]:
     if one_decoder is not None:
         cfg = one_decoder
         notes.append("one decode actor (extract.decode.trim=never keeps resources.concurrency)")
+    stream = stream_demands(cfg)
+    groups = [("stream", stream), ("enrich", enrich_demands(cfg))]
+    if cfg.enrich.enabled and cfg.enrich.placement == "auto":
+        # Fitted fractions would let the engine into the stream on any machine, but the engine and the encoders
+        # would then share cores the pools already fill: on a machine where they do not fit as configured the
+        # engine runs first, alone.
+        placement = "stream" if stream_fits_with_llm(cfg, cluster, TASK_RESERVE_CPU) else "before"
+        cfg = with_overrides(cfg, [f"enrich.placement={placement}"])
+        if placement == "before":
+            notes.append(f"LLM enrichment first, as its own stream (its engine and the stream's pools do not fit "
+                         f"{cluster.cpus:g} CPUs at once; enrich.placement=stream keeps it in the stream)")
+    if cfg.enrich.enabled and cfg.enrich.placement == "stream":
+        groups = [("stream+enrich", stream + enrich_demands(cfg))]
     overrides: list[str] = []
     fitted: list[str] = []
-    for name, demands in (("stream", stream_demands(cfg)), ("enrich", enrich_demands(cfg)),
-                          ("train", train_demands(cfg, cfg.labels.parallel_runs))):
+    for name, demands in (*groups, ("train", train_demands(cfg, cfg.labels.parallel_runs))):
         changes = fit_group(demands, cluster)
         for key, diff in changes.items():
             overrides += [f"{key}.{k}={v:g}" for k, v in diff.items()]
@@ -246,6 +284,12 @@ def set_policy(*, check: bool, autoscaler: bool) -> None:
     _policy.update(check=check, autoscaler=autoscaler)
 
 
+def autoscaling() -> bool:
+    """Whether this process runs on a joined cluster that adds nodes on demand (pools that do not fit now are
+    left to it; a stalled stream waits for it, :mod:`mer.stall`)."""
+    return bool(_policy["check"] and _policy["autoscaler"])
+
+
 def ensure_placeable(what: str, demands: list[Demand]) -> None:
     """:func:`check_placement` under this process's policy (a no-op when Ray is not initialised yet).
 
@@ -274,6 +318,13 @@ _placed: set[tuple[Any, ...]] = set()
 
 
 def stage_demands(stages: list[Any]) -> list[Demand]:
-    """The actor pools of a stage chain (:class:`mer.stream.Stage` of kind ``actor`` with resources)."""
-    return [Demand(s.name, s.resources, s.resources.concurrency) for s in stages
-            if getattr(s, "kind", None) == "actor" and getattr(s, "resources", None) is not None]
+    """Every pool of a stage chain: each :class:`mer.stream.Stage` of kind ``actor`` with resources, and what a
+    ``dataset`` stage declares it starts (its callable's ``demands()``, e.g. the LLM stage's engine and helpers)."""
+    out: list[Demand] = []
+    for s in stages:
+        kind = getattr(s, "kind", None)
+        if kind == "actor" and getattr(s, "resources", None) is not None:
+            out.append(Demand(s.name, s.resources, s.resources.concurrency))
+        elif kind == "dataset" and callable(getattr(s.fn, "demands", None)):
+            out += s.fn.demands()
+    return out

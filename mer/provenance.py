@@ -14,6 +14,7 @@ from typing import Any
 
 from mer import storage
 from mer.config import MerConfig
+from mer.enrich.cache import default_cache_dir
 from mer.extract.schema import (FeatureConfigMismatch, apply_feature_settings, config_hash, differing,
                                 feature_settings, read_meta)
 
@@ -26,7 +27,7 @@ def store_record(features_uri: str) -> dict[str, Any]:
     """A feature store's provenance as a run records it (``None`` values: the store's meta lacks them)."""
     meta = read_meta(features_uri) or {}
     return {"uri": features_uri, "config_hash": meta.get("config_hash"), "model_ids": meta.get("model_ids"),
-            "settings": meta.get("settings")}
+            "settings": meta.get("settings"), "enrich_cache": meta.get("enrich_cache")}
 
 
 def run_record(run_uri: str) -> dict[str, Any] | None:
@@ -86,3 +87,15 @@ def extraction_config(cfg: MerConfig, run_uri: str, *, allow_config_change: bool
         f"run {run_uri} was trained on features with config hash {rec['config_hash']} ({rec.get('uri')}), but "
         f"this config hashes to {config_hash(cfg)} and the run's settings cannot be reproduced: {diff}; extract "
         f"with the run's settings, or {ALLOW_HINT}")
+
+
+def enrich_cache_of(run_uri: str) -> str | None:
+    """Where the LLM enrichment of ``run_uri``'s training store is cached: what the run recorded, else (runs
+    recorded before the cache was) ``enrich_cache`` beside that store, the default; ``None`` when the run
+    records no store, or that cache does not exist."""
+    rec = run_record(run_uri) or {}
+    cache = rec.get("enrich_cache")
+    if not cache and rec.get("uri"):
+        cache = default_cache_dir(None, rec["uri"])
+    return cache if cache and storage.exists(cache) else None
+

@@ -20,6 +20,7 @@ import pyarrow as pa
 from mer import storage
 from mer.config import LABELS, PROB_COLUMNS, MerConfig
 from mer.parts import part_columns, part_files, read_dataset, read_parts
+from mer.stall import StallWatch
 from mer.stream import Stage, build, write_stream
 
 log = logging.getLogger("mer.score")
@@ -130,7 +131,8 @@ def score_features(cfg: MerConfig, run_uri: str, features_uri: str, out_uri: str
         return build(read_dataset(features_uri, columns=cols), score_stages(cfg, run_uri, pending), cols)
 
     run = write_stream(out_uri, PRED_SCHEMA, cfg.score.rows_per_part, wanted, stream, label=progress,
-                       restarts=cfg.score.stream_restarts)
+                       restarts=cfg.score.stream_restarts,
+                       watch=StallWatch.from_config(cfg, f"the scoring stream into {out_uri}"))
     summary: dict[str, Any] = {"out": out_uri, "total": run.wanted, "skipped_done": run.already,
                                "written": run.writer.rows_written, "stream_restarts": run.restarts}
     preds = read_parts(out_uri, columns=["status"]) if part_files(out_uri) else PRED_SCHEMA.empty_table()
@@ -165,14 +167,16 @@ def score(cfg: MerConfig, run_uri: str, out_uri: str, *, features_uri: str | Non
 
     ``run_uri`` is a training run or a label-loop directory, which scores what its ``best`` names (the accepted
     stages' ensemble, or the best accepted stage).
-    With ``manifest_uri`` the raw videos are first run through the (resumable) extraction pipeline into
-    ``features_out`` (default ``out_uri/features``), with the feature settings the run was trained on; bad
-    inputs keep their extraction status and error. A ``features_uri`` store must have the config hash of the
+    With ``manifest_uri`` the raw videos (of ``splits`` only, when given) are first run through the
+    (resumable) extraction pipeline into ``features_out`` (default ``out_uri/features``), with the feature
+    settings the run was trained on and, unless ``enrich.cache_dir`` is set, the enrichment cache its training
+    store recorded (clips the run has seen are not generated again); bad inputs keep their extraction status
+    and error. A ``features_uri`` store must have the config hash of the
     run's training store. ``allow_config_change`` lets either differ (logged) instead of refusing
     (:mod:`mer.provenance`).
     """
     from mer.labels.loop import best_run
-    from mer.provenance import check_store, extraction_config
+    from mer.provenance import check_store, enrich_cache_of, extraction_config
 
     if (features_uri is None) == (manifest_uri is None):
         raise ValueError("score: give exactly one of features_uri or manifest_uri")
@@ -186,7 +190,13 @@ def score(cfg: MerConfig, run_uri: str, out_uri: str, *, features_uri: str | Non
 
         features_uri = features_out or storage.join(out_uri, "features")
         ex_cfg = extraction_config(cfg, run_uri, allow_config_change=allow_config_change)
-        summary["extract"] = extract_features(ex_cfg, manifest_uri, features_uri)
+        cache = None
+        if ex_cfg.enrich.enabled and not ex_cfg.enrich.cache_dir:
+            cache = enrich_cache_of(run_uri)
+            if cache:
+                log.info("enrichment cache: %s (recorded by the run's training store)", cache)
+        summary["extract"] = extract_features(ex_cfg, manifest_uri, features_uri, splits=splits,
+                                              enrich_cache=cache)
     else:
         assert features_uri is not None
         check_store(run_uri, features_uri, allow_config_change=allow_config_change)

@@ -23,6 +23,7 @@ import pyarrow as pa
 
 from mer.config import Resources
 from mer.parts import PartWriter, stored_ids
+from mer.stall import StallWatch, watched
 
 log = logging.getLogger("mer.stream")
 T = TypeVar("T")
@@ -143,13 +144,14 @@ def _summary(error: BaseException) -> str:
 def write_stream(out_uri: str, schema: pa.Schema, rows_per_part: int, wanted: list[str],
                  stream: Callable[[list[str]], Any],
                  on_batch: Callable[[pa.Table], pa.Table] | None = None, *, label: str = "",
-                 restarts: int = 0) -> StreamResult:
+                 restarts: int = 0, watch: StallWatch | None = None) -> StreamResult:
     """Write one row per key of ``wanted`` into the part store ``out_uri``: keys already committed are skipped
     (resume); ``stream(pending_keys)`` builds the Ray Dataset of the others, whose batches the driver commits
     as parts of ``rows_per_part`` rows (after ``on_batch``, which may collect figures or add columns).
     A stream that Ray aborts is built again over the keys not yet committed, at most ``restarts`` times
     (:func:`with_restarts`); every key still gets exactly one row. With ``label``, a progress line on the
-    console (:class:`mer.console.Progress`)."""
+    console (:class:`mer.console.Progress`). ``watch``: what to do when the stream stops moving
+    (:mod:`mer.stall`: fail with the pools' placement on a fixed cluster, log it on one that autoscales)."""
     from mer.console import Progress
 
     done = stored_ids(out_uri)
@@ -167,8 +169,12 @@ def write_stream(out_uri: str, schema: pa.Schema, rows_per_part: int, wanted: li
         if not pending:
             return
         result.restarts, attempts = attempts, attempts + 1
-        result.dataset = stream(pending)
-        for batch in result.dataset.iter_batches(batch_format="pyarrow", batch_size=None, prefetch_batches=1):
+        def batches() -> Any:
+            # Building the stream runs Ray tasks too (from_arrow's metadata, a store's listing): it is watched.
+            result.dataset = stream(pending)
+            return result.dataset.iter_batches(batch_format="pyarrow", batch_size=None, prefetch_batches=1)
+
+        for batch in watched(batches, watch):
             writer.add(on_batch(batch) if on_batch else batch)
             if progress:
                 progress.update(batch.num_rows)

@@ -137,3 +137,64 @@ def test_a_stream_restarted_while_a_node_is_replaced_waits_instead_of_failing(
     sizes = iter([Cluster(0, 0, 0, 0)])
     with pytest.raises(PlacementError, match="the stream a -> b cannot start"):
         fit.ensure_placeable("the stream a -> b", bigger)
+
+
+def test_the_llm_stage_is_counted_and_runs_first_where_it_cannot_share_the_machine() -> None:
+    """Enrichment's engine and its CPU steps are a pool like the others: on the 2-core laptop they cannot run
+    beside the stream's pools, so the LLM stage runs first as its own stream (and the fit line says so); forced
+    into the stream, the stream and the engine are fitted together; on a big GPU box it stays in the stream."""
+    from mer.fit import enrich_demands, llm_placement, stream_fits_with_llm
+
+    cfg = load_config(profile="tiny", overrides=["enrich.enabled=true"])
+    assert cfg.enrich.placement == "auto"
+    fitted, note = fit_local(cfg, LAPTOP)
+    assert fitted.enrich.placement == "before" and llm_placement(fitted) == "before"
+    assert "LLM enrichment first, as its own stream" in note and "enrich.placement=stream" in note
+    assert placement_problem(stream_demands(fitted), LAPTOP) is None
+    assert placement_problem(enrich_demands(fitted), LAPTOP) is None
+    assert fit_local(fitted, LAPTOP) == (fitted, "")  # idempotent
+
+    forced, note = fit_local(load_config(profile="tiny", overrides=["enrich.enabled=true",
+                                                                   "enrich.placement=stream"]), LAPTOP)
+    assert "stream+enrich" in note and "LLM enrichment first" not in note
+    together = stream_demands(forced) + enrich_demands(forced)
+    assert sum(d.cpus for d in together) <= 2 - 0.25 + 1e-9 and placement_problem(together, LAPTOP) is None
+
+    box = Cluster(cpus=32, gpus=2, node_cpus=32, node_gpus=2)
+    big, note = fit_local(cfg, box)
+    assert big.enrich.placement == "stream" and "LLM" not in note and stream_fits_with_llm(cfg, box)
+    off, note = fit_local(load_config(profile="tiny"), LAPTOP)
+    assert off.enrich.placement == "auto" and "LLM" not in note  # nothing to place
+
+
+def test_a_joined_cluster_runs_the_llm_stage_in_the_stream_only_where_everything_fits(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from mer import fit
+    from mer.fit import llm_placement
+
+    cfg = load_config(profile="tiny", overrides=["enrich.enabled=true"])
+    monkeypatch.setitem(fit._policy, "check", True)
+    monkeypatch.setitem(fit._policy, "autoscaler", False)
+    assert llm_placement(cfg, Cluster(cpus=32, gpus=2, node_cpus=32, node_gpus=2)) == "stream"
+    # the stream's pools fit this node, and the engine fits it alone, but not both at once
+    assert placement_problem(stream_demands(cfg), Cluster(cpus=9, gpus=1, node_cpus=9, node_gpus=1)) is None
+    assert llm_placement(cfg, Cluster(cpus=9, gpus=1, node_cpus=9, node_gpus=1)) == "before"
+    monkeypatch.setitem(fit._policy, "autoscaler", True)  # a cluster that grows is trusted to add the nodes
+    assert llm_placement(cfg, Cluster(cpus=9, gpus=1, node_cpus=9, node_gpus=1)) == "stream"
+    told = load_config(profile="tiny", overrides=["enrich.enabled=true", "enrich.placement=before"])
+    assert llm_placement(told, Cluster(cpus=32, gpus=2, node_cpus=32, node_gpus=2)) == "before"
+
+
+def test_a_stream_with_the_llm_stage_declares_its_engine(tiny_config) -> None:
+    """The LLM stage in a stream counts in the stream's placement check (its engine and CPU steps)."""
+    from mer.config import with_overrides
+    from mer.extract.pipeline import build_stages
+    from mer.enrich.stage import build_enrich_stage
+
+    cfg = with_overrides(tiny_config, ["enrich.enabled=true", "enrich.resources.num_cpus=1.5"])
+    demands = stage_demands(build_stages(cfg, [build_enrich_stage(cfg)]))
+    keys = {d.key: d for d in demands}
+    assert keys["enrich.resources"].cpus == 1.5 and "enrich.aux_resources" in keys
+    assert {"decode", "face_detect"} <= set(keys)
+    with pytest.raises(PlacementError, match=r"enrich.resources: 1 x \(1.5 CPU"):
+        check_placement("the stream", demands, autoscaler=False, cluster=LAPTOP)

@@ -25,6 +25,8 @@ from mer.enrich.prepare import (
     PromptBuilder,
 )
 from mer.enrich.prompt import load_template, prompt_hash
+from mer.fit import Demand, enrich_demands
+from mer.stall import StallWatch, watched
 from mer.stream import Stage
 
 log = logging.getLogger("mer.enrich")
@@ -110,6 +112,11 @@ class EnrichStage:
         self.cache_dir = cache_dir if cache_dir is not None else cfg.enrich.cache_dir
         self.last_stats: dict[str, Any] = {}
 
+    def demands(self) -> list[Demand]:
+        """The pools this stage starts (its engine and its small CPU steps), for placement checks of a stream
+        it runs in (:func:`mer.fit.stage_demands`)."""
+        return enrich_demands(self.cfg)
+
     def prepare(self, ds: Any) -> Any:
         """Add prompt ids and routes (cache hits resolved) — lazily."""
         e = self.cfg.enrich
@@ -185,7 +192,8 @@ def enrich_table(cfg: MerConfig, table: pa.Table, cache_dir: str | None = None,
 
         progress = Progress("enrich", stage.last_stats["rows"])
         batches = []
-        for batch in out.iter_batches(batch_format="pyarrow", batch_size=None):
+        watch = StallWatch.from_config(cfg, "the enrichment stream")
+        for batch in watched(lambda: out.iter_batches(batch_format="pyarrow", batch_size=None), watch):
             batches.append(batch)
             progress.update(batch.num_rows)
         progress.close()

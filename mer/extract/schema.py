@@ -142,11 +142,16 @@ def read_meta(uri: str) -> dict[str, Any] | None:
     return storage.read_json(path) if storage.exists(path) else None
 
 
-def ensure_meta(cfg: MerConfig, uri: str, *, allow_config_change: bool = False) -> dict[str, Any]:
-    """Write ``_meta.json`` for a new store; refuse to mix features of another config into an old one."""
+def ensure_meta(cfg: MerConfig, uri: str, *, allow_config_change: bool = False,
+                enrich_cache: str | None = None) -> dict[str, Any]:
+    """Write ``_meta.json`` for a new store; refuse to mix features of another config into an old one.
+    ``enrich_cache``: where the store's LLM enrichment is cached (recorded, so runs trained on the store, and
+    ``mer score`` on them, find it)."""
     meta = {"schema_version": SCHEMA_VERSION, "config_hash": config_hash(cfg), "model_ids": json.loads(
         model_ids_json(cfg)), "profile": cfg.profile, "vector_columns": vector_branches(cfg),
         "settings": feature_settings(cfg), "schema": [f"{f.name}: {f.type}" for f in feature_schema(cfg)]}
+    if enrich_cache:
+        meta["enrich_cache"] = enrich_cache
     old = read_meta(uri)
     if old is not None and old.get("config_hash") != meta["config_hash"] and part_files(uri):
         if not allow_config_change:
@@ -155,7 +160,8 @@ def ensure_meta(cfg: MerConfig, uri: str, *, allow_config_change: bool = False) 
                 f"hashes to {meta['config_hash']} ({differing(old, meta, ('store', 'config'))}): use a new "
                 f"output directory, or allow_config_change=True to mix them")
     # A store written before settings were recorded gets them (same hash: same settings).
-    if old is None or old.get("config_hash") != meta["config_hash"] or "settings" not in old:
+    if (old is None or old.get("config_hash") != meta["config_hash"] or "settings" not in old
+            or (enrich_cache and old.get("enrich_cache") != enrich_cache)):
         same = old is not None and old.get("config_hash") == meta["config_hash"]
         meta["created"] = old.get("created") if same else time.strftime("%Y-%m-%dT%H:%M:%S")
         storage.write_json(storage.join(uri, META_FILE), meta)
