@@ -42,7 +42,7 @@ def _preset(args: argparse.Namespace) -> tuple[list[str], str | None]:
 
         return DEMO_OVERRIDES, "tiny"
     if args.command == "bench" and args.what == "labels":
-        from mer.labels.bench import BENCH_OVERRIDES
+        from mer.bench.labels import BENCH_OVERRIDES
 
         return BENCH_OVERRIDES, None
     return [], None
@@ -59,7 +59,7 @@ def resolve_config(args: argparse.Namespace) -> MerConfig:
     if getattr(args, "log_config", False):
         import yaml
 
-        from mer.redact import redact
+        from mer.store.redact import redact
 
         log.info("resolved config (hash %s):\n%s", cfg.hash(),
                  yaml.safe_dump(redact(cfg.model_dump(mode="json")), sort_keys=False))
@@ -68,8 +68,8 @@ def resolve_config(args: argparse.Namespace) -> MerConfig:
 
 def _with_ray(args: argparse.Namespace) -> MerConfig:
     """The command's config (:func:`resolve_config`), with Ray joined or started for it (and fitted to a local
-    Ray it started, :func:`mer.runtime.init_ray`)."""
-    from mer.runtime import init_ray
+    Ray it started, :func:`mer.runtime.session.init_ray`)."""
+    from mer.runtime.session import init_ray
 
     return init_ray(resolve_config(args))
 
@@ -99,7 +99,7 @@ def _models_random(args: argparse.Namespace) -> None:
 
 
 def _data_synth(args: argparse.Namespace) -> None:
-    from mer.data.synth import synth_dataset
+    from mer.synth.dataset import synth_dataset
 
     _print(synth_dataset(args.out, n_train=args.n_train, n_unlabeled=args.n_unlabeled,
                          n_test=args.n_test, seed=args.seed))
@@ -179,7 +179,7 @@ def _tune(args: argparse.Namespace) -> None:
 
 
 def _ensemble(args: argparse.Namespace) -> None:
-    from mer.ensemble import build_ensemble, study_runs
+    from mer.predict.combine import build_ensemble, study_runs
 
     resolve_config(args)
     runs = list(args.runs) + (study_runs(args.from_study, args.top) if args.from_study else [])
@@ -188,7 +188,7 @@ def _ensemble(args: argparse.Namespace) -> None:
 
 def _score(args: argparse.Namespace) -> None:
     from mer.labels.loop import best_run
-    from mer.score import score
+    from mer.predict.score import score
 
     best_run(args.run)  # a directory that is not a run fails before Ray starts
     cfg = _with_ray(args)
@@ -198,7 +198,7 @@ def _score(args: argparse.Namespace) -> None:
 
 
 def _evaluate(args: argparse.Namespace) -> None:
-    from mer.evaluate import evaluate, format_report
+    from mer.evaluation.evaluate import evaluate, format_report
 
     resolve_config(args)
     report = evaluate(args.pred, args.labels, out_dir=args.out)
@@ -219,21 +219,21 @@ def _bench(args: argparse.Namespace) -> None:
     cfg = _with_ray(args)
     ray_init_s = time.perf_counter() - t0
     if args.what == "labels" and args.features:
-        from mer.labels.bench import bench_store, format_bench
+        from mer.bench.labels import bench_store, format_bench
         from mer.labels.sources import parse_sources
 
         print(format_bench(bench_store(cfg, args.features, args.out or "runs/bench-labels",
                                        seeds=list(range(args.seeds)), tables=parse_sources(args.source),
                                        truth_uri=args.truth)))
     elif args.what == "labels":
-        from mer.labels.bench import bench_labels, format_bench
+        from mer.bench.labels import bench_labels, format_bench
 
         summary = bench_labels(cfg, args.out or "runs/bench-labels", seeds=list(range(args.seeds)),
                                noise=args.noise, n_train=args.n_train, pool_ratio=args.pool_ratio,
                                n_test=args.n_test, label_noise=args.label_noise)
         print(format_bench(summary))
     elif args.what == "extract" and args.rss:
-        from mer.extract.rss import bench_rss, format_rss
+        from mer.bench.rss import bench_rss, format_rss
 
         result = bench_rss(cfg, args.rss, workdir=args.out)
         if args.json:
@@ -241,22 +241,22 @@ def _bench(args: argparse.Namespace) -> None:
         else:
             print(format_rss(result))
     elif args.what == "extract":
-        from mer.extract.bench import bench_extract
+        from mer.bench.extract import bench_extract
 
         # --json: only the JSON document on stdout (the table otherwise)
         result = bench_extract(cfg, args.manifest, n_clips=args.n, ray_init_s=ray_init_s, verbose=not args.json)
         if args.json:
             _print(result)
     elif args.what == "tune":
-        from mer.tune.bench import bench_tune, format_bench
+        from mer.bench.tune import bench_tune, format_bench
 
         print(format_bench(bench_tune(cfg, args.out or "runs/bench-tune", trials=args.trials)))
     elif args.what == "train":
-        from mer.train.bench import bench_train
+        from mer.bench.train import bench_train
 
         _print(bench_train(cfg))
     else:
-        from mer.enrich.bench import bench_enrich
+        from mer.bench.enrich import bench_enrich
 
         _print(bench_enrich(cfg, n_prompts=args.n))
 
@@ -432,7 +432,7 @@ def _log_dir(args: argparse.Namespace) -> str | None:
 
 # Errors a user can cause (bad config, manifest, path, run directory, placement): one line, no traceback.
 def _user_errors() -> tuple[type[BaseException], ...]:
-    from mer.fit import PlacementError
+    from mer.runtime.placement import PlacementError
 
     return (ValueError, OSError, PlacementError)
 
@@ -444,8 +444,8 @@ def main(argv: Sequence[str] | None = None, *, log_config: bool = False) -> int:
     args = build_parser().parse_args(argv)
     args.log_config = log_config
     _JSON["indent"] = 2 if args.json else None
-    from mer import console
-    from mer.runtime import setup_logging
+    from mer.runtime import console
+    from mer.runtime.session import setup_logging
 
     setup_logging(args.log_level, _log_dir(args))
     code = 0

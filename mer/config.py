@@ -182,7 +182,7 @@ class DecodeConfig(_Strict):
     # Added to the decode child's niceness (Ray workers already run at +15): where CPU is short, the actors that
     # feed the encoders and the encoders' own start-up go first, and decoding takes the rest.
     child_niceness: int = Field(4, ge=0, le=19)
-    # auto: on a local Ray without GPUs whose stream pools must share the CPUs (mer.fit scales them down), the
+    # auto: on a local Ray without GPUs whose stream pools must share the CPUs (mer.runtime.placement scales them down), the
     # decode pool runs ONE actor. One actor decodes ~40 clips/s of 224 px keyframes on a core, more than such a
     # box's stages take in together (~17 clips/s on 2 cores); each further actor is a process and a decode child
     # to start, seconds of the shared CPUs (measured on 96 clips: pipeline x1.33-1.53 of the sequential
@@ -233,7 +233,7 @@ class EncodersConfig(_Strict):
     # For CPU-only machines where start-up weighs; null (separate pools) on GPU nodes, where each branch
     # gets its own GPU share and concurrency.
     colocated: Resources | None = None
-    # auto: on a local Ray without GPUs whose stream pools must share the CPUs (mer.fit scales them down), the
+    # auto: on a local Ray without GPUs whose stream pools must share the CPUs (mer.runtime.placement scales them down), the
     # encoders run colocated (batch: the smallest branch batch, one actor): on a laptop every extra torch
     # process only adds start-up CPU and memory, the models share the same cores either way. never: one pool
     # per branch unless ``colocated`` is set.

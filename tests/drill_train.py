@@ -15,7 +15,7 @@ import ray.cloudpickle
 
 import faults
 from mer.config import load_config
-from mer.runtime import init_ray
+from mer.runtime.session import init_ray
 from mer.train import train_run
 
 

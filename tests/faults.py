@@ -14,7 +14,7 @@ from typing import Any
 def _descendants(root: int) -> list[int]:
     """Every process below ``root`` (Ray's raylet starts its workers in process groups of their own, so a
     process group is not a node)."""
-    from mer.extract.rss import _processes
+    from mer.bench.rss import _processes
 
     children: dict[int, list[int]] = {}
     for pid, (ppid, _) in _processes().items():

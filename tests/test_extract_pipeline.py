@@ -17,7 +17,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from mer import parts, storage
+from mer.store import parts, storage
 from mer.config import with_overrides
 from mer.extract import schema
 from mer.extract.pipeline import extract_features

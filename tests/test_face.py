@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from mer.config import load_config
-from mer.data.synth import draw_face
+from mer.synth.dataset import draw_face
 from mer.extract.face import FaceDetector, cascade_path, square_crop
 
 

@@ -9,7 +9,7 @@ import pyarrow as pa
 import pytest
 
 from mer.config import BRANCHES, load_config
-from mer.fit import (Cluster, PlacementError, check_placement, fit_local, placement_problem, stage_demands,
+from mer.runtime.placement import (Cluster, PlacementError, check_placement, fit_local, placement_problem, stage_demands,
                      stream_demands, train_demands)
 
 LAPTOP = Cluster(cpus=2.0, gpus=0.0, node_cpus=2.0, node_gpus=0.0)
@@ -117,23 +117,23 @@ def test_a_stream_restarted_while_a_node_is_replaced_waits_instead_of_failing(
     fitted still fails at once."""
     import ray
 
-    from mer import fit
+    from mer.runtime import placement
 
     demands = stream_demands(load_config(profile="tiny"))
     sizes = iter([Cluster(8, 1, 8, 1), Cluster(0, 0, 0, 0), Cluster(0, 0, 0, 0)])
-    monkeypatch.setattr(fit.Cluster, "current", classmethod(lambda cls: next(sizes)))
+    monkeypatch.setattr(placement.Cluster, "current", classmethod(lambda cls: next(sizes)))
     monkeypatch.setattr(ray, "is_initialized", lambda: True)
-    monkeypatch.setattr(fit, "_placed", set())
-    monkeypatch.setitem(fit._policy, "check", True)
-    monkeypatch.setitem(fit._policy, "autoscaler", False)
-    fit.ensure_placeable("the stream a -> b", demands)  # the whole cluster: placed
+    monkeypatch.setattr(placement, "_placed", set())
+    monkeypatch.setitem(placement._policy, "check", True)
+    monkeypatch.setitem(placement._policy, "autoscaler", False)
+    placement.ensure_placeable("the stream a -> b", demands)  # the whole cluster: placed
     with caplog.at_level("WARNING", logger="mer.fit"):
-        fit.ensure_placeable("the stream a -> b", demands)  # its node gone: the restart waits
+        placement.ensure_placeable("the stream a -> b", demands)  # its node gone: the restart waits
     assert "smaller than when it started" in caplog.text
     with pytest.raises(PlacementError, match="the stream c -> d cannot start"):
-        fit.ensure_placeable("the stream c -> d", demands)
+        placement.ensure_placeable("the stream c -> d", demands)
     # the same stream with other pools (another config in the same process) is checked as new
     bigger = stream_demands(load_config(profile="tiny", overrides=["extract.face.resources.concurrency=3"]))
     sizes = iter([Cluster(0, 0, 0, 0)])
     with pytest.raises(PlacementError, match="the stream a -> b cannot start"):
-        fit.ensure_placeable("the stream a -> b", bigger)
+        placement.ensure_placeable("the stream a -> b", bigger)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pyarrow as pa
 import pytest
 
-from mer import storage
+from mer.store import storage
 from mer.config import with_overrides
 from mer.labels.llm_vote import _descriptions, llm_vote, parse_vote, vote_config
 from mer.labels.sources import read_source

@@ -9,7 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from mer import storage
+from mer.store import storage
 from mer.data.manifest import MANIFEST_COLUMNS, ManifestError, manifest_from_rows, read_manifest, write_manifest
 from mer.data.mer2025 import import_mer2025, normalise_label
 

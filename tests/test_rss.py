@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from mer.extract.rss import _group, growth, tree_rss
+from mer.bench.rss import _group, growth, tree_rss
 
 ROOT = Path(__file__).resolve().parents[1]
 

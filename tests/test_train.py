@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from mer import storage
+from mer.store import storage
 from mer.config import LABELS
 from mer.train import load_ensemble, train_run
 from mer.train.fold import checkpoint_dirs, group_name
@@ -197,7 +197,7 @@ def test_parallel_folds_overlap_and_resume_the_failed_one(ray_local, store: str,
 def test_input_stats_match_numpy_over_the_chosen_rows(ray_local, store: str) -> None:
     """Run-level standardisation statistics: Ray Data reduces blocks to moments; missing vectors and rows
     outside the training ids don't count."""
-    from mer.parts import read_dataset
+    from mer.store.parts import read_dataset
     from mer.train.features import input_stats, modality_dims, table_inputs
 
     table = pq.read_table(store)
@@ -215,7 +215,7 @@ def test_input_stats_match_numpy_over_the_chosen_rows(ray_local, store: str) -> 
 def test_training_reads_each_clip_once(ray_local, store: str, tmp_path: Path) -> None:
     """A clip committed twice (two extraction runs racing) is read once, from the first part that holds it, by
     the readers training uses: the labels and folds, and the Ray Data rows the workers train on."""
-    from mer.parts import part_files, read_dataset, write_part
+    from mer.store.parts import part_files, read_dataset, write_part
 
     copy = str(tmp_path / "features")
     shutil.copytree(store, copy)
@@ -241,7 +241,7 @@ def test_part_store_reads_plan_no_footer_reader_pool(ray_local, store: str) -> N
     reader as it was."""
     from ray.data import DataContext
 
-    from mer.parts import read_dataset
+    from mer.store.parts import read_dataset
 
     before = DataContext.get_current().use_datasource_v2
     ds = read_dataset(store, columns=MODS).materialize()

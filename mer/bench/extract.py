@@ -38,7 +38,7 @@ from mer.extract.face import FaceDetector
 from mer.extract.pipeline import build_dataset, build_stages, enabled_branches, pipeline_input, read_manifest_table
 from mer.extract.stages import normalize_batch
 from mer.extract.timing import StageTimes, is_timing, timed
-from mer.stream import Stage
+from mer.runtime.stream import Stage
 
 log = logging.getLogger("mer.extract")
 
@@ -88,7 +88,7 @@ def _bench_clips(cfg: MerConfig, manifest_uri: str | None, n_clips: int, workdir
     if manifest_uri:
         t = read_manifest_table(manifest_uri).slice(0, n_clips)
         return t, {"source": manifest_uri}
-    from mer.extract.clips import make_clip_set
+    from mer.synth.clips import make_clip_set
 
     t = make_clip_set(workdir, n_ok=n_clips, broken=False, seconds=seconds, width=width, height=height, gop=gop)
     for c in ("label", "split"):
@@ -224,7 +224,7 @@ def bench_extract(cfg: MerConfig, manifest_uri: str | None = None, *, n_clips: i
     import ray
 
     from mer.encoders import ENCODERS
-    from mer.runtime import init_ray
+    from mer.runtime.session import init_ray
 
     t = time.perf_counter()
     initialised = ray.is_initialized()

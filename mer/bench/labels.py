@@ -1,6 +1,6 @@
 """``mer bench labels``: does the label loop pay off? Generated feature stores, several seeds, true labels known.
 
-Each seed writes a generated store (:func:`mer.train.synthetic.make_feature_store`: a labelled train split
+Each seed writes a generated store (:func:`mer.synth.feature_store.make_feature_store`: a labelled train split
 with ``label_noise`` of its labels flipped, an unlabelled pool ``pool_ratio`` times larger, a labelled test
 split), runs the whole loop (:func:`mer.labels.loop.label_loop`) and compares, on the test split the loop never
 sees: labelled-only vs refined vs each pseudo-label round vs the best accepted stage (the one ``mer score``
@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from mer import storage
+from mer.store import storage
 from mer.config import MerConfig
 
 # Laptop-scale training for the bench (applied before the user's --set flags): 3 folds in turn in one worker
@@ -32,8 +32,8 @@ STORE = {"dims": {"global_visual": 32, "face": 24, "audio": 16, "text": 24}, "mi
 
 def _truth(root: str, seed: int, n: int, noise: float, test_frac: float) -> dict[str, str]:
     """Every clip's true label: the same generator arguments without flips or unlabelled split."""
-    from mer.parts import read_parts
-    from mer.train.synthetic import make_feature_store
+    from mer.store.parts import read_parts
+    from mer.synth.feature_store import make_feature_store
 
     clone = storage.join(root, "truth")
     if not storage.exists(storage.join(clone, "_meta.json")):
@@ -101,7 +101,7 @@ def bench_seed(cfg: MerConfig, root: str, seed: int, *, n_train: int, pool_ratio
                noise: float, label_noise: float) -> dict[str, Any]:
     """One seed: generated store → label loop → test-split figures per stage, flip and pseudo-label scores."""
     from mer.labels.loop import label_loop
-    from mer.train.synthetic import make_feature_store
+    from mer.synth.feature_store import make_feature_store
 
     n_pool = int(round(pool_ratio * n_train))
     n = n_train + n_pool + n_test
@@ -122,7 +122,7 @@ def bench_store(cfg: MerConfig, features_uri: str, out_dir: str, *, seeds: list[
     ``tables``: extra vote tables as for ``mer pseudolabel --source``; ``truth_uri``: true labels, when known
     (generated data), for the flip and pseudo-label precision columns."""
     from mer.config import with_overrides
-    from mer.evaluate import read_labels
+    from mer.evaluation.evaluate import read_labels
     from mer.labels.loop import label_loop
 
     truth = read_labels(truth_uri) if truth_uri else None

@@ -1,6 +1,6 @@
 """``mer bench extract --rss N``: memory over a long extraction stream, driver and workers.
 
-Every feature row passes through the driver (it commits the parts, :mod:`mer.parts`), and actors live for the
+Every feature row passes through the driver (it commits the parts, :mod:`mer.store.parts`), and actors live for the
 whole stream, so a leak of a few kB per clip is invisible on a test's 20 clips and fatal on MER2025's 20,000.
 The bench runs the real :func:`mer.extract.pipeline.extract_features` over ``N`` clips (a few short generated
 videos, each listed many times under its own clip_id, small frames) into a scratch store while a thread samples,
@@ -165,7 +165,7 @@ def _slope(points: list[tuple[float, float]]) -> float | None:
 def rss_manifest(workdir: Path, n_clips: int, distinct: int = 24) -> pa.Table:
     """``n_clips`` manifest rows over ``distinct`` short generated clips (each listed under many clip_ids,
     with its own subtitle), as a long real job would list them."""
-    from mer.extract.clips import make_clip_set
+    from mer.synth.clips import make_clip_set
 
     base = make_clip_set(workdir / "clips", n_ok=min(distinct, n_clips), broken=False, seconds=1.0,
                          width=160, height=120)
@@ -186,7 +186,7 @@ def bench_rss(cfg: MerConfig, n_clips: int = 2000, *, workdir: str | None = None
     if interval_s is None:
         interval_s = 1.0 if n_clips >= 1000 else 0.25
     from mer.extract.pipeline import extract_features
-    from mer.runtime import init_ray
+    from mer.runtime.session import init_ray
 
     cfg = init_ray(with_overrides(cfg, RSS_OVERRIDES))
     work = Path(workdir or tempfile.mkdtemp(prefix="mer-bench-rss-"))

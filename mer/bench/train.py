@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from mer import storage
+from mer.store import storage
 from mer.config import MerConfig, with_overrides
 
 log = logging.getLogger("mer.train")
@@ -27,14 +27,14 @@ def bench_train(cfg: MerConfig, *, n: int = 4000, dim: int = 256, epochs: int = 
 
     ``features_uri``: an existing store to use instead of a generated one (``n``, ``dim`` ignored).
     """
-    from mer.parts import part_columns
+    from mer.store.parts import part_columns
     from mer.train.features import modality_dims
     from mer.train.fold import controller_poll_interval, run_folds
-    from mer.parts import read_dataset
+    from mer.store.parts import read_dataset
     from mer.train.run import _fold_assignment, _label_rows, quiet_data
-    from mer.train.synthetic import make_feature_store
+    from mer.synth.feature_store import make_feature_store
 
-    from mer.runtime import init_ray
+    from mer.runtime.session import init_ray
 
     cfg = init_ray(cfg)
     tmp = tempfile.mkdtemp(prefix="mer-bench-train-")

@@ -13,7 +13,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.csv as pacsv
 
-from mer import storage
+from mer.store import storage
 from mer.config import LABELS
 
 # All fields are nullable at the Arrow level (so tables concatenate with ones built elsewhere); the

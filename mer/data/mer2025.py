@@ -42,7 +42,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.csv as pacsv
 
-from mer import storage
+from mer.store import storage
 from mer.config import LABELS
 from mer.data.manifest import manifest_from_rows, write_manifest
 

@@ -7,7 +7,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from mer.batches import isolate_rows, object_column
+from mer.runtime.batches import isolate_rows, object_column
 from mer.config import MerConfig
 
 OK = "ok"
@@ -107,7 +107,7 @@ class BranchEncoder:
         return result
 
     def _run_rows(self, rows: list[int], forward, on_error: dict[int, str]) -> dict[int, Any]:
-        """``forward(rows)`` -> {row: result}, a failing row isolated (:func:`mer.batches.isolate_rows`)."""
+        """``forward(rows)`` -> {row: result}, a failing row isolated (:func:`mer.runtime.batches.isolate_rows`)."""
         return isolate_rows(rows, forward, on_error, self.branch)
 
     @staticmethod

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-from mer import storage
+from mer.store import storage
 from mer.config import MerConfig
 
 PROMPTS_DIR = Path(__file__).resolve().parent / "prompts"

@@ -25,7 +25,7 @@ from mer.enrich.prepare import (
     PromptBuilder,
 )
 from mer.enrich.prompt import load_template, prompt_hash
-from mer.stream import Stage
+from mer.runtime.stream import Stage
 
 log = logging.getLogger("mer.enrich")
 
@@ -181,7 +181,7 @@ def enrich_table(cfg: MerConfig, table: pa.Table, cache_dir: str | None = None,
     out = stage(ray.data.from_arrow(table))
     result = None
     if stage.last_stats["rows"]:
-        from mer.console import Progress
+        from mer.runtime.console import Progress
 
         progress = Progress("enrich", stage.last_stats["rows"])
         batches = []

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from mer import storage
+from mer.store import storage
 from mer.config import LABELS
 
 N_CLASSES = len(LABELS)

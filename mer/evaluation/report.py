@@ -14,7 +14,7 @@ import html
 import json
 from typing import Any
 
-from mer import storage
+from mer.store import storage
 from mer.config import LABELS
 
 CSS = """
@@ -120,7 +120,7 @@ def _store_sections(features_uri: str) -> list[str]:
     """Extraction (and enrichment) status counts of the feature store a run trained on."""
     try:
         from mer.extract.schema import status_counts
-        from mer.parts import read_parts
+        from mer.store.parts import read_parts
 
         cols = _store_status_columns(features_uri)
         counts = status_counts(read_parts(features_uri, columns=cols), cols)
@@ -131,7 +131,7 @@ def _store_sections(features_uri: str) -> list[str]:
 
 
 def _store_status_columns(features_uri: str) -> list[str]:
-    from mer.parts import part_columns
+    from mer.store.parts import part_columns
 
     return [c for c in part_columns(features_uri) if c == "status" or c.endswith("_status")]
 

@@ -24,15 +24,15 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from mer import storage
+from mer.store import storage
 from mer.config import BRANCHES, MerConfig, Resources
 from mer.extract import schema as store
 from mer.extract.decode import ClipDecoder
 from mer.extract.face import FaceDetector
 from mer.extract.stages import encoder_group_stage, encoder_stage
 from mer.extract.timing import StageTimes, drop_timing, is_timing, timed
-from mer.parts import read_parts
-from mer.stream import Stage, build, write_stream
+from mer.store.parts import read_parts
+from mer.runtime.stream import Stage, build, write_stream
 
 log = logging.getLogger("mer.extract")
 

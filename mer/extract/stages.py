@@ -1,4 +1,4 @@
-"""Extraction stages (:class:`mer.stream.Stage`): the encoder stage (one per branch, or every branch in one
+"""Extraction stages (:class:`mer.runtime.stream.Stage`): the encoder stage (one per branch, or every branch in one
 pool), and the in-flight representation of missing values that keeps Ray Data blocks concatenable. Per-row
 timings are :mod:`mer.extract.timing`'s.
 """
@@ -11,7 +11,7 @@ import numpy as np
 
 from mer.config import Resources
 from mer.extract.timing import timed
-from mer.stream import Stage
+from mer.runtime.stream import Stage
 
 
 # Array columns and their (dtype, ndim): a missing value becomes an EMPTY array of that kind, never None.

@@ -23,10 +23,10 @@ from typing import Any
 
 import pyarrow as pa
 
-from mer import storage
+from mer.store import storage
 from mer.config import LABELS, MerConfig, with_overrides
 from mer.enrich import guard
-from mer.parts import read_parts
+from mer.store.parts import read_parts
 
 VOTE_COLUMNS = ("clip_id", "label", "vote_status", "answer", "model_id", "prompt_hash")
 DESCRIPTION_COLUMN = "description"

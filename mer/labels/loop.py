@@ -40,7 +40,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from mer import storage
+from mer.store import storage
 from mer.config import MerConfig
 from mer.labels.evidence import Reliability, class_prior, fit_reliability
 from mer.labels.gate import better_share, decide, gate_figures, oof_predictions
@@ -70,8 +70,8 @@ def _source_modalities(cfg: MerConfig, fused: list[str]) -> list[str]:
 def _pool_scores(cfg: MerConfig, name: str, run_uri: str, features_uri: str, out: str) -> SourceVotes:
     """Per-fold predictions of a run's fold models on the pool, scored into ``out`` (a resumable Ray Data
     scoring job)."""
-    from mer.parts import part_files, read_parts
-    from mer.score import score_features
+    from mer.store.parts import part_files, read_parts
+    from mer.predict.score import score_features
 
     score_features(cfg, run_uri, features_uri, out, splits=[POOL_SPLIT])
     if not part_files(out):
@@ -80,7 +80,7 @@ def _pool_scores(cfg: MerConfig, name: str, run_uri: str, features_uri: str, out
 
 
 def _empty_predictions() -> Any:
-    from mer.score import PRED_SCHEMA
+    from mer.predict.score import PRED_SCHEMA
 
     return PRED_SCHEMA.empty_table()
 
@@ -253,7 +253,7 @@ class LabelLoop:
         """What ``mer score`` uses: with ``labels.final: ensemble`` and two or more accepted stages, the mean of
         their fold ensembles (built in ``<out>/ensemble``, or reused when it holds the same runs); otherwise
         ``best_stage``."""
-        from mer.ensemble import build_ensemble
+        from mer.predict.combine import build_ensemble
 
         members = [s for s in self.stages if s["accepted"] and s["run"]]
         if self.cfg.labels.final != "ensemble" or len(members) < 2:
@@ -305,7 +305,7 @@ class LabelLoop:
         }
         storage.write_json(storage.join(self.out, LOOP_FILE), result)
         try:
-            from mer.report import write_loop_report
+            from mer.evaluation.report import write_loop_report
 
             result["report"] = write_loop_report(self.out)
         except Exception as e:  # noqa: BLE001 - loop.json is committed; the report is only a view of it

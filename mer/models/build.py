@@ -84,7 +84,7 @@ def _quiet_transformers() -> None:
     off and transformers' own console handler is tamed like other libraries' (its records go to the log file)."""
     from transformers.utils import logging as hf_logging
 
-    from mer.console import tame_libraries
+    from mer.runtime.console import tame_libraries
 
     hf_logging.disable_progress_bar()
     hf_logging.get_logger("transformers")  # creates the library's console handler, for tame_libraries to find

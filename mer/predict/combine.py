@@ -16,7 +16,7 @@ from typing import Any, Literal
 import numpy as np
 import pyarrow as pa
 
-from mer import storage
+from mer.store import storage
 from mer.config import LABELS, PROB_COLUMNS
 
 log = logging.getLogger("mer.ensemble")
@@ -46,9 +46,9 @@ def build_ensemble(run_uris: list[str], out_uri: str, weighting: Weighting = "wa
     metrics. ``weighting``: ``mean`` (every run alike) or ``waf`` (each run by its mean fold validation WAF);
     ``names``: the members' names (default: their directory names)."""
     from mer.labels.loop import best_run
-    from mer.provenance import run_record
+    from mer.runs.provenance import run_record
     from mer.train.ensemble import load_ensemble
-    from mer.train.report import prediction_table
+    from mer.train.results import prediction_table
     from mer.train.run import _score_split  # how a run scores its test split: the same for the ensemble
 
     if len(run_uris) < 2:
@@ -102,7 +102,7 @@ def build_ensemble(run_uris: list[str], out_uri: str, weighting: Weighting = "wa
 
 
 def _evaluate_table(t: pa.Table) -> dict[str, Any] | None:
-    from mer.metrics import accuracy, weighted_f1
+    from mer.evaluation.metrics import accuracy, weighted_f1
     from mer.train.features import LABEL_INDEX
 
     y = np.array([LABEL_INDEX.get(lab, -1) if lab else -1 for lab in t.column("label").to_pylist()])
@@ -116,8 +116,8 @@ def _evaluate_table(t: pa.Table) -> dict[str, Any] | None:
 
 def _oof(ens: Any, features_uri: str, fold_of: dict[str, int]) -> dict[str, Any]:
     """Out-of-fold predictions of the ensemble: each labelled train row by the fold-k mean that never trained on it."""
-    from mer.parts import iter_parts
-    from mer.train.report import prediction_table
+    from mer.store.parts import iter_parts
+    from mer.train.results import prediction_table
 
     ids, labels, probs, weights = [], [], [], []
     for t in iter_parts(features_uri, columns=["split", "label", *ens.modalities]):

@@ -1,7 +1,7 @@
 """Batch scoring: a fold ensemble applied to a feature store (or raw videos) as a Ray Data job.
 
 The classifier runs as an actor pool of model replicas (``score.resources``); the stream is written like
-extraction's (:func:`mer.stream.write_stream`: the driver commits prediction parts atomically), so a re-run
+extraction's (:func:`mer.runtime.stream.write_stream`: the driver commits prediction parts atomically), so a re-run
 skips clips already scored and the output holds every input clip exactly once. Raw videos go through the
 extraction pipeline first (same resumable store).
 """
@@ -17,10 +17,10 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from mer import storage
+from mer.store import storage
 from mer.config import LABELS, PROB_COLUMNS, MerConfig
-from mer.parts import part_columns, part_files, read_dataset, read_parts
-from mer.stream import Stage, build, write_stream
+from mer.store.parts import part_columns, part_files, read_dataset, read_parts
+from mer.runtime.stream import Stage, build, write_stream
 
 log = logging.getLogger("mer.score")
 
@@ -169,10 +169,10 @@ def score(cfg: MerConfig, run_uri: str, out_uri: str, *, features_uri: str | Non
     ``features_out`` (default ``out_uri/features``), with the feature settings the run was trained on; bad
     inputs keep their extraction status and error. A ``features_uri`` store must have the config hash of the
     run's training store. ``allow_config_change`` lets either differ (logged) instead of refusing
-    (:mod:`mer.provenance`).
+    (:mod:`mer.runs.provenance`).
     """
     from mer.labels.loop import best_run
-    from mer.provenance import check_store, extraction_config
+    from mer.runs.provenance import check_store, extraction_config
 
     if (features_uri is None) == (manifest_uri is None):
         raise ValueError("score: give exactly one of features_uri or manifest_uri")

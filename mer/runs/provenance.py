@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from mer import storage
+from mer.store import storage
 from mer.config import MerConfig
 from mer.extract.schema import (FeatureConfigMismatch, apply_feature_settings, config_hash, differing,
                                 feature_settings, read_meta)

@@ -236,7 +236,7 @@ def check_placement(what: str, demands: list[Demand], autoscaler: bool, cluster:
             "on an autoscaling cluster.")
 
 
-# How streams and training runs treat placement in this process: set by :func:`mer.runtime.init_ray` (a local
+# How streams and training runs treat placement in this process: set by :func:`mer.runtime.session.init_ray` (a local
 # Ray it started was fitted already; a joined cluster is checked unless it autoscales).
 _policy = {"check": True, "autoscaler": False}
 
@@ -249,7 +249,7 @@ def set_policy(*, check: bool, autoscaler: bool) -> None:
 def ensure_placeable(what: str, demands: list[Demand]) -> None:
     """:func:`check_placement` under this process's policy (a no-op when Ray is not initialised yet).
 
-    Checked against the cluster as it is now, so a stream restarted after a node loss (:mod:`mer.stream`) could
+    Checked against the cluster as it is now, so a stream restarted after a node loss (:mod:`mer.runtime.stream`) could
     be refused while the node is being replaced; the same pools (same stream, counts and resources) placeable
     once in this process are therefore only logged, and wait for the capacity to come back as Ray's pending
     actors do."""
@@ -274,6 +274,6 @@ _placed: set[tuple[Any, ...]] = set()
 
 
 def stage_demands(stages: list[Any]) -> list[Demand]:
-    """The actor pools of a stage chain (:class:`mer.stream.Stage` of kind ``actor`` with resources)."""
+    """The actor pools of a stage chain (:class:`mer.runtime.stream.Stage` of kind ``actor`` with resources)."""
     return [Demand(s.name, s.resources, s.resources.concurrency) for s in stages
             if getattr(s, "kind", None) == "actor" and getattr(s, "resources", None) is not None]

@@ -14,7 +14,7 @@ import json
 import numpy as np
 import pyarrow as pa
 
-from mer import storage
+from mer.store import storage
 from mer.config import LABELS, MerConfig, load_config
 
 DEFAULT_DIMS = {"global_visual": 32, "face": 24, "audio": 16, "text": 24}

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from mer import storage
+from mer.store import storage
 
 
 @dataclass

@@ -19,14 +19,14 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from mer import storage
+from mer.store import storage
 from mer.config import LABELS, PROB_COLUMNS, MerConfig, dump_config, with_overrides
-from mer.data_context import data_context
-from mer.metrics import accuracy, confusion, per_class_f1, plot_confusion, weighted_f1
-from mer.parts import iter_parts, part_columns, read_dataset, read_parts
-from mer.provenance import store_record
+from mer.store.data_context import data_context
+from mer.evaluation.metrics import accuracy, confusion, per_class_f1, plot_confusion, weighted_f1
+from mer.store.parts import iter_parts, part_columns, read_dataset, read_parts
+from mer.runs.provenance import store_record
 from mer.train.features import LABEL_INDEX, input_stats, label_index, modality_dims
-from mer.train.report import plot_curves, prediction_table, weight_summary
+from mer.train.results import plot_curves, prediction_table, weight_summary
 
 log = logging.getLogger("mer.train")
 
@@ -199,8 +199,8 @@ def train_run(cfg: MerConfig, features_uri: str, out_uri: str, *, resume: bool =
     if resume and storage.exists(metrics_uri):
         log.info("run %s already finished; resume returns its metrics", out_uri)
         return storage.read_json(metrics_uri)
-    from mer.fit import ensure_placeable, train_demands
-    from mer.runtime import init_ray
+    from mer.runtime.placement import ensure_placeable, train_demands
+    from mer.runtime.session import init_ray
 
     cfg = init_ray(cfg)
     ensure_placeable(f"training {out_uri}", train_demands(cfg, one_fold=True))
@@ -336,7 +336,7 @@ def train_run(cfg: MerConfig, features_uri: str, out_uri: str, *, resume: bool =
 
 def _write_report(run_uri: str) -> None:
     """``RUN/report.html``; a report that cannot be drawn never fails a finished run."""
-    from mer.report import write_run_report
+    from mer.evaluation.report import write_run_report
 
     try:
         write_run_report(run_uri)

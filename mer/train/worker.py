@@ -272,7 +272,7 @@ def _train_fold(config: dict[str, Any], fold: int, rows: GroupRows,
 
     from mer.config import TrainConfig
     from mer.fusion import build_model
-    from mer.metrics import accuracy, weighted_f1
+    from mer.evaluation.metrics import accuracy, weighted_f1
 
     tc = TrainConfig.model_validate(config["train"])
     dims: dict[str, int] = {m: int(d) for m, d in config["dims"].items()}

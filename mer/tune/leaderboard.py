@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from mer import storage
+from mer.store import storage
 from mer.config import MerConfig
 
 log = logging.getLogger("mer.tune")
@@ -91,7 +91,7 @@ def plot_waf_vs_params(rows: list[dict[str, Any]], dims: dict[str, list[Any]], u
 
     from matplotlib.ticker import NullFormatter
 
-    from mer.metrics import save_png
+    from mer.evaluation.metrics import save_png
 
     keys = list(dims)
     scored = [r for r in rows if r["waf_mean"] is not None]

@@ -13,7 +13,7 @@ import math
 import time
 from typing import Any
 
-from mer import storage
+from mer.store import storage
 from mer.config import MerConfig
 
 log = logging.getLogger("mer.tune")
@@ -88,7 +88,7 @@ def tune_study(cfg: MerConfig, features_uri: str, out_uri: str) -> dict[str, Any
     from mer.tune.trial import run_trial
 
     if not ray.is_initialized():
-        from mer.runtime import init_ray
+        from mer.runtime.session import init_ray
 
         init_ray(cfg)
     t0 = time.time()

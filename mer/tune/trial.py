@@ -15,7 +15,7 @@ import threading
 import time
 from typing import Any
 
-from mer import storage
+from mer.store import storage
 from mer.config import MerConfig
 
 log = logging.getLogger("mer.tune")

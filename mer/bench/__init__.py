@@ -1,0 +1,1 @@
+"""``mer bench <what>``: one module per benchmark, each registering its own subcommand."""
