@@ -179,7 +179,8 @@ def _tune(args: argparse.Namespace) -> None:
 
 
 def _ensemble(args: argparse.Namespace) -> None:
-    from mer.predict.combine import build_ensemble, study_runs
+    from mer.predict.combine import build_ensemble
+    from mer.tune.leaderboard import study_runs
 
     resolve_config(args)
     runs = list(args.runs) + (study_runs(args.from_study, args.top) if args.from_study else [])
@@ -187,8 +188,8 @@ def _ensemble(args: argparse.Namespace) -> None:
 
 
 def _score(args: argparse.Namespace) -> None:
-    from mer.labels.loop import best_run
     from mer.predict.score import score
+    from mer.runs.layout import best_run
 
     best_run(args.run)  # a directory that is not a run fails before Ray starts
     cfg = _with_ray(args)

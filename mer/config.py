@@ -33,11 +33,11 @@ class ConfigError(ValueError):
     """A config file or override is invalid; the message names the offending key."""
 
 
-def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+def deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
     """``top`` deep-merged over ``base`` (mappings merge key by key; any other value replaces)."""
     out = dict(base)
     for k, v in top.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
 
 
@@ -55,7 +55,7 @@ class _Strict(BaseModel):
         for name, field in cls.model_fields.items():
             sub = data.get(name)
             if isinstance(sub, dict) and isinstance(field.default, BaseModel):
-                data = {**data, name: _merge(field.default.model_dump(mode="json"), sub)}
+                data = {**data, name: deep_merge(field.default.model_dump(mode="json"), sub)}
         return data
 
 
@@ -682,9 +682,9 @@ def load_config(
     sources = [str(path)]
     for overlay in overlays or []:
         if isinstance(overlay, dict):
-            raw = _merge(raw, overlay)
+            raw = deep_merge(raw, overlay)
         else:
-            raw = _merge(raw, _read_yaml(overlay, "overlay"))
+            raw = deep_merge(raw, _read_yaml(overlay, "overlay"))
             sources.append(str(overlay))
     apply_overrides(raw, overrides)
     if profile:
@@ -716,6 +716,11 @@ def stage_resources(cfg: MerConfig) -> dict[str, Resources]:
 
     walk(cfg, "")
     return found
+
+
+def enabled_branches(cfg: MerConfig) -> list[str]:
+    """The feature branches ``cfg`` extracts (``extract.encoders.<branch>.enabled``), in :data:`BRANCHES` order."""
+    return [b for b in BRANCHES if getattr(cfg.extract.encoders, b).enabled]
 
 
 def gpu_requests(cfg: MerConfig) -> list[str]:

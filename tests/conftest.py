@@ -14,7 +14,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -403,9 +402,8 @@ def trained_run(ablation) -> Path:
 @pytest.fixture(scope="session")
 def kill_worker():
     """:class:`KillWorker`, shipped to Ray Train's controller by value."""
-    import ray.cloudpickle
-
     import faults
+    import ray.cloudpickle
 
     ray.cloudpickle.register_pickle_by_value(faults)
     return faults.KillWorker

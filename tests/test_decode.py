@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 
 from mer.config import load_config
-from mer.extract.decoders import DecodeParams, decode_clip, sample_indices, snap_to_keyframes
-from mer.synth.clips import make_clip
 from mer.extract.decode import ClipDecoder
+from mer.extract.decoders import DecodeParams, decode_clip, sample_indices, snap_to_keyframes
 from mer.extract.subproc import DecodeProcess, DecodeTimeout, RequestError
+from mer.synth.clips import make_clip
 
 
 @pytest.fixture(scope="module")

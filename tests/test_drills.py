@@ -22,11 +22,9 @@ import sys
 import time
 from pathlib import Path
 
+import faults
 import pyarrow.parquet as pq
 import pytest
-
-import faults
-
 from conftest import SESSION_TOKEN, RayHead
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -264,8 +262,9 @@ def test_training_continues_the_same_run_when_its_worker_node_is_lost(drill: Dri
     groups on the worker node: the node is killed from fold 0's Ray Train controller right after its epoch-2
     report, a fresh node joins, FailureConfig restarts the groups there from their checkpoints, and the run is,
     bit for bit, the one trained without interruption (the suite's trained run: same config, seed, store)."""
-    from mer.config import dump_config
     from test_train_resume import _computed
+
+    from mer.config import dump_config
 
     cfg = tmp_path / "train.yaml"
     cfg.write_text(dump_config(train_cfg(**{"train.max_failures": 2})))

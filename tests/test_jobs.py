@@ -173,9 +173,9 @@ def test_jobs_tune_ensemble_score_on_s3(ray_head, s3_server, train_store: str):
     """A study, an ensemble of its two best trials and scoring with it, as three submitted jobs on s3:// only:
     Tune's experiment, the trials' runs, the leaderboard and ``best/`` live in the bucket."""
     import pyarrow.parquet as pq
+    from test_tune import STUDY_SETS  # the suite's tiny study (2 folds x 3 epochs of small_config)
 
     from mer.store import storage
-    from test_tune import STUDY_SETS  # the suite's tiny study (2 folds x 3 epochs of small_config)
 
     client = ray_head.client()
     root = f"{BUCKET}/jobs-tune"

@@ -16,10 +16,11 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from mer.store import storage
-from mer.config import LABELS, load_config
 from mer.bench.labels import BENCH_OVERRIDES, bench_seed
-from mer.labels.loop import LOOP_FILE, best_run, label_loop
+from mer.config import LABELS, load_config
+from mer.labels.loop import label_loop
+from mer.runs.layout import LOOP_FILE, best_run
+from mer.store import storage
 
 # The module fixture runs the whole loop (8 k-fold runs): ~6 min on 2 quiet cores, more on a loaded machine.
 pytestmark = pytest.mark.timeout(2400)
@@ -106,7 +107,7 @@ def test_final_ensemble_scores_the_mean_of_the_accepted_stages(bench: dict, tmp_
     import shutil
 
     from mer.config import with_overrides
-    from mer.runs.provenance import run_record
+    from mer.runs.layout import run_record
 
     out, features = tmp_path / "loop", str(bench["root"] / "features")
     shutil.copytree(bench["root"] / "loop", out)
@@ -177,8 +178,8 @@ def _trap_votes(root: Path) -> str:
 
 
 def test_a_harmful_stage_is_rejected_and_scoring_uses_the_earlier_run(bench: dict, tmp_path: Path) -> None:
-    from mer.store.parts import read_parts
     from mer.predict.score import score
+    from mer.store.parts import read_parts
 
     root = bench["root"]
     # Refinement told to distrust the annotators and to follow a single vote: it relabels by the trap. The round

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from mer.store import storage
 from mer.config import load_config, with_overrides
 from mer.extract import schema
 from mer.extract.schema import FeatureConfigMismatch
 from mer.runs.provenance import check_store, extraction_config, store_record
+from mer.store import storage
 
 
 def _run_with_record(root: Path, record: dict | None) -> str:

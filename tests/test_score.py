@@ -11,9 +11,9 @@ from pathlib import Path
 import pyarrow.csv as pacsv
 import pytest
 
-from mer.store import storage
 from mer.config import LABELS, with_overrides
 from mer.data.manifest import read_manifest
+from mer.store import storage
 from mer.store.parts import read_parts
 
 

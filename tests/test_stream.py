@@ -16,8 +16,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from mer.store.parts import part_files
 from mer.runtime.stream import restartable, write_stream
+from mer.store.parts import part_files
 
 SCHEMA = pa.schema([("clip_id", pa.string()), ("value", pa.int64())])
 KEYS = [f"k{i:02d}" for i in range(12)]

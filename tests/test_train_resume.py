@@ -8,10 +8,9 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
+import faults
 import pyarrow.parquet as pq
 import pytest
-
-import faults
 
 from mer.store import storage
 from mer.train import load_ensemble, train_run

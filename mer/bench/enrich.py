@@ -16,7 +16,7 @@ from typing import Any
 import pyarrow as pa
 
 from mer.config import MerConfig
-from mer.enrich.generators import engine_env, engine_kwargs
+from mer.enrich.generators import engine_env, engine_kwargs, vllm_generate
 from mer.enrich.prepare import IDS, PromptBuilder
 from mer.enrich.prompt import sampling_params
 from mer.enrich.stage import EnrichStage
@@ -55,8 +55,6 @@ def _direct_vllm(cfg: MerConfig, model_path: str, prompts: list[list[int]]) -> d
 
 def _ray_stage(cfg: MerConfig, stage: EnrichStage, prompts_ds: Any) -> dict[str, float]:
     """Run the stage's vLLM backend (the Ray Data processor) on prepared rows, with per-request timing."""
-    from mer.enrich.generators import vllm_generate
-
     t0 = time.perf_counter()
     wall0 = time.time()
     out = vllm_generate(cfg, stage.model_path, prompts_ds, timing=True).materialize()

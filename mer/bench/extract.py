@@ -31,14 +31,17 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from mer.config import MerConfig, Resources, gpu_requests, with_overrides
-from mer.extract.decoders import AUDIO, VIDEO, DecodeParams, decode_clip
+from mer.config import MerConfig, Resources, enabled_branches, gpu_requests, with_overrides
+from mer.encoders import ENCODERS
+from mer.extract.columns import normalize_batch
 from mer.extract.decode import ClipDecoder
+from mer.extract.decoders import AUDIO, VIDEO, DecodeParams, decode_clip
 from mer.extract.face import FaceDetector
-from mer.extract.pipeline import build_dataset, build_stages, enabled_branches, pipeline_input, read_manifest_table
-from mer.extract.stages import normalize_batch
+from mer.extract.pipeline import build_dataset, build_stages, pipeline_input, read_manifest_table
 from mer.extract.timing import StageTimes, is_timing, timed
+from mer.runtime.session import init_ray
 from mer.runtime.stream import Stage
+from mer.synth.clips import make_clip_set
 
 log = logging.getLogger("mer.extract")
 
@@ -88,7 +91,6 @@ def _bench_clips(cfg: MerConfig, manifest_uri: str | None, n_clips: int, workdir
     if manifest_uri:
         t = read_manifest_table(manifest_uri).slice(0, n_clips)
         return t, {"source": manifest_uri}
-    from mer.synth.clips import make_clip_set
 
     t = make_clip_set(workdir, n_ok=n_clips, broken=False, seconds=seconds, width=width, height=height, gop=gop)
     for c in ("label", "split"):
@@ -152,7 +154,6 @@ def sequential_baseline(cfg: MerConfig, table: pa.Table, branches: list[str]) ->
     pipeline's end-to-end time includes its actors' imports: torch and transformers load lazily inside the first
     model's load (in ``per_branch_s``); ``import_s`` is the rest (mer's encoder registry, OpenCV)."""
     t0 = time.perf_counter()
-    from mer.encoders import ENCODERS
 
     uniform = DecodeParams(**{**DecodeParams.from_config(cfg).to_dict(), "sampling": "uniform"}).to_dict()
     rows = table.to_pylist()
@@ -222,9 +223,6 @@ def bench_extract(cfg: MerConfig, manifest_uri: str | None = None, *, n_clips: i
     ``decode_pairs``: paired (one-process, one-actor stage) decode runs whose median ratio is reported.
     """
     import ray
-
-    from mer.encoders import ENCODERS
-    from mer.runtime.session import init_ray
 
     t = time.perf_counter()
     initialised = ray.is_initialized()

@@ -18,8 +18,12 @@ from typing import Any
 
 import numpy as np
 
+from mer.config import MerConfig, with_overrides
+from mer.evaluation.evaluate import read_labels
+from mer.labels.loop import label_loop
 from mer.store import storage
-from mer.config import MerConfig
+from mer.store.parts import read_parts
+from mer.synth.feature_store import make_feature_store
 
 # Laptop-scale training for the bench (applied before the user's --set flags): 3 folds in turn in one worker
 # group of one worker, as the demo does on 2 cores.
@@ -32,9 +36,6 @@ STORE = {"dims": {"global_visual": 32, "face": 24, "audio": 16, "text": 24}, "mi
 
 def _truth(root: str, seed: int, n: int, noise: float, test_frac: float) -> dict[str, str]:
     """Every clip's true label: the same generator arguments without flips or unlabelled split."""
-    from mer.store.parts import read_parts
-    from mer.synth.feature_store import make_feature_store
-
     clone = storage.join(root, "truth")
     if not storage.exists(storage.join(clone, "_meta.json")):
         make_feature_store(clone, n=n, dims=STORE["dims"], seed=seed, noise=noise, missing=STORE["missing"],
@@ -100,9 +101,6 @@ def _loop_figures(loop: dict[str, Any], truth: dict[str, str] | None) -> dict[st
 def bench_seed(cfg: MerConfig, root: str, seed: int, *, n_train: int, pool_ratio: float, n_test: int,
                noise: float, label_noise: float) -> dict[str, Any]:
     """One seed: generated store → label loop → test-split figures per stage, flip and pseudo-label scores."""
-    from mer.labels.loop import label_loop
-    from mer.synth.feature_store import make_feature_store
-
     n_pool = int(round(pool_ratio * n_train))
     n = n_train + n_pool + n_test
     features = storage.join(root, "features")
@@ -121,10 +119,6 @@ def bench_store(cfg: MerConfig, features_uri: str, out_dir: str, *, seeds: list[
     ``train.seed`` draws other folds and initialisations, so the spread is the loop's own, not the store's.
     ``tables``: extra vote tables as for ``mer pseudolabel --source``; ``truth_uri``: true labels, when known
     (generated data), for the flip and pseudo-label precision columns."""
-    from mer.config import with_overrides
-    from mer.evaluation.evaluate import read_labels
-    from mer.labels.loop import label_loop
-
     truth = read_labels(truth_uri) if truth_uri else None
     results = []
     for s in seeds:

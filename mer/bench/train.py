@@ -14,8 +14,14 @@ from typing import Any
 
 import numpy as np
 
-from mer.store import storage
 from mer.config import MerConfig, with_overrides
+from mer.runtime.session import init_ray
+from mer.store import storage
+from mer.store.parts import part_columns, read_dataset
+from mer.synth.feature_store import make_feature_store
+from mer.train.features import modality_dims
+from mer.train.fold import controller_poll_interval, run_folds
+from mer.train.run import fold_assignment, label_rows, quiet_data
 
 log = logging.getLogger("mer.train")
 
@@ -27,15 +33,6 @@ def bench_train(cfg: MerConfig, *, n: int = 4000, dim: int = 256, epochs: int = 
 
     ``features_uri``: an existing store to use instead of a generated one (``n``, ``dim`` ignored).
     """
-    from mer.store.parts import part_columns
-    from mer.train.features import modality_dims
-    from mer.train.fold import controller_poll_interval, run_folds
-    from mer.store.parts import read_dataset
-    from mer.train.run import _fold_assignment, _label_rows, quiet_data
-    from mer.synth.feature_store import make_feature_store
-
-    from mer.runtime.session import init_ray
-
     cfg = init_ray(cfg)
     tmp = tempfile.mkdtemp(prefix="mer-bench-train-")
     out_uri = out_uri or tmp
@@ -46,9 +43,9 @@ def bench_train(cfg: MerConfig, *, n: int = 4000, dim: int = 256, epochs: int = 
     cols = set(part_columns(features_uri))
     mods = [m for m in cfg.train.modalities if m in cols]
     dims = modality_dims(features_uri, mods)
-    cv, *_ = _label_rows(features_uri, None)
+    cv, *_ = label_rows(features_uri, None)
     ids, y = cv.column("clip_id").to_pylist(), np.asarray(cv.column("y").to_numpy())
-    fold_of = _fold_assignment(y, max(cfg.train.folds, 2), cfg.train.seed)
+    fold_of = fold_assignment(y, max(cfg.train.folds, 2), cfg.train.seed)
     train_t = {c: (int(v), 1.0) for c, v, f in zip(ids, y, fold_of) if f != 0}
     val_t = {c: (int(v), 1.0) for c, v, f in zip(ids, y, fold_of) if f == 0}
     with quiet_data():

@@ -12,8 +12,11 @@ import logging
 import time
 from typing import Any
 
-from mer.store import storage
 from mer.config import MerConfig, with_overrides
+from mer.runtime.session import init_ray
+from mer.store import storage
+from mer.synth.feature_store import make_feature_store
+from mer.tune.study import tune_study
 
 log = logging.getLogger("mer.tune")
 
@@ -23,12 +26,7 @@ def bench_tune(cfg: MerConfig, out_uri: str, *, trials: int = 6, features_uri: s
     store (or ``features_uri``); returns trials/hour of each, their ratio and best-vs-default WAF."""
     import ray
 
-    from mer.synth.feature_store import make_feature_store
-    from mer.tune.study import tune_study
-
     if not ray.is_initialized():
-        from mer.runtime.session import init_ray
-
         init_ray(cfg)
     if features_uri is None:
         features_uri = storage.join(out_uri, "features")

@@ -7,13 +7,13 @@ from typing import Any
 
 import pyarrow as pa
 
-from mer.store import storage
 from mer.config import MerConfig
 from mer.data.manifest import read_manifest
 from mer.enrich.cache import EnrichCache, default_cache_dir
 from mer.enrich.stage import enrich_table
-from mer.store.parts import write_part
 from mer.runtime.stream import with_restarts
+from mer.store import storage
+from mer.store.parts import write_part
 
 RESULT_COLUMNS = ("clip_id", "text", "text_enriched", "enrich_status", "enrich_note", "model_id", "prompt_hash")
 

@@ -21,10 +21,22 @@ from mer.enrich import guard
 from mer.enrich.cache import EnrichCache
 from mer.enrich.generators import transformers_generate, vllm_generate
 from mer.enrich.prepare import (
-    DESC, ERR, GEN, GEN_ERR, GEN_TOKENS, INTERNAL, ROUTE, ROUTE_CACHE, ROUTE_ENGINE, SHA, STATUS,
+    DESC,
+    ERR,
+    GEN,
+    GEN_ERR,
+    GEN_TOKENS,
+    INTERNAL,
+    ROUTE,
+    ROUTE_CACHE,
+    ROUTE_ENGINE,
+    SHA,
+    STATUS,
     PromptBuilder,
 )
 from mer.enrich.prompt import load_template, prompt_hash
+from mer.models.registry import resolve_model_id
+from mer.runtime.console import Progress
 from mer.runtime.stream import Stage
 
 log = logging.getLogger("mer.enrich")
@@ -34,8 +46,6 @@ OUTPUT_COLUMNS = ("text_enriched", "enrich_status", "enrich_note")
 
 def resolve_llm_path(cfg: MerConfig) -> str:
     """Local directory (``tiny:llm`` is built on first use) or hub id of the configured LLM."""
-    from mer.models.registry import resolve_model_id
-
     return str(resolve_model_id(cfg.models.llm, cfg))
 
 
@@ -181,8 +191,6 @@ def enrich_table(cfg: MerConfig, table: pa.Table, cache_dir: str | None = None,
     out = stage(ray.data.from_arrow(table))
     result = None
     if stage.last_stats["rows"]:
-        from mer.runtime.console import Progress
-
         progress = Progress("enrich", stage.last_stats["rows"])
         batches = []
         for batch in out.iter_batches(batch_format="pyarrow", batch_size=None):

@@ -28,11 +28,11 @@ from typing import Any
 
 import numpy as np
 
-from mer.store import storage
-from mer.runtime.batches import object_column
 from mer.config import MerConfig
 from mer.extract.decoders import DecodeParams
 from mer.extract.subproc import DecodeProcess, DecodeTimeout, rss_bytes
+from mer.runtime.batches import object_column
+from mer.store import storage
 
 log = logging.getLogger("mer.extract")
 

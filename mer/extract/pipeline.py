@@ -24,15 +24,19 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from mer.store import storage
-from mer.config import BRANCHES, MerConfig, Resources
+from mer.config import MerConfig, Resources, enabled_branches
+from mer.data.manifest import read_manifest
+from mer.encoders import ENCODERS
+from mer.enrich.cache import default_cache_dir
+from mer.enrich.stage import build_enrich_stage
 from mer.extract import schema as store
 from mer.extract.decode import ClipDecoder
 from mer.extract.face import FaceDetector
 from mer.extract.stages import encoder_group_stage, encoder_stage
 from mer.extract.timing import StageTimes, drop_timing, is_timing, timed
-from mer.store.parts import read_parts
 from mer.runtime.stream import Stage, build, write_stream
+from mer.store import storage
+from mer.store.parts import read_parts
 
 log = logging.getLogger("mer.extract")
 
@@ -44,8 +48,6 @@ HEAVY_COLUMNS = ("frames", "audio", "face_crops", "face_mask")
 # ------------------------------------------------------------------------------------------ manifest
 def read_manifest_table(uri: str) -> pa.Table:
     """The manifest (:func:`mer.data.manifest.read_manifest`) with the columns the stages need, as strings."""
-    from mer.data.manifest import read_manifest
-
     t = read_manifest(uri)
     if "clip_id" not in t.column_names or "video_uri" not in t.column_names:
         raise ValueError(f"{uri}: a manifest needs clip_id and video_uri columns (has {t.column_names})")
@@ -63,10 +65,6 @@ def _remote_args(cfg: MerConfig) -> dict[str, Any]:
     return {"max_restarts": cfg.extract.max_restarts, "max_task_retries": cfg.extract.max_task_retries}
 
 
-def enabled_branches(cfg: MerConfig) -> list[str]:
-    return [b for b in BRANCHES if getattr(cfg.extract.encoders, b).enabled]
-
-
 def build_stages(cfg: MerConfig, extra_stages: list[Stage | Any] | None = None,
                  branches: list[str] | None = None, include_face: bool = True) -> list[Stage]:
     """The ordered stage list for ``cfg``.
@@ -77,8 +75,6 @@ def build_stages(cfg: MerConfig, extra_stages: list[Stage | Any] | None = None,
     ``Dataset -> Dataset`` callable (e.g. ``mer.enrich.stage.EnrichStage``, which materialises its rows)
     runs on the manifest rows before decoding. Both must leave every input row in place.
     """
-    from mer.encoders import ENCODERS
-
     ra = _remote_args(cfg)
     before_decode: list[Stage] = []
     before_text: list[Stage] = []
@@ -264,9 +260,6 @@ def default_extra_stages(cfg: MerConfig, out_uri: str) -> list[Any]:
     """The enrichment stage when ``enrich.enabled`` (its cache lives next to the store by default)."""
     if not cfg.enrich.enabled:
         return []
-    from mer.enrich.cache import default_cache_dir
-    from mer.enrich.stage import build_enrich_stage
-
     return [build_enrich_stage(cfg, cache_dir=default_cache_dir(cfg.enrich.cache_dir, out_uri))]
 
 

@@ -16,8 +16,8 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from mer.store import storage
 from mer.config import BRANCHES, ConfigError, MerConfig, with_overrides
+from mer.store import storage
 from mer.store.parts import part_files
 
 SCHEMA_VERSION = 1

@@ -25,6 +25,8 @@ import time
 from collections import deque
 from typing import Any
 
+from mer.extract import decoders
+
 # message: pickle length, number of out-of-band buffers; then one length per buffer, the pickle, the buffers
 _HEADER = struct.Struct("<QI")
 _LEN = struct.Struct("<Q")
@@ -273,7 +275,6 @@ def _serve(niceness: int = 0) -> None:
     out = os.dup(1)
     os.dup2(2, 1)
     sys.stdout = sys.stderr
-    from mer.extract import decoders
 
     decoders._decord()  # import (and silence) decord up front
     import av  # noqa: F401

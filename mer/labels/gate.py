@@ -30,9 +30,9 @@ from typing import Any
 
 import numpy as np
 
-from mer.store import storage
 from mer.config import PROB_COLUMNS
 from mer.evaluation.metrics import accuracy, weighted_f1, weighted_f1_resampled
+from mer.store import storage
 from mer.train.features import label_index
 
 

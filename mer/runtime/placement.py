@@ -21,7 +21,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from mer.config import MerConfig, Resources, cpu_only, with_overrides
+from mer.config import MerConfig, Resources, cpu_only, enabled_branches, with_overrides
 
 log = logging.getLogger("mer.fit")
 
@@ -76,8 +76,6 @@ class Cluster:
 def stream_demands(cfg: MerConfig) -> list[Demand]:
     """The actor pools of the widest stream ``cfg`` builds (extraction with face detection, every enabled
     encoder and, when scoring from videos, the scorer), each ``concurrency`` actors."""
-    from mer.extract.pipeline import enabled_branches
-
     branches = enabled_branches(cfg)
     pools = [("extract.decode.resources", cfg.extract.decode.resources)]
     if "face" in branches:
@@ -143,8 +141,6 @@ def _stream_shares_cpus(cfg: MerConfig, cluster: Cluster) -> bool:
 def _colocate_on_cpu(cfg: MerConfig, cluster: Cluster) -> MerConfig | None:
     """``cfg`` with its encoders in one pool when ``extract.encoders.colocate`` is auto, the local Ray has no
     GPU and the stream's pools do not all fit its CPUs as configured (None when that does not apply)."""
-    from mer.extract.pipeline import enabled_branches
-
     enc = cfg.extract.encoders
     branches = enabled_branches(cfg)
     if enc.colocate != "auto" or enc.colocated is not None or len(branches) < 2:

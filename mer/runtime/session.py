@@ -7,9 +7,10 @@ import logging
 import os
 from typing import Any
 
-from mer.runtime import console
-from mer.store import storage
 from mer.config import MerConfig, gpu_requests
+from mer.runtime import console, placement
+from mer.runtime.placement import Cluster, fit_local
+from mer.store import storage
 
 log = logging.getLogger("mer")
 
@@ -42,7 +43,6 @@ def init_ray(cfg: MerConfig, **extra: Any) -> MerConfig:
     """
     import ray
 
-    from mer.runtime import placement
 
     storage.configure(cfg.storage.s3_endpoint_url, cfg.storage.s3_region)
     if ray.is_initialized():
@@ -101,7 +101,6 @@ def _fitted(cfg: MerConfig) -> MerConfig:
     """``cfg`` fitted to the local Ray this process started (unchanged on a joined cluster)."""
     if not _LOCAL["started"]:
         return cfg
-    from mer.runtime.placement import Cluster, fit_local
 
     fitted, note = fit_local(cfg, Cluster.current())
     if note and note != _LOCAL.get("note"):

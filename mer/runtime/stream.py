@@ -22,6 +22,8 @@ from typing import Any, Literal, TypeVar
 import pyarrow as pa
 
 from mer.config import Resources
+from mer.runtime.console import Progress, tame_libraries
+from mer.runtime.placement import ensure_placeable, stage_demands
 from mer.store.parts import PartWriter, stored_ids
 
 log = logging.getLogger("mer.stream")
@@ -80,9 +82,6 @@ def validate_chain(stages: list[Stage], initial: set[str] | list[str] | tuple[st
 
 def build(ds: Any, stages: list[Stage], initial: list[str] | tuple[str, ...]) -> Any:
     """``ds`` (with the ``initial`` columns) through ``stages``, the chain checked first (lazy)."""
-    from mer.runtime.console import tame_libraries
-    from mer.runtime.placement import ensure_placeable, stage_demands
-
     tame_libraries()  # stage modules imported just now (ray.data.llm, vLLM) may have added console handlers
     validate_chain(stages, initial)
     ensure_placeable("the stream " + " -> ".join(s.name for s in stages), stage_demands(stages))
@@ -106,8 +105,14 @@ def restartable(error: BaseException) -> bool:
     """Whether a stream that raised ``error`` is worth starting again: Ray lost something it ran on (an actor
     or worker whose restarts/retries are spent, a node, an object). Not an error of the code or the input
     (a map function's exception, a bad config, a ``ValueError`` on the driver): a restart would repeat it."""
-    from ray.exceptions import (AuthenticationError, RayError, RayTaskError, RuntimeEnvSetupError,
-                                TaskCancelledError, UserCodeException)
+    from ray.exceptions import (
+        AuthenticationError,
+        RayError,
+        RayTaskError,
+        RuntimeEnvSetupError,
+        TaskCancelledError,
+        UserCodeException,
+    )
 
     if isinstance(error, (UserCodeException, AuthenticationError, RuntimeEnvSetupError, TaskCancelledError)):
         return False
@@ -150,8 +155,6 @@ def write_stream(out_uri: str, schema: pa.Schema, rows_per_part: int, wanted: li
     A stream that Ray aborts is built again over the keys not yet committed, at most ``restarts`` times
     (:func:`with_restarts`); every key still gets exactly one row. With ``label``, a progress line on the
     console (:class:`mer.runtime.console.Progress`)."""
-    from mer.runtime.console import Progress
-
     done = stored_ids(out_uri)
     writer = PartWriter(out_uri, schema, rows_per_part, already=done)
     result = StreamResult(wanted=len(wanted), already=sum(k in done for k in wanted), writer=writer)
