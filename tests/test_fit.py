@@ -9,16 +9,8 @@ import pyarrow as pa
 import pytest
 
 from mer.config import BRANCHES, load_config
-from mer.runtime.placement import (
-    Cluster,
-    PlacementError,
-    check_placement,
-    fit_local,
-    placement_problem,
-    stage_demands,
-    stream_demands,
-    train_demands,
-)
+from mer.runtime.placement import (Cluster, PlacementError, check_placement, fit_local, placement_problem,
+                                   stage_demands, stream_demands, train_demands)
 
 LAPTOP = Cluster(cpus=2.0, gpus=0.0, node_cpus=2.0, node_gpus=0.0)
 

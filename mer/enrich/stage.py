@@ -21,17 +21,7 @@ from mer.enrich import guard
 from mer.enrich.cache import EnrichCache
 from mer.enrich.generators import transformers_generate, vllm_generate
 from mer.enrich.prepare import (
-    DESC,
-    ERR,
-    GEN,
-    GEN_ERR,
-    GEN_TOKENS,
-    INTERNAL,
-    ROUTE,
-    ROUTE_CACHE,
-    ROUTE_ENGINE,
-    SHA,
-    STATUS,
+    DESC, ERR, GEN, GEN_ERR, GEN_TOKENS, INTERNAL, ROUTE, ROUTE_CACHE, ROUTE_ENGINE, SHA, STATUS,
     PromptBuilder,
 )
 from mer.enrich.prompt import load_template, prompt_hash

@@ -65,6 +65,32 @@ def _remote_args(cfg: MerConfig) -> dict[str, Any]:
     return {"max_restarts": cfg.extract.max_restarts, "max_task_retries": cfg.extract.max_task_retries}
 
 
+def decode_stage(cfg: MerConfig) -> Stage:
+    """The decode actor pool (``extract.decode``): video frames and audio of each clip, in a child process."""
+    # The decode actors read s3:// inputs: give them the driver's S3 settings even when the Ray
+    # cluster was started before they were set (the same variables init_ray forwards).
+    s3_env = {k: v for k, v in os.environ.items() if k.startswith("AWS_")}
+    ra = _remote_args(cfg)
+    return Stage(name="decode", fn=timed(ClipDecoder, "decode"), inputs=ClipDecoder.input_columns,
+                 optional_inputs=ClipDecoder.optional_inputs, outputs=ClipDecoder.output_columns, kind="actor",
+                 resources=cfg.extract.decode.resources, constructor_args=(cfg,),
+                 map_args={**ra, "runtime_env": {"env_vars": s3_env}} if s3_env else ra)
+
+
+def face_stage(cfg: MerConfig) -> Stage:
+    """The face detection actor pool (``extract.face``): face crops of the decoded frames."""
+    return Stage(name="face_detect", fn=timed(FaceDetector, "face_detect"), inputs=FaceDetector.input_columns,
+                 outputs=FaceDetector.output_columns, kind="actor", resources=cfg.extract.face.resources,
+                 constructor_args=(cfg,), map_args=_remote_args(cfg))
+
+
+def branch_stage(cfg: MerConfig, branch: str) -> Stage:
+    """The encoder actor pool of one branch (``extract.encoders.<branch>``); the text encoder also reads the
+    enriched transcript when an earlier stage adds it."""
+    return encoder_stage(branch, ENCODERS[branch], cfg, getattr(cfg.extract.encoders, branch).resources,
+                         _remote_args(cfg), optional=("text_enriched",) if branch == "text" else ())
+
+
 def build_stages(cfg: MerConfig, extra_stages: list[Stage | Any] | None = None,
                  branches: list[str] | None = None, include_face: bool = True) -> list[Stage]:
     """The ordered stage list for ``cfg``.
@@ -85,20 +111,10 @@ def build_stages(cfg: MerConfig, extra_stages: list[Stage | Any] | None = None,
             s = Stage(name=type(s).__name__, fn=s, inputs=("clip_id",), outputs=outs, kind="dataset")
         (before_decode if s.kind == "dataset" else before_text).append(s)
 
-    d = cfg.extract.decode
-    stages: list[Stage] = list(before_decode)
-    # The decode actors read s3:// inputs: give them the driver's S3 settings even when the Ray
-    # cluster was started before they were set (the same variables init_ray forwards).
-    s3_env = {k: v for k, v in os.environ.items() if k.startswith("AWS_")}
-    decode_args = {**ra, "runtime_env": {"env_vars": s3_env}} if s3_env else ra
-    stages.append(Stage(name="decode", fn=timed(ClipDecoder, "decode"), inputs=ClipDecoder.input_columns,
-                        optional_inputs=ClipDecoder.optional_inputs, outputs=ClipDecoder.output_columns,
-                        kind="actor", resources=d.resources, constructor_args=(cfg,), map_args=decode_args))
+    stages: list[Stage] = [*before_decode, decode_stage(cfg)]
     wanted = branches if branches is not None else enabled_branches(cfg)
     if include_face and "face" in wanted:
-        stages.append(Stage(name="face_detect", fn=timed(FaceDetector, "face_detect"), inputs=FaceDetector.input_columns,
-                            outputs=FaceDetector.output_columns, kind="actor",
-                            resources=cfg.extract.face.resources, constructor_args=(cfg,), map_args=ra))
+        stages.append(face_stage(cfg))
     colocated = cfg.extract.encoders.colocated
     if colocated is not None and wanted:
         # one pool for every encoder: the extra stages meant for just before the text encoder run before it
@@ -109,9 +125,7 @@ def build_stages(cfg: MerConfig, extra_stages: list[Stage | Any] | None = None,
         if b == "text":
             stages += before_text
             before_text = []
-        optional = ("text_enriched",) if b == "text" else ()
-        stages.append(encoder_stage(b, ENCODERS[b], cfg, getattr(cfg.extract.encoders, b).resources, ra,
-                                    optional=optional))
+        stages.append(branch_stage(cfg, b))
     stages += before_text
     return stages
 

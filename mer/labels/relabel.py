@@ -34,15 +34,8 @@ import numpy as np
 import pyarrow as pa
 
 from mer.config import LABELS, LabelsConfig, MerConfig, RelabelConfig
-from mer.labels.evidence import (
-    Reliability,
-    annotation_reliability,
-    class_prior,
-    evidence,
-    fit_reliability,
-    posterior,
-    votes_of,
-)
+from mer.labels.evidence import (Reliability, annotation_reliability, class_prior, evidence, fit_reliability,
+                                 posterior, votes_of)
 from mer.labels.sources import SourceVotes, read_source, run_oof_votes
 from mer.store import storage
 from mer.store.parts import read_parts

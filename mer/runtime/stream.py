@@ -105,14 +105,8 @@ def restartable(error: BaseException) -> bool:
     """Whether a stream that raised ``error`` is worth starting again: Ray lost something it ran on (an actor
     or worker whose restarts/retries are spent, a node, an object). Not an error of the code or the input
     (a map function's exception, a bad config, a ``ValueError`` on the driver): a restart would repeat it."""
-    from ray.exceptions import (
-        AuthenticationError,
-        RayError,
-        RayTaskError,
-        RuntimeEnvSetupError,
-        TaskCancelledError,
-        UserCodeException,
-    )
+    from ray.exceptions import (AuthenticationError, RayError, RayTaskError, RuntimeEnvSetupError,
+                                TaskCancelledError, UserCodeException)
 
     if isinstance(error, (UserCodeException, AuthenticationError, RuntimeEnvSetupError, TaskCancelledError)):
         return False
