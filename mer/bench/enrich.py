@@ -8,6 +8,7 @@ ratio includes actor and engine start-up and Ray Data scheduling.
 
 from __future__ import annotations
 
+import argparse
 import gc
 import os
 import time
@@ -125,3 +126,16 @@ def format_table(res: dict[str, Any]) -> str:
     lines.append(f"ratio Ray/direct: steady {res['ratio_steady']}, end-to-end {res['ratio_end_to_end']} "
                  f"({res['n_prompts']} prompts x {res['max_tokens']} max tokens, {res['device']})")
     return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------ command
+def add_command(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
+    """``mer bench enrich [-n N]``."""
+    p = sub.add_parser("enrich", parents=parents, help="prompts/s and tokens/s of the Ray Data vLLM stage vs vllm.LLM")
+    p.add_argument("-n", type=int, default=32, help="prompts")
+    p.set_defaults(bench=run_command)
+
+
+def run_command(cfg: MerConfig, args: argparse.Namespace) -> dict[str, Any]:
+    """The figures (the table is printed as they are measured)."""
+    return bench_enrich(cfg, n_prompts=args.n)

@@ -23,6 +23,7 @@ after it; CPU ms/clip count every thread of a stage's actor plus the decode chil
 
 from __future__ import annotations
 
+import argparse
 import logging
 import tempfile
 import time
@@ -31,6 +32,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from mer.bench.rss import bench_rss, format_rss
 from mer.config import MerConfig, enabled_branches, gpu_requests, with_overrides
 from mer.encoders import ENCODERS
 from mer.extract.columns import normalize_batch
@@ -422,3 +424,25 @@ def format_bench(r: dict[str, Any]) -> str:
                  f"{(r.get('cpu_pressure_start') or {}).get('some_avg60')}, end "
                  f"{(r.get('cpu_pressure_end') or {}).get('some_avg60')}")
     return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------ command
+def add_command(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
+    """``mer bench extract [--manifest M] [-n N] [--rss N [--out DIR]]``."""
+    p = sub.add_parser("extract", parents=parents, help="where the extraction time goes (decode, face, encoders, "
+                       "the streaming pipeline, a sequential baseline); --rss N: memory over a long stream")
+    p.add_argument("--manifest", default=None, help="manifest of the clips (default: generated clips)")
+    p.add_argument("-n", type=int, default=32, help="clips")
+    p.add_argument("--rss", type=int, default=0, metavar="N",
+                   help="driver and worker memory over N generated clips (small frames) instead")
+    p.add_argument("--out", default=None, help="--rss: a local working directory (default a temp dir)")
+    p.set_defaults(bench=run_command)
+
+
+def run_command(cfg: MerConfig, args: argparse.Namespace) -> str | dict[str, Any] | None:
+    """The table (printed as it is measured), or with ``--json`` only the JSON document."""
+    if args.rss:
+        result = bench_rss(cfg, args.rss, workdir=args.out)
+        return result if args.json else format_rss(result)
+    result = bench_extract(cfg, args.manifest, n_clips=args.n, ray_init_s=args.ray_init_s, verbose=not args.json)
+    return result if args.json else None

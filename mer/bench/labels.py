@@ -11,6 +11,7 @@ pseudo-labels. Features only — no video — so it runs in minutes on a laptop.
 
 from __future__ import annotations
 
+import argparse
 import json
 import time
 from pathlib import Path
@@ -21,6 +22,7 @@ import numpy as np
 from mer.config import MerConfig, with_overrides
 from mer.evaluation.evaluate import read_labels
 from mer.labels.loop import label_loop
+from mer.labels.sources import parse_sources
 from mer.store import storage
 from mer.store.parts import read_parts
 from mer.synth.feature_store import make_feature_store
@@ -195,3 +197,33 @@ def format_bench(summary: dict[str, Any]) -> str:
     lines.append(f"gain of the best single stage (highest gate WAF): mean {summary['gain_best_stage'][0]:+.4f}, "
                  f"std {summary['gain_best_stage'][1]:.4f}, worst seed {summary['gain_best_stage_min']:+.4f}")
     return "\n".join(lines) + "\n" + json.dumps(summary["store"])
+
+
+# ------------------------------------------------------------------------------------------ command
+def add_command(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
+    """``mer bench labels``: on generated stores, or ``--features`` (an existing store, its test split judges)."""
+    p = sub.add_parser("labels", parents=parents, help="does the label loop pay off? (test WAF per stage over seeds)")
+    p.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 (a generated store each, or --features' folds)")
+    p.add_argument("--noise", type=float, default=2.0, help="feature noise of the generated stores")
+    p.add_argument("--n-train", type=int, default=200, help="labelled train clips per generated store")
+    p.add_argument("--pool-ratio", type=float, default=2.5, help="unlabelled pool / train clips")
+    p.add_argument("--n-test", type=int, default=200, help="labelled test clips (never seen)")
+    p.add_argument("--label-noise", type=float, default=0.15, help="train labels flipped")
+    p.add_argument("--features", default=None, help="loop over this feature store instead of generated ones (its "
+                   "test split judges; --seeds draws other folds)")
+    p.add_argument("--source", action="append", default=[], metavar="NAME=URI",
+                   help="with --features: vote table, as for mer pseudolabel (repeatable)")
+    p.add_argument("--truth", default=None, help="with --features: true labels (CSV/Parquet), when known")
+    p.add_argument("--out", default="runs/bench-labels", help="working directory")
+    # laptop-scale training below the user's overlays and --set flags
+    p.set_defaults(bench=run_command, preset=(BENCH_OVERRIDES, None))
+
+
+def run_command(cfg: MerConfig, args: argparse.Namespace) -> str:
+    """The bench's table."""
+    seeds = list(range(args.seeds))
+    if args.features:
+        return format_bench(bench_store(cfg, args.features, args.out, seeds=seeds, tables=parse_sources(args.source),
+                                        truth_uri=args.truth))
+    return format_bench(bench_labels(cfg, args.out, seeds=seeds, noise=args.noise, n_train=args.n_train,
+                                     pool_ratio=args.pool_ratio, n_test=args.n_test, label_noise=args.label_noise))

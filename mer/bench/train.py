@@ -7,6 +7,7 @@ throughput (epoch 1 excluded: it includes reading the shard) and the scaling rat
 
 from __future__ import annotations
 
+import argparse
 import logging
 import tempfile
 import time
@@ -88,3 +89,15 @@ def format_bench(results: dict[str, Any]) -> str:
         lines.append(f"scaling {list(results['runs'])[-1]} vs {list(results['runs'])[0]} workers: "
                      f"{results['scaling']:.2f}x")
     return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------ command
+def add_command(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
+    """``mer bench train``."""
+    p = sub.add_parser("train", parents=parents, help="training samples/s for 1 and 2 workers (Ray Train + DeepSpeed)")
+    p.set_defaults(bench=run_command)
+
+
+def run_command(cfg: MerConfig, args: argparse.Namespace) -> dict[str, Any]:
+    """The figures (the table is printed as they are measured)."""
+    return bench_train(cfg)

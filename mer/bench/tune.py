@@ -7,6 +7,7 @@ work and the throughput ratio is the effect of running trials concurrently (frac
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import time
@@ -67,3 +68,17 @@ def format_bench(result: dict[str, Any]) -> str:
     if best:
         lines.append(f"best config: {json.dumps(json.loads(best['config']), sort_keys=True)}")
     return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------ command
+def add_command(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
+    """``mer bench tune [--trials N] [--out DIR]``."""
+    p = sub.add_parser("tune", parents=parents, help="trials/hour of a study, concurrent vs one trial at a time")
+    p.add_argument("--trials", type=int, default=6, help="trials per study")
+    p.add_argument("--out", default="runs/bench-tune", help="working directory")
+    p.set_defaults(bench=run_command)
+
+
+def run_command(cfg: MerConfig, args: argparse.Namespace) -> str:
+    """The bench's table."""
+    return format_bench(bench_tune(cfg, args.out, trials=args.trials))

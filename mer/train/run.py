@@ -38,8 +38,8 @@ log = logging.getLogger("mer.train")
 
 
 # --------------------------------------------------------------------------------------------- labels
-_EMPTY_ROWS = {"clip_id": pa.array([], pa.string()), "y": pa.array([], pa.int64()),
-               "w": pa.array([], pa.float32()), "fold": pa.array([], pa.int32())}
+# A schema, not empty arrays: pa.array() at import time would import pandas on every `mer` command.
+_ROWS_SCHEMA = pa.schema([("clip_id", pa.string()), ("y", pa.int64()), ("w", pa.float32()), ("fold", pa.int32())])
 
 
 def label_rows(features_uri: str, labels_uri: str | None) -> tuple[pa.Table, pa.Table, dict[str, str], pa.Table]:
@@ -60,7 +60,7 @@ def label_rows(features_uri: str, labels_uri: str | None) -> tuple[pa.Table, pa.
                             "y": pa.array(y_store[is_train], pa.int64())})
     if labels_uri is None:
         cv = store_train.append_column("w", pa.array(np.ones(store_train.num_rows, np.float32)))
-        return cv, pa.table(_EMPTY_ROWS), split_of, store_train
+        return cv, _ROWS_SCHEMA.empty_table(), split_of, store_train
     lt = storage.read_table(labels_uri)
     if "clip_id" not in lt.column_names or "label" not in lt.column_names:
         raise ValueError(f"label table {labels_uri}: needs clip_id and label columns")
