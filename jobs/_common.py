@@ -21,8 +21,8 @@ def job_main(command: Sequence[str], argv: Sequence[str] | None = None) -> int:
     (``ray.init()`` honours RAY_ADDRESS).
     """
     from mer.cli import build_parser, main
-    from mer.redact import environment_summary, redact
-    from mer.runtime import setup_logging
+    from mer.runtime.session import setup_logging
+    from mer.store.redact import environment_summary, redact
 
     full = [*command, *(sys.argv[1:] if argv is None else argv)]
     setup_logging(build_parser().parse_args(full).log_level)

@@ -6,10 +6,38 @@ import argparse
 import json
 import logging
 import sys
+import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
+import yaml
+
+from mer.bench import BENCHES, add_commands as add_bench_commands
 from mer.config import MerConfig, apply_overrides, cpu_only, dump_config, load_config
+from mer.data.mer2025 import import_mer2025
+from mer.demo import DEMO_OVERRIDES, run_demo
+from mer.enrich.run import enrich_manifest
+from mer.evaluation.evaluate import evaluate, format_report
+from mer.extract.pipeline import extract_features
+from mer.labels.llm_vote import llm_vote
+from mer.labels.loop import label_loop
+from mer.labels.relabel import relabel_run
+from mer.labels.sources import parse_sources
+from mer.models.random import build_random_models, describe
+from mer.models.tiny import build_tiny_models
+from mer.predict.combine import build_ensemble
+from mer.predict.score import score
+from mer.runs.layout import best_run
+from mer.runtime import console
+from mer.runtime.placement import PlacementError
+from mer.runtime.stall import StreamStalled
+from mer.runtime.session import init_ray, setup_logging
+from mer.store.redact import redact
+from mer.synth.dataset import synth_dataset
+from mer.train import ablation_table, train_run
+from mer.tune.leaderboard import study_runs
+from mer.tune.study import tune_study
 
 log = logging.getLogger("mer")
 
@@ -33,34 +61,19 @@ def _common() -> argparse.ArgumentParser:
     return p
 
 
-def _preset(args: argparse.Namespace) -> tuple[list[str], str | None]:
-    """A command's own starting point, below the user's overlays and --set flags: (overrides, default profile).
-    The demo is the laptop path by definition (its scale, tiny models; placement is fitted to the local Ray like
-    any command's); the label bench trains at laptop scale."""
-    if args.command == "demo":
-        from mer.demo import DEMO_OVERRIDES
-
-        return DEMO_OVERRIDES, "tiny"
-    if args.command == "bench" and args.what == "labels":
-        from mer.labels.bench import BENCH_OVERRIDES
-
-        return BENCH_OVERRIDES, None
-    return [], None
-
-
 def resolve_config(args: argparse.Namespace) -> MerConfig:
     """The config a command runs with: ``--config``, the command's preset, ``--overlay`` files, ``--set`` flags,
     ``--profile``, then ``--cpu``. Every handler, and through :func:`main` every job, gets its config here; with
-    ``log_config`` (jobs) the resolved config is logged, redacted, exactly as it is used."""
-    preset, profile = _preset(args)
+    ``log_config`` (jobs) the resolved config is logged, redacted, exactly as it is used.
+
+    The preset (overrides, default profile) is what the command's parser sets as ``preset``: the demo's laptop
+    scale and tiny models, ``bench labels``' laptop-scale training; placement is fitted to the local Ray like
+    any command's."""
+    preset, profile = getattr(args, "preset", None) or ([], None)
     cfg = load_config(args.config, overlays=[apply_overrides({}, preset), *args.overlays],
                       overrides=args.overrides, profile=args.profile or profile)
     cfg = cpu_only(cfg) if args.cpu else cfg
     if getattr(args, "log_config", False):
-        import yaml
-
-        from mer.redact import redact
-
         log.info("resolved config (hash %s):\n%s", cfg.hash(),
                  yaml.safe_dump(redact(cfg.model_dump(mode="json")), sort_keys=False))
     return cfg
@@ -68,9 +81,7 @@ def resolve_config(args: argparse.Namespace) -> MerConfig:
 
 def _with_ray(args: argparse.Namespace) -> MerConfig:
     """The command's config (:func:`resolve_config`), with Ray joined or started for it (and fitted to a local
-    Ray it started, :func:`mer.runtime.init_ray`)."""
-    from mer.runtime import init_ray
-
+    Ray it started, :func:`mer.runtime.session.init_ray`)."""
     return init_ray(resolve_config(args))
 
 
@@ -85,29 +96,21 @@ def _print(obj: Any) -> None:
 # --- handlers: each loads the config and calls one library function --------------------------------
 
 def _models_tiny(args: argparse.Namespace) -> None:
-    from mer.models.tiny import build_tiny_models
-
     _print(build_tiny_models(args.out, force=args.force))
 
 
 def _models_random(args: argparse.Namespace) -> None:
-    from mer.models.random import build_random_models, describe
-
     slots = args.slots.split(",") if args.slots else None
     build_random_models(args.out, force=args.force, slots=slots, dtype=args.dtype)
     _print({s: v for s, v in describe(args.out, dtype=args.dtype).items() if slots is None or s in slots})
 
 
 def _data_synth(args: argparse.Namespace) -> None:
-    from mer.data.synth import synth_dataset
-
     _print(synth_dataset(args.out, n_train=args.n_train, n_unlabeled=args.n_unlabeled,
                          n_test=args.n_test, seed=args.seed))
 
 
 def _data_import(args: argparse.Namespace) -> None:
-    from mer.data.mer2025 import import_mer2025
-
     resolve_config(args)  # validates config / storage overrides
     kwargs: dict[str, Any] = {}
     if args.test_labels:
@@ -117,22 +120,16 @@ def _data_import(args: argparse.Namespace) -> None:
 
 
 def _extract(args: argparse.Namespace) -> None:
-    from mer.extract.pipeline import extract_features
-
     cfg = _with_ray(args)
     _print(extract_features(cfg, args.manifest, args.out, limit=args.limit))
 
 
 def _enrich(args: argparse.Namespace) -> None:
-    from mer.enrich.run import enrich_manifest
-
     cfg = _with_ray(args)
     _print(enrich_manifest(cfg, args.manifest, args.out))
 
 
 def _train(args: argparse.Namespace) -> None:
-    from mer.train import train_run
-
     cfg = _with_ray(args)
     mods = args.modalities.split(",") if args.modalities else None
     _print(train_run(cfg, args.features, args.out, resume=args.resume, labels_uri=args.labels,
@@ -140,56 +137,39 @@ def _train(args: argparse.Namespace) -> None:
 
 
 def _ablation(args: argparse.Namespace) -> None:
-    from mer.train import ablation_table
-
     cfg = _with_ray(args)
     _print(ablation_table(cfg, args.features, args.out))
 
 
 def _relabel(args: argparse.Namespace) -> None:
-    from mer.labels.relabel import relabel_run
-    from mer.labels.sources import parse_sources
-
     cfg = resolve_config(args)
     runs = {"fused": args.run, **parse_sources(args.source_run)}
     _print(relabel_run(cfg, args.features, args.out, runs=runs, tables=parse_sources(args.source)))
 
 
 def _llm_vote(args: argparse.Namespace) -> None:
-    from mer.labels.llm_vote import llm_vote
-
     cfg = _with_ray(args)
     _print(llm_vote(cfg, args.manifest, args.out, enriched_uri=args.enriched))
 
 
 def _pseudolabel(args: argparse.Namespace) -> None:
-    from mer.labels.loop import label_loop
-    from mer.labels.sources import parse_sources
-
     cfg = _with_ray(args)
     _print(label_loop(cfg, args.features, args.out, tables=parse_sources(args.source), base_run=args.run,
                       rounds=args.rounds))
 
 
 def _tune(args: argparse.Namespace) -> None:
-    from mer.tune.study import tune_study
-
     cfg = _with_ray(args)
     _print(tune_study(cfg, args.features, args.out))
 
 
 def _ensemble(args: argparse.Namespace) -> None:
-    from mer.ensemble import build_ensemble, study_runs
-
     resolve_config(args)
     runs = list(args.runs) + (study_runs(args.from_study, args.top) if args.from_study else [])
     _print(build_ensemble(runs, args.out, weighting=args.weighting))
 
 
 def _score(args: argparse.Namespace) -> None:
-    from mer.labels.loop import best_run
-    from mer.score import score
-
     best_run(args.run)  # a directory that is not a run fails before Ray starts
     cfg = _with_ray(args)
     _print(score(cfg, args.run, args.out, features_uri=args.features, manifest_uri=args.manifest,
@@ -198,67 +178,26 @@ def _score(args: argparse.Namespace) -> None:
 
 
 def _evaluate(args: argparse.Namespace) -> None:
-    from mer.evaluate import evaluate, format_report
-
     resolve_config(args)
     report = evaluate(args.pred, args.labels, out_dir=args.out)
     print(format_report(report))
 
 
 def _demo(args: argparse.Namespace) -> None:
-    from mer.demo import run_demo
-
     run_demo(resolve_config(args), args.workdir, n_train=args.n_train, n_unlabeled=args.n_unlabeled,
              n_test=args.n_test)
 
 
 def _bench(args: argparse.Namespace) -> None:
-    import time
-
+    """``mer bench <what>``: the bench module's handler (:mod:`mer.bench`) with the config and Ray started."""
     t0 = time.perf_counter()
     cfg = _with_ray(args)
-    ray_init_s = time.perf_counter() - t0
-    if args.what == "labels" and args.features:
-        from mer.labels.bench import bench_store, format_bench
-        from mer.labels.sources import parse_sources
-
-        print(format_bench(bench_store(cfg, args.features, args.out or "runs/bench-labels",
-                                       seeds=list(range(args.seeds)), tables=parse_sources(args.source),
-                                       truth_uri=args.truth)))
-    elif args.what == "labels":
-        from mer.labels.bench import bench_labels, format_bench
-
-        summary = bench_labels(cfg, args.out or "runs/bench-labels", seeds=list(range(args.seeds)),
-                               noise=args.noise, n_train=args.n_train, pool_ratio=args.pool_ratio,
-                               n_test=args.n_test, label_noise=args.label_noise)
-        print(format_bench(summary))
-    elif args.what == "extract" and args.rss:
-        from mer.extract.rss import bench_rss, format_rss
-
-        result = bench_rss(cfg, args.rss, workdir=args.out)
-        if args.json:
-            _print(result)
-        else:
-            print(format_rss(result))
-    elif args.what == "extract":
-        from mer.extract.bench import bench_extract
-
-        # --json: only the JSON document on stdout (the table otherwise)
-        result = bench_extract(cfg, args.manifest, n_clips=args.n, ray_init_s=ray_init_s, verbose=not args.json)
-        if args.json:
-            _print(result)
-    elif args.what == "tune":
-        from mer.tune.bench import bench_tune, format_bench
-
-        print(format_bench(bench_tune(cfg, args.out or "runs/bench-tune", trials=args.trials)))
-    elif args.what == "train":
-        from mer.train.bench import bench_train
-
-        _print(bench_train(cfg))
-    else:
-        from mer.enrich.bench import bench_enrich
-
-        _print(bench_enrich(cfg, n_prompts=args.n))
+    args.ray_init_s = time.perf_counter() - t0
+    out = args.bench(cfg, args)
+    if isinstance(out, str):
+        print(out)
+    elif out is not None:
+        _print(out)
 
 
 def _config_show(args: argparse.Namespace) -> None:
@@ -383,32 +322,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="directory for report.json and confusion_matrix.png")
 
     p = add("demo", _demo, "the whole loop on generated data with tiny models")
+    p.set_defaults(preset=(DEMO_OVERRIDES, "tiny"))
     p.add_argument("--workdir", default="runs/demo")
     p.add_argument("--n-train", type=int, default=120)
     p.add_argument("--n-unlabeled", type=int, default=300, help="unlabelled pool (MER2025: ~2.7x the labelled set)")
     p.add_argument("--n-test", type=int, default=300, help="labelled test clips: the judge of every stage")
 
-    p = add("bench", _bench, "benchmarks: extract | train | enrich | labels | tune")
-    p.add_argument("what", choices=["extract", "train", "enrich", "labels", "tune"])
-    p.add_argument("--manifest", default=None, help="bench extract: manifest (default: generated clips)")
-    p.add_argument("-n", type=int, default=32, help="clips / prompts")
-    p.add_argument("--seeds", type=int, default=3,
-                   help="bench labels: seeds 0..N-1 (a generated store each, or --features' folds)")
-    p.add_argument("--noise", type=float, default=2.0, help="bench labels: feature noise of the stores")
-    p.add_argument("--n-train", type=int, default=200, help="bench labels: labelled train clips per store")
-    p.add_argument("--pool-ratio", type=float, default=2.5, help="bench labels: unlabelled pool / train clips")
-    p.add_argument("--n-test", type=int, default=200, help="bench labels: labelled test clips (never seen)")
-    p.add_argument("--label-noise", type=float, default=0.15, help="bench labels: train labels flipped")
-    p.add_argument("--features", default=None, help="bench labels: loop over this feature store instead of "
-                   "generated ones (its test split judges; --seeds draws other folds)")
-    p.add_argument("--source", action="append", default=[], metavar="NAME=URI",
-                   help="bench labels --features: vote table, as for mer pseudolabel (repeatable)")
-    p.add_argument("--truth", default=None, help="bench labels --features: true labels (CSV/Parquet), when known")
-    p.add_argument("--out", default=None, help="bench labels | tune | extract --rss: working directory "
-                   "(default runs/bench-<what>; --rss: a local dir, default a temp dir)")
-    p.add_argument("--trials", type=int, default=6, help="bench tune: trials per study")
-    p.add_argument("--rss", type=int, default=0, metavar="N",
-                   help="bench extract: driver and worker memory over N generated clips (small frames) instead")
+    bench = sub.add_parser("bench", help="benchmarks: " + " | ".join(b.__name__.rsplit(".", 1)[-1] for b in BENCHES))
+    bench.set_defaults(fn=_bench)
+    add_bench_commands(bench.add_subparsers(dest="what", required=True), [common])
 
     cfgp = sub.add_parser("config", help="configuration").add_subparsers(dest="sub", required=True)
     add("show", _config_show, "print the resolved, validated config", cfgp)
@@ -425,19 +347,13 @@ def _log_dir(args: argparse.Namespace) -> str | None:
         return None
     if "://" in out:
         return f"runs/logs/{args.command}"
-    from pathlib import Path
-
     p = Path(out)
     return str((p.parent if p.suffix in (".parquet", ".csv", ".json") else p) / "logs")
 
 
 # Errors a user can cause (bad config, manifest, path, run directory, placement, a stalled stream): one line
 # (a stall adds its placement table), no traceback.
-def _user_errors() -> tuple[type[BaseException], ...]:
-    from mer.fit import PlacementError
-    from mer.stall import StreamStalled
-
-    return (ValueError, OSError, PlacementError, StreamStalled)
+USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError, PlacementError, StreamStalled)
 
 
 def main(argv: Sequence[str] | None = None, *, log_config: bool = False) -> int:
@@ -447,14 +363,12 @@ def main(argv: Sequence[str] | None = None, *, log_config: bool = False) -> int:
     args = build_parser().parse_args(argv)
     args.log_config = log_config
     _JSON["indent"] = 2 if args.json else None
-    from mer import console
-    from mer.runtime import setup_logging
 
     setup_logging(args.log_level, _log_dir(args))
     code = 0
     try:
         args.fn(args)
-    except _user_errors() as e:
+    except USER_ERRORS as e:
         log.debug("traceback", exc_info=True)
         msg = str(e) if not isinstance(e, FileNotFoundError) or not e.filename else f"{e.strerror}: {e.filename}"
         print(f"mer: {msg}", file=sys.stderr)

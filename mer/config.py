@@ -33,11 +33,11 @@ class ConfigError(ValueError):
     """A config file or override is invalid; the message names the offending key."""
 
 
-def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+def deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
     """``top`` deep-merged over ``base`` (mappings merge key by key; any other value replaces)."""
     out = dict(base)
     for k, v in top.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
 
 
@@ -55,7 +55,7 @@ class _Strict(BaseModel):
         for name, field in cls.model_fields.items():
             sub = data.get(name)
             if isinstance(sub, dict) and isinstance(field.default, BaseModel):
-                data = {**data, name: _merge(field.default.model_dump(mode="json"), sub)}
+                data = {**data, name: deep_merge(field.default.model_dump(mode="json"), sub)}
         return data
 
 
@@ -167,8 +167,8 @@ class DecodeConfig(_Strict):
     audio_sample_rate: int = Field(16000, ge=8000)
     max_audio_seconds: float = Field(10.0, gt=0)
     backend: Literal["decord", "pyav"] = "decord"  # video
-    # Audio: PyAV (FFmpeg's resampler) by default; decord's AudioReader leaks each clip's samples and
-    # costs ~3x the CPU (mer.extract.decoders.decode_audio_decord). The fallback decodes with its own backend.
+    # Audio: PyAV (FFmpeg's resampler) by default; decord's AudioReader leaks each clip's samples and costs
+    # more CPU (mer.extract.decoders.decode_audio_decord; docs/results.md). The fallback decodes with its own backend.
     audio_backend: Literal["pyav", "decord"] = "pyav"
     fallback_backend: Literal["pyav", "none"] = "pyav"
     # decord can hang on some files; a clip that takes longer is abandoned and retried with the fallback.
@@ -188,14 +188,13 @@ class DecodeConfig(_Strict):
     # Added to the decode child's niceness (Ray workers already run at +15): where CPU is short, the actors that
     # feed the encoders and the encoders' own start-up go first, and decoding takes the rest.
     child_niceness: int = Field(4, ge=0, le=19)
-    # auto: on a local Ray without GPUs whose stream pools must share the CPUs (mer.fit scales them down), the
-    # decode pool runs ONE actor. One actor decodes ~40 clips/s of 224 px keyframes on a core, more than such a
-    # box's stages take in together (~17 clips/s on 2 cores); each further actor is a process and a decode child
-    # to start, seconds of the shared CPUs (measured on 96 clips: pipeline x1.33-1.53 of the sequential
-    # baseline with two actors, x1.51-1.67 with one). never: keep ``resources.concurrency``.
+    # auto: on a local Ray without GPUs whose stream pools must share the CPUs (mer.runtime.placement scales them
+    # down), the decode pool runs ONE actor: one actor decodes faster than such a box's other stages take clips
+    # in, and each further actor is a process and a decode child to start on the shared CPUs (docs/results.md,
+    # bench extract). never: keep ``resources.concurrency``.
     trim: Literal["auto", "never"] = "auto"
     # Blocks of 8 clips: a decode actor's per-block cost (Ray Data's task round trip, the child's first request
-    # of a batch) is spread over twice the clips of 4 (measured: 0.55-0.61 of one-process decode at 4, 0.76-0.81 at 8).
+    # of a batch) is spread over twice the clips of 4 (docs/results.md, bench extract).
     resources: Resources = Resources(batch_size=8, concurrency=2, num_cpus=1.0, max_concurrent_calls=2)
 
 
@@ -239,7 +238,7 @@ class EncodersConfig(_Strict):
     # For CPU-only machines where start-up weighs; null (separate pools) on GPU nodes, where each branch
     # gets its own GPU share and concurrency.
     colocated: Resources | None = None
-    # auto: on a local Ray without GPUs whose stream pools must share the CPUs (mer.fit scales them down), the
+    # auto: on a local Ray without GPUs whose stream pools must share the CPUs (mer.runtime.placement scales them down), the
     # encoders run colocated (batch: the smallest branch batch, one actor): on a laptop every extra torch
     # process only adds start-up CPU and memory, the models share the same cores either way. never: one pool
     # per branch unless ``colocated`` is set.
@@ -388,8 +387,7 @@ class LabelsConfig(_Strict):
     gate_resamples: int = Field(2000, ge=100)
     # What `mer score` uses from a finished loop. "best": the accepted stage with the highest gate WAF.
     # "ensemble": the mean of every accepted stage's fold ensemble (the strongest MER-SEMI entries vote over
-    # several models). `mer bench labels`, 16 seeds on the demo's store and demo-sized generated ones: level in
-    # the mean (ensemble - best: +0.011 on the first 10 seeds, -0.007 on the 6 run after), so not the default.
+    # several models). Not the default: `mer bench labels` finds the two level in the mean (docs/results.md).
     # A loop with one accepted stage scores it alone either way.
     final: Literal["best", "ensemble"] = "best"
     # Per-class reliability weights of probability sources: shrinkage towards the source's mean weight, and
@@ -420,11 +418,8 @@ class RelabelConfig(_Strict):
     annotation_accuracy: float = Field(0.85, gt=0.0, lt=1.0)
     # What a doubted label becomes. "weight": it stays, with weight = its posterior (the down-weight rule below);
     # "relabel": it changes to another label that reaches min_posterior with min_agree sources voting for it
-    # themselves (else it is down-weighted). `mer bench labels --features` on the demo's store, 4 seeds: 73 % of
-    # relabels were wrong (the sources' shared confusions, not the truth) and the refined stage lowered the test
-    # WAF by 0.016 on average; down-weighting the same clips cut the share of training weight on wrong labels to
-    # 0.094 (relabelling: 0.128; before: 0.150) and left it level (-0.000). On generated stores (6 seeds) the
-    # refined stage gained the same in both modes (+0.027 / +0.028).
+    # themselves (else it is down-weighted). "weight" is the default: where the sources are weak their alternative
+    # label is more often their shared confusion than the truth (`mer bench labels`, docs/results.md).
     mode: Literal["weight", "relabel"] = "weight"
     # mode relabel: relabel when another label reaches this posterior AND this many sources vote for it themselves.
     min_posterior: float = Field(0.7, gt=0.0, le=1.0)
@@ -693,9 +688,9 @@ def load_config(
     sources = [str(path)]
     for overlay in overlays or []:
         if isinstance(overlay, dict):
-            raw = _merge(raw, overlay)
+            raw = deep_merge(raw, overlay)
         else:
-            raw = _merge(raw, _read_yaml(overlay, "overlay"))
+            raw = deep_merge(raw, _read_yaml(overlay, "overlay"))
             sources.append(str(overlay))
     apply_overrides(raw, overrides)
     if profile:
@@ -727,6 +722,11 @@ def stage_resources(cfg: MerConfig) -> dict[str, Resources]:
 
     walk(cfg, "")
     return found
+
+
+def enabled_branches(cfg: MerConfig) -> list[str]:
+    """The feature branches ``cfg`` extracts (``extract.encoders.<branch>.enabled``), in :data:`BRANCHES` order."""
+    return [b for b in BRANCHES if getattr(cfg.extract.encoders, b).enabled]
 
 
 def gpu_requests(cfg: MerConfig) -> list[str]:

@@ -18,14 +18,26 @@ from typing import Any
 
 import pyarrow as pa
 
-from mer import storage
 from mer.config import BRANCHES, LABELS, MerConfig
+from mer.data.manifest import read_manifest, write_manifest
+from mer.enrich.run import enrich_manifest
+from mer.evaluation.evaluate import evaluate
+from mer.evaluation.report import write_demo_report
+from mer.extract.pipeline import extract_features
+from mer.labels.llm_vote import llm_vote
+from mer.labels.loop import label_loop
+from mer.models.tiny import ensure_tiny_models
+from mer.predict.score import score
+from mer.runtime.session import init_ray
+from mer.store import storage
+from mer.synth.dataset import synth_dataset
+from mer.train.ablation import run_figures
 
 log = logging.getLogger("mer.demo")
 
 # Laptop scale for the demo (applied before the user's --set flags, which win): small frames for the tiny
 # 64-px models, fewer folds and epochs. CPU/GPU placement is not set here: like every command on a local Ray,
-# the demo's stages are fitted to the machine (mer.fit).
+# the demo's stages are fitted to the machine (mer.runtime.placement).
 DEMO_OVERRIDES: list[str] = [
     "extract.decode.num_frames=8",
     "extract.decode.frame_size=64",
@@ -109,18 +121,6 @@ def run_demo(cfg: MerConfig, workdir: str, *, n_train: int = 120, n_unlabeled: i
     source); a random-weight LLM writes noise, so the fusion must learn to weigh it and the loop to give its
     votes no say.
     """
-    from mer.data.manifest import read_manifest, write_manifest
-    from mer.data.synth import synth_dataset
-    from mer.enrich.run import enrich_manifest
-    from mer.evaluate import evaluate
-    from mer.extract.pipeline import extract_features
-    from mer.labels.llm_vote import llm_vote
-    from mer.labels.loop import label_loop
-    from mer.models.tiny import ensure_tiny_models
-    from mer.runtime import init_ray
-    from mer.score import score
-    from mer.train.ablation import run_figures
-
     t0 = time.time()
     wd = Path(workdir).resolve()
     wd.mkdir(parents=True, exist_ok=True)
@@ -208,7 +208,6 @@ def run_demo(cfg: MerConfig, workdir: str, *, n_train: int = 120, n_unlabeled: i
         "outputs": {"features": features, "label_loop": str(wd / "labels"), "predictions": scored["predictions"],
                     "submission": scored["submission"], "evaluation": str(wd / "eval")},
     }
-    from mer.report import write_demo_report
 
     summary["outputs"]["report"] = write_demo_report(str(wd), summary)
     storage.write_json(str(wd / "summary.json"), summary)

@@ -14,7 +14,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -198,7 +197,7 @@ def tiny_models_dir() -> Path:
 @pytest.fixture(scope="session")
 def synth_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small generated dataset in the MER2025 release layout (with the broken inputs)."""
-    from mer.data.synth import synth_dataset
+    from mer.synth.dataset import synth_dataset
 
     out = tmp_path_factory.mktemp("synth")
     synth_dataset(out, n_train=36, n_unlabeled=12, n_test=12, seed=0)
@@ -303,7 +302,7 @@ def clip_manifest(tmp_path_factory: pytest.TempPathFactory) -> str:
     """A generated clip set: 10 good clips + one of each broken input (16 clips), and its manifest."""
     import pyarrow.parquet as pq
 
-    from mer.extract.clips import make_clip_set
+    from mer.synth.clips import make_clip_set
 
     d = tmp_path_factory.mktemp("extract_clips")
     table = make_clip_set(d / "clips", n_ok=10)  # 10 good + 6 broken = 16 clips
@@ -365,7 +364,7 @@ def train_cfg():
     """Small, fast training settings shared by the training tests (2 folds in turn in one worker group of 2
     DeepSpeed workers of half a CPU, 8 epochs, ZeRO-2, fp32, the demo's 0.1 s controller poll):
     ``train_cfg(**{"train.key": value})``. Worker start-up dominates a tiny fold; one group pays it once."""
-    from mer.train.synthetic import small_config
+    from mer.synth.feature_store import small_config
 
     def make(**extra: object):
         return small_config(list(TRAIN_DIMS), **{"train.zero_stage": 2, "train.parallel_folds": 1,
@@ -377,7 +376,7 @@ def train_cfg():
 @pytest.fixture(scope="session")
 def train_store(tmp_path_factory: pytest.TempPathFactory) -> str:
     """A generated feature store: 240 clips (180 train, 60 test), audio and text vectors, some missing."""
-    from mer.train.synthetic import make_feature_store
+    from mer.synth.feature_store import make_feature_store
 
     out = str(tmp_path_factory.mktemp("train_store") / "features")
     make_feature_store(out, n=240, dims=TRAIN_DIMS, seed=0, noise=2.0, missing=0.1)
@@ -403,9 +402,8 @@ def trained_run(ablation) -> Path:
 @pytest.fixture(scope="session")
 def kill_worker():
     """:class:`KillWorker`, shipped to Ray Train's controller by value."""
-    import ray.cloudpickle
-
     import faults
+    import ray.cloudpickle
 
     ray.cloudpickle.register_pickle_by_value(faults)
     return faults.KillWorker

@@ -11,11 +11,11 @@ import json
 import sys
 from pathlib import Path
 
+import faults
 import ray.cloudpickle
 
-import faults
 from mer.config import load_config
-from mer.runtime import init_ray
+from mer.runtime.session import init_ray
 from mer.train import train_run
 
 

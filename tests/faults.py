@@ -14,10 +14,10 @@ from typing import Any
 def _descendants(root: int) -> list[int]:
     """Every process below ``root`` (Ray's raylet starts its workers in process groups of their own, so a
     process group is not a node)."""
-    from mer.extract.rss import _processes
+    from mer.bench.rss import process_table
 
     children: dict[int, list[int]] = {}
-    for pid, (ppid, _) in _processes().items():
+    for pid, (ppid, _) in process_table().items():
         children.setdefault(ppid, []).append(pid)
     out, stack = [], [root]
     while stack:

@@ -57,7 +57,7 @@ def test_the_plain_chain_runs_on_a_two_cpu_machine(chain: dict) -> None:
     root = chain["root"]
     fitted = chain["extract"].stderr
     assert "local Ray: no GPU: every stage on CPU" in fitted and "fractional CPUs" in fitted
-    from mer.parts import read_parts
+    from mer.store.parts import read_parts
 
     assert read_parts(str(root / "features")).num_rows == 34  # 20 + 4 + 10, every clip once
     assert (root / "run" / "models" / "model.json").exists() and (root / "run" / "report.html").exists()

@@ -22,7 +22,7 @@ import yaml
 
 from mer.cli import build_parser, resolve_config
 from mer.config import ConfigError, load_config
-from mer.redact import SECRET_KEY
+from mer.store.redact import SECRET_KEY
 
 ROOT = Path(__file__).resolve().parent.parent
 CLUSTER = ROOT / "cluster"
@@ -597,14 +597,12 @@ def test_a_job_logs_the_config_it_runs_with(job: str, monkeypatch: pytest.Monkey
                                             caplog: pytest.LogCaptureFixture, tmp_path: Path) -> None:
     """`python -m jobs.<name>` runs `mer <name>` itself: the config it logs (redacted) is the one its handler
     gets, including the demo's own overrides below the user's overlay and --set flags."""
-    import mer.demo
-    import mer.runtime
-    import mer.train
+    import mer.cli
 
     used: list = []
-    monkeypatch.setattr(mer.runtime, "init_ray", lambda cfg, **kw: cfg)  # joined cluster: the config as it is
-    monkeypatch.setattr(mer.train, "train_run", lambda cfg, *a, **kw: used.append(cfg) or {})
-    monkeypatch.setattr(mer.demo, "run_demo", lambda cfg, *a, **kw: used.append(cfg) or {})
+    monkeypatch.setattr(mer.cli, "init_ray", lambda cfg, **kw: cfg)  # joined cluster: the config as it is
+    monkeypatch.setattr(mer.cli, "train_run", lambda cfg, *a, **kw: used.append(cfg) or {})
+    monkeypatch.setattr(mer.cli, "run_demo", lambda cfg, *a, **kw: used.append(cfg) or {})
     overlay = tmp_path / "o.yaml"
     overlay.write_text("train: {max_epochs: 7}\nstorage: {s3_endpoint_url: 'http://u:pw@127.0.0.1:9'}\n")
     args = {"train": ["--features", "f", "--out", str(tmp_path / "r")], "demo": ["--workdir", str(tmp_path / "d")]}[job]

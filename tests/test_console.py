@@ -6,8 +6,8 @@ import io
 
 import pytest
 
-from mer import console
-from mer.console import Progress
+from mer.runtime import console
+from mer.runtime.console import Progress
 
 
 def test_progress_rate_and_eta_leave_out_the_start_up(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -8,10 +8,12 @@ import numpy as np
 import pytest
 
 from mer.config import load_config
-from mer.extract.decoders import DecodeParams, decode_clip, sample_indices, snap_to_keyframes
-from mer.extract.clips import make_clip
 from mer.extract.decode import ClipDecoder
-from mer.extract.subproc import DecodeProcess, DecodeTimeout, RequestError
+from mer.extract.decoders import DecodeParams, decode_clip, sample_indices, snap_to_keyframes
+from mer.extract.subproc import DecodeTimeout, RequestError
+from mer.synth.clips import make_clip
+
+from decode_double import DoubleProcess, hanging_decoder
 
 
 @pytest.fixture(scope="module")
@@ -92,9 +94,8 @@ def test_bad_inputs_get_statuses(clips) -> None:
         dec.child.kill()
 
 
-def test_hanging_decoder_times_out_and_falls_back(clips, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("MER_TEST_DECODE_HANG", "hang_me:decord")  # decord "hangs" on this file only
-    dec = ClipDecoder(_cfg("extract.decode.timeout_s=2"))
+def test_hanging_decoder_times_out_and_falls_back(clips) -> None:
+    dec = hanging_decoder("hang_me:decord")(_cfg("extract.decode.timeout_s=2"))  # decord "hangs" on this file only
     try:
         r = dec.decode_one(clips["hang"])
         assert r["decode_status"] == "ok" and r["decode_backend"] == "pyav"
@@ -107,9 +108,8 @@ def test_hanging_decoder_times_out_and_falls_back(clips, monkeypatch: pytest.Mon
         dec.child.kill()
 
 
-def test_hang_without_fallback_is_decode_timeout(clips, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("MER_TEST_DECODE_HANG", "hang_me")  # every backend hangs
-    dec = ClipDecoder(_cfg("extract.decode.timeout_s=1.5"))
+def test_hang_without_fallback_is_decode_timeout(clips) -> None:
+    dec = hanging_decoder("hang_me")(_cfg("extract.decode.timeout_s=1.5"))  # every backend hangs
     try:
         r = dec.decode_one(clips["hang"])
         assert r["decode_status"] == "decode_timeout" and r["frames"] is None
@@ -128,7 +128,7 @@ def test_child_runs_at_the_configured_extra_niceness() -> None:
     """extract.decode.child_niceness: the decode child yields the CPU to its actor and the other stages."""
     import os
 
-    proc = DecodeProcess(niceness=3)
+    proc = DoubleProcess(niceness=3)
     try:
         proc.call("sleep", {"seconds": 0}, timeout=60)
         assert _nice(proc.pid) == min(19, _nice(os.getpid()) + 3)
@@ -137,7 +137,7 @@ def test_child_runs_at_the_configured_extra_niceness() -> None:
 
 
 def test_child_timeout_kill_and_recycle() -> None:
-    proc = DecodeProcess(recycle_every=2)
+    proc = DoubleProcess(recycle_every=2)
     try:
         with pytest.raises(DecodeTimeout):
             proc.call("sleep", {"seconds": 30}, timeout=1.0)
@@ -154,7 +154,7 @@ def test_child_timeout_kill_and_recycle() -> None:
 
 
 def test_child_map_queues_requests_and_resends_those_behind_a_hang() -> None:
-    proc = DecodeProcess(recycle_every=100, window=4)
+    proc = DoubleProcess(recycle_every=100, window=4)
     try:
         out = proc.map("sleep", [{"seconds": 0}, {"seconds": 30}, {"seconds": 0}, {"seconds": 0}], timeout=1.5)
         assert out[0] is None and isinstance(out[1], DecodeTimeout) and out[2] is None and out[3] is None
@@ -166,7 +166,7 @@ def test_child_map_queues_requests_and_resends_those_behind_a_hang() -> None:
 
 
 def test_child_map_recycles_mid_batch() -> None:
-    proc = DecodeProcess(recycle_every=2, window=4)
+    proc = DoubleProcess(recycle_every=2, window=4)
     try:
         assert proc.map("sleep", [{"seconds": 0}] * 5, timeout=30) == [None] * 5
         assert proc.recycles == 2 and proc.restarts == 0 and proc.calls == 1
@@ -174,10 +174,9 @@ def test_child_map_recycles_mid_batch() -> None:
         proc.kill()
 
 
-def test_batch_decode_matches_in_process_and_survives_a_hang(clips, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("MER_TEST_DECODE_HANG", "hang_me:decord")
+def test_batch_decode_matches_in_process_and_survives_a_hang(clips) -> None:
     cfg = _cfg("extract.decode.timeout_s=2")
-    dec = ClipDecoder(cfg)
+    dec = hanging_decoder("hang_me:decord")(cfg)
     try:
         rows = dec.decode_rows([clips["good"], clips["hang"], clips["missing"], clips["odd"]], [None] * 4)
         assert [r["decode_status"] for r in rows] == ["ok", "ok", "missing_file", "ok"]

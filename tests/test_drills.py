@@ -22,11 +22,9 @@ import sys
 import time
 from pathlib import Path
 
+import faults
 import pyarrow.parquet as pq
 import pytest
-
-import faults
-
 from conftest import SESSION_TOKEN, RayHead
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -78,7 +76,7 @@ def drill() -> DrillCluster:
 
 @pytest.fixture(scope="module")
 def drill_manifest(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, list[str]]:
-    from mer.extract.clips import make_clip_set
+    from mer.synth.clips import make_clip_set
 
     d = tmp_path_factory.mktemp("drill_clips")
     table = make_clip_set(d / "clips", n_ok=N_OK)
@@ -146,7 +144,7 @@ class Driver:
 
 def _rows(store: Path) -> list[str]:
     """Every committed row's clip_id, duplicates kept (what a reader would have to de-duplicate)."""
-    from mer.parts import part_files, read_parts
+    from mer.store.parts import part_files, read_parts
 
     if not part_files(str(store)):
         return []
@@ -216,7 +214,7 @@ def test_extract_finishes_by_itself_when_its_worker_node_is_lost(extract_drill: 
     r = extract_drill["result"]
     assert r["processed"] == len(extract_drill["ids"]) and r["already_stored"] == 0
     assert 0 < extract_drill["committed_at_loss"] < len(rows)
-    from mer.parts import read_parts
+    from mer.store.parts import read_parts
 
     status = dict(zip(*read_parts(str(extract_drill["store"]), columns=["decode_status"]).to_pydict().values()))
     assert status["ok_000"] == "ok" and status["missing"] == "missing_file" and status["zero_byte"] == "decode_error"
@@ -264,8 +262,9 @@ def test_training_continues_the_same_run_when_its_worker_node_is_lost(drill: Dri
     groups on the worker node: the node is killed from fold 0's Ray Train controller right after its epoch-2
     report, a fresh node joins, FailureConfig restarts the groups there from their checkpoints, and the run is,
     bit for bit, the one trained without interruption (the suite's trained run: same config, seed, store)."""
-    from mer.config import dump_config
     from test_train_resume import _computed
+
+    from mer.config import dump_config
 
     cfg = tmp_path / "train.yaml"
     cfg.write_text(dump_config(train_cfg(**{"train.max_failures": 2})))

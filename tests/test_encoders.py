@@ -7,7 +7,7 @@ import pytest
 
 from mer.config import MerConfig
 from mer.encoders import ENCODERS, AudioEncoder, FaceEncoder, GlobalVisualEncoder, TextEncoder, encoder_dims
-from mer.batches import object_column
+from mer.runtime.batches import object_column
 
 DIMS = {"global_visual": 64, "face": 48, "audio": 32, "text": 96}  # the tiny models' hidden sizes
 

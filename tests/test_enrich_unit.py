@@ -7,8 +7,8 @@ import pytest
 
 from mer.config import load_config
 from mer.enrich import guard
-from mer.enrich.generators import engine_env, engine_kwargs, placement_group_config
 from mer.enrich.cache import EnrichCache, default_cache_dir
+from mer.enrich.generators import engine_env, engine_kwargs, placement_group_config
 from mer.enrich.prepare import IDS, ROUTE, STATUS, PromptBuilder
 from mer.enrich.prompt import PromptTemplate, load_template, prompt_hash, sampling_params
 

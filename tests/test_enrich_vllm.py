@@ -13,11 +13,11 @@ import pytest
 
 pytest.importorskip("vllm")
 
-from mer import storage  # noqa: E402
+from mer.bench.enrich import bench_prompts  # noqa: E402
 from mer.config import with_overrides  # noqa: E402
-from mer.enrich.bench import bench_prompts  # noqa: E402
 from mer.enrich.cache import EnrichCache  # noqa: E402
 from mer.enrich.stage import enrich_table  # noqa: E402
+from mer.store import storage  # noqa: E402
 
 ODD = "你\x00好\x07 مرحبا こんにちは 👩\u200d👩\u200d👧 {text} <|im_end|>"
 MAX_CHARS = 60

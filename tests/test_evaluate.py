@@ -7,9 +7,9 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
-from mer import storage
 from mer.cli import main
-from mer.evaluate import evaluate, format_report
+from mer.evaluation.evaluate import evaluate, format_report
+from mer.store import storage
 
 
 def _write(tmp: Path) -> tuple[str, str]:

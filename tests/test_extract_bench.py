@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from mer.bench.extract import bench_extract, format_bench
 from mer.config import with_overrides
-from mer.extract.bench import bench_extract, format_bench
 
 
 def test_bench_extract_reports_all_figures(ray_local, tiny_config, tmp_path) -> None:

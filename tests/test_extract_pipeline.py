@@ -17,10 +17,10 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from mer import parts, storage
 from mer.config import with_overrides
 from mer.extract import schema
 from mer.extract.pipeline import extract_features
+from mer.store import parts, storage
 
 BROKEN = {  # clip_id -> expected (decode_status, global_visual, face, audio, text) statuses
     "zero_byte": ("decode_error", "decode_error", "decode_error", "decode_error", "ok"),

@@ -8,11 +8,11 @@ import json
 import pyarrow as pa
 import pytest
 
-from mer import parts, storage
 from mer.config import load_config
 from mer.extract import schema
-from mer.extract.stages import normalize_batch
-from mer.stream import PipelineError, Stage, validate_chain
+from mer.extract.columns import normalize_batch
+from mer.runtime.stream import PipelineError, Stage, validate_chain
+from mer.store import parts, storage
 
 
 def _rows(cfg, ids: list[str]) -> pa.Table:

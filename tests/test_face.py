@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from mer.config import load_config
-from mer.data.synth import draw_face
 from mer.extract.face import FaceDetector, cascade_path, square_crop
+from mer.synth.dataset import draw_face
 
 
 def _frames(n: int, size: int, face: bool, r: int | None = None) -> np.ndarray:

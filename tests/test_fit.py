@@ -8,9 +8,13 @@ from __future__ import annotations
 import pyarrow as pa
 import pytest
 
-from mer.config import BRANCHES, load_config
-from mer.fit import (Cluster, PlacementError, check_placement, fit_local, placement_problem, stage_demands,
-                     stream_demands, train_demands)
+from mer.config import BRANCHES, load_config, with_overrides
+from mer.enrich.stage import build_enrich_stage
+from mer.extract.pipeline import build_stages
+from mer.runtime import placement
+from mer.runtime.placement import (Cluster, PlacementError, check_placement, enrich_demands, fit_local,
+                                   llm_placement, placement_problem, stage_demands, stream_demands,
+                                   stream_fits_with_llm, train_demands)
 
 LAPTOP = Cluster(cpus=2.0, gpus=0.0, node_cpus=2.0, node_gpus=0.0)
 
@@ -117,34 +121,32 @@ def test_a_stream_restarted_while_a_node_is_replaced_waits_instead_of_failing(
     fitted still fails at once."""
     import ray
 
-    from mer import fit
+    from mer.runtime import placement
 
     demands = stream_demands(load_config(profile="tiny"))
     sizes = iter([Cluster(8, 1, 8, 1), Cluster(0, 0, 0, 0), Cluster(0, 0, 0, 0)])
-    monkeypatch.setattr(fit.Cluster, "current", classmethod(lambda cls: next(sizes)))
+    monkeypatch.setattr(placement.Cluster, "current", classmethod(lambda cls: next(sizes)))
     monkeypatch.setattr(ray, "is_initialized", lambda: True)
-    monkeypatch.setattr(fit, "_placed", set())
-    monkeypatch.setitem(fit._policy, "check", True)
-    monkeypatch.setitem(fit._policy, "autoscaler", False)
-    fit.ensure_placeable("the stream a -> b", demands)  # the whole cluster: placed
+    monkeypatch.setattr(placement, "_placed", set())
+    monkeypatch.setitem(placement._policy, "check", True)
+    monkeypatch.setitem(placement._policy, "autoscaler", False)
+    placement.ensure_placeable("the stream a -> b", demands)  # the whole cluster: placed
     with caplog.at_level("WARNING", logger="mer.fit"):
-        fit.ensure_placeable("the stream a -> b", demands)  # its node gone: the restart waits
+        placement.ensure_placeable("the stream a -> b", demands)  # its node gone: the restart waits
     assert "smaller than when it started" in caplog.text
     with pytest.raises(PlacementError, match="the stream c -> d cannot start"):
-        fit.ensure_placeable("the stream c -> d", demands)
+        placement.ensure_placeable("the stream c -> d", demands)
     # the same stream with other pools (another config in the same process) is checked as new
     bigger = stream_demands(load_config(profile="tiny", overrides=["extract.face.resources.concurrency=3"]))
     sizes = iter([Cluster(0, 0, 0, 0)])
     with pytest.raises(PlacementError, match="the stream a -> b cannot start"):
-        fit.ensure_placeable("the stream a -> b", bigger)
+        placement.ensure_placeable("the stream a -> b", bigger)
 
 
 def test_the_llm_stage_is_counted_and_runs_first_where_it_cannot_share_the_machine() -> None:
     """Enrichment's engine and its CPU steps are a pool like the others: on the 2-core laptop they cannot run
     beside the stream's pools, so the LLM stage runs first as its own stream (and the fit line says so); forced
     into the stream, the stream and the engine are fitted together; on a big GPU box it stays in the stream."""
-    from mer.fit import enrich_demands, llm_placement, stream_fits_with_llm
-
     cfg = load_config(profile="tiny", overrides=["enrich.enabled=true"])
     assert cfg.enrich.placement == "auto"
     fitted, note = fit_local(cfg, LAPTOP)
@@ -169,17 +171,14 @@ def test_the_llm_stage_is_counted_and_runs_first_where_it_cannot_share_the_machi
 
 def test_a_joined_cluster_runs_the_llm_stage_in_the_stream_only_where_everything_fits(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    from mer import fit
-    from mer.fit import llm_placement
-
     cfg = load_config(profile="tiny", overrides=["enrich.enabled=true"])
-    monkeypatch.setitem(fit._policy, "check", True)
-    monkeypatch.setitem(fit._policy, "autoscaler", False)
+    monkeypatch.setitem(placement._policy, "check", True)
+    monkeypatch.setitem(placement._policy, "autoscaler", False)
     assert llm_placement(cfg, Cluster(cpus=32, gpus=2, node_cpus=32, node_gpus=2)) == "stream"
     # the stream's pools fit this node, and the engine fits it alone, but not both at once
     assert placement_problem(stream_demands(cfg), Cluster(cpus=9, gpus=1, node_cpus=9, node_gpus=1)) is None
     assert llm_placement(cfg, Cluster(cpus=9, gpus=1, node_cpus=9, node_gpus=1)) == "before"
-    monkeypatch.setitem(fit._policy, "autoscaler", True)  # a cluster that grows is trusted to add the nodes
+    monkeypatch.setitem(placement._policy, "autoscaler", True)  # a cluster that grows is trusted to add the nodes
     assert llm_placement(cfg, Cluster(cpus=9, gpus=1, node_cpus=9, node_gpus=1)) == "stream"
     told = load_config(profile="tiny", overrides=["enrich.enabled=true", "enrich.placement=before"])
     assert llm_placement(told, Cluster(cpus=32, gpus=2, node_cpus=32, node_gpus=2)) == "before"
@@ -187,10 +186,6 @@ def test_a_joined_cluster_runs_the_llm_stage_in_the_stream_only_where_everything
 
 def test_a_stream_with_the_llm_stage_declares_its_engine(tiny_config) -> None:
     """The LLM stage in a stream counts in the stream's placement check (its engine and CPU steps)."""
-    from mer.config import with_overrides
-    from mer.extract.pipeline import build_stages
-    from mer.enrich.stage import build_enrich_stage
-
     cfg = with_overrides(tiny_config, ["enrich.enabled=true", "enrich.resources.num_cpus=1.5"])
     demands = stage_demands(build_stages(cfg, [build_enrich_stage(cfg)]))
     keys = {d.key: d for d in demands}

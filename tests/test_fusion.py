@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from mer.config import LABELS, TrainConfig, load_config
+from mer.evaluation.metrics import accuracy, confusion, per_class_f1, plot_confusion, weighted_f1
 from mer.fusion import MODELS, build_model, model_from_spec
-from mer.metrics import accuracy, confusion, per_class_f1, plot_confusion, weighted_f1
 from mer.train.features import table_inputs
 
 DIMS = {"global_visual": 8, "face": 4, "audio": 6, "text": 5}

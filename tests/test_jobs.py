@@ -105,9 +105,9 @@ def _upload_dataset(synth: dict, fs) -> tuple[str, list[str]]:
 
 def test_jobs_extract_train_score_on_s3(ray_head, s3_server, tiny_models_dir, tmp_path):
     """Three submitted jobs read and write only s3://, and leave features, fold models and predictions."""
-    pytest.importorskip("mer.data.synth", reason="generated dataset module not there yet")
-    from mer import storage
-    from mer.data.synth import synth_dataset
+    pytest.importorskip("mer.synth.dataset", reason="generated dataset module not there yet")
+    from mer.store import storage
+    from mer.synth.dataset import synth_dataset
 
     client = ray_head.client()
     synth = synth_dataset(tmp_path / "synth", n_train=8, n_unlabeled=2, n_test=4, seed=3, seconds=1.0,
@@ -173,9 +173,9 @@ def test_jobs_tune_ensemble_score_on_s3(ray_head, s3_server, train_store: str):
     """A study, an ensemble of its two best trials and scoring with it, as three submitted jobs on s3:// only:
     Tune's experiment, the trials' runs, the leaderboard and ``best/`` live in the bucket."""
     import pyarrow.parquet as pq
-
-    from mer import storage
     from test_tune import STUDY_SETS  # the suite's tiny study (2 folds x 3 epochs of small_config)
+
+    from mer.store import storage
 
     client = ray_head.client()
     root = f"{BUCKET}/jobs-tune"
@@ -208,6 +208,6 @@ def test_jobs_tune_ensemble_score_on_s3(ray_head, s3_server, train_store: str):
 
     _submit_and_wait(ray_head, client, ["python", "-m", "jobs.score", "--run", ens, "--features", features,
                                         "--out", pred, *common], env_vars)
-    from mer.parts import read_parts
+    from mer.store.parts import read_parts
 
     assert read_parts(f"{pred}/predictions").num_rows == read_parts(features, columns=[]).num_rows

@@ -11,8 +11,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from mer.config import LABELS, PROB_COLUMNS
+from mer.evaluation.metrics import weighted_f1, weighted_f1_resampled
 from mer.labels.gate import better_share, decide, gate_figures, oof_predictions
-from mer.metrics import weighted_f1, weighted_f1_resampled
 
 
 def _run(tmp_path: Path, name: str, ids: list[str], pred: np.ndarray) -> str:

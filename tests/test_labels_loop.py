@@ -16,10 +16,11 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from mer import storage
+from mer.bench.labels import BENCH_OVERRIDES, bench_seed
 from mer.config import LABELS, load_config
-from mer.labels.bench import BENCH_OVERRIDES, bench_seed
-from mer.labels.loop import LOOP_FILE, best_run, label_loop
+from mer.labels.loop import label_loop
+from mer.runs.layout import LOOP_FILE, best_run
+from mer.store import storage
 
 # The module fixture runs the whole loop (8 k-fold runs): ~6 min on 2 quiet cores, more on a loaded machine.
 pytestmark = pytest.mark.timeout(2400)
@@ -106,7 +107,7 @@ def test_final_ensemble_scores_the_mean_of_the_accepted_stages(bench: dict, tmp_
     import shutil
 
     from mer.config import with_overrides
-    from mer.provenance import run_record
+    from mer.runs.layout import run_record
 
     out, features = tmp_path / "loop", str(bench["root"] / "features")
     shutil.copytree(bench["root"] / "loop", out)
@@ -137,8 +138,8 @@ def test_bench_on_an_existing_store_gives_the_generated_bench_figures(bench: dic
     (the loop copied as trained: resumed, not retrained), true labels from a CSV in the MER2025 layout."""
     import shutil
 
-    from mer.labels.bench import bench_store, format_bench
-    from mer.parts import read_parts
+    from mer.bench.labels import bench_store, format_bench
+    from mer.store.parts import read_parts
 
     root = bench["root"]
     out = tmp_path / "store-bench"
@@ -161,7 +162,7 @@ def test_bench_on_an_existing_store_gives_the_generated_bench_figures(bench: dic
 def _trap_votes(root: Path) -> str:
     """A vote table that agrees with the annotations on 55 % of the labelled clips and names the next label
     on the rest: reliable-looking enough to get a say, wrong enough to damage what it relabels."""
-    from mer.parts import read_parts
+    from mer.store.parts import read_parts
 
     t = read_parts(str(root / "features"), columns=["split", "label"]).to_pylist()
     rng = np.random.default_rng(7)
@@ -177,8 +178,8 @@ def _trap_votes(root: Path) -> str:
 
 
 def test_a_harmful_stage_is_rejected_and_scoring_uses_the_earlier_run(bench: dict, tmp_path: Path) -> None:
-    from mer.parts import read_parts
-    from mer.score import score
+    from mer.predict.score import score
+    from mer.store.parts import read_parts
 
     root = bench["root"]
     # Refinement told to distrust the annotators and to follow a single vote: it relabels by the trap. The round
@@ -240,7 +241,7 @@ def test_a_round_that_would_repeat_a_rejected_one_is_not_trained_again(bench: di
 
 
 def test_reports_are_self_contained_and_show_the_stages(bench: dict) -> None:
-    from mer.report import write_demo_report
+    from mer.evaluation.report import write_demo_report
 
     loop_dir = bench["root"] / "loop"
     report = (loop_dir / "report.html").read_text()

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pyarrow as pa
 import pytest
 
-from mer import storage
 from mer.config import with_overrides
-from mer.labels.llm_vote import _descriptions, llm_vote, parse_vote, vote_config
+from mer.labels.llm_vote import enriched_descriptions, llm_vote, parse_vote, vote_config
 from mer.labels.sources import read_source
+from mer.store import storage
 
 
 @pytest.mark.parametrize("answer,label", [
@@ -40,7 +40,7 @@ def test_vote_prompt_carries_subtitle_and_description(tiny_config) -> None:
     enriched = pa.table({"clip_id": ["a", "b", "c"], "text": ["hi", "yo", "ok"],
                          "text_enriched": ["hi\nsounds calm", "yo", "ok\nx"],
                          "enrich_status": ["ok", "empty_output", "error"]})
-    assert _descriptions(enriched) == {"a": "sounds calm"}
+    assert enriched_descriptions(enriched) == {"a": "sounds calm"}
 
 
 def test_tiny_llm_votes_once_per_clip_and_reuses_its_cache(ray_local, tiny_config, tmp_path) -> None:

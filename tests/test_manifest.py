@@ -9,9 +9,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from mer import storage
 from mer.data.manifest import MANIFEST_COLUMNS, ManifestError, manifest_from_rows, read_manifest, write_manifest
 from mer.data.mer2025 import import_mer2025, normalise_label
+from mer.store import storage
 
 ROWS = [
     {"clip_id": "00012", "video_uri": "/v/00012.mp4", "text": "我很高兴，今天。", "label": "happy", "split": "train"},

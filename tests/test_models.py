@@ -72,7 +72,7 @@ def test_a_fresh_build_leaves_the_console_to_mer(tmp_path: Path) -> None:
     import subprocess
     import sys
 
-    code = ("import sys; from mer import console; console.setup(directory=sys.argv[2]); "
+    code = ("import sys; from mer.runtime import console; console.setup(directory=sys.argv[2]); "
             "from mer.models.tiny import build_tiny_models; build_tiny_models(sys.argv[1], slots=['face', 'text'])")
     done = subprocess.run([sys.executable, "-c", code, str(tmp_path / "models"), str(tmp_path / "logs")],
                           capture_output=True, text=True, timeout=300, check=True)

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from mer import storage
 from mer.config import load_config, with_overrides
 from mer.extract import schema
 from mer.extract.schema import FeatureConfigMismatch
-from mer.provenance import check_store, extraction_config, store_record
+from mer.runs.provenance import check_store, extraction_config, store_record
+from mer.store import storage
 
 
 def _run_with_record(root: Path, record: dict | None) -> str:
@@ -113,7 +113,7 @@ def test_score_manifest_extracts_with_the_runs_settings(ray_local, run_on_extrac
                                                         combined_manifest: str, tmp_path: Path) -> None:
     """A config with other decode settings scores raw videos with the run's: the copy of the run's store that
     the extraction resumes accepts it (another hash would be refused) and nothing is re-extracted."""
-    from mer.score import score
+    from mer.predict.score import score
 
     ex_cfg, store, _ = extracted_store
     serving = with_overrides(ex_cfg, ["extract.decode.num_frames=8", "extract.decode.frame_size=96"])

@@ -10,20 +10,20 @@ from pathlib import Path
 
 import pytest
 
-from mer.extract.rss import _group, growth, tree_rss
+from mer.bench.rss import growth, process_group, tree_rss
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_processes_are_grouped_by_what_they_run() -> None:
-    assert _group("ray::MapWorker(MapBatches(ClipDecoder))", None) == "ClipDecoder"
-    assert _group("ray::MapWorker(MapBatches(timed(AudioEncoder)))", None) == "AudioEncoder"
-    assert _group("ray::MapWorker(MapBatches(ClipDecoder)).submit()", None) == "ClipDecoder"
-    assert _group("ray::ReadParquet->MapBatches(assemble_batch)", None) == "assemble_batch"
-    assert _group("ray::IDLE", None) == "idle workers"
-    assert _group("ray::_StatsActor.register_dataset", None) == "ray system"
-    assert _group("/venv/bin/python -m mer.extract.subproc", "ClipDecoder") == "ClipDecoder"  # its actor's
-    assert _group("/venv/lib/python3.11/site-packages/ray/core/src/ray/raylet/raylet --x", None) == "ray system"
+    assert process_group("ray::MapWorker(MapBatches(ClipDecoder))", None) == "ClipDecoder"
+    assert process_group("ray::MapWorker(MapBatches(timed(AudioEncoder)))", None) == "AudioEncoder"
+    assert process_group("ray::MapWorker(MapBatches(ClipDecoder)).submit()", None) == "ClipDecoder"
+    assert process_group("ray::ReadParquet->MapBatches(assemble_batch)", None) == "assemble_batch"
+    assert process_group("ray::IDLE", None) == "idle workers"
+    assert process_group("ray::_StatsActor.register_dataset", None) == "ray system"
+    assert process_group("/venv/bin/python -m mer.extract.subproc", "ClipDecoder") == "ClipDecoder"  # its actor's
+    assert process_group("/venv/lib/python3.11/site-packages/ray/core/src/ray/raylet/raylet --x", None) == "ray system"
     mb = tree_rss()
     assert mb["rss"]["driver"] > 10 and 5 < mb["anon"]["driver"] < mb["rss"]["driver"]  # numpy, pyarrow loaded
 

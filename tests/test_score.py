@@ -11,10 +11,10 @@ from pathlib import Path
 import pyarrow.csv as pacsv
 import pytest
 
-from mer import storage
 from mer.config import LABELS, with_overrides
 from mer.data.manifest import read_manifest
-from mer.parts import read_parts
+from mer.store import storage
+from mer.store.parts import read_parts
 
 
 @pytest.fixture
@@ -30,7 +30,7 @@ def small_run(ray_local, tiny_config, trained_run: Path) -> tuple[object, str]:
 
 def test_score_raw_videos_with_broken_inputs_then_resume(small_run, extracted_store, combined_manifest: str,
                                                         tmp_path: Path) -> None:
-    from mer.score import score
+    from mer.predict.score import score
 
     _, run = small_run
     ex_cfg, session_store, _ = extracted_store
@@ -73,7 +73,7 @@ def test_score_raw_videos_with_broken_inputs_then_resume(small_run, extracted_st
 
 
 def test_score_resumes_after_a_lost_part(small_run, train_store: str, tmp_path: Path) -> None:
-    from mer.score import score, score_features
+    from mer.predict.score import score, score_features
 
     cfg, run = small_run
     store = train_store

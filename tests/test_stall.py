@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from mer import stall
-from mer.stall import PoolState, StallWatch, StreamStalled, watched
+from mer.runtime import stall
+from mer.runtime.stall import PoolState, StallWatch, StreamStalled, watched
 
 REPO = Path(__file__).resolve().parents[1]
 

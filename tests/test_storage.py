@@ -7,7 +7,7 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
-from mer import storage
+from mer.store import storage
 
 
 @pytest.mark.parametrize("kind", ["local", "s3"])

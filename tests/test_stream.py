@@ -1,4 +1,4 @@
-"""The resume-and-commit loop (:func:`mer.stream.write_stream`): a stream Ray aborts starts again over the keys
+"""The resume-and-commit loop (:func:`mer.runtime.stream.write_stream`): a stream Ray aborts starts again over the keys
 not yet committed and every key ends with exactly one row; an error of the code is never retried.
 
 The failures are real: a ``map_batches`` task of the test's own stream exits its worker process (what a lost
@@ -16,8 +16,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from mer.parts import part_files
-from mer.stream import restartable, write_stream
+from mer.runtime.stream import restartable, write_stream
+from mer.store.parts import part_files
 
 SCHEMA = pa.schema([("clip_id", pa.string()), ("value", pa.int64())])
 KEYS = [f"k{i:02d}" for i in range(12)]

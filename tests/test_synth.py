@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from mer.config import LABELS
-from mer.data import synth
+from mer.synth import dataset as synth
 
 HAAR = "haarcascade_frontalface_default.xml"
 

@@ -14,11 +14,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from mer import storage
 from mer.config import LABELS
+from mer.store import storage
 from mer.train import load_ensemble, train_run
 from mer.train.fold import checkpoint_dirs, group_name
-from mer.train.run import _label_rows, cv_folds
+from mer.train.run import cv_folds, label_rows
 
 MODS = ["audio", "text"]
 
@@ -124,7 +124,7 @@ def test_label_table_pseudo_rows_only_train(tmp_path: Path, store: str) -> None:
     rows += [{"clip_id": "not-in-store", "label": "sad", "weight": 1.0, "source": "original"}]
     uri = str(tmp_path / "labels.parquet")
     storage.write_table(uri, pa.Table.from_pylist(rows))
-    cv, pseudo, _, store_train = _label_rows(store, uri)
+    cv, pseudo, _, store_train = label_rows(store, uri)
     assert cv.num_rows == 60 and np.allclose(cv.column("w").to_numpy(), 0.5)
     assert pseudo.num_rows == 20, "test-split clips never train, pseudo rows never validate"
     assert set(pseudo.column("y").to_pylist()) == {LABELS.index("happy")}
@@ -197,7 +197,7 @@ def test_parallel_folds_overlap_and_resume_the_failed_one(ray_local, store: str,
 def test_input_stats_match_numpy_over_the_chosen_rows(ray_local, store: str) -> None:
     """Run-level standardisation statistics: Ray Data reduces blocks to moments; missing vectors and rows
     outside the training ids don't count."""
-    from mer.parts import read_dataset
+    from mer.store.parts import read_dataset
     from mer.train.features import input_stats, modality_dims, table_inputs
 
     table = pq.read_table(store)
@@ -215,7 +215,7 @@ def test_input_stats_match_numpy_over_the_chosen_rows(ray_local, store: str) -> 
 def test_training_reads_each_clip_once(ray_local, store: str, tmp_path: Path) -> None:
     """A clip committed twice (two extraction runs racing) is read once, from the first part that holds it, by
     the readers training uses: the labels and folds, and the Ray Data rows the workers train on."""
-    from mer.parts import part_files, read_dataset, write_part
+    from mer.store.parts import part_files, read_dataset, write_part
 
     copy = str(tmp_path / "features")
     shutil.copytree(store, copy)
@@ -229,7 +229,7 @@ def test_training_reads_each_clip_once(ray_local, store: str, tmp_path: Path) ->
     kept = {r["clip_id"]: r["audio"] for r in rows}
     for cid, vec in zip(first.column("clip_id").to_pylist()[:6], first.column("audio").to_pylist()[:6]):
         assert (kept[cid] is None) == (vec is None), cid  # the first part's row, not the later copy
-    cv, _, _, store_train = _label_rows(copy, None)
+    cv, _, _, store_train = label_rows(copy, None)
     n_train = sum(1 for s in pq.read_table(store, columns=["split"]).column("split").to_pylist() if s == "train")
     assert cv.num_rows == store_train.num_rows == n_train
     assert len(set(cv.column("clip_id").to_pylist())) == n_train
@@ -241,7 +241,7 @@ def test_part_store_reads_plan_no_footer_reader_pool(ray_local, store: str) -> N
     reader as it was."""
     from ray.data import DataContext
 
-    from mer.parts import read_dataset
+    from mer.store.parts import read_dataset
 
     before = DataContext.get_current().use_datasource_v2
     ds = read_dataset(store, columns=MODS).materialize()

@@ -8,15 +8,14 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
+import faults
 import pyarrow.parquet as pq
 import pytest
 
-import faults
-
-from mer import storage
+from mer.store import storage
 from mer.train import load_ensemble, train_run
 from mer.train.fold import checkpoint_dirs, group_name, remove_unregistered_checkpoints
-from mer.train.loop import shard_ids
+from mer.train.worker import shard_ids
 
 # What a run computes; "seconds", "samples_per_s" and "attempt" describe how it ran.
 COMPUTED = ("fold", "epoch", "train_loss", "val_loss", "val_waf", "val_acc", "best_val_waf")
@@ -167,7 +166,7 @@ def test_a_group_reads_its_rows_once_and_each_fold_sees_its_own_targets() -> Non
     import numpy as np
     import pyarrow as pa
 
-    from mer.train.loop import GroupRows, ShardBatches
+    from mer.train.worker import GroupRows, ShardBatches
 
     ids = [f"c{i:02d}" for i in range(20)][::-1]  # blocks in another order than the clips'
     vec = [None if i % 7 == 3 else [float(i), -float(i)] for i in range(20)][::-1]

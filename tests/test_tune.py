@@ -19,8 +19,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from mer import storage
 from mer.config import PROB_COLUMNS, ConfigError, load_config
+from mer.store import storage
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -181,10 +181,10 @@ def test_study_resumes_after_being_killed_and_ranks_its_trials(study: dict) -> N
 
 def test_ensemble_of_two_runs_is_no_worse_than_the_worse_and_scores(ray_local, ablation, train_cfg,
                                                                     train_store: str, tmp_path: Path) -> None:
-    from mer.ensemble import build_ensemble
-    from mer.parts import read_parts
-    from mer.provenance import run_record
-    from mer.score import score
+    from mer.predict.combine import build_ensemble
+    from mer.predict.score import score
+    from mer.runs.layout import run_record
+    from mer.store.parts import read_parts
 
     runs = [str(ablation[1] / "audio"), str(ablation[1] / "fused")]
     members = [json.loads((Path(r) / "metrics.json").read_text()) for r in runs]

@@ -13,8 +13,8 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.csv as pacsv
 
-from mer import storage
 from mer.config import LABELS
+from mer.store import storage
 
 # All fields are nullable at the Arrow level (so tables concatenate with ones built elsewhere); the
 # non-null rules (clip_id, video_uri, labels of train/test rows) are enforced by validate_manifest.

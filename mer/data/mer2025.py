@@ -42,9 +42,9 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.csv as pacsv
 
-from mer import storage
 from mer.config import LABELS
 from mer.data.manifest import manifest_from_rows, write_manifest
+from mer.store import storage
 
 # A kept row whose video was not found (the extraction stage gives its video branches the same status).
 MISSING_FILE = "missing_file"

@@ -11,6 +11,7 @@ from mer.encoders.audio import AudioEncoder
 from mer.encoders.base import BranchEncoder
 from mer.encoders.text import TextEncoder
 from mer.encoders.visual import FaceEncoder, GlobalVisualEncoder
+from mer.models.registry import load_config_of
 
 ENCODERS: dict[str, type[BranchEncoder]] = {
     "global_visual": GlobalVisualEncoder,
@@ -32,8 +33,6 @@ def encoder_dims(cfg: MerConfig) -> dict[str, int]:
 
     Includes ``text_enriched`` (same size as ``text``) when ``enrich.text_source`` is ``both``.
     """
-    from mer.models.registry import load_config_of
-
     dims = {b: _hidden_size(load_config_of(getattr(cfg.models, b), cfg)) for b in BRANCHES}
     if cfg.enrich.text_source == "both":
         dims["text_enriched"] = dims["text"]

@@ -7,8 +7,9 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from mer.batches import isolate_rows, object_column
 from mer.config import MerConfig
+from mer.models.registry import load_model, load_processor, pick_device, resolve_dtype
+from mer.runtime.batches import isolate_rows, object_column
 
 OK = "ok"
 ERROR = "error"
@@ -52,8 +53,6 @@ class BranchEncoder:
     output_columns: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, cfg: MerConfig):
-        from mer.models.registry import load_model, load_processor, pick_device, resolve_dtype
-
         self.cfg = cfg
         self.stage = getattr(cfg.extract.encoders, self.branch)
         self.keep_sequence = bool(self.stage.keep_sequence)
@@ -107,7 +106,7 @@ class BranchEncoder:
         return result
 
     def _run_rows(self, rows: list[int], forward, on_error: dict[int, str]) -> dict[int, Any]:
-        """``forward(rows)`` -> {row: result}, a failing row isolated (:func:`mer.batches.isolate_rows`)."""
+        """``forward(rows)`` -> {row: result}, a failing row isolated (:func:`mer.runtime.batches.isolate_rows`)."""
         return isolate_rows(rows, forward, on_error, self.branch)
 
     @staticmethod

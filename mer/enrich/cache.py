@@ -1,7 +1,7 @@
 """Enrichment cache: results keyed by (clip_id, model_id, prompt_hash) in Parquet parts.
 
 Layout: ``<cache_dir>/<model-key>-<prompt_hash>/part-*.parquet`` (local or ``s3://``): a part store
-(:mod:`mer.parts`), each part committed atomically by the stage as batches finish, so an interrupted run keeps
+(:mod:`mer.store.parts`), each part committed atomically by the stage as batches finish, so an interrupted run keeps
 what it generated and a re-run sends only the missing clips to the engine. A cached row is reused only while the
 ``input_sha`` of its subtitle (+ context) still matches. Duplicate rows (task retries) are harmless:
 lookups keep the newest.
@@ -15,8 +15,8 @@ import time
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from mer import storage
-from mer.parts import part_files, read_parts, write_part
+from mer.store import storage
+from mer.store.parts import part_files, read_parts, write_part
 
 CACHE_SCHEMA = pa.schema([
     ("clip_id", pa.string()), ("model_id", pa.string()), ("prompt_hash", pa.string()),

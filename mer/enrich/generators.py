@@ -17,11 +17,13 @@ import os
 from typing import Any
 
 import pyarrow as pa
-from mer.batches import isolate_rows
+
 from mer.config import MerConfig
 from mer.enrich.prepare import GEN, GEN_ERR, GEN_TOKENS, IDS
 from mer.enrich.prompt import sampling_params
-from mer.stream import Stage
+from mer.runtime.batches import isolate_rows
+from mer.runtime.console import tame_libraries
+from mer.runtime.stream import Stage
 
 # Columns the vLLM processor adds to each row; an input column with one of these names would be
 # overwritten, so the stage refuses such inputs.
@@ -119,7 +121,6 @@ def vllm_generate(cfg: MerConfig, model_path: str, ds: Any, timing: bool = False
     """Run ``ds`` (rows with prompt ids) through a ``ray.data.llm`` vLLM engine processor."""
     from ray.data.llm import build_processor, vLLMEngineProcessorConfig
 
-    from mer.console import tame_libraries
 
     tame_libraries()  # ray.data.llm's loggers print to stdout by themselves
     e = cfg.enrich

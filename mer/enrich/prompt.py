@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-from mer import storage
 from mer.config import MerConfig
+from mer.store import storage
 
 PROMPTS_DIR = Path(__file__).resolve().parent / "prompts"
 _SECTIONS = ("system", "user", "context")

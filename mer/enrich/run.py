@@ -7,13 +7,13 @@ from typing import Any
 
 import pyarrow as pa
 
-from mer import storage
 from mer.config import MerConfig
 from mer.data.manifest import read_manifest
 from mer.enrich.cache import EnrichCache, default_cache_dir
 from mer.enrich.stage import enrich_table
-from mer.parts import write_part
-from mer.stream import with_restarts
+from mer.runtime.stream import with_restarts
+from mer.store import storage
+from mer.store.parts import write_part
 
 RESULT_COLUMNS = ("clip_id", "text", "text_enriched", "enrich_status", "enrich_note", "model_id", "prompt_hash")
 
@@ -49,7 +49,7 @@ def enrich_manifest(cfg: MerConfig, manifest_uri: str, out_uri: str, cache_dir: 
     if str(out_uri).endswith(".parquet"):
         target = out_uri
         storage.write_table(target, out)
-    else:  # a part store of one part (mer.parts reads either)
+    else:  # a part store of one part (mer.store.parts reads either)
         target = write_part(out_uri, out, "part-00000.parquet")
     if stats.get("prompt_hash"):
         EnrichCache(cache_dir).compact(stats["model_id"], stats["prompt_hash"])

@@ -25,9 +25,11 @@ from mer.enrich.prepare import (
     PromptBuilder,
 )
 from mer.enrich.prompt import load_template, prompt_hash
-from mer.fit import Demand, enrich_demands
-from mer.stall import StallWatch, watched
-from mer.stream import Stage
+from mer.models.registry import resolve_model_id
+from mer.runtime.console import Progress
+from mer.runtime.placement import Demand, enrich_demands
+from mer.runtime.stall import StallWatch, watched
+from mer.runtime.stream import Stage
 
 log = logging.getLogger("mer.enrich")
 
@@ -36,8 +38,6 @@ OUTPUT_COLUMNS = ("text_enriched", "enrich_status", "enrich_note")
 
 def resolve_llm_path(cfg: MerConfig) -> str:
     """Local directory (``tiny:llm`` is built on first use) or hub id of the configured LLM."""
-    from mer.models.registry import resolve_model_id
-
     return str(resolve_model_id(cfg.models.llm, cfg))
 
 
@@ -114,7 +114,7 @@ class EnrichStage:
 
     def demands(self) -> list[Demand]:
         """The pools this stage starts (its engine and its small CPU steps), for placement checks of a stream
-        it runs in (:func:`mer.fit.stage_demands`)."""
+        it runs in (:func:`mer.runtime.placement.stage_demands`)."""
         return enrich_demands(self.cfg)
 
     def prepare(self, ds: Any) -> Any:
@@ -188,8 +188,6 @@ def enrich_table(cfg: MerConfig, table: pa.Table, cache_dir: str | None = None,
     out = stage(ray.data.from_arrow(table))
     result = None
     if stage.last_stats["rows"]:
-        from mer.console import Progress
-
         progress = Progress("enrich", stage.last_stats["rows"])
         batches = []
         watch = StallWatch.from_config(cfg, "the enrichment stream")

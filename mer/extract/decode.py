@@ -28,11 +28,11 @@ from typing import Any
 
 import numpy as np
 
-from mer import storage
-from mer.batches import object_column
 from mer.config import MerConfig
 from mer.extract.decoders import DecodeParams
 from mer.extract.subproc import DecodeProcess, DecodeTimeout, rss_bytes
+from mer.runtime.batches import object_column
+from mer.store import storage
 
 log = logging.getLogger("mer.extract")
 
@@ -76,6 +76,7 @@ class ClipDecoder:
     input_columns = ("clip_id", "video_uri")
     optional_inputs = ("audio_uri", "text")
     output_columns = ("frames", "decode_status", "decode_error", "audio", "audio_status", "decode_backend")
+    process_class: type[DecodeProcess] = DecodeProcess  # the decode child's client (the tests run a double)
 
     def __init__(self, cfg: MerConfig, backend: str | None = None, sampling: str | None = None):
         d = cfg.extract.decode
@@ -90,7 +91,8 @@ class ClipDecoder:
         self.params = params.to_dict()
         self.audio_backend = d.audio_backend
         self.timeout = float(d.timeout_s)
-        self.child = DecodeProcess(recycle_every=d.recycle_every, window=d.child_window, niceness=d.child_niceness)
+        self.child = self.process_class(recycle_every=d.recycle_every, window=d.child_window,
+                                        niceness=d.child_niceness)
         self.busy_s = 0.0
         self.tmp = tempfile.mkdtemp(prefix="mer-decode-")
         self.clips = 0

@@ -24,8 +24,9 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from mer import storage
-from mer.config import BRANCHES, MerConfig, Resources
+from mer.config import MerConfig, Resources, enabled_branches
+from mer.data.manifest import read_manifest
+from mer.encoders import ENCODERS
 from mer.enrich.cache import default_cache_dir
 from mer.enrich.stage import build_enrich_stage, enrich_table
 from mer.extract import schema as store
@@ -33,10 +34,11 @@ from mer.extract.decode import ClipDecoder
 from mer.extract.face import FaceDetector
 from mer.extract.stages import encoder_group_stage, encoder_stage
 from mer.extract.timing import StageTimes, drop_timing, is_timing, timed
-from mer.parts import read_parts
-from mer.fit import llm_placement
-from mer.stall import StallWatch
-from mer.stream import Stage, build, write_stream
+from mer.runtime.placement import llm_placement
+from mer.runtime.stall import StallWatch
+from mer.runtime.stream import Stage, build, write_stream
+from mer.store import storage
+from mer.store.parts import read_parts
 
 log = logging.getLogger("mer.extract")
 
@@ -50,8 +52,6 @@ HEAVY_COLUMNS = ("frames", "audio", "face_crops", "face_mask")
 # ------------------------------------------------------------------------------------------ manifest
 def read_manifest_table(uri: str) -> pa.Table:
     """The manifest (:func:`mer.data.manifest.read_manifest`) with the columns the stages need, as strings."""
-    from mer.data.manifest import read_manifest
-
     t = read_manifest(uri)
     if "clip_id" not in t.column_names or "video_uri" not in t.column_names:
         raise ValueError(f"{uri}: a manifest needs clip_id and video_uri columns (has {t.column_names})")
@@ -69,8 +69,30 @@ def _remote_args(cfg: MerConfig) -> dict[str, Any]:
     return {"max_restarts": cfg.extract.max_restarts, "max_task_retries": cfg.extract.max_task_retries}
 
 
-def enabled_branches(cfg: MerConfig) -> list[str]:
-    return [b for b in BRANCHES if getattr(cfg.extract.encoders, b).enabled]
+def decode_stage(cfg: MerConfig) -> Stage:
+    """The decode actor pool (``extract.decode``): video frames and audio of each clip, in a child process."""
+    # The decode actors read s3:// inputs: give them the driver's S3 settings even when the Ray
+    # cluster was started before they were set (the same variables init_ray forwards).
+    s3_env = {k: v for k, v in os.environ.items() if k.startswith("AWS_")}
+    ra = _remote_args(cfg)
+    return Stage(name="decode", fn=timed(ClipDecoder, "decode"), inputs=ClipDecoder.input_columns,
+                 optional_inputs=ClipDecoder.optional_inputs, outputs=ClipDecoder.output_columns, kind="actor",
+                 resources=cfg.extract.decode.resources, constructor_args=(cfg,),
+                 map_args={**ra, "runtime_env": {"env_vars": s3_env}} if s3_env else ra)
+
+
+def face_stage(cfg: MerConfig) -> Stage:
+    """The face detection actor pool (``extract.face``): face crops of the decoded frames."""
+    return Stage(name="face_detect", fn=timed(FaceDetector, "face_detect"), inputs=FaceDetector.input_columns,
+                 outputs=FaceDetector.output_columns, kind="actor", resources=cfg.extract.face.resources,
+                 constructor_args=(cfg,), map_args=_remote_args(cfg))
+
+
+def branch_stage(cfg: MerConfig, branch: str) -> Stage:
+    """The encoder actor pool of one branch (``extract.encoders.<branch>``); the text encoder also reads the
+    enriched transcript when an earlier stage adds it."""
+    return encoder_stage(branch, ENCODERS[branch], cfg, getattr(cfg.extract.encoders, branch).resources,
+                         _remote_args(cfg), optional=("text_enriched",) if branch == "text" else ())
 
 
 def build_stages(cfg: MerConfig, extra_stages: list[Stage | Any] | None = None,
@@ -83,8 +105,6 @@ def build_stages(cfg: MerConfig, extra_stages: list[Stage | Any] | None = None,
     ``Dataset -> Dataset`` callable (e.g. ``mer.enrich.stage.EnrichStage``, which materialises its rows)
     runs on the manifest rows before decoding. Both must leave every input row in place.
     """
-    from mer.encoders import ENCODERS
-
     ra = _remote_args(cfg)
     before_decode: list[Stage] = []
     before_text: list[Stage] = []
@@ -95,20 +115,10 @@ def build_stages(cfg: MerConfig, extra_stages: list[Stage | Any] | None = None,
             s = Stage(name=type(s).__name__, fn=s, inputs=("clip_id",), outputs=outs, kind="dataset")
         (before_decode if s.kind == "dataset" else before_text).append(s)
 
-    d = cfg.extract.decode
-    stages: list[Stage] = list(before_decode)
-    # The decode actors read s3:// inputs: give them the driver's S3 settings even when the Ray
-    # cluster was started before they were set (the same variables init_ray forwards).
-    s3_env = {k: v for k, v in os.environ.items() if k.startswith("AWS_")}
-    decode_args = {**ra, "runtime_env": {"env_vars": s3_env}} if s3_env else ra
-    stages.append(Stage(name="decode", fn=timed(ClipDecoder, "decode"), inputs=ClipDecoder.input_columns,
-                        optional_inputs=ClipDecoder.optional_inputs, outputs=ClipDecoder.output_columns,
-                        kind="actor", resources=d.resources, constructor_args=(cfg,), map_args=decode_args))
+    stages: list[Stage] = [*before_decode, decode_stage(cfg)]
     wanted = branches if branches is not None else enabled_branches(cfg)
     if include_face and "face" in wanted:
-        stages.append(Stage(name="face_detect", fn=timed(FaceDetector, "face_detect"), inputs=FaceDetector.input_columns,
-                            outputs=FaceDetector.output_columns, kind="actor",
-                            resources=cfg.extract.face.resources, constructor_args=(cfg,), map_args=ra))
+        stages.append(face_stage(cfg))
     colocated = cfg.extract.encoders.colocated
     if colocated is not None and wanted:
         # one pool for every encoder: the extra stages meant for just before the text encoder run before it
@@ -119,9 +129,7 @@ def build_stages(cfg: MerConfig, extra_stages: list[Stage | Any] | None = None,
         if b == "text":
             stages += before_text
             before_text = []
-        optional = ("text_enriched",) if b == "text" else ()
-        stages.append(encoder_stage(b, ENCODERS[b], cfg, getattr(cfg.extract.encoders, b).resources, ra,
-                                    optional=optional))
+        stages.append(branch_stage(cfg, b))
     stages += before_text
     return stages
 
@@ -303,7 +311,7 @@ def extract_features(cfg: MerConfig, manifest_uri: str, out_uri: str, *, limit: 
     Resumable and exactly-once: clip_ids already committed are skipped, parts are committed atomically
     by the driver, duplicates are dropped. ``splits`` keeps the manifest rows of those splits, ``limit`` then
     the first N. ``extra_stages`` (default: the enrichment stage when ``enrich.enabled``, run inside the stream
-    or before it as :func:`mer.fit.llm_placement` says; its cache ``enrich_cache``, else ``enrich.cache_dir``,
+    or before it as :func:`mer.runtime.placement.llm_placement` says; its cache ``enrich_cache``, else ``enrich.cache_dir``,
     else beside the store) see :func:`build_stages`. Returns (and prints) a summary: counts by status,
     clips/s, per-stage busy time.
     """

@@ -1,6 +1,6 @@
 """The feature store's contract: its Arrow schema, ``_meta.json`` (config hash, model ids) and checks.
 
-The store is a part store (:mod:`mer.parts`: a directory, local or ``s3://``, of Parquet parts committed
+The store is a part store (:mod:`mer.store.parts`: a directory, local or ``s3://``, of Parquet parts committed
 exactly once, read one row per clip) plus ``_meta.json``. Schema: docs/architecture.md ("Feature store").
 The transcripts are stored as ``transcript`` and ``transcript_enriched`` because ``text``/``text_enriched``
 name the text vectors (the training contract).
@@ -16,9 +16,9 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from mer import storage
 from mer.config import BRANCHES, ConfigError, MerConfig, with_overrides
-from mer.parts import part_files
+from mer.store import storage
+from mer.store.parts import part_files
 
 SCHEMA_VERSION = 1
 META_FILE = "_meta.json"

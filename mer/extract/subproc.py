@@ -25,10 +25,13 @@ import time
 from collections import deque
 from typing import Any
 
+from mer.extract import decoders
+
 # message: pickle length, number of out-of-band buffers; then one length per buffer, the pickle, the buffers
 _HEADER = struct.Struct("<QI")
 _LEN = struct.Struct("<Q")
-_ALLOWED = frozenset({"decode_clip"})  # the only backend functions a request may name
+# The only functions a request may name (a test double serves more: tests/decode_double.py).
+REQUESTS: dict[str, Any] = {"decode_clip": decoders.decode_clip}
 _PIPE_BYTES = 1 << 20  # a 224 px clip's frames are ~2.4 MB: fewer wake-ups than the 64 KiB default
 # Requests queued ahead in the child's stdin. Small (a request is a few hundred bytes, far below the pipe
 # buffer, so writing them never blocks while the child is blocked writing a result).
@@ -113,7 +116,12 @@ def cpu_seconds(pid: int) -> float:
 
 
 class DecodeProcess:
-    """Client side: runs ``mer.extract.decoders.<fn>(**kwargs)`` in the child, one request or many."""
+    """Client side: runs ``mer.extract.decoders.<fn>(**kwargs)`` in the child, one request or many.
+
+    ``child_args``: what ``python`` runs as the child (its niceness is appended); a subclass may run another
+    child that serves the same protocol (:func:`serve`), as the tests' decode double does."""
+
+    child_args: tuple[str, ...] = ("-m", "mer.extract.subproc")
 
     def __init__(self, recycle_every: int = 500, start_timeout: float = 120.0, window: int = DEFAULT_WINDOW,
                  niceness: int = 0):
@@ -129,7 +137,7 @@ class DecodeProcess:
         self.work_cpu_s = 0.0  # CPU time the children spent inside the requested functions (the rest: protocol)
 
     def _start(self) -> None:
-        self.proc = subprocess.Popen([sys.executable, "-m", "mer.extract.subproc", str(self.niceness)],
+        self.proc = subprocess.Popen([sys.executable, *self.child_args, str(self.niceness)],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0, close_fds=True)
         try:
             import fcntl
@@ -252,28 +260,17 @@ def _die_with_parent() -> None:
         pass
 
 
-def _simulated_hang(kwargs: dict[str, Any]) -> bool:
-    """Test hook: ``MER_TEST_DECODE_HANG=<path substring>[:<backend>]`` makes matching requests hang, the
-    way decord does on some files (the only way to exercise the timeout on demand)."""
-    spec = os.environ.get("MER_TEST_DECODE_HANG")
-    if not spec:
-        return False
-    sub, _, backend = spec.partition(":")
-    path = str(kwargs.get("video_path") or "")
-    return bool(sub) and sub in path and (not backend or backend == kwargs.get("backend"))
-
-
-def _serve(niceness: int = 0) -> None:
-    """Child main loop: the protocol owns the original stdout; fd 1 goes to stderr so that native
-    libraries printing to stdout cannot corrupt a message. ``niceness`` is added to the child's own (set here,
-    not by a ``preexec_fn``, which is unsafe in the parent's threaded Ray worker)."""
+def serve(niceness: int = 0, requests: dict[str, Any] = REQUESTS) -> None:
+    """Child main loop, answering the requests named in ``requests`` (name -> function of the request's keyword
+    arguments). The protocol owns the original stdout; fd 1 goes to stderr so that native libraries printing
+    to stdout cannot corrupt a message. ``niceness`` is added to the child's own (set here, not by a
+    ``preexec_fn``, which is unsafe in the parent's threaded Ray worker)."""
     _die_with_parent()
     if niceness:
         os.nice(niceness)
     out = os.dup(1)
     os.dup2(2, 1)
     sys.stdout = sys.stderr
-    from mer.extract import decoders
 
     decoders._decord()  # import (and silence) decord up front
     import av  # noqa: F401
@@ -288,14 +285,8 @@ def _serve(niceness: int = 0) -> None:
             return
         c0 = time.process_time()
         try:
-            if fn == "sleep":  # used by the tests to simulate a hanging decoder
-                time.sleep(float(kwargs.get("seconds", 3600)))
-                result: Any = ("ok", None)
-            elif fn in _ALLOWED and _simulated_hang(kwargs):
-                time.sleep(3600)
-                result = ("ok", None)
-            elif fn in _ALLOWED:
-                result = ("ok", getattr(decoders, fn)(**kwargs))
+            if fn in requests:
+                result: Any = ("ok", requests[fn](**kwargs))
             else:
                 result = ("error", f"unknown request {fn!r}")
         except Exception as e:  # noqa: BLE001 - reported to the parent as the request's error
@@ -304,4 +295,4 @@ def _serve(niceness: int = 0) -> None:
 
 
 if __name__ == "__main__":
-    _serve(int(sys.argv[1]) if len(sys.argv) > 1 else 0)
+    serve(int(sys.argv[1]) if len(sys.argv) > 1 else 0)

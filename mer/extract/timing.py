@@ -18,6 +18,8 @@ from typing import Any
 
 import numpy as np
 
+from mer.extract.columns import normalize_batch
+
 PREFIX = "_t"
 BUSY = "_t_"  # seconds of UDF wall time per row
 _FIELDS = {"cpu": "_tc_", "helper_cpu": "_th_", "begin": "_tb_", "end": "_te_", "proc": "_tp_", "init": "_ti_",
@@ -48,14 +50,12 @@ def process_start_epoch(pid: int | None = None) -> float:
 
 def timed(cls: type, key: str) -> type:
     """A subclass of a ``map_batches`` callable class that adds the timing columns of stage ``key`` and
-    normalises missing values (:func:`mer.extract.stages.normalize_batch`).
+    normalises missing values (:func:`mer.extract.columns.normalize_batch`).
 
     CPU time is this process's (all threads) plus, when the instance has ``child_cpu_s()``, its helper
     processes' (the decode child). It keeps the class name, so Ray's actor names
     (``MapWorker(<Class>)``) still say which stage it is.
     """
-    from mer.extract.stages import normalize_batch
-
     def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
         self._timing_start = (process_start_epoch(), time.time())
         cls.__init__(self, *args, **kwargs)

@@ -20,8 +20,8 @@ loop never sees.
 Each fold contributes its best validation epoch's predictions, which flatters every stage (0.02–0.06 on the demo's
 store). Figures that select less were compared on 105 benched refined and round stages: the mean of the last five
 epochs, a window around the best epoch, the top three epochs, the lowest validation loss. Each predicted the
-stage's test-split change worse than this one (correlation ≤ 0.49 against 0.65; README, "gate figures with less
-epoch selection").
+stage's test-split change worse than this one (correlation ≤ 0.49 against 0.65; docs/results.md,
+`mer bench labels`, "gate figures with less epoch selection").
 """
 
 from __future__ import annotations
@@ -30,9 +30,9 @@ from typing import Any
 
 import numpy as np
 
-from mer import storage
 from mer.config import PROB_COLUMNS
-from mer.metrics import accuracy, weighted_f1, weighted_f1_resampled
+from mer.evaluation.metrics import accuracy, weighted_f1, weighted_f1_resampled
+from mer.store import storage
 from mer.train.features import label_index
 
 

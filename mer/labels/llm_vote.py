@@ -23,10 +23,13 @@ from typing import Any
 
 import pyarrow as pa
 
-from mer import storage
 from mer.config import LABELS, MerConfig, with_overrides
+from mer.data.manifest import read_manifest
 from mer.enrich import guard
-from mer.parts import read_parts
+from mer.enrich.cache import EnrichCache, default_cache_dir
+from mer.enrich.stage import enrich_table
+from mer.store import storage
+from mer.store.parts import read_parts
 
 VOTE_COLUMNS = ("clip_id", "label", "vote_status", "answer", "model_id", "prompt_hash")
 DESCRIPTION_COLUMN = "description"
@@ -63,7 +66,7 @@ def vote_config(cfg: MerConfig) -> MerConfig:
                                 f"enrich.context_columns=[{DESCRIPTION_COLUMN}]"])
 
 
-def _descriptions(enriched: pa.Table) -> dict[str, str]:
+def enriched_descriptions(enriched: pa.Table) -> dict[str, str]:
     """clip_id → the LLM description alone, from ``mer enrich`` output (``text_enriched`` is the subtitle plus
     the description in append mode); clips whose enrichment produced nothing get none."""
     ids = enriched.column("clip_id").to_pylist()
@@ -84,8 +87,6 @@ def _descriptions(enriched: pa.Table) -> dict[str, str]:
 def vote_table(cfg: MerConfig, clips: pa.Table, cache_dir: str | None = None,
                stats: dict[str, Any] | None = None) -> pa.Table:
     """Ask the LLM for a label for every row of ``clips`` (``clip_id, text[, description]``)."""
-    from mer.enrich.stage import enrich_table
-
     vcfg = vote_config(cfg)
     keep = ["clip_id", "text"] + ([DESCRIPTION_COLUMN] if DESCRIPTION_COLUMN in clips.column_names else [])
     table = clips.select(keep).cast(pa.schema([(c, pa.string()) for c in keep]))
@@ -120,9 +121,6 @@ def llm_vote(cfg: MerConfig, manifest_uri: str, out_uri: str, *, enriched_uri: s
              cache_dir: str | None = None) -> dict[str, Any]:
     """``mer llm-vote``: one vote row per manifest clip into ``out_uri`` (Parquet); resumable through the
     enrichment cache (a re-run only asks for clips it has not seen). Returns a summary."""
-    from mer.enrich.cache import EnrichCache, default_cache_dir
-    from mer.data.manifest import read_manifest
-
     t0 = time.time()
     manifest = read_manifest(manifest_uri)
     if "clip_id" not in manifest.column_names:
@@ -131,7 +129,7 @@ def llm_vote(cfg: MerConfig, manifest_uri: str, out_uri: str, *, enriched_uri: s
         manifest = manifest.append_column("text", pa.nulls(manifest.num_rows, pa.string()))
     clips = manifest.select(["clip_id", "text"])
     if enriched_uri:
-        desc = _descriptions(read_parts(enriched_uri))
+        desc = enriched_descriptions(read_parts(enriched_uri))
         clips = clips.append_column(DESCRIPTION_COLUMN, pa.array([desc.get(c) for c in
                                                                  clips.column("clip_id").to_pylist()], pa.string()))
     cache_dir = cache_dir or default_cache_dir(cfg.enrich.cache_dir, out_uri)

@@ -40,18 +40,24 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from mer import storage
 from mer.config import MerConfig
+from mer.evaluation.report import write_loop_report
 from mer.labels.evidence import Reliability, class_prior, fit_reliability
 from mer.labels.gate import better_share, decide, gate_figures, oof_predictions
 from mer.labels.pseudolabel import build_label_table, round_quota, select_pseudo_labels, selection_summary
-from mer.labels.relabel import (fit_sources, refine_labels, rule_counts, train_labels, write_label_table)
+from mer.labels.relabel import fit_sources, refine_labels, rule_counts, train_labels, write_label_table
 from mer.labels.sources import SourceVotes, pool_votes, read_source, run_oof_votes
+from mer.predict.combine import build_ensemble
+from mer.predict.score import PRED_SCHEMA, score_features
+from mer.runs.layout import LOOP_FILE
+from mer.store import storage
+from mer.store.parts import part_files, read_parts
+from mer.train import train_run
 from mer.train.features import label_index
+from mer.train.run import resolve_modalities
 
 log = logging.getLogger("mer.labels")
 
-LOOP_FILE = "loop.json"
 POOL_SPLIT = "unlabeled"
 
 
@@ -70,9 +76,6 @@ def _source_modalities(cfg: MerConfig, fused: list[str]) -> list[str]:
 def _pool_scores(cfg: MerConfig, name: str, run_uri: str, features_uri: str, out: str) -> SourceVotes:
     """Per-fold predictions of a run's fold models on the pool, scored into ``out`` (a resumable Ray Data
     scoring job)."""
-    from mer.parts import part_files, read_parts
-    from mer.score import score_features
-
     score_features(cfg, run_uri, features_uri, out, splits=[POOL_SPLIT])
     if not part_files(out):
         return pool_votes(name, _empty_predictions(), cfg.train.folds)
@@ -80,8 +83,6 @@ def _pool_scores(cfg: MerConfig, name: str, run_uri: str, features_uri: str, out
 
 
 def _empty_predictions() -> Any:
-    from mer.score import PRED_SCHEMA
-
     return PRED_SCHEMA.empty_table()
 
 
@@ -90,12 +91,10 @@ class LabelLoop:
 
     def __init__(self, cfg: MerConfig, features_uri: str, out_uri: str, *, tables: dict[str, str] | None = None,
                  base_run: str | None = None) -> None:
-        from mer.train.run import _resolve_modalities
-
         self.cfg, self.features, self.out = cfg, features_uri, out_uri
         self.tables = dict(tables or {})
         self.base_run = base_run
-        self.fused_mods = _resolve_modalities(cfg, features_uri, None)
+        self.fused_mods = resolve_modalities(cfg, features_uri, None)
         self.source_mods = _source_modalities(cfg, self.fused_mods)
         original = train_labels(features_uri)
         self.original_ids = original.column("clip_id").to_pylist()
@@ -108,8 +107,6 @@ class LabelLoop:
     # ------------------------------------------------------------------------------------ helpers
     def _train(self, run_uri: str, name: str, *, labels_uri: str | None = None,
                modalities: list[str] | None = None) -> dict:
-        from mer.train import train_run
-
         return train_run(self.cfg, self.features, run_uri, resume=True, labels_uri=labels_uri,
                          modalities=modalities or self.fused_mods, run_name=name)
 
@@ -253,8 +250,6 @@ class LabelLoop:
         """What ``mer score`` uses: with ``labels.final: ensemble`` and two or more accepted stages, the mean of
         their fold ensembles (built in ``<out>/ensemble``, or reused when it holds the same runs); otherwise
         ``best_stage``."""
-        from mer.ensemble import build_ensemble
-
         members = [s for s in self.stages if s["accepted"] and s["run"]]
         if self.cfg.labels.final != "ensemble" or len(members) < 2:
             return best_stage
@@ -305,8 +300,6 @@ class LabelLoop:
         }
         storage.write_json(storage.join(self.out, LOOP_FILE), result)
         try:
-            from mer.report import write_loop_report
-
             result["report"] = write_loop_report(self.out)
         except Exception as e:  # noqa: BLE001 - loop.json is committed; the report is only a view of it
             log.warning("label loop %s: report.html not written: %s: %s", self.out, type(e).__name__, e)
@@ -321,17 +314,3 @@ def label_loop(cfg: MerConfig, features_uri: str, out_uri: str, *, tables: dict[
     (same folds and seed) as the labelled-only stage.
     """
     return LabelLoop(cfg, features_uri, out_uri, tables=tables, base_run=base_run).run(rounds)
-
-
-def best_run(uri: str) -> tuple[str, dict[str, Any] | None]:
-    """The run to score for ``uri``: ``uri`` itself when it is a training run; for a label-loop directory its
-    ``best`` (the accepted stages' ensemble, or the best accepted stage: ``labels.final``). Anything else
-    raises, naming what was expected."""
-    if storage.exists(storage.join(uri, "models", "model.json")):
-        return uri, None
-    loop_file = storage.join(uri, LOOP_FILE)
-    if storage.exists(loop_file):
-        loop = storage.read_json(loop_file)
-        return loop["best"]["run"], loop["best"]
-    raise FileNotFoundError(f"{uri} is not a training run (no models/model.json) nor a label-loop directory "
-                            f"(no {LOOP_FILE})")

@@ -33,11 +33,12 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from mer import storage
 from mer.config import LABELS, LabelsConfig, MerConfig, RelabelConfig
 from mer.labels.evidence import (Reliability, annotation_reliability, class_prior, evidence, fit_reliability,
                                  posterior, votes_of)
 from mer.labels.sources import SourceVotes, read_source, run_oof_votes
+from mer.store import storage
+from mer.store.parts import read_parts
 from mer.train.features import label_index
 
 REFINED_SCHEMA = pa.schema([
@@ -134,8 +135,6 @@ def rule_counts(table: pa.Table) -> dict[str, int]:
 
 def train_labels(features_uri: str) -> pa.Table:
     """The original labels of the ``train`` split of a feature store (clip_id, label)."""
-    from mer.parts import read_parts
-
     t = read_parts(features_uri, columns=["split", "label"])
     mask = [s == "train" and lab is not None for s, lab in zip(t.column("split").to_pylist(),
                                                               t.column("label").to_pylist())]

@@ -15,9 +15,9 @@ from typing import Literal
 import numpy as np
 import pyarrow as pa
 
-from mer import storage
 from mer.config import LABELS, PROB_COLUMNS
 from mer.labels.evidence import K, one_hot
+from mer.store import storage
 
 
 @dataclass

@@ -15,6 +15,8 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
+from mer.runtime.console import tame_libraries
+
 log = logging.getLogger(__name__)
 
 MARKER = ".mer-tiny-complete"  # name kept: existing tiny-model caches stay valid
@@ -84,7 +86,6 @@ def _quiet_transformers() -> None:
     off and transformers' own console handler is tamed like other libraries' (its records go to the log file)."""
     from transformers.utils import logging as hf_logging
 
-    from mer.console import tame_libraries
 
     hf_logging.disable_progress_bar()
     hf_logging.get_logger("transformers")  # creates the library's console handler, for tame_libraries to find

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from mer.models.build import build_slots, is_complete, marker
+from mer.models.tiny import chatml_tokenizer, xlmr_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -105,13 +106,9 @@ def _processor(slot: str, dst: Path, config: Any) -> dict[str, Any]:
         Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=16000, padding_value=0.0, do_normalize=True,
                                  return_attention_mask=True).save_pretrained(dst)
     elif slot == "text":
-        from mer.models.tiny import xlmr_tokenizer
-
         tok = xlmr_tokenizer(vocab_size=min(8000, config.vocab_size))
         tok.save_pretrained(dst)
     else:
-        from mer.models.tiny import chatml_tokenizer
-
         tok = chatml_tokenizer(vocab_size=min(8000, config.vocab_size))
         tok.save_pretrained(dst)
         eos, pad = tok.convert_tokens_to_ids("<|im_end|>"), tok.convert_tokens_to_ids("<|endoftext|>")

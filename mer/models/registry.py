@@ -11,6 +11,7 @@ import os
 from typing import Any
 
 from mer.config import BRANCHES, MerConfig, ModelSpec
+from mer.models import random, tiny
 
 log = logging.getLogger(__name__)
 
@@ -39,13 +40,9 @@ def resolve_model_id(spec: ModelSpec, cfg: MerConfig) -> str:
     (hub id or path)."""
     mid = spec.model_id
     if mid.startswith(TINY_PREFIX):
-        from mer.models import tiny
-
         kind, slots = "tiny", tiny.SLOTS
         build = lambda slot: tiny.build_tiny_models(tiny.tiny_models_dir(cfg), slots=[slot])  # noqa: E731
     elif mid.startswith(RANDOM_PREFIX):
-        from mer.models import random
-
         kind, slots = "random", random.SLOTS
         build = lambda slot: {slot: random.ensure_random_model(random.random_models_dir(cfg), slot)}  # noqa: E731
     else:

@@ -1,4 +1,4 @@
-"""Ray Train + DeepSpeed k-fold training of the fusion models, the run's ensemble, ablation and bench."""
+"""Ray Train + DeepSpeed k-fold training of the fusion models, the run's fold ensemble and the ablation."""
 
 from __future__ import annotations
 

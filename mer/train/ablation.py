@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from mer import storage
 from mer.config import MerConfig
+from mer.store import storage
+from mer.store.parts import part_columns
+from mer.train.run import train_run
 
 
 def ablation_table(cfg: MerConfig, features_uri: str, out_uri: str) -> dict[str, float]:
@@ -12,9 +14,6 @@ def ablation_table(cfg: MerConfig, features_uri: str, out_uri: str) -> dict[str,
     Returns ``{setting: WAF}`` (test split when labelled, else out-of-fold), also written to
     ``<out>/ablation.json``; each setting's run lives in ``<out>/<setting>`` and is resumed if present.
     """
-    from mer.parts import part_columns
-    from mer.train.run import train_run
-
     cols = set(part_columns(features_uri))
     mods = [m for m in cfg.train.modalities if m in cols]
     if not mods:

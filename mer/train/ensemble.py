@@ -9,7 +9,9 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from mer import storage
+from mer.runs.layout import model_file
+from mer.store import storage
+from mer.train.features import table_inputs
 
 
 @dataclass
@@ -37,7 +39,6 @@ class Ensemble:
         """
         import torch
 
-        from mer.train.features import table_inputs
 
         x, mask = table_inputs(table, self.modalities, self.dims)
         n, f, m = table.num_rows, len(self.models), len(self.modalities)
@@ -82,8 +83,6 @@ class RunsEnsemble:
 
     def predict(self, table: pa.Table) -> tuple[np.ndarray, np.ndarray]:
         """``(probs [N, folds, 6], modality weights [N, folds, M])`` — weighted means over the members."""
-        from mer.train.features import table_inputs
-
         n, f, mods = table.num_rows, len(self.folds), self.modalities
         probs = np.zeros((n, f, len(self.spec["labels"])), dtype=np.float64)
         mod_w = np.zeros((n, f, len(mods)), dtype=np.float64)
@@ -113,11 +112,11 @@ class RunsEnsemble:
 def load_ensemble(run_uri: str, device: str = "cpu") -> Ensemble | RunsEnsemble:
     """Load ``<run>/models/model.json`` and every ``fold_<k>.pt`` (plain torch state dicts); for a
     ``mer ensemble`` directory, each member run's fold ensemble (``members/<name>``)."""
-    import torch
+    import torch  # lazy: torch and the fusion models load only where a model is built
 
     from mer.fusion import model_from_spec
 
-    spec = storage.read_json(storage.join(run_uri, "models", "model.json"))
+    spec = storage.read_json(model_file(run_uri))
     if "members" in spec:
         members = [load_ensemble(storage.join(run_uri, *m["path"].split("/")), device) for m in spec["members"]]
         return RunsEnsemble(spec=spec, members=members, weights=[float(m["weight"]) for m in spec["members"]])

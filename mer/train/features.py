@@ -7,7 +7,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from mer.config import LABELS
-from mer.parts import iter_parts, part_columns
+from mer.store.parts import iter_parts, part_columns
 
 LABEL_INDEX = {lab: k for k, lab in enumerate(LABELS)}
 

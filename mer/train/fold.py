@@ -17,8 +17,9 @@ from typing import Any
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from mer import storage
 from mer.config import MerConfig
+from mer.store import storage
+from mer.train.worker import train_loop_per_worker
 
 log = logging.getLogger("mer.train")
 
@@ -102,7 +103,6 @@ def run_folds(cfg: MerConfig, *, folds: list[int], arch: str, dims: dict[str, in
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from mer.train.loop import train_loop_per_worker
 
     tc = cfg.train
     name = group_name(folds)

@@ -19,24 +19,30 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from mer import storage
-from mer.config import LABELS, PROB_COLUMNS, MerConfig, dump_config, with_overrides
-from mer.data_context import data_context
-from mer.metrics import accuracy, confusion, per_class_f1, plot_confusion, weighted_f1
-from mer.parts import iter_parts, part_columns, read_dataset, read_parts
-from mer.provenance import store_record
+from mer.config import LABELS, PROB_COLUMNS, MerConfig, TrainConfig, dump_config, with_overrides
+from mer.evaluation.metrics import accuracy, confusion, per_class_f1, plot_confusion, weighted_f1
+from mer.evaluation.report import write_run_report
+from mer.runs.layout import model_file
+from mer.runs.provenance import store_record
+from mer.runtime.placement import ensure_placeable, train_demands
+from mer.runtime.session import init_ray
+from mer.store import storage
+from mer.store.data_context import data_context
+from mer.store.parts import iter_parts, part_columns, read_dataset, read_parts
+from mer.train.ensemble import load_ensemble
 from mer.train.features import LABEL_INDEX, input_stats, label_index, modality_dims
-from mer.train.report import plot_curves, prediction_table, weight_summary
+from mer.train.fold import controller_poll_interval, run_folds
+from mer.train.results import plot_curves, prediction_table, weight_summary
 
 log = logging.getLogger("mer.train")
 
 
 # --------------------------------------------------------------------------------------------- labels
-_EMPTY_ROWS = {"clip_id": pa.array([], pa.string()), "y": pa.array([], pa.int64()),
-               "w": pa.array([], pa.float32()), "fold": pa.array([], pa.int32())}
+# A schema, not empty arrays: pa.array() at import time would import pandas on every `mer` command.
+_ROWS_SCHEMA = pa.schema([("clip_id", pa.string()), ("y", pa.int64()), ("w", pa.float32()), ("fold", pa.int32())])
 
 
-def _label_rows(features_uri: str, labels_uri: str | None) -> tuple[pa.Table, pa.Table, dict[str, str], pa.Table]:
+def label_rows(features_uri: str, labels_uri: str | None) -> tuple[pa.Table, pa.Table, dict[str, str], pa.Table]:
     """(cross-validation rows, pseudo rows, clip → split, the store's labelled train rows).
 
     CV rows: clip_id, y, w; pseudo rows add ``fold`` (null: trains in every fold, k: only in fold k's
@@ -54,7 +60,7 @@ def _label_rows(features_uri: str, labels_uri: str | None) -> tuple[pa.Table, pa
                             "y": pa.array(y_store[is_train], pa.int64())})
     if labels_uri is None:
         cv = store_train.append_column("w", pa.array(np.ones(store_train.num_rows, np.float32)))
-        return cv, pa.table(_EMPTY_ROWS), split_of, store_train
+        return cv, _ROWS_SCHEMA.empty_table(), split_of, store_train
     lt = storage.read_table(labels_uri)
     if "clip_id" not in lt.column_names or "label" not in lt.column_names:
         raise ValueError(f"label table {labels_uri}: needs clip_id and label columns")
@@ -83,7 +89,7 @@ def _label_rows(features_uri: str, labels_uri: str | None) -> tuple[pa.Table, pa
     return pick(usable & ~pseudo, False), pick(usable & pseudo, True), split_of, store_train
 
 
-def _fold_assignment(y: np.ndarray, folds: int, seed: int) -> np.ndarray:
+def fold_assignment(y: np.ndarray, folds: int, seed: int) -> np.ndarray:
     """Stratified, seeded fold index per row."""
     from sklearn.model_selection import StratifiedKFold
 
@@ -109,7 +115,7 @@ def cv_folds(store_train: pa.Table, cv_ids: list[str], folds: int, seed: int) ->
 
     store_train = store_train.sort_by("clip_id")
     assigned = dict(zip(store_train.column("clip_id").to_pylist(),
-                        _fold_assignment(np.asarray(store_train.column("y").to_numpy()), folds, seed).tolist())
+                        fold_assignment(np.asarray(store_train.column("y").to_numpy()), folds, seed).tolist())
                     ) if store_train.num_rows >= folds else {}
     out = np.empty(len(cv_ids), dtype=np.int64)
     for i, c in enumerate(cv_ids):
@@ -128,13 +134,12 @@ def quiet_data() -> Iterator[None]:
         yield
 
 
-def _score_split(features_uri: str, run_uri: str, modalities: list[str], split: str) -> pa.Table | None:
+def score_split(features_uri: str, run_uri: str, modalities: list[str], split: str) -> pa.Table | None:
     """Fold-ensemble predictions (mean over folds) for one split of the store, part by part on the driver.
 
     Evaluation only touches the held-out split's rows of one part at a time, so memory stays bounded;
     starting a Ray Data actor pool for it would cost more than the scoring itself.
     """
-    from mer.train.ensemble import load_ensemble
 
     ens = load_ensemble(run_uri)
     out = []
@@ -162,8 +167,9 @@ def _table_bytes(table: pa.Table) -> bytes:
     return buf.getvalue()
 
 
-def _resolve_modalities(cfg: MerConfig, features_uri: str, modalities: list[str] | None) -> list[str]:
-    from mer.config import TrainConfig
+def resolve_modalities(cfg: MerConfig, features_uri: str, modalities: list[str] | None) -> list[str]:
+    """The modalities a run fuses: ``modalities`` (each must be in the store), else those of ``train.modalities``
+    the store has; validated as the config is."""
 
     mods = list(modalities or cfg.train.modalities)
     TrainConfig.model_validate({**cfg.train.model_dump(), "modalities": mods})  # same checks as the config
@@ -191,17 +197,13 @@ def train_run(cfg: MerConfig, features_uri: str, out_uri: str, *, resume: bool =
     see :func:`mer.train.fold.run_folds`. Folds train in ``train.parallel_folds`` groups at once, each group's
     folds in turn in one worker group. Needs a Ray connection (started locally if none).
     """
-    from mer.fusion import build_model
-    from mer.train.fold import controller_poll_interval, run_folds
+    from mer.fusion import build_model  # lazy: mer.fusion imports torch (a light path never needs it)
 
     t_start = time.time()
     metrics_uri = storage.join(out_uri, "metrics.json")
     if resume and storage.exists(metrics_uri):
         log.info("run %s already finished; resume returns its metrics", out_uri)
         return storage.read_json(metrics_uri)
-    from mer.fit import ensure_placeable, train_demands
-    from mer.runtime import init_ray
-
     cfg = init_ray(cfg)
     ensure_placeable(f"training {out_uri}", train_demands(cfg, one_fold=True))
     if not resume:
@@ -212,16 +214,16 @@ def train_run(cfg: MerConfig, features_uri: str, out_uri: str, *, resume: bool =
             fs, path = storage.filesystem(metrics_uri)
             fs.delete_file(path)
 
-    mods = _resolve_modalities(cfg, features_uri, modalities)
+    mods = resolve_modalities(cfg, features_uri, modalities)
     cfg = with_overrides(cfg, [f"train.modalities=[{','.join(mods)}]"])
     tc = cfg.train
     dims = modality_dims(features_uri, mods)
     # What the model's inputs are: scoring checks (or reproduces) the extraction it was trained on.
     spec = {**build_model(tc.model, dims, tc).spec(), "features": store_record(features_uri)}
     storage.write_text(storage.join(out_uri, "config.yaml"), dump_config(cfg))
-    storage.write_json(storage.join(out_uri, "models", "model.json"), spec)
+    storage.write_json(model_file(out_uri), spec)
 
-    cv, pseudo, split_of, store_train = _label_rows(features_uri, labels_uri)
+    cv, pseudo, split_of, store_train = label_rows(features_uri, labels_uri)
     cv_ids = cv.column("clip_id").to_pylist()
     cv_y = np.asarray(cv.column("y").to_numpy(), np.int64)
     cv_w = np.asarray(cv.column("w").to_numpy(), np.float32)
@@ -336,8 +338,6 @@ def train_run(cfg: MerConfig, features_uri: str, out_uri: str, *, resume: bool =
 
 def _write_report(run_uri: str) -> None:
     """``RUN/report.html``; a report that cannot be drawn never fails a finished run."""
-    from mer.report import write_run_report
-
     try:
         write_run_report(run_uri)
     except Exception as e:  # noqa: BLE001 - the run's outputs are committed; the report is a view of them
@@ -384,7 +384,7 @@ def _finish_run(cfg: MerConfig, features_uri: str, out_uri: str, records: list[d
 
     test = None
     if any(s == "test" for s in split_of.values()):
-        test = _score_split(features_uri, out_uri, mods, "test")
+        test = score_split(features_uri, out_uri, mods, "test")
     if test is not None:
         p = np.stack([test.column(c).to_numpy() for c in PROB_COLUMNS], axis=1).astype(np.float32)
         w = np.stack([test.column(f"weight_{m}").to_numpy() for m in mods], axis=1).astype(np.float32)

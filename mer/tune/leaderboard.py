@@ -10,8 +10,10 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from mer import storage
 from mer.config import MerConfig
+from mer.evaluation.metrics import save_png
+from mer.store import storage
+from mer.tune.space import default_point
 
 log = logging.getLogger("mer.tune")
 
@@ -38,8 +40,6 @@ def _trial_id(result: Any) -> str:
 
 def leaderboard_rows(cfg: MerConfig, study_uri: str, results: list[Any]) -> list[dict[str, Any]]:
     """One row per trial: status, mean/std fold validation WAF, OOF WAF, epochs, seconds, its parameters."""
-    from mer.tune.space import default_point
-
     keys = list(cfg.tune.dimensions)
     default = default_point(cfg) if cfg.tune.include_default else None
     rows = []
@@ -88,10 +88,8 @@ def plot_waf_vs_params(rows: list[dict[str, Any]], dims: dict[str, list[Any]], u
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
     from matplotlib.ticker import NullFormatter
 
-    from mer.metrics import save_png
 
     keys = list(dims)
     scored = [r for r in rows if r["waf_mean"] is not None]
@@ -165,3 +163,12 @@ def finish_study(cfg: MerConfig, study_uri: str, grid: Any) -> dict[str, Any]:
 def read_leaderboard(study_uri: str) -> pa.Table:
     """A study's leaderboard (best first)."""
     return storage.read_table(storage.join(study_uri, "leaderboard.parquet"))
+
+
+def study_runs(study_uri: str, top: int) -> list[str]:
+    """The run directories of a study's ``top`` best finished trials (leaderboard order: mean fold WAF)."""
+    board = read_leaderboard(study_uri).to_pylist()
+    runs = [r["run"] for r in board if r["status"] == "finished"][:top]
+    if not runs:
+        raise ValueError(f"study {study_uri}: no finished trial on its leaderboard")
+    return runs

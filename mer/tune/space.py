@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from mer.config import MerConfig, TuneConfig, _merge, with_overrides
+from mer.config import MerConfig, TuneConfig, deep_merge, with_overrides
 
 
 def param_space(tc: TuneConfig) -> dict[str, Any]:
@@ -40,7 +40,7 @@ def default_point(cfg: MerConfig) -> dict[str, Any]:
 
 def trial_config(cfg: MerConfig, params: dict[str, Any]) -> MerConfig:
     """``cfg`` with ``tune.train`` merged into ``train``, then a trial's sampled ``params`` (validated)."""
-    base = with_overrides(cfg, [f"train={json.dumps(_merge(cfg.train.model_dump(mode='json'), cfg.tune.train))}"])
+    base = with_overrides(cfg, [f"train={json.dumps(deep_merge(cfg.train.model_dump(mode='json'), cfg.tune.train))}"])
     return with_overrides(base, [f"train.{k}={json.dumps(_plain(v))}" for k, v in sorted(params.items())])
 
 

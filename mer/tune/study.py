@@ -13,8 +13,13 @@ import math
 import time
 from typing import Any
 
-from mer import storage
 from mer.config import MerConfig
+from mer.runtime.session import init_ray
+from mer.store import storage
+from mer.train.fold import ray_storage
+from mer.tune.leaderboard import finish_study
+from mer.tune.space import default_point, param_space, trial_config, trial_cpus_gpus
+from mer.tune.trial import run_trial
 
 log = logging.getLogger("mer.tune")
 
@@ -26,7 +31,6 @@ def auto_concurrency(cfg: MerConfig) -> int:
     each trial holding its folds' worker groups (``tune.train`` applied)."""
     import ray
 
-    from mer.tune.space import trial_config, trial_cpus_gpus
 
     if cfg.tune.max_concurrent_trials:
         return cfg.tune.max_concurrent_trials
@@ -39,8 +43,6 @@ def auto_concurrency(cfg: MerConfig) -> int:
 
 
 def _max_epochs(cfg: MerConfig) -> int:
-    from mer.tune.space import trial_config
-
     dim = cfg.tune.dimensions.get("max_epochs")
     top = trial_config(cfg, {}).train.max_epochs
     if dim is not None:
@@ -53,7 +55,6 @@ def _tuner(cfg: MerConfig, trainable: Any, storage_path: str, fs: Any, concurren
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
-    from mer.tune.space import default_point, param_space
 
     tc = cfg.tune
     max_t = _max_epochs(cfg)
@@ -83,13 +84,7 @@ def tune_study(cfg: MerConfig, features_uri: str, out_uri: str) -> dict[str, Any
     import ray
     from ray import tune
 
-    from mer.train.fold import ray_storage
-    from mer.tune.leaderboard import finish_study
-    from mer.tune.trial import run_trial
-
     if not ray.is_initialized():
-        from mer.runtime import init_ray
-
         init_ray(cfg)
     t0 = time.time()
     storage_path, fs = ray_storage(storage.join(out_uri, "tune"))

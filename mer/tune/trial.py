@@ -15,8 +15,10 @@ import threading
 import time
 from typing import Any
 
-from mer import storage
 from mer.config import MerConfig
+from mer.store import storage
+from mer.train import train_run
+from mer.tune.space import trial_config
 
 log = logging.getLogger("mer.tune")
 
@@ -97,9 +99,6 @@ def run_trial(params: dict[str, Any], *, cfg: MerConfig, features_uri: str, stud
     an interrupted study, skips its finished folds and continues the unfinished ones from their checkpoints.
     """
     from ray import tune
-
-    from mer.train import train_run
-    from mer.tune.space import trial_config
 
     trial_id = tune.get_context().get_trial_id()
     run_uri = storage.join(study_uri, "trials", trial_id)

@@ -6,7 +6,7 @@ scores) and enrichment (prompts → generation → finalize) are chains of :clas
 writes, and its :class:`~mer.config.Resources`, which alone give Ray its arguments. :func:`build` checks the
 chain's columns before anything runs. :func:`write_stream` is how extraction and scoring write their output: it
 skips the keys the part store already holds (resume) and commits parts on the driver as batches arrive
-(exactly once, :mod:`mer.parts`). When Ray loses what a stream runs on for good (its own actor restarts and
+(exactly once, :mod:`mer.store.parts`). When Ray loses what a stream runs on for good (its own actor restarts and
 task retries spent, a node gone), :func:`with_restarts` starts the stream again over the keys not yet
 committed, a bounded number of times; errors of the code or the input are never retried.
 """
@@ -22,8 +22,10 @@ from typing import Any, Literal, TypeVar
 import pyarrow as pa
 
 from mer.config import Resources
-from mer.parts import PartWriter, stored_ids
-from mer.stall import StallWatch, watched
+from mer.runtime.console import Progress, tame_libraries
+from mer.runtime.placement import ensure_placeable, stage_demands
+from mer.store.parts import PartWriter, stored_ids
+from mer.runtime.stall import StallWatch, watched
 
 log = logging.getLogger("mer.stream")
 T = TypeVar("T")
@@ -81,9 +83,6 @@ def validate_chain(stages: list[Stage], initial: set[str] | list[str] | tuple[st
 
 def build(ds: Any, stages: list[Stage], initial: list[str] | tuple[str, ...]) -> Any:
     """``ds`` (with the ``initial`` columns) through ``stages``, the chain checked first (lazy)."""
-    from mer.console import tame_libraries
-    from mer.fit import ensure_placeable, stage_demands
-
     tame_libraries()  # stage modules imported just now (ray.data.llm, vLLM) may have added console handlers
     validate_chain(stages, initial)
     ensure_placeable("the stream " + " -> ".join(s.name for s in stages), stage_demands(stages))
@@ -150,10 +149,8 @@ def write_stream(out_uri: str, schema: pa.Schema, rows_per_part: int, wanted: li
     as parts of ``rows_per_part`` rows (after ``on_batch``, which may collect figures or add columns).
     A stream that Ray aborts is built again over the keys not yet committed, at most ``restarts`` times
     (:func:`with_restarts`); every key still gets exactly one row. With ``label``, a progress line on the
-    console (:class:`mer.console.Progress`). ``watch``: what to do when the stream stops moving
-    (:mod:`mer.stall`: fail with the pools' placement on a fixed cluster, log it on one that autoscales)."""
-    from mer.console import Progress
-
+    console (:class:`mer.runtime.console.Progress`). ``watch``: what to do when the stream stops moving
+    (:mod:`mer.runtime.stall`: fail with the pools' placement on a fixed cluster, log it on one that autoscales)."""
     done = stored_ids(out_uri)
     writer = PartWriter(out_uri, schema, rows_per_part, already=done)
     result = StreamResult(wanted=len(wanted), already=sum(k in done for k in wanted), writer=writer)

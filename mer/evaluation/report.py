@@ -14,8 +14,10 @@ import html
 import json
 from typing import Any
 
-from mer import storage
 from mer.config import LABELS
+from mer.extract.schema import status_counts
+from mer.store import storage
+from mer.store.parts import part_columns, read_parts
 
 CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px auto;max-width:1100px;color:#222}
@@ -119,9 +121,6 @@ def run_sections(run_uri: str, heading: str = "") -> list[str]:
 def _store_sections(features_uri: str) -> list[str]:
     """Extraction (and enrichment) status counts of the feature store a run trained on."""
     try:
-        from mer.extract.schema import status_counts
-        from mer.parts import read_parts
-
         cols = _store_status_columns(features_uri)
         counts = status_counts(read_parts(features_uri, columns=cols), cols)
     except (FileNotFoundError, OSError, ValueError) as e:
@@ -131,8 +130,6 @@ def _store_sections(features_uri: str) -> list[str]:
 
 
 def _store_status_columns(features_uri: str) -> list[str]:
-    from mer.parts import part_columns
-
     return [c for c in part_columns(features_uri) if c == "status" or c.endswith("_status")]
 
 

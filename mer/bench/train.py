@@ -7,6 +7,7 @@ throughput (epoch 1 excluded: it includes reading the shard) and the scaling rat
 
 from __future__ import annotations
 
+import argparse
 import logging
 import tempfile
 import time
@@ -14,8 +15,14 @@ from typing import Any
 
 import numpy as np
 
-from mer import storage
 from mer.config import MerConfig, with_overrides
+from mer.runtime.session import init_ray
+from mer.store import storage
+from mer.store.parts import part_columns, read_dataset
+from mer.synth.feature_store import make_feature_store
+from mer.train.features import modality_dims
+from mer.train.fold import controller_poll_interval, run_folds
+from mer.train.run import fold_assignment, label_rows, quiet_data
 
 log = logging.getLogger("mer.train")
 
@@ -27,15 +34,6 @@ def bench_train(cfg: MerConfig, *, n: int = 4000, dim: int = 256, epochs: int = 
 
     ``features_uri``: an existing store to use instead of a generated one (``n``, ``dim`` ignored).
     """
-    from mer.parts import part_columns
-    from mer.train.features import modality_dims
-    from mer.train.fold import controller_poll_interval, run_folds
-    from mer.parts import read_dataset
-    from mer.train.run import _fold_assignment, _label_rows, quiet_data
-    from mer.train.synthetic import make_feature_store
-
-    from mer.runtime import init_ray
-
     cfg = init_ray(cfg)
     tmp = tempfile.mkdtemp(prefix="mer-bench-train-")
     out_uri = out_uri or tmp
@@ -46,9 +44,9 @@ def bench_train(cfg: MerConfig, *, n: int = 4000, dim: int = 256, epochs: int = 
     cols = set(part_columns(features_uri))
     mods = [m for m in cfg.train.modalities if m in cols]
     dims = modality_dims(features_uri, mods)
-    cv, *_ = _label_rows(features_uri, None)
+    cv, *_ = label_rows(features_uri, None)
     ids, y = cv.column("clip_id").to_pylist(), np.asarray(cv.column("y").to_numpy())
-    fold_of = _fold_assignment(y, max(cfg.train.folds, 2), cfg.train.seed)
+    fold_of = fold_assignment(y, max(cfg.train.folds, 2), cfg.train.seed)
     train_t = {c: (int(v), 1.0) for c, v, f in zip(ids, y, fold_of) if f != 0}
     val_t = {c: (int(v), 1.0) for c, v, f in zip(ids, y, fold_of) if f == 0}
     with quiet_data():
@@ -91,3 +89,15 @@ def format_bench(results: dict[str, Any]) -> str:
         lines.append(f"scaling {list(results['runs'])[-1]} vs {list(results['runs'])[0]} workers: "
                      f"{results['scaling']:.2f}x")
     return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------ command
+def add_command(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
+    """``mer bench train``."""
+    p = sub.add_parser("train", parents=parents, help="training samples/s for 1 and 2 workers (Ray Train + DeepSpeed)")
+    p.set_defaults(bench=run_command)
+
+
+def run_command(cfg: MerConfig, args: argparse.Namespace) -> dict[str, Any]:
+    """The figures (the table is printed as they are measured)."""
+    return bench_train(cfg)

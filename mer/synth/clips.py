@@ -1,5 +1,5 @@
 """Generated test/bench clips: a drawn face that OpenCV's Haar cascade detects and a tone, encoded like the
-generated dataset's clips (:func:`mer.data.synth.encode_mp4`), and the broken variants (zero-byte, truncated,
+generated dataset's clips (:func:`mer.synth.dataset.encode_mp4`), and the broken variants (zero-byte, truncated,
 no audio, missing, no face)."""
 
 from __future__ import annotations
@@ -11,13 +11,13 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
+from mer.synth.dataset import SAMPLE_RATE, draw_face, encode_mp4, save_wav
+
 
 def make_clip(path: str | os.PathLike[str], *, seconds: float = 1.0, width: int = 160, height: int = 120,
               fps: int = 25, face: bool = True, audio: bool = True, gop: int = 12, seed: int = 0,
               tone_hz: float = 440.0) -> str:
     """Write one mp4; the face (if any) drifts a little so frames differ; ``gop`` = keyframe interval."""
-    from mer.data.synth import SAMPLE_RATE, draw_face, encode_mp4, save_wav
-
     rng = np.random.default_rng(seed)
     n = max(1, int(round(seconds * fps)))
     base = np.zeros((height, width, 3), np.uint8)

@@ -25,7 +25,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from mer.config import MerConfig, Resources, cpu_only, with_overrides
+from mer.config import MerConfig, Resources, cpu_only, enabled_branches, with_overrides
 
 log = logging.getLogger("mer.fit")
 
@@ -80,8 +80,6 @@ class Cluster:
 def stream_demands(cfg: MerConfig) -> list[Demand]:
     """The actor pools of the widest stream ``cfg`` builds (extraction with face detection, every enabled
     encoder and, when scoring from videos, the scorer), each ``concurrency`` actors."""
-    from mer.extract.pipeline import enabled_branches
-
     branches = enabled_branches(cfg)
     pools = [("extract.decode.resources", cfg.extract.decode.resources)]
     if "face" in branches:
@@ -169,8 +167,6 @@ def _stream_shares_cpus(cfg: MerConfig, cluster: Cluster) -> bool:
 def _colocate_on_cpu(cfg: MerConfig, cluster: Cluster) -> MerConfig | None:
     """``cfg`` with its encoders in one pool when ``extract.encoders.colocate`` is auto, the local Ray has no
     GPU and the stream's pools do not all fit its CPUs as configured (None when that does not apply)."""
-    from mer.extract.pipeline import enabled_branches
-
     enc = cfg.extract.encoders
     branches = enabled_branches(cfg)
     if enc.colocate != "auto" or enc.colocated is not None or len(branches) < 2:
@@ -274,7 +270,7 @@ def check_placement(what: str, demands: list[Demand], autoscaler: bool, cluster:
             "on an autoscaling cluster.")
 
 
-# How streams and training runs treat placement in this process: set by :func:`mer.runtime.init_ray` (a local
+# How streams and training runs treat placement in this process: set by :func:`mer.runtime.session.init_ray` (a local
 # Ray it started was fitted already; a joined cluster is checked unless it autoscales).
 _policy = {"check": True, "autoscaler": False}
 
@@ -286,14 +282,14 @@ def set_policy(*, check: bool, autoscaler: bool) -> None:
 
 def autoscaling() -> bool:
     """Whether this process runs on a joined cluster that adds nodes on demand (pools that do not fit now are
-    left to it; a stalled stream waits for it, :mod:`mer.stall`)."""
+    left to it; a stalled stream waits for it, :mod:`mer.runtime.stall`)."""
     return bool(_policy["check"] and _policy["autoscaler"])
 
 
 def ensure_placeable(what: str, demands: list[Demand]) -> None:
     """:func:`check_placement` under this process's policy (a no-op when Ray is not initialised yet).
 
-    Checked against the cluster as it is now, so a stream restarted after a node loss (:mod:`mer.stream`) could
+    Checked against the cluster as it is now, so a stream restarted after a node loss (:mod:`mer.runtime.stream`) could
     be refused while the node is being replaced; the same pools (same stream, counts and resources) placeable
     once in this process are therefore only logged, and wait for the capacity to come back as Ray's pending
     actors do."""
@@ -318,7 +314,7 @@ _placed: set[tuple[Any, ...]] = set()
 
 
 def stage_demands(stages: list[Any]) -> list[Demand]:
-    """Every pool of a stage chain: each :class:`mer.stream.Stage` of kind ``actor`` with resources, and what a
+    """Every pool of a stage chain: each :class:`mer.runtime.stream.Stage` of kind ``actor`` with resources, and what a
     ``dataset`` stage declares it starts (its callable's ``demands()``, e.g. the LLM stage's engine and helpers)."""
     out: list[Demand] = []
     for s in stages:

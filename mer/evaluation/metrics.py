@@ -12,8 +12,8 @@ from typing import Any
 
 import numpy as np
 
-from mer import storage
 from mer.config import LABELS
+from mer.store import storage
 
 N_CLASSES = len(LABELS)
 

@@ -1,6 +1,6 @@
 """``mer bench extract --rss N``: memory over a long extraction stream, driver and workers.
 
-Every feature row passes through the driver (it commits the parts, :mod:`mer.parts`), and actors live for the
+Every feature row passes through the driver (it commits the parts, :mod:`mer.store.parts`), and actors live for the
 whole stream, so a leak of a few kB per clip is invisible on a test's 20 clips and fatal on MER2025's 20,000.
 The bench runs the real :func:`mer.extract.pipeline.extract_features` over ``N`` clips (a few short generated
 videos, each listed many times under its own clip_id, small frames) into a scratch store while a thread samples,
@@ -29,12 +29,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from mer.config import MerConfig, with_overrides
+from mer.extract.pipeline import extract_features
 from mer.extract.subproc import rss_bytes
+from mer.runtime.session import init_ray
+from mer.synth.clips import make_clip_set
 
 RSS_OVERRIDES = ["extract.decode.num_frames=4", "extract.decode.frame_size=64"]  # small frames: many clips fast
 
 
-def _processes() -> dict[int, tuple[int, str]]:
+def process_table() -> dict[int, tuple[int, str]]:
     """pid -> (parent pid, command line) of every process (Linux /proc)."""
     out: dict[int, tuple[int, str]] = {}
     for d in os.listdir("/proc"):
@@ -55,7 +58,7 @@ def _processes() -> dict[int, tuple[int, str]]:
 RAY_PROCESSES = ("ActorLocationTracker", "DashboardAgent", "RuntimeEnvAgent")
 
 
-def _group(cmd: str, parent_group: str | None) -> str:
+def process_group(cmd: str, parent_group: str | None) -> str:
     """What a process is: an actor's class (``ray::MapWorker(MapBatches(ClipDecoder))`` -> ``ClipDecoder``), a
     task's function, an idle worker, the decode child (counted with its actor), or Ray's own (daemons, agents,
     internal actors: ``ray system``)."""
@@ -88,7 +91,7 @@ def tree_rss(root: int | None = None) -> dict[str, dict[str, float]]:
     of each group of its descendants. RSS counts the object-store pages a process has touched (shared memory,
     bounded by the store's size); anonymous memory is what a leak grows."""
     root = root or os.getpid()
-    procs = _processes()
+    procs = process_table()
     children: dict[int, list[int]] = {}
     for pid, (ppid, _) in procs.items():
         children.setdefault(ppid, []).append(pid)
@@ -97,7 +100,7 @@ def tree_rss(root: int | None = None) -> dict[str, dict[str, float]]:
     stack = [(c, None) for c in children.get(root, [])]
     while stack:
         pid, parent_group = stack.pop()
-        group = _group(procs[pid][1], parent_group)
+        group = process_group(procs[pid][1], parent_group)
         stack.extend((c, group) for c in children.get(pid, []))
         resident = rss_bytes(pid)
         if resident:  # 0: it exited since the listing
@@ -165,8 +168,6 @@ def _slope(points: list[tuple[float, float]]) -> float | None:
 def rss_manifest(workdir: Path, n_clips: int, distinct: int = 24) -> pa.Table:
     """``n_clips`` manifest rows over ``distinct`` short generated clips (each listed under many clip_ids,
     with its own subtitle), as a long real job would list them."""
-    from mer.extract.clips import make_clip_set
-
     base = make_clip_set(workdir / "clips", n_ok=min(distinct, n_clips), broken=False, seconds=1.0,
                          width=160, height=120)
     paths = base.column("video_uri").to_pylist()
@@ -185,9 +186,6 @@ def bench_rss(cfg: MerConfig, n_clips: int = 2000, *, workdir: str | None = None
     between samples (default 1 s, 0.25 s under 1,000 clips, which stream by in a few seconds)."""
     if interval_s is None:
         interval_s = 1.0 if n_clips >= 1000 else 0.25
-    from mer.extract.pipeline import extract_features
-    from mer.runtime import init_ray
-
     cfg = init_ray(with_overrides(cfg, RSS_OVERRIDES))
     work = Path(workdir or tempfile.mkdtemp(prefix="mer-bench-rss-"))
     manifest = work / "manifest.parquet"

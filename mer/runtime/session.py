@@ -7,14 +7,16 @@ import logging
 import os
 from typing import Any
 
-from mer import console, storage
 from mer.config import MerConfig, gpu_requests
+from mer.runtime import console, placement
+from mer.runtime.placement import Cluster, fit_local
+from mer.store import storage
 
 log = logging.getLogger("mer")
 
 
 def setup_logging(level: str = "INFO", log_dir: str | None = None) -> None:
-    """Console and log files of a command (:mod:`mer.console`)."""
+    """Console and log files of a command (:mod:`mer.runtime.console`)."""
     console.setup(level, log_dir)
 
 
@@ -32,8 +34,8 @@ def _job_env_vars() -> dict[str, str] | None:
 def init_ray(cfg: MerConfig, **extra: Any) -> MerConfig:
     """Connect to Ray — the configured address, the cluster of a submitted job, or a new local instance — and
     return ``cfg`` as the stages must run there: fitted to the machine when this call started a local Ray
-    (:func:`mer.fit.fit_local`, one log line says what changed), unchanged on a cluster it joined (whose
-    streams are then checked before they start, :func:`mer.fit.ensure_placeable`).
+    (:func:`mer.runtime.placement.fit_local`, one log line says what changed), unchanged on a cluster it joined (whose
+    streams are then checked before they start, :func:`mer.runtime.placement.ensure_placeable`).
 
     Inside ``ray job submit`` RAY_ADDRESS is set, so ``ray.init()`` with no address joins that cluster; the
     job's runtime_env already carries its env_vars to every worker, and Ray refuses a driver runtime_env that
@@ -41,7 +43,6 @@ def init_ray(cfg: MerConfig, **extra: Any) -> MerConfig:
     """
     import ray
 
-    from mer import fit
 
     storage.configure(cfg.storage.s3_endpoint_url, cfg.storage.s3_region)
     if ray.is_initialized():
@@ -73,7 +74,7 @@ def init_ray(cfg: MerConfig, **extra: Any) -> MerConfig:
     console.tame_libraries()  # Ray's own console handlers exist from `import ray`: tame them before init talks
     ray.init(**kwargs)
     _LOCAL["started"] = kwargs.get("address") == "local"
-    fit.set_policy(check=not _LOCAL["started"], autoscaler=cfg.ray.autoscaler)
+    placement.set_policy(check=not _LOCAL["started"], autoscaler=cfg.ray.autoscaler)
     ctx = ray.data.DataContext.get_current()
     ctx.target_max_block_size = cfg.ray.target_max_block_size
     # mer prints one progress line per stream; Ray Data's per-operator bars are for --log-level debug.
@@ -100,7 +101,6 @@ def _fitted(cfg: MerConfig) -> MerConfig:
     """``cfg`` fitted to the local Ray this process started (unchanged on a joined cluster)."""
     if not _LOCAL["started"]:
         return cfg
-    from mer.fit import Cluster, fit_local
 
     fitted, note = fit_local(cfg, Cluster.current())
     if note and note != _LOCAL.get("note"):

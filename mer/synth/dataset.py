@@ -42,6 +42,7 @@ from typing import Any
 import numpy as np
 
 from mer.config import LABELS
+from mer.data.manifest import manifest_from_rows, write_manifest
 
 # --- tunable difficulty -------------------------------------------------------------------------------
 # Probability that a cue shows the clip's true label (else a misleading one, see CONFUSION_PROB). Chance is 1/6.
@@ -437,7 +438,6 @@ def synth_dataset(out_dir: str | os.PathLike[str], n_train: int = 120, n_unlabel
     "broken": {kind: name}, "reliability", "expected_accuracy", "elapsed_s"}``.
     """
     t0 = time.time()
-    from mer.data.manifest import manifest_from_rows, write_manifest
 
     if min(n_train, n_unlabeled, n_test) < 0:
         raise ValueError("clip counts must be >= 0")

@@ -16,23 +16,19 @@ from typing import Any, Literal
 import numpy as np
 import pyarrow as pa
 
-from mer import storage
 from mer.config import LABELS, PROB_COLUMNS
+from mer.evaluation.metrics import accuracy, weighted_f1
+from mer.runs.layout import best_run, model_file, run_record
+from mer.store import storage
+from mer.store.parts import iter_parts
+from mer.train.ensemble import load_ensemble
+from mer.train.features import LABEL_INDEX
+from mer.train.results import prediction_table
+from mer.train.run import score_split
 
 log = logging.getLogger("mer.ensemble")
 
 Weighting = Literal["mean", "waf"]
-
-
-def study_runs(study_uri: str, top: int) -> list[str]:
-    """The run directories of a study's ``top`` best finished trials (leaderboard order: mean fold WAF)."""
-    from mer.tune.leaderboard import read_leaderboard
-
-    board = read_leaderboard(study_uri).to_pylist()
-    runs = [r["run"] for r in board if r["status"] == "finished"][:top]
-    if not runs:
-        raise ValueError(f"study {study_uri}: no finished trial on its leaderboard")
-    return runs
 
 
 def _fold_map(run_uri: str) -> dict[str, int]:
@@ -45,12 +41,6 @@ def build_ensemble(run_uris: list[str], out_uri: str, weighting: Weighting = "wa
     """Write the ensemble of ``run_uris`` (training runs or label-loop directories) to ``out_uri``; returns its
     metrics. ``weighting``: ``mean`` (every run alike) or ``waf`` (each run by its mean fold validation WAF);
     ``names``: the members' names (default: their directory names)."""
-    from mer.labels.loop import best_run
-    from mer.provenance import run_record
-    from mer.train.ensemble import load_ensemble
-    from mer.train.report import prediction_table
-    from mer.train.run import _score_split  # how a run scores its test split: the same for the ensemble
-
     if len(run_uris) < 2:
         raise ValueError("mer ensemble: give at least two runs")
     runs = [best_run(u)[0] for u in run_uris]
@@ -80,7 +70,7 @@ def build_ensemble(run_uris: list[str], out_uri: str, weighting: Weighting = "wa
     recorded = run_record(runs[0])
     if recorded is not None:
         spec["features"] = recorded
-    storage.write_json(storage.join(out_uri, "models", "model.json"), spec)
+    storage.write_json(model_file(out_uri), spec)
 
     ens = load_ensemble(out_uri)
     oof = _oof(ens, features_uri, folds[0])
@@ -88,7 +78,7 @@ def build_ensemble(run_uris: list[str], out_uri: str, weighting: Weighting = "wa
     out: dict[str, Any] = {"model": "ensemble", "weighting": weighting, "members": members, "modalities": mods,
                            "waf": oof["waf"], "accuracy": oof["accuracy"], "features": features_uri,
                            "run_name": out_uri.rstrip("/").rsplit("/", 1)[-1], "test": None}
-    test = _score_split(features_uri, out_uri, mods, "test")
+    test = score_split(features_uri, out_uri, mods, "test")
     if test is not None:
         test = prediction_table(test.column("clip_id").to_pylist(), test.column("label").to_pylist(),
                                 np.stack([test.column(c).to_numpy() for c in PROB_COLUMNS], axis=1),
@@ -102,9 +92,6 @@ def build_ensemble(run_uris: list[str], out_uri: str, weighting: Weighting = "wa
 
 
 def _evaluate_table(t: pa.Table) -> dict[str, Any] | None:
-    from mer.metrics import accuracy, weighted_f1
-    from mer.train.features import LABEL_INDEX
-
     y = np.array([LABEL_INDEX.get(lab, -1) if lab else -1 for lab in t.column("label").to_pylist()])
     p = np.stack([t.column(c).to_numpy() for c in PROB_COLUMNS], axis=1)
     has = y >= 0
@@ -116,9 +103,6 @@ def _evaluate_table(t: pa.Table) -> dict[str, Any] | None:
 
 def _oof(ens: Any, features_uri: str, fold_of: dict[str, int]) -> dict[str, Any]:
     """Out-of-fold predictions of the ensemble: each labelled train row by the fold-k mean that never trained on it."""
-    from mer.parts import iter_parts
-    from mer.train.report import prediction_table
-
     ids, labels, probs, weights = [], [], [], []
     for t in iter_parts(features_uri, columns=["split", "label", *ens.modalities]):
         keep = [c in fold_of for c in t.column("clip_id").to_pylist()]

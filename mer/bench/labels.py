@@ -1,6 +1,6 @@
 """``mer bench labels``: does the label loop pay off? Generated feature stores, several seeds, true labels known.
 
-Each seed writes a generated store (:func:`mer.train.synthetic.make_feature_store`: a labelled train split
+Each seed writes a generated store (:func:`mer.synth.feature_store.make_feature_store`: a labelled train split
 with ``label_noise`` of its labels flipped, an unlabelled pool ``pool_ratio`` times larger, a labelled test
 split), runs the whole loop (:func:`mer.labels.loop.label_loop`) and compares, on the test split the loop never
 sees: labelled-only vs refined vs each pseudo-label round vs the best accepted stage (the one ``mer score``
@@ -11,6 +11,7 @@ pseudo-labels. Features only — no video — so it runs in minutes on a laptop.
 
 from __future__ import annotations
 
+import argparse
 import json
 import time
 from pathlib import Path
@@ -18,8 +19,13 @@ from typing import Any
 
 import numpy as np
 
-from mer import storage
-from mer.config import MerConfig
+from mer.config import MerConfig, with_overrides
+from mer.evaluation.evaluate import read_labels
+from mer.labels.loop import label_loop
+from mer.labels.sources import parse_sources
+from mer.store import storage
+from mer.store.parts import read_parts
+from mer.synth.feature_store import make_feature_store
 
 # Laptop-scale training for the bench (applied before the user's --set flags): 3 folds in turn in one worker
 # group of one worker, as the demo does on 2 cores.
@@ -32,9 +38,6 @@ STORE = {"dims": {"global_visual": 32, "face": 24, "audio": 16, "text": 24}, "mi
 
 def _truth(root: str, seed: int, n: int, noise: float, test_frac: float) -> dict[str, str]:
     """Every clip's true label: the same generator arguments without flips or unlabelled split."""
-    from mer.parts import read_parts
-    from mer.train.synthetic import make_feature_store
-
     clone = storage.join(root, "truth")
     if not storage.exists(storage.join(clone, "_meta.json")):
         make_feature_store(clone, n=n, dims=STORE["dims"], seed=seed, noise=noise, missing=STORE["missing"],
@@ -100,9 +103,6 @@ def _loop_figures(loop: dict[str, Any], truth: dict[str, str] | None) -> dict[st
 def bench_seed(cfg: MerConfig, root: str, seed: int, *, n_train: int, pool_ratio: float, n_test: int,
                noise: float, label_noise: float) -> dict[str, Any]:
     """One seed: generated store → label loop → test-split figures per stage, flip and pseudo-label scores."""
-    from mer.labels.loop import label_loop
-    from mer.train.synthetic import make_feature_store
-
     n_pool = int(round(pool_ratio * n_train))
     n = n_train + n_pool + n_test
     features = storage.join(root, "features")
@@ -121,10 +121,6 @@ def bench_store(cfg: MerConfig, features_uri: str, out_dir: str, *, seeds: list[
     ``train.seed`` draws other folds and initialisations, so the spread is the loop's own, not the store's.
     ``tables``: extra vote tables as for ``mer pseudolabel --source``; ``truth_uri``: true labels, when known
     (generated data), for the flip and pseudo-label precision columns."""
-    from mer.config import with_overrides
-    from mer.evaluate import read_labels
-    from mer.labels.loop import label_loop
-
     truth = read_labels(truth_uri) if truth_uri else None
     results = []
     for s in seeds:
@@ -201,3 +197,33 @@ def format_bench(summary: dict[str, Any]) -> str:
     lines.append(f"gain of the best single stage (highest gate WAF): mean {summary['gain_best_stage'][0]:+.4f}, "
                  f"std {summary['gain_best_stage'][1]:.4f}, worst seed {summary['gain_best_stage_min']:+.4f}")
     return "\n".join(lines) + "\n" + json.dumps(summary["store"])
+
+
+# ------------------------------------------------------------------------------------------ command
+def add_command(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
+    """``mer bench labels``: on generated stores, or ``--features`` (an existing store, its test split judges)."""
+    p = sub.add_parser("labels", parents=parents, help="does the label loop pay off? (test WAF per stage over seeds)")
+    p.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 (a generated store each, or --features' folds)")
+    p.add_argument("--noise", type=float, default=2.0, help="feature noise of the generated stores")
+    p.add_argument("--n-train", type=int, default=200, help="labelled train clips per generated store")
+    p.add_argument("--pool-ratio", type=float, default=2.5, help="unlabelled pool / train clips")
+    p.add_argument("--n-test", type=int, default=200, help="labelled test clips (never seen)")
+    p.add_argument("--label-noise", type=float, default=0.15, help="train labels flipped")
+    p.add_argument("--features", default=None, help="loop over this feature store instead of generated ones (its "
+                   "test split judges; --seeds draws other folds)")
+    p.add_argument("--source", action="append", default=[], metavar="NAME=URI",
+                   help="with --features: vote table, as for mer pseudolabel (repeatable)")
+    p.add_argument("--truth", default=None, help="with --features: true labels (CSV/Parquet), when known")
+    p.add_argument("--out", default="runs/bench-labels", help="working directory")
+    # laptop-scale training below the user's overlays and --set flags
+    p.set_defaults(bench=run_command, preset=(BENCH_OVERRIDES, None))
+
+
+def run_command(cfg: MerConfig, args: argparse.Namespace) -> str:
+    """The bench's table."""
+    seeds = list(range(args.seeds))
+    if args.features:
+        return format_bench(bench_store(cfg, args.features, args.out, seeds=seeds, tables=parse_sources(args.source),
+                                        truth_uri=args.truth))
+    return format_bench(bench_labels(cfg, args.out, seeds=seeds, noise=args.noise, n_train=args.n_train,
+                                     pool_ratio=args.pool_ratio, n_test=args.n_test, label_noise=args.label_noise))

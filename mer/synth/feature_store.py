@@ -14,8 +14,8 @@ import json
 import numpy as np
 import pyarrow as pa
 
-from mer import storage
 from mer.config import LABELS, MerConfig, load_config
+from mer.store import storage
 
 DEFAULT_DIMS = {"global_visual": 32, "face": 24, "audio": 16, "text": 24}
 _MISSING_STATUS = {"global_visual": "decode_error", "face": "no_face", "audio": "no_audio", "text": "empty_text",

@@ -8,6 +8,7 @@ ratio includes actor and engine start-up and Ray Data scheduling.
 
 from __future__ import annotations
 
+import argparse
 import gc
 import os
 import time
@@ -16,7 +17,7 @@ from typing import Any
 import pyarrow as pa
 
 from mer.config import MerConfig
-from mer.enrich.generators import engine_env, engine_kwargs
+from mer.enrich.generators import engine_env, engine_kwargs, vllm_generate
 from mer.enrich.prepare import IDS, PromptBuilder
 from mer.enrich.prompt import sampling_params
 from mer.enrich.stage import EnrichStage
@@ -55,8 +56,6 @@ def _direct_vllm(cfg: MerConfig, model_path: str, prompts: list[list[int]]) -> d
 
 def _ray_stage(cfg: MerConfig, stage: EnrichStage, prompts_ds: Any) -> dict[str, float]:
     """Run the stage's vLLM backend (the Ray Data processor) on prepared rows, with per-request timing."""
-    from mer.enrich.generators import vllm_generate
-
     t0 = time.perf_counter()
     wall0 = time.time()
     out = vllm_generate(cfg, stage.model_path, prompts_ds, timing=True).materialize()
@@ -127,3 +126,16 @@ def format_table(res: dict[str, Any]) -> str:
     lines.append(f"ratio Ray/direct: steady {res['ratio_steady']}, end-to-end {res['ratio_end_to_end']} "
                  f"({res['n_prompts']} prompts x {res['max_tokens']} max tokens, {res['device']})")
     return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------ command
+def add_command(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
+    """``mer bench enrich [-n N]``."""
+    p = sub.add_parser("enrich", parents=parents, help="prompts/s and tokens/s of the Ray Data vLLM stage vs vllm.LLM")
+    p.add_argument("-n", type=int, default=32, help="prompts")
+    p.set_defaults(bench=run_command)
+
+
+def run_command(cfg: MerConfig, args: argparse.Namespace) -> dict[str, Any]:
+    """The figures (the table is printed as they are measured)."""
+    return bench_enrich(cfg, n_prompts=args.n)

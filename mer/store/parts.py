@@ -5,7 +5,7 @@ part stores; every reader of them goes through this module.
 
 Exactly-once protocol: only the driver commits, and only whole parts (:func:`write_part` is atomic: temp file
 + rename locally, one PUT on S3), so a part is either complete or absent. A run first reads the keys of the
-committed parts (:func:`stored_ids`) and only processes the others (:mod:`mer.stream`); a run killed mid-way
+committed parts (:func:`stored_ids`) and only processes the others (:mod:`mer.runtime.stream`); a run killed mid-way
 loses just its uncommitted buffer, which the next run redoes. :class:`PartWriter` names parts per run
 (``part-<run>-<seq>.parquet``) so runs never overwrite each other, and in commit order. Readers deduplicate by
 key (the first committed part wins), so even two concurrent runs cannot yield a duplicate row.
@@ -22,8 +22,8 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from mer import storage
-from mer.data_context import data_context
+from mer.store import storage
+from mer.store.data_context import data_context
 
 PART_PREFIX = "part-"
 KEY = "clip_id"

@@ -12,9 +12,10 @@ from typing import Any
 
 import pyarrow as pa
 
-from mer import storage
 from mer.config import LABELS
-from mer.metrics import accuracy, confusion, per_class_f1, plot_confusion, weighted_f1
+from mer.evaluation.metrics import accuracy, confusion, per_class_f1, plot_confusion, weighted_f1
+from mer.store import storage
+from mer.store.parts import part_files, read_parts
 
 
 def _read_any(uri: str) -> pa.Table:
@@ -24,7 +25,6 @@ def _read_any(uri: str) -> pa.Table:
         rows = list(csv.DictReader(io.StringIO(text)))
         cols = rows[0].keys() if rows else []
         return pa.table({c: [r[c] for r in rows] for c in cols})
-    from mer.parts import part_files, read_parts
 
     if not storage.exists(uri):
         raise FileNotFoundError(f"no such file or directory: {uri}")

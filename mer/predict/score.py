@@ -1,7 +1,7 @@
 """Batch scoring: a fold ensemble applied to a feature store (or raw videos) as a Ray Data job.
 
 The classifier runs as an actor pool of model replicas (``score.resources``); the stream is written like
-extraction's (:func:`mer.stream.write_stream`: the driver commits prediction parts atomically), so a re-run
+extraction's (:func:`mer.runtime.stream.write_stream`: the driver commits prediction parts atomically), so a re-run
 skips clips already scored and the output holds every input clip exactly once. Raw videos go through the
 extraction pipeline first (same resumable store).
 """
@@ -17,11 +17,15 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from mer import storage
 from mer.config import LABELS, PROB_COLUMNS, MerConfig
-from mer.parts import part_columns, part_files, read_dataset, read_parts
-from mer.stall import StallWatch
-from mer.stream import Stage, build, write_stream
+from mer.extract.pipeline import extract_features
+from mer.runs.layout import best_run, run_id
+from mer.runs.provenance import check_store, enrich_cache_of, extraction_config
+from mer.runtime.stall import StallWatch
+from mer.runtime.stream import Stage, build, write_stream
+from mer.store import storage
+from mer.store.parts import part_columns, part_files, read_dataset, read_parts
+from mer.train import load_ensemble
 
 log = logging.getLogger("mer.score")
 
@@ -36,19 +40,10 @@ PRED_SCHEMA = pa.schema(
 )
 
 
-def run_id(run_uri: str) -> str:
-    """A run's name in predictions: the ``run_name`` its metrics record, else its directory name."""
-    metrics = storage.join(run_uri, "metrics.json")
-    name = storage.read_json(metrics).get("run_name") if storage.exists(metrics) else None
-    return str(name or run_uri.rstrip("/").rsplit("/", 1)[-1])
-
-
 class EnsemblePredictor:
     """Callable class for ``map_batches``: loads the run's fold models once per actor."""
 
     def __init__(self, run_uri: str, device: str = "cpu") -> None:
-        from mer.train import load_ensemble
-
         self.ensemble = load_ensemble(run_uri, device=device)
         self.run_id = run_id(run_uri)
 
@@ -116,8 +111,6 @@ def score_stages(cfg: MerConfig, run_uri: str, pending: list[str]) -> list[Stage
 def score_features(cfg: MerConfig, run_uri: str, features_uri: str, out_uri: str,
                    splits: list[str] | None = None, progress: str = "") -> dict:
     """Score every clip of a feature store (optionally only ``splits``) into ``out_uri`` parts."""
-    from mer.train import load_ensemble
-
     t0 = time.time()
     modalities = list(load_ensemble(run_uri).modalities)
     store_cols = read_parts(features_uri, columns=["split"])
@@ -173,11 +166,8 @@ def score(cfg: MerConfig, run_uri: str, out_uri: str, *, features_uri: str | Non
     store recorded (clips the run has seen are not generated again); bad inputs keep their extraction status
     and error. A ``features_uri`` store must have the config hash of the
     run's training store. ``allow_config_change`` lets either differ (logged) instead of refusing
-    (:mod:`mer.provenance`).
+    (:mod:`mer.runs.provenance`).
     """
-    from mer.labels.loop import best_run
-    from mer.provenance import check_store, enrich_cache_of, extraction_config
-
     if (features_uri is None) == (manifest_uri is None):
         raise ValueError("score: give exactly one of features_uri or manifest_uri")
     run_uri, chosen = best_run(run_uri)
@@ -186,8 +176,6 @@ def score(cfg: MerConfig, run_uri: str, out_uri: str, *, features_uri: str | Non
         log.info("scoring the label loop's %s: %s (%s)", chosen["stage"], run_uri, chosen["why"])
         summary["stage"] = chosen
     if manifest_uri is not None:
-        from mer.extract.pipeline import extract_features
-
         features_uri = features_out or storage.join(out_uri, "features")
         ex_cfg = extraction_config(cfg, run_uri, allow_config_change=allow_config_change)
         cache = None

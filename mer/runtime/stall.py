@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from mer.config import MerConfig
-from mer.fit import autoscaling
+from mer.runtime.placement import autoscaling
 
 log = logging.getLogger("mer.stall")
 T = TypeVar("T")

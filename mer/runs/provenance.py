@@ -12,11 +12,12 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from mer import storage
 from mer.config import MerConfig
 from mer.enrich.cache import default_cache_dir
 from mer.extract.schema import (FeatureConfigMismatch, apply_feature_settings, config_hash, differing,
                                 feature_settings, read_meta)
+from mer.runs.layout import run_record
+from mer.store import storage
 
 log = logging.getLogger("mer.provenance")
 
@@ -28,11 +29,6 @@ def store_record(features_uri: str) -> dict[str, Any]:
     meta = read_meta(features_uri) or {}
     return {"uri": features_uri, "config_hash": meta.get("config_hash"), "model_ids": meta.get("model_ids"),
             "settings": meta.get("settings"), "enrich_cache": meta.get("enrich_cache")}
-
-
-def run_record(run_uri: str) -> dict[str, Any] | None:
-    """The provenance a run recorded of the store it was trained on; ``None`` for runs that predate it."""
-    return storage.read_json(storage.join(run_uri, "models", "model.json")).get("features")
 
 
 def _recorded(run_uri: str) -> dict[str, Any] | None:

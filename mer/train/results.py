@@ -8,7 +8,7 @@ import numpy as np
 import pyarrow as pa
 
 from mer.config import LABELS, PROB_COLUMNS
-from mer.metrics import save_png
+from mer.evaluation.metrics import save_png
 
 
 def plot_curves(history: list[dict[str, Any]], uri: str) -> str:

@@ -33,7 +33,9 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from mer.config import LABELS, PROB_COLUMNS
+from mer.config import LABELS, PROB_COLUMNS, TrainConfig
+from mer.evaluation.metrics import accuracy, weighted_f1
+from mer.train.features import table_inputs
 
 DS_TAG = "ds"
 RNG_FILE = "rng_rank_{rank}.json"
@@ -104,8 +106,6 @@ class GroupRows:
     def arrays(self) -> tuple[list[str], np.ndarray, np.ndarray]:
         """(clip ids sorted, x, mask) of the needed rows, loaded on first use."""
         if self._arrays is None:
-            from mer.train.features import table_inputs
-
             ids: list[str] = []
             xs, masks = [], []
             for batch in self.it.iter_batches(batch_size=None, batch_format="pyarrow"):
@@ -146,8 +146,6 @@ class ShardBatches:
 
     def epoch(self, seed: int):
         if not self.rows.cache:
-            from mer.train.features import table_inputs
-
             kw = ({"local_shuffle_buffer_size": max(self.batch_size * 4, 64), "local_shuffle_seed": seed}
                   if self.shuffle else {})
             for batch in self.rows.it.iter_batches(batch_size=self.batch_size, batch_format="pyarrow", **kw):
@@ -268,11 +266,9 @@ def _train_fold(config: dict[str, Any], fold: int, rows: GroupRows,
     the fold's (training, validation) clips with their labels and weights, rows of ``rows``."""
     import deepspeed
     import ray.train
-    import torch
+    import torch  # lazy: torch and the fusion models load only where a model is built
 
-    from mer.config import TrainConfig
     from mer.fusion import build_model
-    from mer.metrics import accuracy, weighted_f1
 
     tc = TrainConfig.model_validate(config["train"])
     dims: dict[str, int] = {m: int(d) for m, d in config["dims"].items()}
@@ -410,7 +406,7 @@ def _train_fold(config: dict[str, Any], fold: int, rows: GroupRows,
 def _write_val_predictions(path: Path, config: dict, tc: Any, best: dict | None, ids: list[str],
                            y: np.ndarray, x: np.ndarray | None, mask: np.ndarray | None) -> None:
     """The best epoch's model on the validation rows: OOF probabilities and modality weights."""
-    import torch
+    import torch  # lazy: torch and the fusion models load only where a model is built
 
     from mer.fusion import build_model
 

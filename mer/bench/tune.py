@@ -7,13 +7,17 @@ work and the throughput ratio is the effect of running trials concurrently (frac
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import time
 from typing import Any
 
-from mer import storage
 from mer.config import MerConfig, with_overrides
+from mer.runtime.session import init_ray
+from mer.store import storage
+from mer.synth.feature_store import make_feature_store
+from mer.tune.study import tune_study
 
 log = logging.getLogger("mer.tune")
 
@@ -23,12 +27,7 @@ def bench_tune(cfg: MerConfig, out_uri: str, *, trials: int = 6, features_uri: s
     store (or ``features_uri``); returns trials/hour of each, their ratio and best-vs-default WAF."""
     import ray
 
-    from mer.train.synthetic import make_feature_store
-    from mer.tune.study import tune_study
-
     if not ray.is_initialized():
-        from mer.runtime import init_ray
-
         init_ray(cfg)
     if features_uri is None:
         features_uri = storage.join(out_uri, "features")
@@ -69,3 +68,17 @@ def format_bench(result: dict[str, Any]) -> str:
     if best:
         lines.append(f"best config: {json.dumps(json.loads(best['config']), sort_keys=True)}")
     return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------ command
+def add_command(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
+    """``mer bench tune [--trials N] [--out DIR]``."""
+    p = sub.add_parser("tune", parents=parents, help="trials/hour of a study, concurrent vs one trial at a time")
+    p.add_argument("--trials", type=int, default=6, help="trials per study")
+    p.add_argument("--out", default="runs/bench-tune", help="working directory")
+    p.set_defaults(bench=run_command)
+
+
+def run_command(cfg: MerConfig, args: argparse.Namespace) -> str:
+    """The bench's table."""
+    return format_bench(bench_tune(cfg, args.out, trials=args.trials))

@@ -23,6 +23,7 @@ after it; CPU ms/clip count every thread of a stage's actor plus the decode chil
 
 from __future__ import annotations
 
+import argparse
 import logging
 import tempfile
 import time
@@ -31,14 +32,18 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from mer.config import MerConfig, Resources, gpu_requests, with_overrides
-from mer.extract.decoders import AUDIO, VIDEO, DecodeParams, decode_clip
+from mer.bench.rss import bench_rss, format_rss
+from mer.config import MerConfig, enabled_branches, gpu_requests, with_overrides
+from mer.encoders import ENCODERS
+from mer.extract.columns import normalize_batch
 from mer.extract.decode import ClipDecoder
+from mer.extract.decoders import AUDIO, VIDEO, DecodeParams, decode_clip
 from mer.extract.face import FaceDetector
-from mer.extract.pipeline import build_dataset, build_stages, enabled_branches, pipeline_input, read_manifest_table
-from mer.extract.stages import normalize_batch
-from mer.extract.timing import StageTimes, is_timing, timed
-from mer.stream import Stage
+from mer.extract.pipeline import (branch_stage, build_dataset, build_stages, decode_stage, face_stage, pipeline_input,
+                                  read_manifest_table)
+from mer.extract.timing import StageTimes, is_timing
+from mer.runtime.session import init_ray
+from mer.synth.clips import make_clip_set
 
 log = logging.getLogger("mer.extract")
 
@@ -88,7 +93,6 @@ def _bench_clips(cfg: MerConfig, manifest_uri: str | None, n_clips: int, workdir
     if manifest_uri:
         t = read_manifest_table(manifest_uri).slice(0, n_clips)
         return t, {"source": manifest_uri}
-    from mer.extract.clips import make_clip_set
 
     t = make_clip_set(workdir, n_ok=n_clips, broken=False, seconds=seconds, width=width, height=height, gop=gop)
     for c in ("label", "split"):
@@ -152,7 +156,6 @@ def sequential_baseline(cfg: MerConfig, table: pa.Table, branches: list[str]) ->
     pipeline's end-to-end time includes its actors' imports: torch and transformers load lazily inside the first
     model's load (in ``per_branch_s``); ``import_s`` is the rest (mer's encoder registry, OpenCV)."""
     t0 = time.perf_counter()
-    from mer.encoders import ENCODERS
 
     uniform = DecodeParams(**{**DecodeParams.from_config(cfg).to_dict(), "sampling": "uniform"}).to_dict()
     rows = table.to_pylist()
@@ -223,9 +226,6 @@ def bench_extract(cfg: MerConfig, manifest_uri: str | None = None, *, n_clips: i
     """
     import ray
 
-    from mer.encoders import ENCODERS
-    from mer.runtime import init_ray
-
     t = time.perf_counter()
     initialised = ray.is_initialized()
     cfg = init_ray(cfg)
@@ -261,22 +261,17 @@ def bench_extract(cfg: MerConfig, manifest_uri: str | None = None, *, n_clips: i
         where["speedup_keyframe"] = round(where["decord_uniform"]["ms"] / where["decord_keyframe"]["ms"], 2)
     result["decode_single_process"] = single
 
-    # 2. decode-only Ray stage, both samplings (same actors/resources as the pipeline)
-    ra = {"max_restarts": cfg.extract.max_restarts, "max_task_retries": cfg.extract.max_task_retries}
+    # 2. decode-only Ray stage, both samplings (mer extract's stage: same actors/resources as the pipeline)
     inp = pipeline_input(cfg, table)
     rows = cfg.extract.input_block_rows or d.resources.batch_size
     blocks = [inp.slice(i, rows) for i in range(0, inp.num_rows, rows)]
 
-    def decode_stage(sampling: str, resources: Resources = d.resources) -> Stage:
-        return Stage("decode", timed(ClipDecoder, "decode"), ClipDecoder.input_columns, ClipDecoder.output_columns,
-                     resources=resources, constructor_args=(cfg, None, sampling), map_args=ra)
-
-    # ONE decode actor (the pool's unit) against the same decoder in one process: a pool of several would
-    # divide by a one-process rate it does not share, and on a small machine its actors compete for the cores
-    one_actor = with_overrides(cfg, ["extract.decode.resources.concurrency=1"]).extract.decode.resources
-
     def decode_alone(sampling: str) -> dict[str, Any]:
-        ds = decode_stage(sampling, one_actor).apply(ray.data.from_arrow(blocks))
+        # mer extract's decode stage with ONE decode actor (the pool's unit) against the same decoder in one
+        # process: a pool of several would divide by a one-process rate it does not share, and on a small
+        # machine its actors compete for the cores
+        one = with_overrides(cfg, [f"extract.decode.sampling={sampling}", "extract.decode.resources.concurrency=1"])
+        ds = decode_stage(one).apply(ray.data.from_arrow(blocks))
         return _drain(ds.map_batches(_keep_light, batch_format="pyarrow", num_cpus=0.0), {"decode": 1})
 
     dec_only = {sampling: decode_alone(sampling) for sampling in ("uniform", d.sampling)}
@@ -318,19 +313,14 @@ def bench_extract(cfg: MerConfig, manifest_uri: str | None = None, *, n_clips: i
         "video_audio_over_stage": round(both / max(1e-9, stage_cpu), 3)}
 
     # 3. face detection and each encoder alone, on pre-decoded batches
-    pre = decode_stage(d.sampling).apply(ray.data.from_arrow(blocks)).materialize()
-    face_stage = Stage("face_detect", timed(FaceDetector, "face_detect"), FaceDetector.input_columns,
-                       FaceDetector.output_columns, resources=cfg.extract.face.resources, constructor_args=(cfg,),
-                       map_args=ra)
+    pre = decode_stage(cfg).apply(ray.data.from_arrow(blocks)).materialize()
+    faces = face_stage(cfg)
     alone: dict[str, dict[str, Any]] = {"decode": dec_only[d.sampling]}
     if "face" in branches:
-        alone["face_detect"] = _drain(face_stage.apply(pre).map_batches(_keep_light, batch_format="pyarrow",
-                                                                        num_cpus=0.0))
-        pre = face_stage.apply(pre).materialize()
+        alone["face_detect"] = _drain(faces.apply(pre).map_batches(_keep_light, batch_format="pyarrow", num_cpus=0.0))
+        pre = faces.apply(pre).materialize()
     for b in branches:
-        r = getattr(cfg.extract.encoders, b).resources
-        ds = Stage(b, timed(ENCODERS[b], b), ENCODERS[b].input_columns, ENCODERS[b].output_columns, resources=r,
-                   constructor_args=(cfg,), map_args=ra).apply(pre)
+        ds = branch_stage(cfg, b).apply(pre)
         alone[b] = _drain(ds.map_batches(_keep_light, batch_format="pyarrow", num_cpus=0.0))
     del pre
     result["stage_alone"] = {k: v for k, v in alone.items() if k != "decode"}
@@ -434,3 +424,25 @@ def format_bench(r: dict[str, Any]) -> str:
                  f"{(r.get('cpu_pressure_start') or {}).get('some_avg60')}, end "
                  f"{(r.get('cpu_pressure_end') or {}).get('some_avg60')}")
     return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------ command
+def add_command(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
+    """``mer bench extract [--manifest M] [-n N] [--rss N [--out DIR]]``."""
+    p = sub.add_parser("extract", parents=parents, help="where the extraction time goes (decode, face, encoders, "
+                       "the streaming pipeline, a sequential baseline); --rss N: memory over a long stream")
+    p.add_argument("--manifest", default=None, help="manifest of the clips (default: generated clips)")
+    p.add_argument("-n", type=int, default=32, help="clips")
+    p.add_argument("--rss", type=int, default=0, metavar="N",
+                   help="driver and worker memory over N generated clips (small frames) instead")
+    p.add_argument("--out", default=None, help="--rss: a local working directory (default a temp dir)")
+    p.set_defaults(bench=run_command)
+
+
+def run_command(cfg: MerConfig, args: argparse.Namespace) -> str | dict[str, Any] | None:
+    """The table (printed as it is measured), or with ``--json`` only the JSON document."""
+    if args.rss:
+        result = bench_rss(cfg, args.rss, workdir=args.out)
+        return result if args.json else format_rss(result)
+    result = bench_extract(cfg, args.manifest, n_clips=args.n, ray_init_s=args.ray_init_s, verbose=not args.json)
+    return result if args.json else None

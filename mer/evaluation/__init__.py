@@ -1,0 +1,1 @@
+"""Evaluation: metrics (WAF, accuracy, confusion), scoring predictions against labels, the HTML reports."""
