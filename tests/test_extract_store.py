@@ -87,6 +87,77 @@ def test_meta_refuses_other_config(tmp_path) -> None:
     schema.ensure_meta(other, uri, allow_config_change=True)
 
 
+def test_an_open_store_is_read_lazily_and_once(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A PartStore reads nothing when opened, then lists its parts, reads its meta, its schema and each part's keys
+    once, however many readers share it (a training run's reads of its store among them); a URI is listed anew
+    on every call, and a store opened again sees what was committed since."""
+    import pickle
+    from collections import Counter
+
+    import pyarrow.parquet as pq
+
+    from mer.runs.provenance import store_record
+    from mer.train.features import modality_dims
+    from mer.train.run import label_rows, resolve_modalities
+
+    cfg = load_config()
+    uri = str(tmp_path / "store")
+    schema.ensure_meta(cfg, uri)
+    rows = _rows(cfg, ["c1", "c2", "c3"])
+    rows = rows.set_column(rows.column_names.index("split"), "split", pa.array(["train"] * 3, pa.string()))
+    rows = rows.set_column(rows.column_names.index("label"), "label", pa.array(["happy", "sad", "happy"]))
+    parts.write_part(uri, rows.slice(0, 2), "part-0.parquet")
+    parts.write_part(uri, rows.slice(1, 2), "part-1.parquet")  # c2 again: a retried commit, read once
+
+    calls: Counter = Counter()
+
+    def counted(module, name: str) -> None:
+        real = getattr(module, name)
+
+        def call(*args, **kwargs):
+            calls[name] += 1
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(module, name, call)
+
+    counted(storage, "list_files")
+    counted(storage, "read_json")
+    counted(storage, "read_table")
+    counted(pq, "read_schema")
+
+    store = parts.PartStore(uri)
+    assert parts.PartStore.of(store) is store and not calls  # opening reads nothing
+    assert [p.rsplit("/", 1)[-1] for p in store.parts] == ["part-0.parquet", "part-1.parquet"]
+    assert store.columns == schema.feature_schema(cfg).names
+    assert store.meta["config_hash"] == schema.config_hash(cfg)
+    assert store.ids() == {"c1", "c2", "c3"}
+    assert store.read(columns=["label"]).column("clip_id").to_pylist() == ["c1", "c2", "c3"]
+    assert resolve_modalities(cfg, store, ["global_visual"]) == ["global_visual"]
+    assert modality_dims(store, ["global_visual"]) == {"global_visual": 2}
+    assert label_rows(store, None)[0].num_rows == 3
+    assert store_record(store)["config_hash"] == store.meta["config_hash"] and store_record(store)["uri"] == uri
+    assert schema.read_meta(store) is store.meta
+    assert calls["list_files"] == 1 and calls["read_json"] == 1
+    assert calls["read_schema"] == 2  # each part's footer once (a part may lack a column the first one has)
+    keys_read = calls["read_table"]
+    assert store.ids() == {"c1", "c2", "c3"} and calls["read_table"] == keys_read  # keys came with the rows
+
+    clone = pickle.loads(pickle.dumps(store))  # shipped with its reads (a Ray task, a thread pool)
+    assert clone.ids() == store.ids() and clone.meta == store.meta and calls["list_files"] == 1
+
+    # A snapshot: a part committed after the listing is in a store opened again, and in every call given a URI.
+    parts.write_part(uri, _rows(cfg, ["c4"]), "part-2.parquet")
+    assert "c4" not in store.ids() and "c4" in parts.PartStore(uri).ids()
+    assert "c4" in parts.stored_ids(uri) and len(parts.part_files(uri)) == 3
+    assert calls["list_files"] == 4
+    # What ensure_meta writes becomes the open store's meta.
+    fresh = parts.PartStore(str(tmp_path / "new"))
+    assert fresh.meta is None and fresh.parts == [] and fresh.ids() == set()
+    assert schema.ensure_meta(cfg, fresh) == fresh.meta
+    with pytest.raises(FileNotFoundError, match="no Parquet parts"):
+        fresh.columns
+
+
 def test_status_counts() -> None:
     t = pa.table({"status": ["ok", "partial", "ok"], "face_status": ["ok", "no_face", None]})
     assert schema.status_counts(t) == {"status": {"ok": 2, "partial": 1},

@@ -18,7 +18,7 @@ import numpy as np
 from mer.config import MerConfig, with_overrides
 from mer.runtime.session import init_ray
 from mer.store import storage
-from mer.store.parts import part_columns, read_dataset
+from mer.store.parts import PartStore
 from mer.synth.feature_store import make_feature_store
 from mer.train.features import modality_dims
 from mer.train.fold import controller_poll_interval, run_folds
@@ -41,16 +41,16 @@ def bench_train(cfg: MerConfig, *, n: int = 4000, dim: int = 256, epochs: int = 
         features_uri = storage.join(tmp, "features")
         make_feature_store(features_uri, n=n, dims={m: dim for m in ("global_visual", "face", "audio", "text")},
                            seed=0, missing=0.1, test_frac=0.0, rows_per_part=1024)
-    cols = set(part_columns(features_uri))
-    mods = [m for m in cfg.train.modalities if m in cols]
-    dims = modality_dims(features_uri, mods)
-    cv, *_ = label_rows(features_uri, None)
+    store = PartStore(features_uri)
+    mods = [m for m in cfg.train.modalities if m in store.columns]
+    dims = modality_dims(store, mods)
+    cv, *_ = label_rows(store, None)
     ids, y = cv.column("clip_id").to_pylist(), np.asarray(cv.column("y").to_numpy())
     fold_of = fold_assignment(y, max(cfg.train.folds, 2), cfg.train.seed)
     train_t = {c: (int(v), 1.0) for c, v, f in zip(ids, y, fold_of) if f != 0}
     val_t = {c: (int(v), 1.0) for c, v, f in zip(ids, y, fold_of) if f == 0}
     with quiet_data():
-        base = read_dataset(features_uri, columns=mods).materialize()
+        base = store.dataset(columns=mods).materialize()
 
     results: dict[str, Any] = {"model": cfg.train.model, "modalities": mods, "dims": dims,
                                "n_train": len(train_t), "epochs": epochs, "zero_stage": cfg.train.zero_stage,

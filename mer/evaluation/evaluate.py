@@ -15,7 +15,7 @@ import pyarrow as pa
 from mer.config import LABELS
 from mer.evaluation.metrics import accuracy, confusion, per_class_f1, plot_confusion, weighted_f1
 from mer.store import storage
-from mer.store.parts import part_files, read_parts
+from mer.store.parts import PartStore
 
 
 def _read_any(uri: str) -> pa.Table:
@@ -28,9 +28,9 @@ def _read_any(uri: str) -> pa.Table:
 
     if not storage.exists(uri):
         raise FileNotFoundError(f"no such file or directory: {uri}")
-    for store in (storage.join(uri, "predictions"), uri):
-        if storage.exists(store) and part_files(store):
-            return read_parts(store)
+    for store in (PartStore(storage.join(uri, "predictions")), PartStore(uri)):
+        if storage.exists(store.uri) and store.parts:
+            return store.read()
     return storage.read_table(uri)
 
 

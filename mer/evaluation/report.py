@@ -17,7 +17,7 @@ from typing import Any
 from mer.config import LABELS
 from mer.extract.schema import status_counts
 from mer.store import storage
-from mer.store.parts import part_columns, read_parts
+from mer.store.parts import PartStore
 
 CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px auto;max-width:1100px;color:#222}
@@ -121,16 +121,13 @@ def run_sections(run_uri: str, heading: str = "") -> list[str]:
 def _store_sections(features_uri: str) -> list[str]:
     """Extraction (and enrichment) status counts of the feature store a run trained on."""
     try:
-        cols = _store_status_columns(features_uri)
-        counts = status_counts(read_parts(features_uri, columns=cols), cols)
+        store = PartStore(features_uri)
+        cols = [c for c in store.columns if c == "status" or c.endswith("_status")]
+        counts = status_counts(store.read(columns=cols), cols)
     except (FileNotFoundError, OSError, ValueError) as e:
         return [f'<p class="note">feature store {_e(features_uri)}: {_e(e)}</p>']
     return ["<h2>Feature store statuses</h2>", f'<p class="note">{_e(features_uri)}</p>',
             _counts_table(counts)]
-
-
-def _store_status_columns(features_uri: str) -> list[str]:
-    return [c for c in part_columns(features_uri) if c == "status" or c.endswith("_status")]
 
 
 def _counts_table(counts: dict[str, dict[str, int]]) -> str:

@@ -38,7 +38,7 @@ from mer.runtime.placement import llm_placement
 from mer.runtime.stall import StallWatch
 from mer.runtime.stream import Stage, build, write_stream
 from mer.store import storage
-from mer.store.parts import read_parts
+from mer.store.parts import PartStore, read_parts
 
 log = logging.getLogger("mer.extract")
 
@@ -328,7 +328,9 @@ def extract_features(cfg: MerConfig, manifest_uri: str, out_uri: str, *, limit: 
         dup = [k for k, v in Counter(ids).items() if v > 1][:5]
         raise ValueError(f"{manifest_uri}: duplicate clip_ids in the manifest, e.g. {dup}")
     cache_dir = (enrich_cache or enrich_cache_dir(cfg, out_uri)) if cfg.enrich.enabled else None
-    meta = store.ensure_meta(cfg, out_uri, allow_config_change=allow_config_change,
+    # Opened once before the stream: the meta check and the resume read share its listing.
+    out = PartStore(out_uri)
+    meta = store.ensure_meta(cfg, out, allow_config_change=allow_config_change,
                              enrich_cache=cache_dir if extra_stages is None else None)
     lookup = dict(zip(ids, zip(manifest.column("split").to_pylist(), manifest.column("label").to_pylist())))
     times = StageTimes(time.time())
@@ -355,7 +357,7 @@ def extract_features(cfg: MerConfig, manifest_uri: str, out_uri: str, *, limit: 
         run_counts.update(batch.column("status").to_pylist())
         return add_manifest_columns(drop_timing(batch), lookup)
 
-    run = write_stream(out_uri, store.feature_schema(cfg), cfg.extract.rows_per_part, ids, stream, on_batch,
+    run = write_stream(out, store.feature_schema(cfg), cfg.extract.rows_per_part, ids, stream, on_batch,
                        label="extract", restarts=cfg.extract.stream_restarts,
                        watch=StallWatch.from_config(cfg, f"the extraction stream into {out_uri}"))
     writer = run.writer
@@ -378,7 +380,7 @@ def extract_features(cfg: MerConfig, manifest_uri: str, out_uri: str, *, limit: 
     summary["stage_busy_s"] = {k: round(v["busy_s"], 3) for k, v in times.stages.items()}
     summary["stage_ms_per_clip"] = {k: v["busy_ms_per_row"] for k, v in st["stages"].items()}
     summary["stage_busy_fraction"] = {k: v["busy_fraction"] for k, v in st["stages"].items()}
-    try:
+    try:  # the store as the stream left it: listed anew
         summary["status_counts"] = store.status_counts(read_parts(
             out_uri, columns=["status", *[f"{b}_status" for b in store.vector_branches(cfg)], "decode_status"]))
     except FileNotFoundError:

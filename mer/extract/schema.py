@@ -18,10 +18,9 @@ import pyarrow.compute as pc
 
 from mer.config import BRANCHES, ConfigError, MerConfig, with_overrides
 from mer.store import storage
-from mer.store.parts import part_files
+from mer.store.parts import META_FILE, PartStore
 
 SCHEMA_VERSION = 1
-META_FILE = "_meta.json"
 
 # Config sections that determine the feature values (resources/batch sizes do not).
 FEATURE_SECTIONS = ("extract.decode.num_frames", "extract.decode.frame_size", "extract.decode.audio_sample_rate",
@@ -137,26 +136,27 @@ def model_ids_json(cfg: MerConfig) -> str:
     return json.dumps(ids, sort_keys=True)
 
 
-def read_meta(uri: str) -> dict[str, Any] | None:
-    path = storage.join(uri, META_FILE)
-    return storage.read_json(path) if storage.exists(path) else None
+def read_meta(store: str | PartStore) -> dict[str, Any] | None:
+    """A store's ``_meta.json`` (None without one): read once per open :class:`~mer.store.parts.PartStore`."""
+    return PartStore.of(store).meta
 
 
-def ensure_meta(cfg: MerConfig, uri: str, *, allow_config_change: bool = False,
+def ensure_meta(cfg: MerConfig, uri: str | PartStore, *, allow_config_change: bool = False,
                 enrich_cache: str | None = None) -> dict[str, Any]:
     """Write ``_meta.json`` for a new store; refuse to mix features of another config into an old one.
     ``enrich_cache``: where the store's LLM enrichment is cached (recorded, so runs trained on the store, and
-    ``mer score`` on them, find it)."""
+    ``mer score`` on them, find it). An open store keeps the meta written as its own."""
+    store = PartStore.of(uri)
     meta = {"schema_version": SCHEMA_VERSION, "config_hash": config_hash(cfg), "model_ids": json.loads(
         model_ids_json(cfg)), "profile": cfg.profile, "vector_columns": vector_branches(cfg),
         "settings": feature_settings(cfg), "schema": [f"{f.name}: {f.type}" for f in feature_schema(cfg)]}
     if enrich_cache:
         meta["enrich_cache"] = enrich_cache
-    old = read_meta(uri)
-    if old is not None and old.get("config_hash") != meta["config_hash"] and part_files(uri):
+    old = store.meta
+    if old is not None and old.get("config_hash") != meta["config_hash"] and store.parts:
         if not allow_config_change:
             raise FeatureConfigMismatch(
-                f"feature store {uri} was written with config hash {old.get('config_hash')} but this config "
+                f"feature store {store.uri} was written with config hash {old.get('config_hash')} but this config "
                 f"hashes to {meta['config_hash']} ({differing(old, meta, ('store', 'config'))}): use a new "
                 f"output directory, or allow_config_change=True to mix them")
     # A store written before settings were recorded gets them (same hash: same settings).
@@ -164,16 +164,18 @@ def ensure_meta(cfg: MerConfig, uri: str, *, allow_config_change: bool = False,
             or (enrich_cache and old.get("enrich_cache") != enrich_cache)):
         same = old is not None and old.get("config_hash") == meta["config_hash"]
         meta["created"] = old.get("created") if same else time.strftime("%Y-%m-%dT%H:%M:%S")
-        storage.write_json(storage.join(uri, META_FILE), meta)
+        store.write_meta(meta)
     return meta
 
 
-def check_store(uri: str, cfg: MerConfig | None = None, manifest_ids: list[str] | None = None) -> dict[str, Any]:
+def check_store(uri: str | PartStore, cfg: MerConfig | None = None, manifest_ids: list[str] | None = None
+                ) -> dict[str, Any]:
     """Schema and exactly-once check: per-part schema problems, duplicate and missing/extra clip ids."""
+    store = PartStore.of(uri)
     problems: list[str] = []
     ids: list[str] = []
     expected = feature_schema(cfg) if cfg is not None else None
-    for p in part_files(uri):
+    for p in store.parts:
         t = storage.read_table(p)
         ids += t.column("clip_id").to_pylist()
         if expected is not None:
@@ -189,11 +191,11 @@ def check_store(uri: str, cfg: MerConfig | None = None, manifest_ids: list[str] 
         want = set(manifest_ids)
         out["missing"] = sorted(want - set(counts))
         out["extra"] = sorted(set(counts) - want)
-    meta = read_meta(uri)
+    meta = store.meta
     if meta is None:
-        problems.append(f"{uri}: no {META_FILE}")
+        problems.append(f"{store.uri}: no {META_FILE}")
     elif cfg is not None and meta.get("config_hash") != config_hash(cfg):
-        problems.append(f"{uri}: config hash {meta.get('config_hash')} != {config_hash(cfg)}")
+        problems.append(f"{store.uri}: config hash {meta.get('config_hash')} != {config_hash(cfg)}")
     out["ok"] = not problems and not dups and not out.get("missing") and not out.get("extra")
     return out
 

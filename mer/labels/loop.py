@@ -51,7 +51,7 @@ from mer.predict.combine import build_ensemble
 from mer.predict.score import PRED_SCHEMA, score_features
 from mer.runs.layout import LOOP_FILE
 from mer.store import storage
-from mer.store.parts import part_files, read_parts
+from mer.store.parts import PartStore
 from mer.train import train_run
 from mer.train.features import label_index
 from mer.train.run import resolve_modalities
@@ -73,13 +73,14 @@ def _source_modalities(cfg: MerConfig, fused: list[str]) -> list[str]:
     return [] if mods == list(fused) and len(fused) == 1 else mods
 
 
-def _pool_scores(cfg: MerConfig, name: str, run_uri: str, features_uri: str, out: str) -> SourceVotes:
+def _pool_scores(cfg: MerConfig, name: str, run_uri: str, features: PartStore, out: str) -> SourceVotes:
     """Per-fold predictions of a run's fold models on the pool, scored into ``out`` (a resumable Ray Data
     scoring job)."""
-    score_features(cfg, run_uri, features_uri, out, splits=[POOL_SPLIT])
-    if not part_files(out):
+    score_features(cfg, run_uri, features, out, splits=[POOL_SPLIT])
+    scores = PartStore(out)  # listed once scoring has written it
+    if not scores.parts:
         return pool_votes(name, _empty_predictions(), cfg.train.folds)
-    return pool_votes(name, read_parts(out, columns=["fold_probs"]), cfg.train.folds)
+    return pool_votes(name, scores.read(columns=["fold_probs"]), cfg.train.folds)
 
 
 def _empty_predictions() -> Any:
@@ -89,14 +90,15 @@ def _empty_predictions() -> Any:
 class LabelLoop:
     """One loop directory: trains or reuses every stage, keeps the decisions in ``loop.json``."""
 
-    def __init__(self, cfg: MerConfig, features_uri: str, out_uri: str, *, tables: dict[str, str] | None = None,
-                 base_run: str | None = None) -> None:
-        self.cfg, self.features, self.out = cfg, features_uri, out_uri
+    def __init__(self, cfg: MerConfig, features: str | PartStore, out_uri: str, *,
+                 tables: dict[str, str] | None = None, base_run: str | None = None) -> None:
+        # The store is opened once: every stage's training and pool scoring shares its listing and reads.
+        self.cfg, self.features, self.out = cfg, PartStore.of(features), out_uri
         self.tables = dict(tables or {})
         self.base_run = base_run
-        self.fused_mods = resolve_modalities(cfg, features_uri, None)
+        self.fused_mods = resolve_modalities(cfg, self.features, None)
         self.source_mods = _source_modalities(cfg, self.fused_mods)
-        original = train_labels(features_uri)
+        original = train_labels(self.features)
         self.original_ids = original.column("clip_id").to_pylist()
         self.original = dict(zip(self.original_ids, original.column("label").to_pylist()))
         self.original_table = original
@@ -294,7 +296,7 @@ class LabelLoop:
                       "why": (f"highest gate WAF among accepted stages ({best['gate']['waf']:.4f}: out-of-fold "
                               f"WAF against the original labels, on {best['gate']['n']} labelled clips)")}
         result = {
-            "features": self.features, "out": self.out, "stages": self.stages,
+            "features": self.features.uri, "out": self.out, "stages": self.stages,
             "best_stage": best_stage, "best": self.final(best_stage),
             "seconds": round(time.time() - t0, 1),
         }
@@ -306,8 +308,9 @@ class LabelLoop:
         return result
 
 
-def label_loop(cfg: MerConfig, features_uri: str, out_uri: str, *, tables: dict[str, str] | None = None,
-               base_run: str | None = None, rounds: int | None = None) -> dict[str, Any]:
+def label_loop(cfg: MerConfig, features_uri: str | PartStore, out_uri: str, *,
+               tables: dict[str, str] | None = None, base_run: str | None = None, rounds: int | None = None
+               ) -> dict[str, Any]:
     """Run (or resume) the whole label loop into ``out_uri``; returns the content of ``loop.json``.
 
     ``tables``: extra vote tables ({name: uri}, e.g. an LLM vote); ``base_run``: reuse a finished fused run

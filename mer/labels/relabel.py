@@ -38,7 +38,7 @@ from mer.labels.evidence import (Reliability, annotation_reliability, class_prio
                                  posterior, votes_of)
 from mer.labels.sources import SourceVotes, read_source, run_oof_votes
 from mer.store import storage
-from mer.store.parts import read_parts
+from mer.store.parts import PartStore, read_parts
 from mer.train.features import label_index
 
 REFINED_SCHEMA = pa.schema([
@@ -133,9 +133,9 @@ def rule_counts(table: pa.Table) -> dict[str, int]:
     return dict(Counter(table.column("rule").to_pylist()))
 
 
-def train_labels(features_uri: str) -> pa.Table:
+def train_labels(features: str | PartStore) -> pa.Table:
     """The original labels of the ``train`` split of a feature store (clip_id, label)."""
-    t = read_parts(features_uri, columns=["split", "label"])
+    t = read_parts(features, columns=["split", "label"])
     mask = [s == "train" and lab is not None for s, lab in zip(t.column("split").to_pylist(),
                                                               t.column("label").to_pylist())]
     return t.filter(pa.array(mask)).select(["clip_id", "label"])

@@ -20,7 +20,7 @@ from mer.config import LABELS, PROB_COLUMNS
 from mer.evaluation.metrics import accuracy, weighted_f1
 from mer.runs.layout import best_run, model_file, run_record
 from mer.store import storage
-from mer.store.parts import iter_parts
+from mer.store.parts import PartStore
 from mer.train.ensemble import load_ensemble
 from mer.train.features import LABEL_INDEX
 from mer.train.results import prediction_table
@@ -73,12 +73,13 @@ def build_ensemble(run_uris: list[str], out_uri: str, weighting: Weighting = "wa
     storage.write_json(model_file(out_uri), spec)
 
     ens = load_ensemble(out_uri)
-    oof = _oof(ens, features_uri, folds[0])
+    store = PartStore(features_uri)  # read twice below (out of fold, test split): listed once
+    oof = _oof(ens, store, folds[0])
     storage.write_table(storage.join(out_uri, "oof.parquet"), oof["table"])
     out: dict[str, Any] = {"model": "ensemble", "weighting": weighting, "members": members, "modalities": mods,
                            "waf": oof["waf"], "accuracy": oof["accuracy"], "features": features_uri,
                            "run_name": out_uri.rstrip("/").rsplit("/", 1)[-1], "test": None}
-    test = score_split(features_uri, out_uri, mods, "test")
+    test = score_split(store, out_uri, mods, "test")
     if test is not None:
         test = prediction_table(test.column("clip_id").to_pylist(), test.column("label").to_pylist(),
                                 np.stack([test.column(c).to_numpy() for c in PROB_COLUMNS], axis=1),
@@ -101,10 +102,10 @@ def _evaluate_table(t: pa.Table) -> dict[str, Any] | None:
     return {"waf": weighted_f1(y[has], pred), "accuracy": accuracy(y[has], pred), "n": int(has.sum())}
 
 
-def _oof(ens: Any, features_uri: str, fold_of: dict[str, int]) -> dict[str, Any]:
+def _oof(ens: Any, store: PartStore, fold_of: dict[str, int]) -> dict[str, Any]:
     """Out-of-fold predictions of the ensemble: each labelled train row by the fold-k mean that never trained on it."""
     ids, labels, probs, weights = [], [], [], []
-    for t in iter_parts(features_uri, columns=["split", "label", *ens.modalities]):
+    for t in store.iter(columns=["split", "label", *ens.modalities]):
         keep = [c in fold_of for c in t.column("clip_id").to_pylist()]
         t = t.filter(pa.array(keep, pa.bool_()))
         if not t.num_rows:

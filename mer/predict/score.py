@@ -24,7 +24,7 @@ from mer.runs.provenance import check_store, enrich_cache_of, extraction_config
 from mer.runtime.stall import StallWatch
 from mer.runtime.stream import Stage, build, write_stream
 from mer.store import storage
-from mer.store.parts import part_columns, part_files, read_dataset, read_parts
+from mer.store.parts import PartStore
 from mer.train import load_ensemble
 
 log = logging.getLogger("mer.score")
@@ -108,27 +108,30 @@ def score_stages(cfg: MerConfig, run_uri: str, pending: list[str]) -> list[Stage
                   batch_format="pyarrow", map_args={"max_restarts": -1, "max_task_retries": -1})]
 
 
-def score_features(cfg: MerConfig, run_uri: str, features_uri: str, out_uri: str,
+def score_features(cfg: MerConfig, run_uri: str, features: str | PartStore, out_uri: str,
                    splits: list[str] | None = None, progress: str = "") -> dict:
-    """Score every clip of a feature store (optionally only ``splits``) into ``out_uri`` parts."""
+    """Score every clip of a feature store (optionally only ``splits``) into ``out_uri`` parts. ``features``: the
+    store's URI, or the store opened once by the caller (the label loop scores one store many times)."""
     t0 = time.time()
+    store = PartStore.of(features)
     modalities = list(load_ensemble(run_uri).modalities)
-    store_cols = read_parts(features_uri, columns=["split"])
+    store_cols = store.read(columns=["split"])
     wanted = [cid for cid, sp in zip(store_cols.column("clip_id").to_pylist(),
                                      store_cols.column("split").to_pylist())
               if splits is None or sp in splits]
 
     def stream(pending: list[str]) -> Any:
-        have = set(part_columns(features_uri))
+        have = set(store.columns)
         cols = [c for c in ["clip_id", "split", "label", "status", "error", *modalities] if c in have]
-        return build(read_dataset(features_uri, columns=cols), score_stages(cfg, run_uri, pending), cols)
+        return build(store.dataset(columns=cols), score_stages(cfg, run_uri, pending), cols)
 
     run = write_stream(out_uri, PRED_SCHEMA, cfg.score.rows_per_part, wanted, stream, label=progress,
                        restarts=cfg.score.stream_restarts,
                        watch=StallWatch.from_config(cfg, f"the scoring stream into {out_uri}"))
     summary: dict[str, Any] = {"out": out_uri, "total": run.wanted, "skipped_done": run.already,
                                "written": run.writer.rows_written, "stream_restarts": run.restarts}
-    preds = read_parts(out_uri, columns=["status"]) if part_files(out_uri) else PRED_SCHEMA.empty_table()
+    written = PartStore(out_uri)  # listed after the stream wrote it
+    preds = written.read(columns=["status"]) if written.parts else PRED_SCHEMA.empty_table()
     summary["status_counts"] = _counts(preds.column("status").to_pylist())
     summary["seconds"] = round(time.time() - t0, 2)
     return summary
@@ -185,12 +188,14 @@ def score(cfg: MerConfig, run_uri: str, out_uri: str, *, features_uri: str | Non
                 log.info("enrichment cache: %s (recorded by the run's training store)", cache)
         summary["extract"] = extract_features(ex_cfg, manifest_uri, features_uri, splits=splits,
                                               enrich_cache=cache)
+        store = PartStore(features_uri)  # opened once extraction has written it
     else:
         assert features_uri is not None
-        check_store(run_uri, features_uri, allow_config_change=allow_config_change)
+        store = PartStore(features_uri)
+        check_store(run_uri, store, allow_config_change=allow_config_change)
     pred_dir = storage.join(out_uri, "predictions")
-    summary["score"] = score_features(cfg, run_uri, features_uri, pred_dir, splits=splits, progress="score")
-    preds = read_parts(pred_dir)
+    summary["score"] = score_features(cfg, run_uri, store, pred_dir, splits=splits, progress="score")
+    preds = PartStore(pred_dir).read()
     summary["submission"] = storage.join(out_uri, "submission.csv")
     summary["submission_rows"] = write_submission(preds, summary["submission"])
     summary["predictions"] = pred_dir

@@ -14,20 +14,21 @@ from typing import Any
 
 from mer.config import MerConfig
 from mer.enrich.cache import default_cache_dir
-from mer.extract.schema import (FeatureConfigMismatch, apply_feature_settings, config_hash, differing,
-                                feature_settings, read_meta)
+from mer.extract.schema import FeatureConfigMismatch, apply_feature_settings, config_hash, differing, feature_settings
 from mer.runs.layout import run_record
 from mer.store import storage
+from mer.store.parts import PartStore
 
 log = logging.getLogger("mer.provenance")
 
 ALLOW_HINT = "pass --allow-config-change (allow_config_change=True) to score it anyway"
 
 
-def store_record(features_uri: str) -> dict[str, Any]:
+def store_record(features: str | PartStore) -> dict[str, Any]:
     """A feature store's provenance as a run records it (``None`` values: the store's meta lacks them)."""
-    meta = read_meta(features_uri) or {}
-    return {"uri": features_uri, "config_hash": meta.get("config_hash"), "model_ids": meta.get("model_ids"),
+    store = PartStore.of(features)
+    meta = store.meta or {}
+    return {"uri": store.uri, "config_hash": meta.get("config_hash"), "model_ids": meta.get("model_ids"),
             "settings": meta.get("settings"), "enrich_cache": meta.get("enrich_cache")}
 
 
@@ -40,13 +41,14 @@ def _recorded(run_uri: str) -> dict[str, Any] | None:
     return rec
 
 
-def check_store(run_uri: str, features_uri: str, *, allow_config_change: bool = False) -> None:
-    """Refuse to score ``features_uri`` with ``run_uri`` when the store's config hash is not the one the run was
-    trained on (the message names the differing settings); with ``allow_config_change`` only log it."""
+def check_store(run_uri: str, features: str | PartStore, *, allow_config_change: bool = False) -> None:
+    """Refuse to score the feature store ``features`` with ``run_uri`` when the store's config hash is not the one
+    the run was trained on (the message names the differing settings); with ``allow_config_change`` only log it."""
     rec = _recorded(run_uri)
     if rec is None:
         return
-    have = store_record(features_uri)
+    have = store_record(features)
+    features_uri = have["uri"]
     if have["config_hash"] is None:
         log.warning("feature store %s records no config hash: not checked against run %s", features_uri, run_uri)
         return

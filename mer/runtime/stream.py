@@ -24,7 +24,7 @@ import pyarrow as pa
 from mer.config import Resources
 from mer.runtime.console import Progress, tame_libraries
 from mer.runtime.placement import ensure_placeable, stage_demands
-from mer.store.parts import PartWriter, stored_ids
+from mer.store.parts import PartStore, PartWriter
 from mer.runtime.stall import StallWatch, watched
 
 log = logging.getLogger("mer.stream")
@@ -140,18 +140,21 @@ def _summary(error: BaseException) -> str:
     return f"{type(error).__name__}: {lines[0][:300] if lines else ''}"
 
 
-def write_stream(out_uri: str, schema: pa.Schema, rows_per_part: int, wanted: list[str],
+def write_stream(out: str | PartStore, schema: pa.Schema, rows_per_part: int, wanted: list[str],
                  stream: Callable[[list[str]], Any],
                  on_batch: Callable[[pa.Table], pa.Table] | None = None, *, label: str = "",
                  restarts: int = 0, watch: StallWatch | None = None) -> StreamResult:
-    """Write one row per key of ``wanted`` into the part store ``out_uri``: keys already committed are skipped
-    (resume); ``stream(pending_keys)`` builds the Ray Dataset of the others, whose batches the driver commits
-    as parts of ``rows_per_part`` rows (after ``on_batch``, which may collect figures or add columns).
+    """Write one row per key of ``wanted`` into the part store ``out``: keys already committed are skipped
+    (resume; read once, before the stream starts: an open :class:`~mer.store.parts.PartStore` shares the listing
+    its caller made); ``stream(pending_keys)`` builds the Ray Dataset of the others, whose batches the driver
+    commits as parts of ``rows_per_part`` rows (after ``on_batch``, which may collect figures or add columns).
     A stream that Ray aborts is built again over the keys not yet committed, at most ``restarts`` times
     (:func:`with_restarts`); every key still gets exactly one row. With ``label``, a progress line on the
     console (:class:`mer.runtime.console.Progress`). ``watch``: what to do when the stream stops moving
     (:mod:`mer.runtime.stall`: fail with the pools' placement on a fixed cluster, log it on one that autoscales)."""
-    done = stored_ids(out_uri)
+    store = PartStore.of(out)
+    out_uri = store.uri
+    done = store.ids()
     writer = PartWriter(out_uri, schema, rows_per_part, already=done)
     result = StreamResult(wanted=len(wanted), already=sum(k in done for k in wanted), writer=writer)
     n_pending = result.wanted - result.already

@@ -13,6 +13,7 @@ key (the first committed part wins), so even two concurrent runs cannot yield a 
 
 from __future__ import annotations
 
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -29,65 +30,169 @@ PART_PREFIX = "part-"
 KEY = "clip_id"
 
 
-def part_files(uri: str) -> list[str]:
-    """The committed parts of a store, in commit order (a single Parquet file is a store of one part)."""
+META_FILE = "_meta.json"
+
+
+class PartStore:
+    """A part store opened once: its URI, and what reading it needs, each read lazily and at most once: the
+    committed parts (one listing), the schema (the first part's footer), ``_meta.json`` and the stored keys.
+
+    A command opens the store it reads once and passes the value down instead of the URI, so the functions it
+    calls share one listing. The value is a snapshot: parts committed after the listing are not in it. A store
+    that changes while a command runs (the output of a stream, an enrichment cache) is opened again where it
+    must be seen anew (``PartStore(uri)``, or the module functions with a URI, which list it every call).
+    Safe to share between threads (the label loop trains runs side by side on one store); pickles without
+    its lock.
+    """
+
+    def __init__(self, uri: str) -> None:
+        self.uri = str(uri)
+        self._cache: dict[Any, Any] = {}
+        self._lock = threading.RLock()
+
+    @classmethod
+    def of(cls, store: str | PartStore) -> PartStore:
+        """``store`` itself when it is already open, else the store at that URI, opened (lazily)."""
+        return store if isinstance(store, PartStore) else cls(store)
+
+    def __repr__(self) -> str:
+        return f"PartStore({self.uri!r})"
+
+    def __getstate__(self) -> dict[str, Any]:
+        with self._lock:
+            return {"uri": self.uri, "_cache": dict(self._cache)}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.RLock()
+
+    def _once(self, key: Any, read: Any) -> Any:
+        with self._lock:
+            if key not in self._cache:
+                self._cache[key] = read()
+            return self._cache[key]
+
+    @property
+    def parts(self) -> list[str]:
+        """The committed parts, in commit order (a single Parquet file is a store of one part); [] when none."""
+        return self._once("parts", lambda: _list_parts(self.uri))
+
+    def _nonempty(self) -> list[str]:
+        files = self.parts
+        if not files:
+            raise FileNotFoundError(f"no Parquet parts under {self.uri}")
+        return files
+
+    @property
+    def schema(self) -> pa.Schema:
+        """The store's schema: its first part's (FileNotFoundError when it has no part)."""
+        return self.part_schema(self._nonempty()[0])
+
+    @property
+    def columns(self) -> list[str]:
+        """Column names of the store (its first part's schema)."""
+        return self.schema.names
+
+    def part_schema(self, part: str) -> pa.Schema:
+        """The schema of one part (read from its footer once)."""
+
+        def read() -> pa.Schema:
+            fs, path = storage.filesystem(part)
+            return pq.read_schema(path, filesystem=fs)
+
+        return self._once(("schema", part), read)
+
+    @property
+    def meta(self) -> dict[str, Any] | None:
+        """The store's ``_meta.json`` (a feature store's config hash, settings, model ids); None without one."""
+
+        def read() -> dict[str, Any] | None:
+            path = storage.join(self.uri, META_FILE)
+            return storage.read_json(path) if storage.exists(path) else None
+
+        return self._once("meta", read)
+
+    def write_meta(self, meta: dict[str, Any]) -> None:
+        """Write ``_meta.json`` (atomically) and keep it as this value's meta."""
+        storage.write_json(storage.join(self.uri, META_FILE), meta)
+        with self._lock:
+            self._cache["meta"] = meta
+
+    def part_keys(self, part: str, key: str = KEY) -> list[Any]:
+        """The keys of one part, in row order (read once)."""
+        return self._once(("keys", part, key),
+                          lambda: storage.read_table(part, columns=[key]).column(key).to_pylist())
+
+    def ids(self, key: str = KEY) -> set[Any]:
+        """Keys committed to the store (empty for a new store)."""
+
+        def read() -> set[Any]:
+            out: set[Any] = set()
+            for p in self.parts:
+                out.update(self.part_keys(p, key))
+            return out
+
+        return set(self._once(("ids", key), read))
+
+    def iter(self, columns: list[str] | None = None, key: str | None = KEY) -> Iterator[pa.Table]:
+        """The store's parts one at a time (bounded memory), each without the rows whose key an earlier part
+        (or an earlier row) already holds. ``columns`` narrows the read (the key is always read, first; a column
+        a part lacks is skipped); ``key=None`` reads every row as it is."""
+        seen: set[Any] = set()
+        cols = None if columns is None else list(dict.fromkeys([key, *columns] if key else columns))
+        for p in self._nonempty():
+            names = self.part_schema(p).names
+            table = storage.read_table(p, columns=None if cols is None else [c for c in cols if c in names])
+            if key is None:
+                yield table
+                continue
+            keys = table.column(key).to_pylist()
+            with self._lock:  # the keys came with the rows: a later ids() or dataset() needs no read of its own
+                self._cache.setdefault(("keys", p, key), keys)
+            keep = []
+            for i, k in enumerate(keys):
+                if k not in seen:
+                    seen.add(k)
+                    keep.append(i)
+            yield table if len(keep) == table.num_rows else table.take(pa.array(keep, pa.int64()))
+
+    def read(self, columns: list[str] | None = None, key: str | None = KEY) -> pa.Table:
+        """All rows, one per key (:meth:`iter`), as one table (schemas unified)."""
+        return pa.concat_tables(list(self.iter(columns, key)), promote_options="default")
+
+    def dataset(self, columns: list[str] | None = None, key: str = KEY) -> Any:
+        """The store as a Ray Dataset (lazy), one row per key like :meth:`read`: rows whose key an earlier part
+        holds are dropped. Only the keys pass through the driver (to find such rows; read once per value)."""
+        import ray
+
+        files = self._nonempty()
+        drop: dict[str, set[str]] = {}
+        seen: set[str] = set()
+        for f in files:
+            ids = self.part_keys(f, key)
+            again = {k for k in ids if k in seen}
+            if again:
+                drop[storage.ray_path(f)] = again
+            seen.update(ids)
+        # Ray 2.60 plans read_parquet as a DataSourceV2 read by default, which lists the files through a pool of
+        # footer-reading actors (32 by default) on every read, for pushdown over large listings. A part store is
+        # read whole from files it already knows, so that pool is pure start-up cost (six reads of a 4-part store
+        # on a 2-CPU local Ray: 26.6 s with it, 5.7 s with the V1 read).
+        with data_context(use_datasource_v2=False):
+            ds = ray.data.read_parquet([storage.ray_path(f) for f in files],
+                                       filesystem=storage.ray_filesystem(self.uri), include_paths=bool(drop))
+        if columns is not None:
+            ds = ds.select_columns(list(dict.fromkeys([key, *columns, *(["path"] if drop else [])])))
+        if drop:
+            ds = ds.map_batches(_drop_rows, fn_kwargs={"drop": drop, "key": key}, batch_format="pyarrow")
+        return ds
+
+
+def _list_parts(uri: str) -> list[str]:
     fs, path = storage.filesystem(uri)
     if fs.get_file_info(path).type == pafs.FileType.File:
         return [uri]
     return [p for p in storage.list_files(uri, ".parquet") if p.rsplit("/", 1)[-1].startswith(PART_PREFIX)]
-
-
-def _parts(uri: str) -> list[str]:
-    files = part_files(uri)
-    if not files:
-        raise FileNotFoundError(f"no Parquet parts under {uri}")
-    return files
-
-
-def write_part(uri: str, table: pa.Table, name: str | None = None) -> str:
-    """Commit ``table`` as one part of the store ``uri`` (atomically); returns the part's URI."""
-    part = storage.join(uri, name or f"{PART_PREFIX}{time.time_ns():020d}-{uuid.uuid4().hex[:8]}.parquet")
-    storage.write_table(part, table)
-    return part
-
-
-def part_columns(uri: str) -> list[str]:
-    """Column names of the store (its first part's schema)."""
-    fs, path = storage.filesystem(_parts(uri)[0])
-    return pq.read_schema(path, filesystem=fs).names
-
-
-def stored_ids(uri: str, key: str = KEY) -> set[str]:
-    """Keys already committed to the store (empty for a new store)."""
-    ids: set[str] = set()
-    for p in part_files(uri):
-        ids.update(storage.read_table(p, columns=[key]).column(key).to_pylist())
-    return ids
-
-
-def iter_parts(uri: str, columns: list[str] | None = None, key: str | None = KEY) -> Iterator[pa.Table]:
-    """The store's parts one at a time (bounded memory), each without the rows whose key an earlier part (or an
-    earlier row) already holds. ``columns`` narrows the read (the key is always read, first; a column a part
-    lacks is skipped); ``key=None`` reads every row as it is."""
-    seen: set[Any] = set()
-    cols = None if columns is None else list(dict.fromkeys([key, *columns] if key else columns))
-    for p in _parts(uri):
-        table = storage.read_table(p, columns=None if cols is None else [c for c in cols if c in part_columns(p)])
-        if key is None:
-            yield table
-            continue
-        keep = []
-        for i, k in enumerate(table.column(key).to_pylist()):
-            if k not in seen:
-                seen.add(k)
-                keep.append(i)
-        yield table if len(keep) == table.num_rows else table.take(pa.array(keep, pa.int64()))
-
-
-def read_parts(uri: str, columns: list[str] | None = None, key: str | None = KEY) -> pa.Table:
-    """All rows of a store, one per key (:func:`iter_parts`), as one table (schemas unified)."""
-    tables = list(iter_parts(uri, columns, key))
-    return pa.concat_tables(tables, promote_options="default")
 
 
 def _drop_rows(batch: pa.Table, drop: dict[str, set[str]], key: str) -> pa.Table:
@@ -97,32 +202,45 @@ def _drop_rows(batch: pa.Table, drop: dict[str, set[str]], key: str) -> pa.Table
     return batch.filter(keep).drop_columns(["path"])
 
 
-def read_dataset(uri: str, columns: list[str] | None = None, key: str = KEY) -> Any:
-    """The store as a Ray Dataset (lazy), one row per key like :func:`read_parts`: rows whose key an earlier
-    part holds are dropped. Only the keys pass through the driver (to find such rows)."""
-    import ray
+# The functions below take a URI (listed anew on every call, as a store that is being written must be) or an
+# open PartStore (its listing and reads shared with the caller's other calls).
 
-    files = _parts(uri)
-    drop: dict[str, set[str]] = {}
-    seen: set[str] = set()
-    for f in files:
-        ids = storage.read_table(f, columns=[key]).column(key).to_pylist()
-        again = {k for k in ids if k in seen}
-        if again:
-            drop[storage.ray_path(f)] = again
-        seen.update(ids)
-    # Ray 2.60 plans read_parquet as a DataSourceV2 read by default, which lists the files through a pool of
-    # footer-reading actors (32 by default) on every read, for pushdown over large listings. A part store is
-    # read whole from files it already knows, so that pool is pure start-up cost (six reads of a 4-part store
-    # on a 2-CPU local Ray: 26.6 s with it, 5.7 s with the V1 read).
-    with data_context(use_datasource_v2=False):
-        ds = ray.data.read_parquet([storage.ray_path(f) for f in files], filesystem=storage.ray_filesystem(uri),
-                                   include_paths=bool(drop))
-    if columns is not None:
-        ds = ds.select_columns(list(dict.fromkeys([key, *columns, *(["path"] if drop else [])])))
-    if drop:
-        ds = ds.map_batches(_drop_rows, fn_kwargs={"drop": drop, "key": key}, batch_format="pyarrow")
-    return ds
+def part_files(store: str | PartStore) -> list[str]:
+    """The committed parts of a store, in commit order (a single Parquet file is a store of one part)."""
+    return PartStore.of(store).parts
+
+
+def write_part(uri: str, table: pa.Table, name: str | None = None) -> str:
+    """Commit ``table`` as one part of the store ``uri`` (atomically); returns the part's URI."""
+    part = storage.join(uri, name or f"{PART_PREFIX}{time.time_ns():020d}-{uuid.uuid4().hex[:8]}.parquet")
+    storage.write_table(part, table)
+    return part
+
+
+def part_columns(store: str | PartStore) -> list[str]:
+    """Column names of the store (its first part's schema)."""
+    return PartStore.of(store).columns
+
+
+def stored_ids(store: str | PartStore, key: str = KEY) -> set[str]:
+    """Keys already committed to the store (empty for a new store)."""
+    return PartStore.of(store).ids(key)
+
+
+def iter_parts(store: str | PartStore, columns: list[str] | None = None, key: str | None = KEY
+               ) -> Iterator[pa.Table]:
+    """:meth:`PartStore.iter`: the parts one at a time, one row per key."""
+    return PartStore.of(store).iter(columns, key)
+
+
+def read_parts(store: str | PartStore, columns: list[str] | None = None, key: str | None = KEY) -> pa.Table:
+    """:meth:`PartStore.read`: all rows of a store, one per key, as one table (schemas unified)."""
+    return PartStore.of(store).read(columns, key)
+
+
+def read_dataset(store: str | PartStore, columns: list[str] | None = None, key: str = KEY) -> Any:
+    """:meth:`PartStore.dataset`: the store as a Ray Dataset (lazy), one row per key."""
+    return PartStore.of(store).dataset(columns, key)
 
 
 class PartWriter:

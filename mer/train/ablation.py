@@ -4,25 +4,25 @@ from __future__ import annotations
 
 from mer.config import MerConfig
 from mer.store import storage
-from mer.store.parts import part_columns
+from mer.store.parts import PartStore
 from mer.train.run import train_run
 
 
-def ablation_table(cfg: MerConfig, features_uri: str, out_uri: str) -> dict[str, float]:
+def ablation_table(cfg: MerConfig, features_uri: str | PartStore, out_uri: str) -> dict[str, float]:
     """Train each modality of ``cfg.train.modalities`` present in the store alone, then all fused.
 
     Returns ``{setting: WAF}`` (test split when labelled, else out-of-fold), also written to
     ``<out>/ablation.json``; each setting's run lives in ``<out>/<setting>`` and is resumed if present.
     """
-    cols = set(part_columns(features_uri))
-    mods = [m for m in cfg.train.modalities if m in cols]
+    store = PartStore.of(features_uri)  # opened once for every setting's run
+    mods = [m for m in cfg.train.modalities if m in store.columns]
     if not mods:
-        raise ValueError(f"none of {cfg.train.modalities} in feature store {features_uri}")
+        raise ValueError(f"none of {cfg.train.modalities} in feature store {store.uri}")
     settings = {m: [m] for m in mods}
     settings["fused"] = mods
     runs = {name: storage.join(out_uri, name) for name in settings}
     for name, ms in settings.items():
-        train_run(cfg, features_uri, runs[name], resume=True, modalities=ms)
+        train_run(cfg, store, runs[name], resume=True, modalities=ms)
     table = {name: f["waf"] for name, f in run_figures(runs).items()}
     storage.write_json(storage.join(out_uri, "ablation.json"), table)
     print(format_ablation(table))

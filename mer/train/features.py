@@ -7,7 +7,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from mer.config import LABELS
-from mer.store.parts import iter_parts, part_columns
+from mer.store.parts import PartStore
 
 LABEL_INDEX = {lab: k for k, lab in enumerate(LABELS)}
 
@@ -94,18 +94,20 @@ def input_stats(ds: object, modalities: list[str], dims: dict[str, int], ids: se
     return np.concatenate(means).tolist(), np.concatenate(stds).tolist()
 
 
-def modality_dims(features_uri: str, modalities: list[str]) -> dict[str, int]:
+def modality_dims(features: str | PartStore, modalities: list[str]) -> dict[str, int]:
     """Vector size of each modality: the length of its first non-null vector in the store.
 
     Reads one column at a time, part by part, only until a vector is found.
     """
-    cols = set(part_columns(features_uri))
+    store = PartStore.of(features)
+    features_uri = store.uri
+    cols = set(store.columns)
     missing = [m for m in modalities if m not in cols]
     if missing:
         raise ValueError(f"feature store {features_uri} has no column for modalities {missing}")
     dims: dict[str, int] = {}
     for m in modalities:
-        for part in iter_parts(features_uri, columns=[m]):
+        for part in store.iter(columns=[m]):
             col = part.column(m).drop_null()
             if len(col):
                 dims[m] = len(col[0].as_py())

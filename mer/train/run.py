@@ -28,7 +28,7 @@ from mer.runtime.placement import ensure_placeable, train_demands
 from mer.runtime.session import init_ray
 from mer.store import storage
 from mer.store.data_context import data_context
-from mer.store.parts import iter_parts, part_columns, read_dataset, read_parts
+from mer.store.parts import PartStore, iter_parts, read_dataset, read_parts
 from mer.train.ensemble import load_ensemble
 from mer.train.features import LABEL_INDEX, input_stats, label_index, modality_dims
 from mer.train.fold import controller_poll_interval, run_folds
@@ -42,7 +42,8 @@ log = logging.getLogger("mer.train")
 _ROWS_SCHEMA = pa.schema([("clip_id", pa.string()), ("y", pa.int64()), ("w", pa.float32()), ("fold", pa.int32())])
 
 
-def label_rows(features_uri: str, labels_uri: str | None) -> tuple[pa.Table, pa.Table, dict[str, str], pa.Table]:
+def label_rows(features_uri: str | PartStore, labels_uri: str | None
+               ) -> tuple[pa.Table, pa.Table, dict[str, str], pa.Table]:
     """(cross-validation rows, pseudo rows, clip → split, the store's labelled train rows).
 
     CV rows: clip_id, y, w; pseudo rows add ``fold`` (null: trains in every fold, k: only in fold k's
@@ -134,7 +135,8 @@ def quiet_data() -> Iterator[None]:
         yield
 
 
-def score_split(features_uri: str, run_uri: str, modalities: list[str], split: str) -> pa.Table | None:
+def score_split(features_uri: str | PartStore, run_uri: str, modalities: list[str], split: str
+                ) -> pa.Table | None:
     """Fold-ensemble predictions (mean over folds) for one split of the store, part by part on the driver.
 
     Evaluation only touches the held-out split's rows of one part at a time, so memory stays bounded;
@@ -167,27 +169,29 @@ def _table_bytes(table: pa.Table) -> bytes:
     return buf.getvalue()
 
 
-def resolve_modalities(cfg: MerConfig, features_uri: str, modalities: list[str] | None) -> list[str]:
+def resolve_modalities(cfg: MerConfig, features_uri: str | PartStore, modalities: list[str] | None) -> list[str]:
     """The modalities a run fuses: ``modalities`` (each must be in the store), else those of ``train.modalities``
     the store has; validated as the config is."""
 
     mods = list(modalities or cfg.train.modalities)
     TrainConfig.model_validate({**cfg.train.model_dump(), "modalities": mods})  # same checks as the config
-    cols = set(part_columns(features_uri))
+    store = PartStore.of(features_uri)
+    cols = set(store.columns)
     if modalities is None:
         # The config lists every branch; a store built with some branches disabled simply lacks them.
         mods = [m for m in mods if m in cols]
     missing = [m for m in mods if m not in cols]
     if missing or not mods:
-        raise ValueError(f"modalities {missing or mods} not in feature store {features_uri}")
+        raise ValueError(f"modalities {missing or mods} not in feature store {store.uri}")
     return mods
 
 
 # ----------------------------------------------------------------------------------------- train_run
-def train_run(cfg: MerConfig, features_uri: str, out_uri: str, *, resume: bool = False,
+def train_run(cfg: MerConfig, features_uri: str | PartStore, out_uri: str, *, resume: bool = False,
               labels_uri: str | None = None, modalities: list[str] | None = None,
               run_name: str | None = None, callbacks: list[Any] | None = None) -> dict:
-    """k-fold training of ``cfg.train.model`` on a feature store; writes the run directory, returns metrics.
+    """k-fold training of ``cfg.train.model`` on a feature store (its URI, or the store opened once by the caller:
+    every read of it here shares one listing); writes the run directory, returns metrics.
 
     ``resume=True`` returns a finished run's metrics as they are, skips finished folds and continues the
     unfinished one from its latest Ray Train checkpoint; ``resume=False`` starts over (clears checkpoints).
@@ -214,16 +218,17 @@ def train_run(cfg: MerConfig, features_uri: str, out_uri: str, *, resume: bool =
             fs, path = storage.filesystem(metrics_uri)
             fs.delete_file(path)
 
-    mods = resolve_modalities(cfg, features_uri, modalities)
+    store = PartStore.of(features_uri)
+    mods = resolve_modalities(cfg, store, modalities)
     cfg = with_overrides(cfg, [f"train.modalities=[{','.join(mods)}]"])
     tc = cfg.train
-    dims = modality_dims(features_uri, mods)
+    dims = modality_dims(store, mods)
     # What the model's inputs are: scoring checks (or reproduces) the extraction it was trained on.
-    spec = {**build_model(tc.model, dims, tc).spec(), "features": store_record(features_uri)}
+    spec = {**build_model(tc.model, dims, tc).spec(), "features": store_record(store)}
     storage.write_text(storage.join(out_uri, "config.yaml"), dump_config(cfg))
     storage.write_json(model_file(out_uri), spec)
 
-    cv, pseudo, split_of, store_train = label_rows(features_uri, labels_uri)
+    cv, pseudo, split_of, store_train = label_rows(store, labels_uri)
     cv_ids = cv.column("clip_id").to_pylist()
     cv_y = np.asarray(cv.column("y").to_numpy(), np.int64)
     cv_w = np.asarray(cv.column("w").to_numpy(), np.float32)
@@ -246,7 +251,7 @@ def train_run(cfg: MerConfig, features_uri: str, out_uri: str, *, resume: bool =
     # Ray Data, not the driver, holds the vectors; materialised once so that the training workers (which
     # may hold every CPU of a small cluster) never wait for read tasks.
     with quiet_data():
-        base = read_dataset(features_uri, columns=mods).materialize()
+        base = read_dataset(store, columns=mods).materialize()
     stats = None
     if tc.standardize_inputs:
         t0 = time.time()
@@ -323,10 +328,10 @@ def train_run(cfg: MerConfig, features_uri: str, out_uri: str, *, resume: bool =
     records = [fold_records[k] for k in sorted(fold_records)]
 
     t_fin = time.time()
-    metrics = _finish_run(cfg, features_uri, out_uri, records, mods, split_of)
+    metrics = _finish_run(cfg, store, out_uri, records, mods, split_of)
     metrics.update({"skipped_folds": skipped, "seconds": round(time.time() - t_start, 2),
                     "run_name": run_name or out_uri.rstrip("/").rsplit("/", 1)[-1], "labels": labels_uri,
-                    "n_cv": len(cv_ids), "n_pseudo": len(pseudo_ids), "features": features_uri,
+                    "n_cv": len(cv_ids), "n_pseudo": len(pseudo_ids), "features": store.uri,
                     "features_config_hash": spec["features"]["config_hash"]})
     storage.write_json(metrics_uri, metrics)
     _write_report(out_uri)
@@ -344,8 +349,8 @@ def _write_report(run_uri: str) -> None:
         log.warning("run %s: report.html not written: %s: %s", run_uri, type(e).__name__, e)
 
 
-def _finish_run(cfg: MerConfig, features_uri: str, out_uri: str, records: list[dict], mods: list[str],
-                split_of: dict[str, str]) -> dict:
+def _finish_run(cfg: MerConfig, features_uri: str | PartStore, out_uri: str, records: list[dict],
+                mods: list[str], split_of: dict[str, str]) -> dict:
     """Assemble OOF predictions, test-split ensemble evaluation, tables and plots."""
     tc = cfg.train
     oof_parts = []
