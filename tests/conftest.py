@@ -12,10 +12,11 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import pytest
+
+from waiting import wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 CACHE = ROOT / ".cache"
@@ -113,23 +114,26 @@ class RayHead:
                                      start_new_session=True)
 
     def _wait_started(self, deadline_s: float = 240.0) -> bool:
-        deadline = time.time() + deadline_s
-        while time.time() < deadline:
+        """Whether the node came up within ``deadline_s``: its log says so and its process still runs."""
+
+        def state() -> str | None:
             if self.STARTED in self.log_path.read_text(errors="replace"):
-                return self.proc.poll() is None
-            if self.proc.poll() is not None:
-                return False
-            time.sleep(1.0)
-        return False
+                return "started"
+            return "exited" if self.proc.poll() is not None else None
+
+        try:
+            return wait_for("the Ray node", state, deadline_s, every_s=1.0) == "started" and self.proc.poll() is None
+        except TimeoutError:
+            return False
 
     def client(self, deadline_s: float = 300.0):
         """A JobSubmissionClient once the dashboard and its job agent accept submissions."""
         from ray.job_submission import JobSubmissionClient
 
         headers = {"Authorization": f"Bearer {self.token}"}
-        deadline = time.time() + deadline_s
-        last: Exception | None = None
-        while time.time() < deadline:
+        errors: list[Exception] = []
+
+        def connect() -> JobSubmissionClient | None:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"ray head exited ({self.proc.returncode}):\n{self.log_path.read_text()[-3000:]}")
             try:
@@ -137,9 +141,11 @@ class RayHead:
                 c.list_jobs()
                 return c
             except Exception as e:  # noqa: BLE001 - not up yet
-                last = e
-                time.sleep(1.0)
-        raise RuntimeError(f"ray head not reachable at {self.dashboard}: {last}")
+                errors.append(e)
+                return None
+
+        return wait_for(f"the Jobs API of the ray head at {self.dashboard}", connect, deadline_s, every_s=1.0,
+                        details=lambda: f"last error: {errors[-1] if errors else None}")
 
     def diagnostics(self) -> str:
         """Head process state and the tails of its logs (for failure messages)."""
@@ -274,13 +280,15 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory):
            "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": endpoint}
     old = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
-    deadline = time.time() + 30
-    while time.time() < deadline:
+
+    def listening() -> bool:
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                break
+                return True
         except OSError:
-            time.sleep(0.2)
+            return False
+
+    wait_for(f"moto's server on port {port}", listening, 30, every_s=0.2)
     import boto3
 
     boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="mer-test")
@@ -401,9 +409,11 @@ def trained_run(ablation) -> Path:
 
 @pytest.fixture(scope="session")
 def kill_worker():
-    """:class:`KillWorker`, shipped to Ray Train's controller by value."""
+    """:class:`KillWorker`, shipped to Ray Train's controller by value (with the :mod:`waiting` it uses)."""
     import faults
     import ray.cloudpickle
+    import waiting
 
     ray.cloudpickle.register_pickle_by_value(faults)
+    ray.cloudpickle.register_pickle_by_value(waiting)
     return faults.KillWorker

@@ -1,6 +1,6 @@
 """Faults the tests inject from outside ``mer/``: a Ray Train callback that kills a training worker, or its
 whole node, at an exact point of a run. A module of its own (no fixtures, no environment changes), so that a
-driver process of a drill can import it too."""
+driver process of a drill can import it too. Shipped to Ray Train's controller by value, with :mod:`waiting`."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ import signal
 import time
 from pathlib import Path
 from typing import Any
+
+from waiting import wait_for
 
 
 def _descendants(root: int) -> list[int]:
@@ -113,11 +115,7 @@ class HoldFold:
             def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
                 if metrics[0]["fold"] != spec.fold or metrics[0]["epoch"] != spec.after_epoch:
                     return
-                deadline = time.time() + spec.timeout_s
-                while not spec.marker.exists():
-                    if time.time() > deadline:
-                        raise TimeoutError(f"fold {spec.fold}: {spec.marker} not written within {spec.timeout_s} s "
-                                           "(the other fold never trained beside this one)")
-                    time.sleep(0.05)
+                wait_for(f"fold {spec.fold} held until {spec.marker} is written (by a fold training beside it)",
+                         spec.marker.exists, spec.timeout_s)
 
         return _Hold()

@@ -32,6 +32,14 @@ def clips(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
             "missing": str(d / "missing.mp4"), "hang": hang, "wav_src": good}
 
 
+# Decode timeouts. Where some request of a test must answer in time (a good clip, the fallback's decode), the
+# timeout is ANSWER_S: far above a decode of these clips on a loaded 2-core box (tens of ms), so load cannot make a
+# request that answers look hung; each hang then costs ANSWER_S of waiting. Where every request under the timeout
+# hangs (the double never answers them), nothing races it and HANG_ONLY_S keeps the wait short.
+ANSWER_S = 5.0
+HANG_ONLY_S = 1.0
+
+
 def _cfg(*extra: str):
     return load_config(overrides=["extract.decode.num_frames=4", "extract.decode.frame_size=64",
                                   "extract.decode.timeout_s=20", *extra])
@@ -95,12 +103,13 @@ def test_bad_inputs_get_statuses(clips) -> None:
 
 
 def test_hanging_decoder_times_out_and_falls_back(clips) -> None:
-    dec = hanging_decoder("hang_me:decord")(_cfg("extract.decode.timeout_s=2"))  # decord "hangs" on this file only
+    # decord "hangs" on this file only; the PyAV fallback must answer
+    dec = hanging_decoder("hang_me:decord")(_cfg(f"extract.decode.timeout_s={ANSWER_S}"))
     try:
         r = dec.decode_one(clips["hang"])
         assert r["decode_status"] == "ok" and r["decode_backend"] == "pyav"
         assert r["frames"].shape == (4, 64, 64, 3) and r["audio_status"] == "ok"
-        assert "no answer within 2s" in r["decode_error"]
+        assert f"no answer within {ANSWER_S:g}s" in r["decode_error"]
         assert dec.timeouts == 1 and dec.fallbacks == 1 and dec.child.restarts == 1
         # the replacement child keeps serving the next clips with the primary backend
         assert dec.decode_one(clips["good"])["decode_backend"] == "decord"
@@ -109,7 +118,7 @@ def test_hanging_decoder_times_out_and_falls_back(clips) -> None:
 
 
 def test_hang_without_fallback_is_decode_timeout(clips) -> None:
-    dec = hanging_decoder("hang_me")(_cfg("extract.decode.timeout_s=1.5"))  # every backend hangs
+    dec = hanging_decoder("hang_me")(_cfg(f"extract.decode.timeout_s={HANG_ONLY_S}"))  # every backend hangs
     try:
         r = dec.decode_one(clips["hang"])
         assert r["decode_status"] == "decode_timeout" and r["frames"] is None
@@ -130,7 +139,7 @@ def test_child_runs_at_the_configured_extra_niceness() -> None:
 
     proc = DoubleProcess(niceness=3)
     try:
-        proc.call("sleep", {"seconds": 0}, timeout=60)
+        proc.call("reply", {}, timeout=60)
         assert _nice(proc.pid) == min(19, _nice(os.getpid()) + 3)
     finally:
         proc.kill()
@@ -140,14 +149,14 @@ def test_child_timeout_kill_and_recycle() -> None:
     proc = DoubleProcess(recycle_every=2)
     try:
         with pytest.raises(DecodeTimeout):
-            proc.call("sleep", {"seconds": 30}, timeout=1.0)
+            proc.call("reply", {"hang": True}, timeout=HANG_ONLY_S)
         assert proc.proc is None and proc.restarts == 1
         with pytest.raises(RuntimeError, match="unknown request"):
             proc.call("os_system", {}, timeout=30)
         first = proc.pid
-        proc.call("sleep", {"seconds": 0}, timeout=30)
+        proc.call("reply", {}, timeout=30)
         assert proc.pid == first and proc.rss() > 0
-        proc.call("sleep", {"seconds": 0}, timeout=30)  # third call on this child: recycled first
+        proc.call("reply", {}, timeout=30)  # third call on this child: recycled first
         assert proc.pid != first and proc.recycles == 1
     finally:
         proc.kill()
@@ -156,7 +165,8 @@ def test_child_timeout_kill_and_recycle() -> None:
 def test_child_map_queues_requests_and_resends_those_behind_a_hang() -> None:
     proc = DoubleProcess(recycle_every=100, window=4)
     try:
-        out = proc.map("sleep", [{"seconds": 0}, {"seconds": 30}, {"seconds": 0}, {"seconds": 0}], timeout=1.5)
+        # the requests behind the hang must answer once re-sent to a fresh child: ANSWER_S
+        out = proc.map("reply", [{}, {"hang": True}, {}, {}], timeout=ANSWER_S)
         assert out[0] is None and isinstance(out[1], DecodeTimeout) and out[2] is None and out[3] is None
         assert proc.restarts == 1  # one kill; the two queued behind the hang were re-sent to a fresh child
         bad = proc.map("os_system", [{}], timeout=30)
@@ -168,14 +178,14 @@ def test_child_map_queues_requests_and_resends_those_behind_a_hang() -> None:
 def test_child_map_recycles_mid_batch() -> None:
     proc = DoubleProcess(recycle_every=2, window=4)
     try:
-        assert proc.map("sleep", [{"seconds": 0}] * 5, timeout=30) == [None] * 5
+        assert proc.map("reply", [{}] * 5, timeout=30) == [None] * 5
         assert proc.recycles == 2 and proc.restarts == 0 and proc.calls == 1
     finally:
         proc.kill()
 
 
 def test_batch_decode_matches_in_process_and_survives_a_hang(clips) -> None:
-    cfg = _cfg("extract.decode.timeout_s=2")
+    cfg = _cfg(f"extract.decode.timeout_s={ANSWER_S}")  # the good clips and the fallback must answer
     dec = hanging_decoder("hang_me:decord")(cfg)
     try:
         rows = dec.decode_rows([clips["good"], clips["hang"], clips["missing"], clips["odd"]], [None] * 4)

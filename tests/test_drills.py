@@ -19,13 +19,13 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import faults
 import pyarrow.parquet as pq
 import pytest
 from conftest import SESSION_TOKEN, RayHead
+from waiting import wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 MER = [sys.executable, "-m", "mer.cli"]
@@ -116,17 +116,19 @@ class Driver:
     def console(self) -> str:
         return self.log.read_text(errors="replace")
 
+    def running(self) -> None:
+        """Fails the test when the driver has exited (a wait for what it would do is then over)."""
+        if self.proc.poll() is not None:
+            pytest.fail(f"the driver exited ({self.proc.returncode}):\n{self.console()[-4000:]}")
+
     def wait_for_parts(self, store: Path, timeout_s: float = 600.0) -> None:
         """Until the first part is committed to ``store`` (the stream is running and writing)."""
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                pytest.fail(f"the driver exited ({self.proc.returncode}) before committing a part:\n"
-                            f"{self.console()[-4000:]}")
-            if any(store.glob("part-*.parquet")):
-                return
-            time.sleep(0.05)
-        pytest.fail(f"no part committed to {store} within {timeout_s:g} s:\n{self.console()[-4000:]}")
+
+        def committed() -> bool:
+            self.running()
+            return any(store.glob("part-*.parquet"))
+
+        wait_for(f"a part committed to {store}", committed, timeout_s, details=lambda: self.console()[-4000:])
 
     def signal(self, sig: int) -> None:
         os.kill(self.proc.pid, sig)
@@ -187,11 +189,13 @@ def _lose_node_once_actor_runs(drill: DrillCluster, driver: Driver, cls: str, st
     """Lose the worker node as soon as an actor of ``cls`` runs there (a stream too short to be caught between
     two commits from outside: scoring 46 rows takes well under a second once its actor is up); the rows
     committed by then (fewer than ``n``)."""
-    deadline = time.monotonic() + 600
-    while not _actor_on_worker(drill, cls):
-        assert driver.proc.poll() is None, driver.console()[-4000:]
-        assert time.monotonic() < deadline, f"no {cls} actor within 600 s:\n{driver.console()[-4000:]}"
-        time.sleep(0.02)
+
+    def on_worker() -> bool:
+        driver.running()
+        return _actor_on_worker(drill, cls)
+
+    wait_for(f"a {cls} actor on the worker node", on_worker, 600, every_s=0.02,
+             details=lambda: driver.console()[-4000:])
     return _lose_node_holding_driver(drill, driver, store, n)
 
 
@@ -271,11 +275,13 @@ def test_training_continues_the_same_run_when_its_worker_node_is_lost(drill: Dri
     run, marker = tmp_path / "run", tmp_path / "killed.txt"
     driver = Driver(drill, [str(cfg), train_store, str(run), str(marker), str(drill.worker.proc.pid)],
                     tmp_path / "console.txt", command=[sys.executable, str(ROOT / "tests" / "drill_train.py")])
-    deadline = time.monotonic() + 600
-    while not marker.exists():
-        assert driver.proc.poll() is None, driver.console()[-4000:]
-        assert time.monotonic() < deadline, "fold 0 never reported epoch 2:\n" + driver.console()[-4000:]
-        time.sleep(0.1)
+
+    def killed() -> bool:
+        driver.running()
+        return marker.exists()
+
+    wait_for("fold 0's epoch-2 report (and the node lost after it)", killed, 600, every_s=0.1,
+             details=lambda: driver.console()[-4000:])
     assert "killed the node of rank 0 at epoch 3" in marker.read_text()
     drill.lose_worker()  # already gone: a fresh node joins
     metrics = driver.wait()

@@ -10,7 +10,6 @@ import os
 import shutil
 import signal
 import threading
-import time
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +20,8 @@ from mer.config import with_overrides
 from mer.extract import schema
 from mer.extract.pipeline import extract_features
 from mer.store import parts, storage
+
+from waiting import wait_for
 
 BROKEN = {  # clip_id -> expected (decode_status, global_visual, face, audio, text) statuses
     "zero_byte": ("decode_error", "decode_error", "decode_error", "decode_error", "ok"),
@@ -227,16 +228,6 @@ def _our_actor_pids(class_hint: str, states: tuple[str, ...] = ("ALIVE",)) -> li
     return pids
 
 
-def _wait_for(what: str, probe, timeout_s: float = 120.0, every_s: float = 0.05):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        got = probe()
-        if got:
-            return got
-        time.sleep(every_s)
-    raise TimeoutError(f"{what} not seen within {timeout_s:g} s")
-
-
 def test_encoder_actor_killed_mid_run_is_restarted(ray_local, tiny_config, clip_manifest, tmp_path) -> None:
     """An encoder actor dies while the stream still has clips for it: the job finishes by itself with
     every clip exactly once. The test holds the stream still while it kills: the decode actor is paused
@@ -256,15 +247,15 @@ def test_encoder_actor_killed_mid_run_is_restarted(ray_local, tiny_config, clip_
 
     def drill() -> None:
         try:
-            paused.extend(_wait_for("the decode actor", lambda: _our_actor_pids(
-                "ClipDecoder", ("PENDING_CREATION", "ALIVE"))))
+            paused.extend(wait_for("the decode actor", lambda: _our_actor_pids(
+                "ClipDecoder", ("PENDING_CREATION", "ALIVE")), 120))
             for pid in paused:
                 os.kill(pid, signal.SIGSTOP)
-            victim = _wait_for("the audio encoder actor", lambda: _our_actor_pids("AudioEncoder"))[0]
+            victim = wait_for("the audio encoder actor", lambda: _our_actor_pids("AudioEncoder"), 120)[0]
             os.kill(victim, signal.SIGKILL)
             events["killed"] = victim
-            events["replacement"] = _wait_for("a new audio encoder actor", lambda: [
-                p for p in _our_actor_pids("AudioEncoder") if p != victim])[0]
+            events["replacement"] = wait_for("a new audio encoder actor", lambda: [
+                p for p in _our_actor_pids("AudioEncoder") if p != victim], 120)[0]
         except Exception as e:  # noqa: BLE001 - reported by the main thread
             events["error"] = e
         finally:

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import secrets
 import shlex
-import time
 from pathlib import Path
 
 import pytest
+
+from waiting import wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 BUCKET = "s3://mer-test"
@@ -54,24 +55,25 @@ def _run_job(client, entrypoint: list[str], env_vars: dict[str, str], deadline_s
 
     runtime_env = {"working_dir": str(ROOT), "env_vars": env_vars,
                    "excludes": [".git", ".venv", ".cache", "runs", "tests", "*.png"]}
-    sub_id = None
-    deadline = time.time() + 120
-    while sub_id is None:
+    def submit() -> str | None:
         try:
-            sub_id = client.submit_job(entrypoint=shlex.join(entrypoint), runtime_env=runtime_env)
+            return client.submit_job(entrypoint=shlex.join(entrypoint), runtime_env=runtime_env)
         except RuntimeError as e:  # "No available agent to submit job" while the head warms up
-            if time.time() > deadline or "agent" not in str(e):
+            if "agent" not in str(e):
                 raise
-            time.sleep(2.0)
-    deadline = time.time() + deadline_s
-    while True:
+            return None
+
+    sub_id = wait_for("a job agent taking the submission", submit, 120, every_s=2.0)
+
+    def ended() -> JobStatus | None:
         status = client.get_job_status(sub_id)
-        if status in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
-            break
-        if time.time() > deadline:
-            client.stop_job(sub_id)
-            break
-        time.sleep(2.0)
+        return status if status in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED) else None
+
+    try:
+        status = wait_for(f"job {' '.join(entrypoint[:3])} to end", ended, deadline_s, every_s=2.0)
+    except TimeoutError:
+        client.stop_job(sub_id)
+        status = client.get_job_status(sub_id)
     logs = client.get_job_logs(sub_id)
     if status != JobStatus.SUCCEEDED:
         info = client.get_job_info(sub_id)
@@ -105,7 +107,6 @@ def _upload_dataset(synth: dict, fs) -> tuple[str, list[str]]:
 
 def test_jobs_extract_train_score_on_s3(ray_head, s3_server, tiny_models_dir, tmp_path):
     """Three submitted jobs read and write only s3://, and leave features, fold models and predictions."""
-    pytest.importorskip("mer.synth.dataset", reason="generated dataset module not there yet")
     from mer.store import storage
     from mer.synth.dataset import synth_dataset
 

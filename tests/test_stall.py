@@ -15,6 +15,8 @@ import pytest
 from mer.runtime import stall
 from mer.runtime.stall import PoolState, StallWatch, StreamStalled, watched
 
+from waiting import wait_for
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -122,9 +124,7 @@ def test_the_hand_over_keeps_items_errors_and_closes_the_source() -> None:
     it = watched(source, watch)
     assert next(it) == 0
     it.close()  # the consumer stops early: the producer closes the source at its next item
-    deadline = time.monotonic() + 30
-    while not closed and time.monotonic() < deadline:
-        time.sleep(0.1)
+    wait_for("the source closed", lambda: closed, 30, every_s=0.1)
     assert closed == [True]
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 import os
 import sys
-import time
 from pathlib import Path
 
 import pyarrow as pa
@@ -18,6 +17,9 @@ import pytest
 
 from mer.runtime.stream import restartable, write_stream
 from mer.store.parts import part_files
+
+import waiting
+from waiting import wait_for
 
 SCHEMA = pa.schema([("clip_id", pa.string()), ("value", pa.int64())])
 KEYS = [f"k{i:02d}" for i in range(12)]
@@ -29,9 +31,7 @@ def _fail_once(batch: pa.Table, marks: str, how: str) -> pa.Table:
     (so the failure lands mid-stream): ``how="crash"`` exits the worker process, ``"user"`` raises."""
     m = Path(marks)
     if VICTIM in batch.column("clip_id").to_pylist() and not (m / "failed").exists():
-        deadline = time.time() + 120
-        while not (m / "received").exists() and time.time() < deadline:
-            time.sleep(0.05)
+        wait_for("the driver to receive a batch", (m / "received").exists, 120)
         (m / "failed").write_text(how)
         if how == "crash":
             os._exit(1)
@@ -43,8 +43,9 @@ def _run(tmp_path: Path, how: str, calls: list[list[str]], restarts: int = 2):
     import ray
     import ray.cloudpickle
 
-    # Ray's workers cannot import this test module: ship _fail_once by value.
+    # Ray's workers cannot import this test module: ship _fail_once by value (with the wait_for it uses).
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    ray.cloudpickle.register_pickle_by_value(waiting)
     marks = tmp_path / "marks"
     marks.mkdir()
 

@@ -58,6 +58,8 @@ def test_run_directory_contract(ablation, store: str) -> None:
     hist = pq.read_table(run / "history.parquet").to_pylist()
     assert {(r["fold"], r["epoch"]) for r in hist} == {(f, e) for f in (0, 1) for e in range(1, 9)}
     assert hist[-1]["train_loss"] < hist[0]["train_loss"]
+    # what the workers really ran with: gloo and fp32 weights on CPU (the GPU test asks for nccl and bf16)
+    assert {(r["dist_backend"], r["weights_dtype"]) for r in hist} == {("gloo", "float32")}
     fm = pq.read_table(run / "fold_metrics.parquet").to_pylist()
     assert [r["fold"] for r in fm] == [0, 1] and all(r["n_val"] + r["n_train"] == n_train for r in fm)
 
@@ -162,6 +164,11 @@ def test_gpu_bf16_zero2_nccl(ray_local, store: str, train_cfg, tmp_path: Path) -
                           "train.resources.dtype": "bfloat16", "train.max_epochs": 4, "train.patience": 4})
     metrics = train_run(cfg, store, str(tmp_path / "gpu"))
     assert metrics["test"]["waf"] > 0.4
+    # What the workers really ran with, as each epoch's row records it: an NCCL process group and DeepSpeed's
+    # bf16 weights (asking for them is not enough: a CPU fallback would still train, on gloo in fp32).
+    hist = pq.read_table(tmp_path / "gpu" / "history.parquet").to_pylist()
+    assert len(hist) == 2 * 4 and {r["fold"] for r in hist} == {0, 1}
+    assert {(r["dist_backend"], r["weights_dtype"]) for r in hist} == {("nccl", "bfloat16")}, hist
 
 
 def test_parallel_folds_overlap_and_resume_the_failed_one(ray_local, store: str, train_cfg, kill_worker,

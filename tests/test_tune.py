@@ -22,6 +22,8 @@ import pytest
 from mer.config import PROB_COLUMNS, ConfigError, load_config
 from mer.store import storage
 
+from waiting import wait_for
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -122,18 +124,18 @@ def study(ray_local, ray_head, train_store: str, tmp_path_factory: pytest.TempPa
     out = tmp_path_factory.mktemp("tune") / "study"
     out.mkdir()
     proc = _mer_tune(ray_head, train_store, out)
-    deadline = time.time() + 900
-    before: dict[str, float] = {}
-    while time.time() < deadline and proc.poll() is None:
+
+    def saved_with_a_fold() -> list[Path]:
+        assert proc.poll() is None, f"the study ended (rc={proc.returncode}) before the kill:\n{_logs(out)}"
         records = list(out.glob("trials/*/folds/fold_*.json"))
-        if records and list(out.glob("tune/study/experiment_state*.json")):
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-            # Only what was committed before the kill: a record written since would be a resumed fold.
-            before = {str(p): json.loads(p.read_text())["finished_at"] for p in records}
-            break
-        time.sleep(0.5)
-    assert before, f"no fold finished before the deadline (rc={proc.poll()}):\n{_logs(out)}"
+        return records if records and list(out.glob("tune/study/experiment_state*.json")) else []
+
+    records = wait_for("a finished fold and Tune's saved experiment", saved_with_a_fold, 900, every_s=0.5,
+                       details=lambda: _logs(out))
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    # Only what was committed before the kill: a record written since would be a resumed fold.
+    before = {str(p): json.loads(p.read_text())["finished_at"] for p in records}
     assert not (out / "study.json").exists()
     proc = _mer_tune(ray_head, train_store, out)
     assert proc.wait(timeout=1200) == 0, _logs(out)

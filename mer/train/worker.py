@@ -284,6 +284,11 @@ def _train_fold(config: dict[str, Any], fold: int, rows: GroupRows,
                                                                           if p.requires_grad],
                                            config=deepspeed_config(tc))
     dtype = torch.bfloat16 if tc.bf16 else torch.float32
+    # What the fold really ran with, not what was asked for (every history row carries it): the process group's
+    # backend (nccl on GPUs, gloo on CPUs) and the dtypes of the weights DeepSpeed trains (bfloat16 with bf16).
+    ran_with = {"dist_backend": str(torch.distributed.get_backend()),
+                "weights_dtype": ",".join(sorted({str(p.dtype).removeprefix("torch.")
+                                                  for p in engine.module.parameters()}))}
     torch.manual_seed(tc.seed * 1000 + fold * 10 + rank + 1)  # modality dropout differs per rank
 
     state: dict[str, Any] = {"fold": fold, "epoch": 0, "best_waf": -1.0, "best_epoch": 0, "bad_epochs": 0,
@@ -365,7 +370,7 @@ def _train_fold(config: dict[str, Any], fold: int, rows: GroupRows,
         row = {"fold": fold, "epoch": epoch, "train_loss": loss_sum / max(n_seen, 1), "val_loss": val_loss,
                "val_waf": val_waf, "val_acc": val_acc, "best_val_waf": state["best_waf"],
                "samples_per_s": n_seen * world / max(train_seconds, 1e-9), "seconds": seconds,
-               "attempt": len(state["resumed_from"])}
+               "attempt": len(state["resumed_from"]), **ran_with}
         state["history"].append(row)
         if state["finished"]:
             state["finished_at"] = time.time()
