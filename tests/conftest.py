@@ -1,6 +1,7 @@
 """Shared fixtures: local Ray (2 CPUs), a moto S3 server on 127.0.0.1, tiny models, generated data, and what
 is expensive to make and read-only once made — a trained ablation (its fused run is the suite's trained run),
-a clip set and its extracted feature store — built once per session."""
+a clip set and its extracted feature store — built once per session. Tests that train, extract, or start
+clusters or engines are marked ``slow``: ``make check`` runs the others, ``make test`` everything."""
 
 from __future__ import annotations
 
@@ -36,6 +37,18 @@ for _k, _v in {
 # token once per process, so this process (a driver of that head) has them before anything imports Ray.
 SESSION_TOKEN = secrets.token_hex(16)
 os.environ.update({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": SESSION_TOKEN})
+
+
+# Session fixtures that train or extract (minutes on 2 cores). A test using one is marked `slow` (`make check`
+# leaves it out); collection fails on one that is not, so the fast tier stays fast.
+SLOW_FIXTURES = ("ablation", "trained_run", "extracted_store")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    unmarked = [item.nodeid for item in items if item.get_closest_marker("slow") is None
+                and any(f in getattr(item, "fixturenames", ()) for f in SLOW_FIXTURES)]
+    if unmarked:
+        raise pytest.UsageError(f"tests using {', '.join(SLOW_FIXTURES)} must be marked slow: {unmarked}")
 
 
 def _free_port() -> int:

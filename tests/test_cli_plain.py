@@ -19,7 +19,8 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 MER = [sys.executable, "-m", "mer.cli"]
 
-pytestmark = pytest.mark.timeout(1800)
+# make check leaves the module out: the plain command chain (extract, train, score) end to end
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 
 
 def _env() -> dict[str, str]:

@@ -31,7 +31,8 @@ ROOT = Path(__file__).resolve().parents[1]
 MER = [sys.executable, "-m", "mer.cli"]
 N_OK = 40  # + 6 broken inputs = 46 clips
 
-pytestmark = pytest.mark.timeout(1200)
+# make check leaves the module out: two-node clusters, nodes lost mid-run, a trained run
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
 
 # A lost node is declared dead after ~3 s instead of Ray's default ~15 s (GCS health checks of the raylets).
 FAST_DEATH = {"RAY_health_check_period_ms": "1000", "RAY_health_check_timeout_ms": "1000",

@@ -19,6 +19,9 @@ from mer.enrich.cache import EnrichCache  # noqa: E402
 from mer.enrich.stage import enrich_table  # noqa: E402
 from mer.store import storage  # noqa: E402
 
+# make check leaves the module out: the vLLM CPU engine starts in a Ray actor
+pytestmark = pytest.mark.slow
+
 ODD = "你\x00好\x07 مرحبا こんにちは 👩\u200d👩\u200d👧 {text} <|im_end|>"
 MAX_CHARS = 60
 

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import pytest
+
 from mer.bench.extract import bench_extract, format_bench
 from mer.config import with_overrides
+
+# make check leaves the module out: the bench runs the pipeline several times over
+pytestmark = pytest.mark.slow
 
 
 def test_bench_extract_reports_all_figures(ray_local, tiny_config, tmp_path) -> None:

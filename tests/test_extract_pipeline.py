@@ -23,6 +23,9 @@ from mer.store import parts, storage
 
 from waiting import wait_for
 
+# make check leaves the module out: every test extracts (the session's extracted store among them)
+pytestmark = pytest.mark.slow
+
 BROKEN = {  # clip_id -> expected (decode_status, global_visual, face, audio, text) statuses
     "zero_byte": ("decode_error", "decode_error", "decode_error", "decode_error", "ok"),
     "truncated": ("decode_error", "decode_error", "decode_error", "decode_error", "ok"),

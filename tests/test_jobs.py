@@ -16,6 +16,9 @@ import pytest
 
 from waiting import wait_for
 
+# make check leaves the module out: three submitted jobs each (extract/train/score, tune/ensemble/score) on S3
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parent.parent
 BUCKET = "s3://mer-test"
 PREFIX = f"{BUCKET}/jobs-e2e"

@@ -23,7 +23,8 @@ from mer.runs.layout import LOOP_FILE, best_run
 from mer.store import storage
 
 # The module fixture runs the whole loop (8 k-fold runs): ~6 min on 2 quiet cores, more on a loaded machine.
-pytestmark = pytest.mark.timeout(2400)
+# make check leaves the module out: the label loop trains a dozen runs
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(2400)]
 
 
 @pytest.fixture(scope="module")

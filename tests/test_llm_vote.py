@@ -43,6 +43,7 @@ def test_vote_prompt_carries_subtitle_and_description(tiny_config) -> None:
     assert enriched_descriptions(enriched) == {"a": "sounds calm"}
 
 
+@pytest.mark.slow
 def test_tiny_llm_votes_once_per_clip_and_reuses_its_cache(ray_local, tiny_config, tmp_path) -> None:
     cfg = with_overrides(tiny_config, ["enrich.backend=transformers", "enrich.resources.num_gpus=0",
                                        "enrich.resources.batch_size=4", "enrich.aux_resources.num_cpus=0.1",

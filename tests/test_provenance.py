@@ -91,6 +91,7 @@ def test_extraction_for_a_run_uses_its_settings_or_refuses(tmp_path: Path, caplo
     assert extraction_config(serving, _run_with_record(tmp_path / "old", None)) is serving
 
 
+@pytest.mark.slow
 def test_trained_run_records_its_store(trained_run: Path, train_store: str) -> None:
     spec = json.loads((trained_run / "models" / "model.json").read_text())
     assert spec["features"] == store_record(train_store)
@@ -109,6 +110,7 @@ def run_on_extracted_store(trained_run: Path, extracted_store, tmp_path: Path) -
     return str(run)
 
 
+@pytest.mark.slow
 def test_score_manifest_extracts_with_the_runs_settings(ray_local, run_on_extracted_store: str, extracted_store,
                                                         combined_manifest: str, tmp_path: Path) -> None:
     """A config with other decode settings scores raw videos with the run's: the copy of the run's store that
@@ -125,6 +127,7 @@ def test_score_manifest_extracts_with_the_runs_settings(ray_local, run_on_extrac
     assert summary["submission_rows"] == summary["extract"]["manifest_rows"]
 
 
+@pytest.mark.slow
 def test_cli_refuses_a_store_of_another_config_in_one_line(ray_local, run_on_extracted_store: str, extracted_store,
                                                            tmp_path: Path, capsys) -> None:
     from mer.cli import main

@@ -48,6 +48,7 @@ def test_growth_is_the_slope_once_warm() -> None:
     assert g["mb_per_1000_clips"] > 3 and g["mb_per_1000_clips_late"] == pytest.approx(0.0, abs=1e-6)
 
 
+@pytest.mark.slow
 def test_bench_extract_rss_samples_the_driver_and_every_stage(tiny_models_dir: Path, tmp_path: Path) -> None:
     """The bench as a user runs it (its own local Ray), on a short stream: every clip extracted, the driver and
     each actor pool sampled, a slope per group."""

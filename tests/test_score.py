@@ -16,6 +16,9 @@ from mer.data.manifest import read_manifest
 from mer.store import storage
 from mer.store.parts import read_parts
 
+# make check leaves the module out: scoring needs the suite's trained run; raw videos are extracted first
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture
 def small_run(ray_local, tiny_config, trained_run: Path) -> tuple[object, str]:

@@ -128,6 +128,7 @@ def test_the_hand_over_keeps_items_errors_and_closes_the_source() -> None:
     assert closed == [True]
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_mer_extract_on_a_full_fixed_cluster_fails_with_the_placement_table(
         ray_local, ray_head, tiny_config, clip_manifest: str, tmp_path: Path) -> None:

@@ -28,6 +28,7 @@ def store(train_store: str) -> str:
     return train_store
 
 
+@pytest.mark.slow
 def test_fused_learns_and_beats_every_single_modality(ablation) -> None:
     table, _ = ablation
     assert set(table) == {"audio", "text", "fused"}
@@ -37,6 +38,7 @@ def test_fused_learns_and_beats_every_single_modality(ablation) -> None:
         assert table[m] > 0.2, table  # each branch alone is informative
 
 
+@pytest.mark.slow
 def test_run_directory_contract(ablation, store: str) -> None:
     _, out = ablation
     run = out / "fused"
@@ -80,6 +82,7 @@ def test_run_directory_contract(ablation, store: str) -> None:
     assert any("zero_pp_rank_1" in f for f in files) and any("zero_pp_rank_0" in f for f in files)
 
 
+@pytest.mark.slow
 def test_ensemble_matches_test_predictions(ablation, store: str) -> None:
     _, out = ablation
     ens = load_ensemble(str(out / "fused"))
@@ -99,6 +102,7 @@ def test_ensemble_matches_test_predictions(ablation, store: str) -> None:
     assert np.isfinite(ens.predict_proba(blank)).all()
 
 
+@pytest.mark.slow
 def test_resume_skips_finished_run_and_folds(trained_run: Path, store: str, train_cfg, tmp_path: Path) -> None:
     run = tmp_path / "fused"
     shutil.copytree(trained_run, run)  # the session's run stays as it is
@@ -171,6 +175,7 @@ def test_gpu_bf16_zero2_nccl(ray_local, store: str, train_cfg, tmp_path: Path) -
     assert {(r["dist_backend"], r["weights_dtype"]) for r in hist} == {("nccl", "bfloat16")}, hist
 
 
+@pytest.mark.slow
 def test_parallel_folds_overlap_and_resume_the_failed_one(ray_local, store: str, train_cfg, kill_worker,
                                                           tmp_path: Path) -> None:
     """Folds as concurrent worker groups: they overlap in time; one failing fold fails the run after the

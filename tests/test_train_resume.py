@@ -51,6 +51,7 @@ def _weights(path: Path) -> dict:
     return torch.load(io.BytesIO(path.read_bytes()), map_location="cpu", weights_only=True)
 
 
+@pytest.mark.slow
 def test_killed_worker_resumes_from_checkpoint(ray_local, train_store: str, uninterrupted: Path, train_cfg,
                                                kill_worker, tmp_path: Path) -> None:
     import torch
@@ -84,6 +85,7 @@ def test_killed_worker_resumes_from_checkpoint(ray_local, train_store: str, unin
     assert 1 <= len(checkpoint_dirs(str(run / "ray"), group_name([0, 1]))) <= train_cfg().train.checkpoints_to_keep
 
 
+@pytest.mark.slow
 def test_interrupted_run_on_s3_resumed_equals_the_uninterrupted_one(s3_server: str, ray_local, train_store: str,
                                                                     uninterrupted: Path, train_cfg, kill_worker,
                                                                     tmp_path: Path) -> None:

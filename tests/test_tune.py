@@ -143,6 +143,7 @@ def study(ray_local, ray_head, train_store: str, tmp_path_factory: pytest.TempPa
             "log": _logs(out, tail=None)}
 
 
+@pytest.mark.slow
 def test_study_resumes_after_being_killed_and_ranks_its_trials(study: dict) -> None:
     out, summary = study["out"], study["summary"]
     assert "resuming study" in study["log"]  # Tuner.restore, not a new study
@@ -181,6 +182,7 @@ def test_study_resumes_after_being_killed_and_ranks_its_trials(study: dict) -> N
 
 # --- ensembles --------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_ensemble_of_two_runs_is_no_worse_than_the_worse_and_scores(ray_local, ablation, train_cfg,
                                                                     train_store: str, tmp_path: Path) -> None:
     from mer.predict.combine import build_ensemble
@@ -224,6 +226,7 @@ def test_ensemble_of_two_runs_is_no_worse_than_the_worse_and_scores(ray_local, a
         build_ensemble([runs[1], str(other)], str(tmp_path / "bad"))
 
 
+@pytest.mark.slow
 def test_ensemble_of_a_studys_top_trials(study: dict, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     from mer.cli import main
 
