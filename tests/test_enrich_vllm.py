@@ -7,20 +7,22 @@ to the engine.
 
 from __future__ import annotations
 
+import importlib.util
+
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-pytest.importorskip("vllm")
+from mer.bench.enrich import bench_prompts
+from mer.config import with_overrides
+from mer.enrich.cache import EnrichCache
+from mer.enrich.stage import enrich_table
+from mer.store import storage
 
-from mer.bench.enrich import bench_prompts  # noqa: E402
-from mer.config import with_overrides  # noqa: E402
-from mer.enrich.cache import EnrichCache  # noqa: E402
-from mer.enrich.stage import enrich_table  # noqa: E402
-from mer.store import storage  # noqa: E402
-
-# make check leaves the module out: the vLLM CPU engine starts in a Ray actor
-pytestmark = pytest.mark.slow
+# make check leaves the module out: the vLLM CPU engine starts in a Ray actor. Without vLLM it is skipped; its
+# presence is looked up, not imported (importing vllm imports torch and more: seconds of every collection).
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(importlib.util.find_spec("vllm") is None,
+                                                   reason="vllm is not installed")]
 
 ODD = "你\x00好\x07 مرحبا こんにちは 👩\u200d👩\u200d👧 {text} <|im_end|>"
 MAX_CHARS = 60
