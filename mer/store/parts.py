@@ -16,7 +16,7 @@ from __future__ import annotations
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pyarrow as pa
@@ -28,9 +28,7 @@ from mer.store.data_context import data_context
 
 PART_PREFIX = "part-"
 KEY = "clip_id"
-
-
-META_FILE = "_meta.json"
+META_FILE = "_meta.json"  # a feature store's provenance (mer.extract.schema): config hash, settings, model ids
 
 
 class PartStore:
@@ -66,7 +64,7 @@ class PartStore:
         self.__dict__.update(state)
         self._lock = threading.RLock()
 
-    def _once(self, key: Any, read: Any) -> Any:
+    def _once(self, key: Any, read: Callable[[], Any]) -> Any:
         with self._lock:
             if key not in self._cache:
                 self._cache[key] = read()
@@ -75,7 +73,7 @@ class PartStore:
     @property
     def parts(self) -> list[str]:
         """The committed parts, in commit order (a single Parquet file is a store of one part); [] when none."""
-        return self._once("parts", lambda: _list_parts(self.uri))
+        return list(self._once("parts", lambda: _list_parts(self.uri)))
 
     def _nonempty(self) -> list[str]:
         files = self.parts
