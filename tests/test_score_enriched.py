@@ -16,7 +16,8 @@ from mer.config import LABELS
 from mer.store.parts import read_parts
 from test_cli_plain import MER, REPO, user_env
 
-pytestmark = pytest.mark.timeout(2400)
+# make check leaves the module out: an extraction with the LLM stage, a training run and two scorings, as commands
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(2400)]
 
 
 def mer(*args: str) -> subprocess.CompletedProcess:
