@@ -25,7 +25,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from mer.config import MerConfig, Resources, cpu_only, enabled_branches, with_overrides
+from mer.config import MerConfig, Resources, cpu_only, describes, enabled_branches, transcribes, with_overrides
 
 log = logging.getLogger("mer.fit")
 
@@ -78,12 +78,17 @@ class Cluster:
 
 
 def stream_demands(cfg: MerConfig) -> list[Demand]:
-    """The actor pools of the widest stream ``cfg`` builds (extraction with face detection, every enabled
-    encoder and, when scoring from videos, the scorer), each ``concurrency`` actors."""
+    """The actor pools of the widest stream ``cfg`` builds (extraction with face detection, the speech and
+    description stages when on, every enabled encoder and, when scoring from videos, the scorer), each
+    ``concurrency`` actors."""
     branches = enabled_branches(cfg)
     pools = [("extract.decode.resources", cfg.extract.decode.resources)]
     if "face" in branches:
         pools.append(("extract.face.resources", cfg.extract.face.resources))
+    if transcribes(cfg):
+        pools.append(("extract.asr.resources", cfg.extract.asr.resources))
+    if describes(cfg):
+        pools.append(("extract.describe.resources", cfg.extract.describe.resources))
     if cfg.extract.encoders.colocated is not None and branches:
         pools.append(("extract.encoders.colocated", cfg.extract.encoders.colocated))
     else:
