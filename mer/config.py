@@ -809,6 +809,12 @@ def transcribes(cfg: MerConfig) -> bool:
     return cfg.text.source != "subtitle"
 
 
+def enriches_inline(cfg: MerConfig) -> bool:
+    """Whether the LLM enrichment runs inside the extraction stream, after the speech stage (enrichment on and
+    ``text.source`` asr/auto: the transcripts it enriches exist only there)."""
+    return cfg.enrich.enabled and transcribes(cfg)
+
+
 def describes(cfg: MerConfig) -> bool:
     """Whether extraction runs the visual-description stage (``extract.describe.enabled``)."""
     return cfg.extract.describe.enabled

@@ -95,7 +95,12 @@ def _stream_cfg(tiny_config, tmp: Path):
         "extract.decode.resources.num_cpus=0.4", "extract.face.resources.num_cpus=0.4",
         "extract.encoders.colocated={batch_size: 8, num_cpus: 0.5}",
         f"extract.asr.cache_dir={tmp / 'asr_cache'}", f"extract.describe.cache_dir={tmp / 'describe_cache'}",
-        *[f"extract.asr.{e}" for e in engine], *[f"extract.describe.{e}" for e in engine]])
+        *[f"extract.asr.{e}" for e in engine], *[f"extract.describe.{e}" for e in engine],
+        # the enrichment follows the speech stage inside the stream, on the tiny LLM
+        "enrich.enabled=true", "enrich.backend=vllm", "enrich.text_source=both", "enrich.temperature=1.0",
+        "enrich.max_tokens=16", "enrich.max_model_len=1024", "enrich.enforce_eager=true", "enrich.resources.num_cpus=0.1",
+        "enrich.resources.num_gpus=0", "enrich.resources.dtype=float32", "enrich.resources.batch_size=8",
+        f"enrich.cpu_kv_cache_bytes={128 << 20}", f"enrich.cache_dir={tmp / 'enrich_cache'}"])
 
 
 @pytest.fixture(scope="module")
@@ -146,6 +151,19 @@ def test_auto_transcribes_only_clips_without_subtitles(stream_store) -> None:
         assert r["transcript"] and r["text_status"] == "ok" and len(r["text"]) == 96
 
 
+def test_transcripts_are_enriched_inside_the_stream(stream_store) -> None:
+    """The LLM enrichment runs after the speech stage (in the stream): a transcribed clip's enriched text starts
+    with its ASR transcript, a subtitled one's with its subtitle; both are encoded as the text_enriched vector."""
+    _, _, summary, rows = stream_store
+    assert summary["stage_tokens"]["enrich"] > 0
+    for cid in ("sub_0", "asr_0", "long"):
+        r = rows[cid]
+        assert r["enrich_status"] in ("ok", "empty_output"), r
+        assert r["transcript_enriched"].startswith(r["transcript"]) and r["text_enriched_status"] == "ok"
+    assert any(rows[c]["enrich_status"] == "ok" for c in ("sub_0", "sub_1", "asr_0", "asr_1", "long"))
+    assert rows["silent"]["enrich_status"] == "empty_text"
+
+
 def test_bad_audio_gets_a_status_and_keeps_its_row(stream_store) -> None:
     _, _, _, rows = stream_store
     assert rows["silent"]["asr_status"] == "silence"
@@ -183,10 +201,10 @@ def test_rerun_reuses_the_caches(stream_store, videos) -> None:
     cache = GeneratedTextCache(str(d / "asr_cache"), "tiny:asr", asr_settings_hash(cfg))
     cached = len(cache.lookup())
     summary = extract_features(cfg, manifest, str(d / "features_again"))
-    assert summary["stage_tokens"] == {"asr": 0, "describe": 0}
+    assert summary["stage_tokens"] == {"asr": 0, "describe": 0, "enrich": 0}
     again = {r["clip_id"]: r for r in read_parts(str(d / "features_again")).to_pylist()}
     for cid, r in first.items():
-        for c in ("transcript", "asr_status", "visual_description_text", "describe_status"):
+        for c in ("transcript", "asr_status", "visual_description_text", "describe_status", "transcript_enriched"):
             assert again[cid][c] == r[c], (cid, c)
     assert len(cache.lookup()) == cached == 3  # asr_0, asr_1, long: one row per transcribed audio
 

@@ -25,12 +25,14 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from mer.config import MerConfig, Resources, describes, enabled_branches, transcribes
+from mer.config import MerConfig, Resources, describes, enabled_branches, enriches_inline, transcribes
 from mer.data.manifest import read_manifest
 from mer.encoders import ENCODERS
 from mer.enrich.cache import default_cache_dir
 from mer.enrich.describe import Describer
 from mer.enrich.engine import actor_env
+from mer.enrich.generators import engine_env
+from mer.enrich.inline import InlineEnricher
 from mer.enrich.stage import build_enrich_stage, enrich_table
 from mer.enrich.transcribe import Transcriber
 from mer.extract import schema as store
@@ -119,6 +121,17 @@ def describe_stage(cfg: MerConfig, cache_dir: str | None = None) -> Stage:
     return Stage(name="describe", fn=timed(Describer, "describe"), inputs=Describer.input_columns,
                  outputs=Describer.output_columns, kind="actor", resources=d.resources,
                  constructor_args=(cfg, cache_dir), map_args={**_remote_args(cfg), "runtime_env": {"env_vars": actor_env(d)}})
+
+
+def inline_enrich_stage(cfg: MerConfig, cache_dir: str | None = None) -> Stage:
+    """The LLM enrichment as an actor pool after the speech stage (:mod:`mer.enrich.inline`), just before the
+    text encoder: ``enrich.resources`` actors, each owning its engine."""
+    e = cfg.enrich
+    env = engine_env(cfg) if e.backend == "vllm" else {}
+    return Stage(name="enrich", fn=timed(InlineEnricher, "enrich"), inputs=InlineEnricher.input_columns,
+                 optional_inputs=tuple(e.context_columns), outputs=InlineEnricher.output_columns, kind="actor",
+                 resources=e.resources, constructor_args=(cfg, cache_dir),
+                 map_args={**_remote_args(cfg), "runtime_env": {"env_vars": env}})
 
 
 def media_cache_dirs(cfg: MerConfig, out_uri: str) -> dict[str, str]:
@@ -336,9 +349,12 @@ def enrich_cache_dir(cfg: MerConfig, out_uri: str) -> str | None:
 
 
 def default_extra_stages(cfg: MerConfig, out_uri: str) -> list[Any]:
-    """The enrichment stage when ``enrich.enabled`` (its cache lives next to the store by default)."""
+    """The enrichment stage when ``enrich.enabled`` (its cache lives next to the store by default): the inline one
+    after the speech stage when the transcripts come from it."""
     if not cfg.enrich.enabled:
         return []
+    if enriches_inline(cfg):
+        return [inline_enrich_stage(cfg, enrich_cache_dir(cfg, out_uri))]
     return [build_enrich_stage(cfg, cache_dir=enrich_cache_dir(cfg, out_uri))]
 
 
@@ -393,7 +409,9 @@ def extract_features(cfg: MerConfig, manifest_uri: str, out_uri: str, *, limit: 
         pend = set(pending)
         todo = manifest.filter(pa.array([cid in pend for cid in ids]))
         extras = extra_stages
-        if extras is None and cfg.enrich.enabled and llm_placement(cfg) == "before":
+        if extras is None and enriches_inline(cfg):
+            extras = [inline_enrich_stage(cfg, cache_dir)]
+        elif extras is None and cfg.enrich.enabled and llm_placement(cfg) == "before":
             todo, extras = enrich_first(cfg, todo, cache_dir), []
         elif extras is None:
             extras = [build_enrich_stage(cfg, cache_dir=cache_dir)] if cfg.enrich.enabled else []
@@ -433,7 +451,7 @@ def extract_features(cfg: MerConfig, manifest_uri: str, out_uri: str, *, limit: 
     summary["stage_ms_per_clip"] = {k: v["busy_ms_per_row"] for k, v in st["stages"].items()}
     summary["stage_busy_fraction"] = {k: v["busy_fraction"] for k, v in st["stages"].items()}
     # tokens the generation stages (asr, describe) generated in this run: 0 when every row came from the cache
-    summary["stage_tokens"] = {k: v["tokens"] for k, v in st["stages"].items() if k in ("asr", "describe")}
+    summary["stage_tokens"] = {k: v["tokens"] for k, v in st["stages"].items() if k in ("asr", "describe", "enrich")}
     try:
         summary["status_counts"] = store.status_counts(read_parts(
             out_uri, columns=["status", *[f"{b}_status" for b in store.vector_branches(cfg)], "decode_status",
