@@ -330,3 +330,20 @@ def test_transformers_describer_and_its_cache(tiny_config, tmp_path) -> None:
     out2 = again(dict(batch))
     assert again.engine is None and list(out2["visual_description_text"]) == list(out["visual_description_text"])
     assert len(GeneratedTextCache(str(tmp_path), "tiny:vlm", describe_settings_hash(cfg)).lookup()) == 2
+
+
+def test_llm_vote_from_the_store(stream_store, ray_local, tmp_path) -> None:
+    """`mer llm-vote --features`: one vote row per stored clip, asked about its transcript (a transcribed clip
+    included); a clip with no transcript is not asked."""
+    from mer.labels.llm_vote import llm_vote
+
+    cfg, out, _, rows = stream_store
+    vcfg = with_overrides(cfg, ["enrich.backend=transformers", "enrich.resources.batch_size=4",
+                                "enrich.aux_resources.num_cpus=0.1", "enrich.prompt_language=en"])
+    summary = llm_vote(vcfg, None, str(tmp_path / "votes.parquet"), features_uri=out,
+                       cache_dir=str(tmp_path / "vote_cache"))
+    votes = {r["clip_id"]: r for r in storage.read_table(str(tmp_path / "votes.parquet")).to_pylist()}
+    assert summary["rows"] == len(rows) == len(votes) and summary["with_descriptions"]
+    asked = {c for c, r in rows.items() if r["transcript"]}
+    assert {c for c, v in votes.items() if v["vote_status"] != "empty_text"} == asked
+    assert "asr_0" in asked and summary["generated"] == len(asked)

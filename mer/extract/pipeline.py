@@ -120,7 +120,8 @@ def describe_stage(cfg: MerConfig, cache_dir: str | None = None) -> Stage:
     d = cfg.extract.describe
     return Stage(name="describe", fn=timed(Describer, "describe"), inputs=Describer.input_columns,
                  outputs=Describer.output_columns, kind="actor", resources=d.resources,
-                 constructor_args=(cfg, cache_dir), map_args={**_remote_args(cfg), "runtime_env": {"env_vars": actor_env(d)}})
+                 constructor_args=(cfg, cache_dir),
+                 map_args={**_remote_args(cfg), "runtime_env": {"env_vars": actor_env(d)}})
 
 
 def inline_enrich_stage(cfg: MerConfig, cache_dir: str | None = None) -> Stage:
