@@ -85,6 +85,21 @@ def test_config_hash_placement_and_decode_follow_the_stages(tiny_config) -> None
     assert DecodeParams.from_config(tiny_config).max_audio_seconds == tiny_config.extract.decode.max_audio_seconds
 
 
+def test_scoring_from_videos_adopts_the_runs_text_settings(tiny_config) -> None:
+    """`mer score --manifest` extracts with the feature settings its run recorded: a run trained on transcribed
+    and described clips has its videos transcribed and described too (and a subtitle-only run has not)."""
+    from mer.extract.schema import apply_feature_settings, feature_settings
+
+    trained = with_overrides(tiny_config, ["text.source=auto", "extract.describe.enabled=true",
+                                           "extract.asr.language=zh", "extract.describe.frames=2"])
+    adopted = apply_feature_settings(tiny_config, feature_settings(trained))
+    assert config_hash(adopted) == config_hash(trained)
+    assert (adopted.text.source, adopted.extract.describe.enabled, adopted.extract.asr.language,
+            adopted.extract.describe.frames) == ("auto", True, "zh", 2)
+    back = apply_feature_settings(trained, feature_settings(tiny_config))
+    assert config_hash(back) == config_hash(tiny_config) and back.text.source == "subtitle"
+
+
 # --------------------------------------------------------------------------------------------- the stream
 def _stream_cfg(tiny_config, tmp: Path):
     engine = ["backend=vllm", "temperature=1.0", "max_tokens=16", "enforce_eager=true", "resources.num_cpus=0.1",
