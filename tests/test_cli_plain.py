@@ -22,7 +22,7 @@ MER = [sys.executable, "-m", "mer.cli"]
 pytestmark = pytest.mark.timeout(1800)
 
 
-def _env() -> dict[str, str]:
+def user_env() -> dict[str, str]:
     # A user's shell: no Ray address (mer starts its own local Ray), offline model cache of the repo.
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "AWS_"))}
     env.update({"PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
@@ -31,7 +31,7 @@ def _env() -> dict[str, str]:
 
 
 def mer(*args: str, ok: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run([*MER, *args], cwd=REPO, env=_env(), capture_output=True, text=True, timeout=1500)
+    proc = subprocess.run([*MER, *args], cwd=REPO, env=user_env(), capture_output=True, text=True, timeout=1500)
     if ok:
         assert proc.returncode == 0, (args, proc.stdout[-3000:], proc.stderr[-3000:])
     return proc

@@ -8,6 +8,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.csv as pacsv
 import pytest
 
@@ -145,9 +146,73 @@ def test_release_with_missing_videos_one_submission_row_per_candidate(small_run,
 
     feats = {r["clip_id"]: r for r in read_parts(str(out / "features")).to_pylist()}
     preds = {r["clip_id"]: r for r in read_parts(str(out / "predictions")).to_pylist()}
+    assert sorted(feats) == candidates  # --splits limits the extraction too: no train clip was extracted
     for cid in set(release["no_video"]) & set(candidates):
         f = feats[cid]
         assert (f["global_visual_status"], f["face_status"], f["audio_status"]) == ("missing_file",) * 3, f
         assert f["text_status"] == "ok" and f["text"] is not None and f["status"] == "partial"
         assert preds[cid]["status"] == "partial" and preds[cid]["pred_label"] in LABELS
         assert "missing file" in preds[cid]["error"]
+
+
+def _mer2025_submission_ok(path: Path, candidates: list[str]) -> None:
+    """The MER2025 Track 1 scorer's rules, restated: a CSV with the columns `name` and `discrete`, exactly one
+    row per candidate (the scorer asserts the count: 20,000 for MER2025), no other name, and every `discrete`
+    one of the six MER labels."""
+    sub = pacsv.read_csv(path, convert_options=pacsv.ConvertOptions(
+        column_types={"name": "string", "discrete": "string"}, strings_can_be_null=True))
+    assert sub.column_names == ["name", "discrete"]
+    names = sub.column("name").to_pylist()
+    assert len(names) == len(candidates) and len(set(names)) == len(names) and set(names) == set(candidates)
+    assert set(sub.column("discrete").to_pylist()) <= {"neutral", "angry", "happy", "sad", "worried", "surprise"}
+
+
+@pytest.mark.timeout(1500)
+def test_a_full_size_candidate_list_with_missing_videos_gives_a_20000_row_submission(
+        small_run, synth_root: Path, tmp_path: Path) -> None:
+    """MER2025's 20,000 candidates where only the generated clips' videos exist (a partial download): import ->
+    `mer score --manifest --splits unlabeled,test` gives exactly one valid submission row per candidate, and
+    extracts the candidates only."""
+    from mer.cli import main
+    from mer.config import dump_config
+    from mer.data.mer2025 import import_mer2025
+
+    cfg, run = small_run
+    root = tmp_path / "release"
+    (root / "video").mkdir(parents=True)
+    truth = pacsv.read_csv(synth_root / "synth_truth.csv").to_pylist()
+    have = [r["name"] for r in truth if r["split"] in ("unlabeled", "test") and r["broken"] in (None, "")]
+    for name in have:
+        (root / "video" / f"{name}.mp4").symlink_to(synth_root / "video" / f"{name}.mp4")
+    tests = [r["name"] for r in truth if r["split"] == "test"]
+    # names the generated release does not use (its own are sample_<8 digits> too)
+    candidates = sorted(have + [f"sample_9{i:07d}" for i in range(20_000 - len(have))])
+    assert len(set(candidates)) == len(candidates)
+    assert len(candidates) == 20_000
+    pacsv.write_csv(pa.table({"name": candidates}), root / "track_all_candidates.csv")
+    subs = pacsv.read_csv(synth_root / "subtitle_chieng.csv", convert_options=pacsv.ConvertOptions(
+        strings_can_be_null=True))
+    words = ["今天真好", "我很生气", "好难过啊", "有点担心", "真没想到", "就这样吧"]
+    missing = [c for c in candidates if c not in set(have)]
+    pacsv.write_csv(pa.concat_tables([
+        subs.filter(pa.array([n in set(have) for n in subs.column("name").to_pylist()])).select(
+            ["name", "chinese", "english"]).cast(pa.schema([("name", pa.string()), ("chinese", pa.string()),
+                                                            ("english", pa.string())])),
+        pa.table({"name": missing, "chinese": [words[i % 6] for i in range(len(missing))],
+                  "english": pa.nulls(len(missing), pa.string())})]), root / "subtitle_chieng.csv")
+    labels = pacsv.read_csv(synth_root / "test_labels.csv")
+    pacsv.write_csv(labels.filter(pa.array([n in set(have) for n in labels.column("name").to_pylist()])),
+                    root / "test_labels.csv")
+    manifest_uri = str(tmp_path / "manifest.parquet")
+    summary = import_mer2025(str(root), manifest_uri)
+    assert summary["n_missing_video"] == len(missing)
+    config = tmp_path / "config.yaml"
+    config.write_text(dump_config(cfg))
+    out = tmp_path / "pred"
+    assert main(["score", "--config", str(config), "--run", run, "--manifest", manifest_uri, "--out", str(out),
+                 "--splits", "unlabeled,test"]) == 0
+    _mer2025_submission_ok(out / "submission.csv", candidates)
+    assert read_parts(str(out / "features"), columns=["split"]).num_rows == 20_000
+    preds = read_parts(str(out / "predictions"))
+    assert preds.num_rows == 20_000 and set(preds.column("status").to_pylist()) <= {"ok", "partial"}
+    assert {r["clip_id"] for r in preds.to_pylist() if r["split"] == "test"} == set(tests) & set(have)
