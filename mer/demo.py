@@ -280,10 +280,11 @@ def _figure(v: float | None) -> str:
 
 def format_summary(summary: dict[str, Any]) -> str:
     """The demo's closing tables."""
+    width = max(16, *(len(name) + 2 for name in summary["waf"]))  # visual_description is 18 characters
     lines = ["", "Test-split WAF by modality (labelled-only training, k-fold ensemble)",
-             f"{'setting':<16}{'WAF':>8}{'acc':>8}"]
+             f"{'setting':<{width}}{'WAF':>8}{'acc':>8}"]
     for name, w in summary["waf"].items():
-        lines.append(f"{name:<16}{w:>8.4f}{summary['accuracy_by_setting'][name]:>8.4f}")
+        lines.append(f"{name:<{width}}{w:>8.4f}{summary['accuracy_by_setting'][name]:>8.4f}")
     lines += ["", "Fused model through the label stages (gate: out-of-fold WAF vs the original labels)",
               f"{'stage':<16}{'test WAF':>9}{'gate WAF':>9}  decision"]
     for s in summary["label_stages"]:
