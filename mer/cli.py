@@ -149,7 +149,7 @@ def _relabel(args: argparse.Namespace) -> None:
 
 def _llm_vote(args: argparse.Namespace) -> None:
     cfg = _with_ray(args)
-    _print(llm_vote(cfg, args.manifest, args.out, enriched_uri=args.enriched))
+    _print(llm_vote(cfg, args.manifest, args.out, enriched_uri=args.enriched, features_uri=args.features))
 
 
 def _pseudolabel(args: argparse.Namespace) -> None:
@@ -273,7 +273,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="vote table: clip_id and label or prob_<label> columns, e.g. an LLM vote (repeatable)")
 
     p = add("llm-vote", _llm_vote, "ask the enrichment LLM for one label per clip (a label source)")
-    p.add_argument("--manifest", required=True)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--manifest", help="the clips' subtitles")
+    src.add_argument("--features", help="a feature store: each clip's transcript (subtitle or speech recognition), "
+                     "its enriched description and its visual description go into the prompt")
     p.add_argument("--out", required=True, help="vote table (Parquet): clip_id, label, vote_status, answer")
     p.add_argument("--enriched", default=None, help="mer enrich output: its descriptions go into the prompt")
 

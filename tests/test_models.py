@@ -20,6 +20,8 @@ EXPECTED_CLASSES = {
     "audio": "HubertModel",
     "text": "XLMRobertaModel",
     "llm": "Qwen2ForCausalLM",
+    "asr": "WhisperForConditionalGeneration",
+    "vlm": "Blip2ForConditionalGeneration",
 }
 ZH = "今天我真的很生气，为什么没有人告诉我？哈哈，太意外了！龘"
 

@@ -7,7 +7,9 @@ after it; CPU ms/clip count every thread of a stage's actor plus the decode chil
   driver and in a Ray worker (Ray runs workers at nice 15: on a machine shared with other jobs the
   driver gets more of the CPU than any stage, so the worker figure is the like-for-like reference);
 * the decode stage alone (one decode actor), both samplings, and its rate over the one-process one;
-* face detection alone and each encoder alone, on pre-decoded (materialised) batches;
+* face detection alone, the speech and description stages alone when on (``text.source`` asr/auto,
+  ``extract.describe``: rows/s and generated tokens per busy second), and each encoder alone, on pre-decoded
+  (materialised) batches;
 * the full streaming pipeline: end to end, steady, time to the first row and its parts (Ray init, actor
   process start, imports, ``__init__``/model load, the first batch through the chain), busy fraction of
   each stage;
@@ -33,14 +35,14 @@ import numpy as np
 import pyarrow as pa
 
 from mer.bench.rss import bench_rss, format_rss
-from mer.config import MerConfig, enabled_branches, gpu_requests, with_overrides
+from mer.config import MerConfig, describes, enabled_branches, gpu_requests, transcribes, with_overrides
 from mer.encoders import ENCODERS
 from mer.extract.columns import normalize_batch
 from mer.extract.decode import ClipDecoder
 from mer.extract.decoders import AUDIO, VIDEO, DecodeParams, decode_clip
 from mer.extract.face import FaceDetector
-from mer.extract.pipeline import (branch_stage, build_dataset, build_stages, decode_stage, face_stage, pipeline_input,
-                                  read_manifest_table)
+from mer.extract.pipeline import (branch_stage, build_dataset, build_stages, decode_stage, describe_stage, face_stage,
+                                  pipeline_input, read_manifest_table, transcribe_stage)
 from mer.extract.timing import StageTimes, is_timing
 from mer.runtime.session import init_ray
 from mer.synth.clips import make_clip_set
@@ -95,6 +97,8 @@ def _bench_clips(cfg: MerConfig, manifest_uri: str | None, n_clips: int, workdir
         return t, {"source": manifest_uri}
 
     t = make_clip_set(workdir, n_ok=n_clips, broken=False, seconds=seconds, width=width, height=height, gop=gop)
+    if transcribes(cfg):  # no subtitles: the speech stage transcribes every generated clip (text.source auto too)
+        t = t.set_column(t.column_names.index("text"), "text", pa.nulls(t.num_rows, pa.string()))
     for c in ("label", "split"):
         if c not in t.column_names:
             t = t.append_column(c, pa.nulls(t.num_rows, pa.string()))
@@ -319,6 +323,10 @@ def bench_extract(cfg: MerConfig, manifest_uri: str | None = None, *, n_clips: i
     if "face" in branches:
         alone["face_detect"] = _drain(faces.apply(pre).map_batches(_keep_light, batch_format="pyarrow", num_cpus=0.0))
         pre = faces.apply(pre).materialize()
+    # the generation stages alone (no cache: every row generated), each on the decoded rows
+    for key, on, make in (("asr", transcribes(cfg), transcribe_stage), ("describe", describes(cfg), describe_stage)):
+        if on:
+            alone[key] = _drain(make(cfg).apply(pre).map_batches(_keep_light, batch_format="pyarrow", num_cpus=0.0))
     for b in branches:
         ds = branch_stage(cfg, b).apply(pre)
         alone[b] = _drain(ds.map_batches(_keep_light, batch_format="pyarrow", num_cpus=0.0))
@@ -363,13 +371,16 @@ def bench_extract(cfg: MerConfig, manifest_uri: str | None = None, *, n_clips: i
 def format_bench(r: dict[str, Any]) -> str:
     """The bench as a table."""
     lines = [f"bench extract: {r['clips']} clips ({r['clip_source']}), branches {r['branches']}, decode {r['decode']}",
-             f"{'measurement':<46}{'clips/s':>9}{'steady':>9}{'seconds':>9}{'cpu ms/clip':>13}"]
+             f"{'measurement':<46}{'clips/s':>9}{'steady':>9}{'seconds':>9}{'cpu ms/clip':>13}{'tokens/s':>10}"]
 
     def row(name: str, v: dict[str, Any], key: str | None = None) -> None:
-        # a stage alone: its steady rate from its own batches; the full pipeline: rows reaching the driver
+        # a stage alone: its steady rate from its own batches; the full pipeline: rows reaching the driver;
+        # tokens/s: a generation stage's tokens per second it was busy
         cpu = sum(s["cpu_ms_per_row"] for k, s in v["stages"].items() if key is None or k == key)
         steady = _stage_rate(v, key) if key else v["steady_clips_per_s"]
-        lines.append(f"{name:<46}{v['clips_per_s']:>9}{steady:>9}{v['seconds']:>9}{round(cpu, 1):>13}")
+        tps = (v["stages"].get(key) or {}).get("tokens_per_busy_s") if key in ("asr", "describe") else None
+        lines.append(f"{name:<46}{v['clips_per_s']:>9}{steady:>9}{v['seconds']:>9}{round(cpu, 1):>13}"
+                     f"{tps if tps is not None else '':>10}")
 
     for s, v in r["decode_only"].items():
         row(f"decode stage only ({'decord default uniform get_batch' if s == 'uniform' else s})", v, "decode")
@@ -404,6 +415,11 @@ def format_bench(r: dict[str, Any]) -> str:
                      f"{r.get('ratio_full_over_cpu_limit')}")
     full = r["full_pipeline"]
     lines.append("full pipeline busy fraction: " + ", ".join(f"{k}={v['busy_fraction']}" for k, v in full["stages"].items()))
+    gen = {k: v for k, v in full["stages"].items() if k in ("asr", "describe")}
+    if gen:
+        lines.append("full pipeline generation: " + ", ".join(
+            f"{k} {v['tokens']} tokens, {v['tokens_per_busy_s']} tokens/s busy, {v['busy_ms_per_row']} busy ms/clip"
+            for k, v in gen.items()))
     fr = full.get("first_row")
     if fr:
         lines.append(f"time to first row {fr['seconds']} s after Ray init ({fr.get('ray_init_s')} s): last actor ready "

@@ -6,7 +6,7 @@ Each class loads its model once per actor and adds ``<branch>`` (pooled float32 
 
 from __future__ import annotations
 
-from mer.config import BRANCHES, MerConfig
+from mer.config import BRANCHES, MerConfig, describes
 from mer.encoders.audio import AudioEncoder
 from mer.encoders.base import BranchEncoder
 from mer.encoders.text import TextEncoder
@@ -31,11 +31,14 @@ def _hidden_size(conf) -> int:
 def encoder_dims(cfg: MerConfig) -> dict[str, int]:
     """Branch -> output vector size, read from each model's config (no weights loaded).
 
-    Includes ``text_enriched`` (same size as ``text``) when ``enrich.text_source`` is ``both``.
+    Includes ``text_enriched`` (same size as ``text``) when ``enrich.text_source`` is ``both``, and
+    ``visual_description`` (also the text encoder's) when ``extract.describe`` is on.
     """
     dims = {b: _hidden_size(load_config_of(getattr(cfg.models, b), cfg)) for b in BRANCHES}
     if cfg.enrich.text_source == "both":
         dims["text_enriched"] = dims["text"]
+    if describes(cfg):
+        dims["visual_description"] = dims["text"]
     return dims
 
 

@@ -98,10 +98,52 @@ class EnrichCache:
         return merged.num_rows
 
 
-def default_cache_dir(cfg_cache_dir: str | None, near_uri: str) -> str:
-    """``enrich.cache_dir`` if set, else ``enrich_cache`` beside ``near_uri`` (an output file or dir)."""
+def default_cache_dir(cfg_cache_dir: str | None, near_uri: str, name: str = "enrich_cache") -> str:
+    """``cfg_cache_dir`` if set, else ``name`` beside ``near_uri`` (an output file or dir)."""
     if cfg_cache_dir:
         return cfg_cache_dir
     base = str(near_uri).rstrip("/")
     parent = base.rsplit("/", 1)[0] if "/" in base else "."
-    return storage.join(parent, "enrich_cache")
+    return storage.join(parent, name)
+
+
+TEXT_CACHE_SCHEMA = pa.schema([
+    ("clip_id", pa.string()), ("model_id", pa.string()), ("settings_hash", pa.string()), ("input_sha", pa.string()),
+    ("text", pa.string()), ("language", pa.string()), ("status", pa.string()), ("num_tokens", pa.int64()),
+    ("created_at", pa.float64()),
+])
+
+
+class GeneratedTextCache:
+    """Text generated from a clip's media (a transcript of its audio, a description of its keyframes), keyed by
+    the hash of that media: ``<uri>/<model-key>-<settings_hash>/part-*.parquet``, a part store like
+    :class:`EnrichCache`'s. The same audio or frames give the same text whatever the clip is called, so lookups
+    go by ``input_sha``; ``clip_id`` is kept for people reading the cache. Each stage actor writes one part per
+    batch it generated, so an interrupted run keeps what it finished."""
+
+    def __init__(self, uri: str, model_id: str, settings_hash: str) -> None:
+        self.uri, self.model_id, self.settings_hash = str(uri), model_id, settings_hash
+        model_key = hashlib.sha256(model_id.encode("utf-8")).hexdigest()[:12]
+        self.dir = storage.join(self.uri, f"{model_key}-{settings_hash}")
+
+    def lookup(self) -> dict[str, tuple[str, str | None, str]]:
+        """input_sha → (text, language, status); the newest row wins."""
+        if not part_files(self.dir):
+            return {}
+        t = read_parts(self.dir, columns=TEXT_CACHE_SCHEMA.names, key=None).select(TEXT_CACHE_SCHEMA.names)
+        t = t.cast(TEXT_CACHE_SCHEMA).sort_by("created_at")
+        return {sha: (text or "", lang, status) for sha, text, lang, status in zip(
+            t["input_sha"].to_pylist(), t["text"].to_pylist(), t["language"].to_pylist(), t["status"].to_pylist())}
+
+    def write(self, rows: list[dict]) -> str | None:
+        """One atomic part of ``rows`` (dicts with clip_id, input_sha, text, language, status, num_tokens)."""
+        if not rows:
+            return None
+        now = time.time()
+        table = pa.table({
+            "clip_id": [r["clip_id"] for r in rows], "model_id": [self.model_id] * len(rows),
+            "settings_hash": [self.settings_hash] * len(rows), "input_sha": [r["input_sha"] for r in rows],
+            "text": [r["text"] for r in rows], "language": [r.get("language") for r in rows],
+            "status": [r["status"] for r in rows], "num_tokens": [int(r.get("num_tokens") or 0) for r in rows],
+            "created_at": [now] * len(rows)}, schema=TEXT_CACHE_SCHEMA)
+        return write_part(self.dir, table)

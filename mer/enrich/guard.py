@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import re
 import unicodedata
+import zlib
 
 # Per-row enrichment statuses (the `enrich_status` column).
 OK = "ok"  # generated and cleaned
@@ -75,3 +76,27 @@ def input_sha(text: str, context: dict[str, str] | None = None) -> str:
     """Hash of what the prompt was built from; a cached enrichment is reused only while it matches."""
     blob = text + "\x1f" + "\x1f".join(f"{k}={v}" for k, v in sorted((context or {}).items()))
     return hashlib.sha256(blob.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+
+
+# Statuses of text generated from a clip's media (`asr_status`, `describe_status`), beside OK / EMPTY_OUTPUT / ERROR.
+GARBLED = "garbled"  # the engine answered, but with a decoding loop or no words: not used as the clip's text
+_SPECIAL = re.compile(r"<\|[^|>]{1,40}\|>")
+
+
+def compression_ratio(text: str) -> float:
+    """UTF-8 bytes over their zlib-compressed bytes: high for a text that repeats itself (Whisper's test for a
+    decoding loop; ordinary speech stays below ~2.4)."""
+    data = text.encode("utf-8")
+    return len(data) / len(zlib.compress(data)) if data else 0.0
+
+
+def media_text(generated: str | None, max_chars: int, max_ratio: float) -> tuple[str, str]:
+    """(cleaned text, status) of an answer about a clip's audio or frames: special tokens and chat artefacts
+    stripped; ``empty_output`` when nothing is left; ``garbled`` when it holds no letter or digit or compresses
+    better than ``max_ratio`` (the text is still returned, for the record)."""
+    text = clean_output(_SPECIAL.sub(" ", generated or ""), max_chars)
+    if not text:
+        return "", EMPTY_OUTPUT
+    if not any(ch.isalnum() for ch in text) or compression_ratio(text) > max_ratio:
+        return text, GARBLED
+    return text, OK

@@ -221,11 +221,21 @@ def write_demo_report(workdir: str, summary: dict[str, Any]) -> str:
              f"clips missing from the predictions: {_e(scored.get('missing'))}; run {_e(scored.get('run'))} "
              "(its confusion matrix on this split is below)</p>"]
     body += scored_sections(loop)
+    video_text = summary.get("video_text") or {}
     statuses = {"extraction (status)": summary.get("extract_status") or {},
                 "enrichment": summary.get("enrich_status") or {},
+                "transcript source": video_text.get("transcript_source") or {},
+                "speech recognition": video_text.get("asr_status") or {},
+                "visual description": video_text.get("describe_status") or {},
                 "LLM vote": summary.get("llm_vote_status") or {}}
-    body += ["<h2>Extraction, enrichment and LLM vote statuses</h2>", _counts_table(statuses),
+    body += ["<h2>Extraction, enrichment, speech, description and LLM vote statuses</h2>", _counts_table(statuses),
              "<h2>Timings (s)</h2>", _table(list(summary["timings_s"]), [list(summary["timings_s"].values())], left=0)]
+    if video_text.get("busy_s"):
+        stages = list(video_text["busy_s"])
+        body += ["<h2>Text from the video, inside the extraction stream</h2>",
+                 _table(["stage", "busy s", "generated tokens"],
+                        [[k, video_text["busy_s"][k], (video_text.get("tokens") or {}).get(k)] for k in stages]),
+                 "<p>Random-weight tiny models: these transcripts and descriptions carry no emotion.</p>"]
     uri = storage.join(workdir, "report.html")
     storage.write_text(uri, _page("mer demo", f"{workdir} — total {summary['seconds']} s", body))
     return uri

@@ -10,7 +10,7 @@ import numpy as np
 # Array columns and their (dtype, ndim): a missing value becomes an EMPTY array of that kind, never None.
 # Ray Data cannot concatenate blocks where one holds a tensor column and another the same column as
 # Python objects (None), so every block must carry the same representation.
-_VECTOR_COLUMNS = ("global_visual", "face", "audio", "text", "text_enriched")
+_VECTOR_COLUMNS = ("global_visual", "face", "audio", "text", "text_enriched", "visual_description")
 ARRAY_KINDS: dict[str, tuple[Any, int]] = {
     "frames": (np.uint8, 4), "face_crops": (np.uint8, 4), "face_mask": (np.bool_, 1), "audio": (np.float32, 1),
     **{b: (np.float32, 1) for b in _VECTOR_COLUMNS}, **{f"{b}_seq": (np.float32, 2) for b in _VECTOR_COLUMNS},

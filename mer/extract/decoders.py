@@ -20,6 +20,8 @@ from typing import Any
 
 import numpy as np
 
+from mer.config import transcribes
+
 
 class NoAudioStream(Exception):
     """The container has no audio track (the video may still be fine)."""
@@ -39,9 +41,12 @@ class DecodeParams:
 
     @classmethod
     def from_config(cls, cfg: Any) -> "DecodeParams":
+        """The decode of ``cfg``; with the speech stage on (``text.source`` asr/auto), audio up to
+        ``extract.asr.max_seconds`` (the audio encoder still reads its ``decode.max_audio_seconds``)."""
         d = cfg.extract.decode
+        audio_s = max(d.max_audio_seconds, cfg.extract.asr.max_seconds) if transcribes(cfg) else d.max_audio_seconds
         return cls(num_frames=d.num_frames, frame_size=d.frame_size, sample_rate=d.audio_sample_rate,
-                   max_audio_seconds=d.max_audio_seconds, sampling=d.sampling,
+                   max_audio_seconds=audio_s, sampling=d.sampling,
                    keyframe_tolerance=d.keyframe_tolerance, threads=d.threads)
 
     def to_dict(self) -> dict[str, Any]:

@@ -3,7 +3,8 @@
 ::
 
     manifest rows (small blocks) ─► [dataset stages, e.g. enrichment] ─► decode (CPU actors, child process,
-    timeout + fallback) ─► face detect/crop (CPU actors) ─► global_visual ─► face ─► audio ─► [extra
+    timeout + fallback) ─► face detect/crop (CPU actors) ─► [asr: transcripts of the decoded audio]
+    ─► [describe: descriptions of the decoded keyframes] ─► global_visual ─► face ─► audio ─► [extra
     map_batches stages] ─► text encoder actor pools ─► assemble (drops frames/audio/crops) ─► driver
     commits Parquet parts (exactly once)
 
@@ -24,11 +25,16 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from mer.config import MerConfig, Resources, enabled_branches
+from mer.config import MerConfig, Resources, describes, enabled_branches, enriches_inline, transcribes
 from mer.data.manifest import read_manifest
 from mer.encoders import ENCODERS
 from mer.enrich.cache import default_cache_dir
+from mer.enrich.describe import Describer
+from mer.enrich.engine import actor_env
+from mer.enrich.generators import engine_env
+from mer.enrich.inline import InlineEnricher
 from mer.enrich.stage import build_enrich_stage, enrich_table
+from mer.enrich.transcribe import Transcriber
 from mer.extract import schema as store
 from mer.extract.decode import ClipDecoder
 from mer.extract.face import FaceDetector
@@ -45,8 +51,12 @@ log = logging.getLogger("mer.extract")
 MANIFEST_COLUMNS = ("clip_id", "video_uri", "audio_uri", "text", "label", "split")
 # What the LLM stage adds to a row (mer.enrich.stage.OUTPUT_COLUMNS).
 ENRICH_COLUMNS = ("text_enriched", "enrich_status", "enrich_note")
+# Vector columns the text encoder writes besides ``text``.
+TEXT_VECTORS = ("text_enriched", "visual_description")
 # Columns that never leave the workers (large arrays).
 HEAVY_COLUMNS = ("frames", "audio", "face_crops", "face_mask")
+# What the text encoder reads besides the transcript, when earlier stages add it.
+TEXT_OPTIONAL = ("text_enriched", "visual_description_text", "describe_status")
 
 
 # ------------------------------------------------------------------------------------------ manifest
@@ -90,14 +100,59 @@ def face_stage(cfg: MerConfig) -> Stage:
 
 def branch_stage(cfg: MerConfig, branch: str) -> Stage:
     """The encoder actor pool of one branch (``extract.encoders.<branch>``); the text encoder also reads the
-    enriched transcript when an earlier stage adds it."""
+    enriched transcript and the visual description when earlier stages add them."""
     return encoder_stage(branch, ENCODERS[branch], cfg, getattr(cfg.extract.encoders, branch).resources,
-                         _remote_args(cfg), optional=("text_enriched",) if branch == "text" else ())
+                         _remote_args(cfg), optional=TEXT_OPTIONAL if branch == "text" else ())
+
+
+def transcribe_stage(cfg: MerConfig, cache_dir: str | None = None) -> Stage:
+    """The speech-recognition actor pool (``extract.asr``): transcripts of the decoded audio; its actors own
+    their engine (:mod:`mer.enrich.engine` says why not ``ray.data.llm``)."""
+    a = cfg.extract.asr
+    return Stage(name="asr", fn=timed(Transcriber, "asr"), inputs=Transcriber.input_columns,
+                 optional_inputs=Transcriber.optional_inputs, outputs=Transcriber.output_columns, kind="actor",
+                 resources=a.resources, constructor_args=(cfg, cache_dir),
+                 map_args={**_remote_args(cfg), "runtime_env": {"env_vars": actor_env(a)}})
+
+
+def describe_stage(cfg: MerConfig, cache_dir: str | None = None) -> Stage:
+    """The visual-description actor pool (``extract.describe``): descriptions of the decoded keyframes."""
+    d = cfg.extract.describe
+    return Stage(name="describe", fn=timed(Describer, "describe"), inputs=Describer.input_columns,
+                 outputs=Describer.output_columns, kind="actor", resources=d.resources,
+                 constructor_args=(cfg, cache_dir),
+                 map_args={**_remote_args(cfg), "runtime_env": {"env_vars": actor_env(d)}})
+
+
+def inline_enrich_stage(cfg: MerConfig, cache_dir: str | None = None) -> Stage:
+    """The LLM enrichment as an actor pool after the speech stage (:mod:`mer.enrich.inline`), just before the
+    text encoder: ``enrich.resources`` actors, each owning its engine."""
+    e = cfg.enrich
+    env = engine_env(cfg) if e.backend == "vllm" else {}
+    return Stage(name="enrich", fn=timed(InlineEnricher, "enrich"), inputs=InlineEnricher.input_columns,
+                 optional_inputs=tuple(e.context_columns), outputs=InlineEnricher.output_columns, kind="actor",
+                 resources=e.resources, constructor_args=(cfg, cache_dir),
+                 map_args={**_remote_args(cfg), "runtime_env": {"env_vars": env}})
+
+
+def media_cache_dirs(cfg: MerConfig, out_uri: str) -> dict[str, str]:
+    """Where the store's transcripts and descriptions are cached (the stages' ``cache_dir``, else beside the
+    store): ``{"asr": …, "describe": …}`` for the stages that run."""
+    out = {}
+    if transcribes(cfg):
+        out["asr"] = default_cache_dir(cfg.extract.asr.cache_dir, out_uri, "asr_cache")
+    if describes(cfg):
+        out["describe"] = default_cache_dir(cfg.extract.describe.cache_dir, out_uri, "describe_cache")
+    return out
 
 
 def build_stages(cfg: MerConfig, extra_stages: list[Stage | Any] | None = None,
-                 branches: list[str] | None = None, include_face: bool = True) -> list[Stage]:
+                 branches: list[str] | None = None, include_face: bool = True,
+                 caches: dict[str, str] | None = None) -> list[Stage]:
     """The ordered stage list for ``cfg``.
+
+    With ``text.source`` asr/auto the speech stage, with ``extract.describe`` the description stage run after
+    face detection (``caches``: their cache directories, :func:`media_cache_dirs`; none: nothing cached).
 
     ``extra_stages`` is the hook for extra steps such as LLM enrichment: a :class:`Stage` of kind
     ``actor``/``task`` is inserted just before the text encoder (it sees every column but the heavy
@@ -119,12 +174,17 @@ def build_stages(cfg: MerConfig, extra_stages: list[Stage | Any] | None = None,
     wanted = branches if branches is not None else enabled_branches(cfg)
     if include_face and "face" in wanted:
         stages.append(face_stage(cfg))
+    caches = caches or {}
+    if transcribes(cfg):
+        stages.append(transcribe_stage(cfg, caches.get("asr")))
+    if describes(cfg):
+        stages.append(describe_stage(cfg, caches.get("describe")))
     colocated = cfg.extract.encoders.colocated
     if colocated is not None and wanted:
         # one pool for every encoder: the extra stages meant for just before the text encoder run before it
         stages += before_text
         return stages + [encoder_group_stage(list(wanted), cfg, colocated, ra,
-                                             optional=("text_enriched",) if "text" in wanted else ())]
+                                             optional=TEXT_OPTIONAL if "text" in wanted else ())]
     for b in wanted:
         if b == "text":
             stages += before_text
@@ -167,7 +227,7 @@ def assemble_batch(batch: dict[str, np.ndarray], schema: pa.Schema, branches: li
     vector_cols = store.vector_branches_from_schema(schema)
     out: dict[str, list[Any]] = {}
     statuses: dict[str, list[str]] = {}
-    active = [b for b in vector_cols if b in branches or (b == "text_enriched" and "text" in branches)]
+    active = [b for b in vector_cols if b in branches or (b in TEXT_VECTORS and "text" in branches)]
     for b in vector_cols:
         if b not in active:
             # A disabled branch's name may still be an input column (the transcript ``text``, the
@@ -184,7 +244,8 @@ def assemble_batch(batch: dict[str, np.ndarray], schema: pa.Schema, branches: li
         if f"{b}_seq" in schema.names:
             out[f"{b}_seq"] = [_seq(v) for v in col(f"{b}_seq")]
     overall, errors = [], []
-    err_cols = ["decode_error", "face_detect_error", *[f"{b}_error" for b in vector_cols], "enrich_note"]
+    err_cols = ["decode_error", "face_detect_error", "asr_error", "describe_error",
+                *[f"{b}_error" for b in vector_cols], "enrich_note"]
     err_vals = {c: col(c) for c in err_cols if c in batch}
     for i in range(n):
         ok = [statuses[b][i] == "ok" for b in active]
@@ -205,6 +266,13 @@ def assemble_batch(batch: dict[str, np.ndarray], schema: pa.Schema, branches: li
     out["transcript"] = transcript("transcript" if "transcript" in batch else "text")
     out["transcript_enriched"] = transcript("transcript_enriched" if "transcript_enriched" in batch
                                             else "text_enriched")
+    # Text from the video itself: "disabled" where its stage did not run.
+    for c in ("asr_status", "describe_status"):
+        out[c] = [_str(v) or "disabled" for v in col(c)] if c in batch else ["disabled"] * n
+    out["asr_language"] = [_str(v) for v in col("asr_language")]
+    out["visual_description_text"] = [_str(v) for v in col("visual_description_text")]
+    out["transcript_source"] = ([_str(v) for v in col("transcript_source")] if "transcript_source" in batch
+                                else ["subtitle" if t else "none" for t in out["transcript"]])
     out["n_face_frames"] = [int(np.asarray(m).sum()) if isinstance(m, np.ndarray) else 0
                             for m in col("face_mask")]
     out["config_hash"] = [config_hash] * n
@@ -282,9 +350,12 @@ def enrich_cache_dir(cfg: MerConfig, out_uri: str) -> str | None:
 
 
 def default_extra_stages(cfg: MerConfig, out_uri: str) -> list[Any]:
-    """The enrichment stage when ``enrich.enabled`` (its cache lives next to the store by default)."""
+    """The enrichment stage when ``enrich.enabled`` (its cache lives next to the store by default): the inline one
+    after the speech stage when the transcripts come from it."""
     if not cfg.enrich.enabled:
         return []
+    if enriches_inline(cfg):
+        return [inline_enrich_stage(cfg, enrich_cache_dir(cfg, out_uri))]
     return [build_enrich_stage(cfg, cache_dir=enrich_cache_dir(cfg, out_uri))]
 
 
@@ -341,11 +412,13 @@ def extract_features(cfg: MerConfig, manifest_uri: str, out_uri: str, *, limit: 
         pend = set(pending)
         todo = manifest.filter(pa.array([cid in pend for cid in ids]))
         extras = extra_stages
-        if extras is None and cfg.enrich.enabled and llm_placement(cfg) == "before":
+        if extras is None and enriches_inline(cfg):
+            extras = [inline_enrich_stage(cfg, cache_dir)]
+        elif extras is None and cfg.enrich.enabled and llm_placement(cfg) == "before":
             todo, extras = enrich_first(cfg, todo, cache_dir), []
         elif extras is None:
             extras = [build_enrich_stage(cfg, cache_dir=cache_dir)] if cfg.enrich.enabled else []
-        stages = build_stages(cfg, extras)
+        stages = build_stages(cfg, extras, caches=media_cache_dirs(cfg, out_uri))
         concurrency.update({s.name: (s.resources or Resources()).concurrency for s in stages if s.kind == "actor"})
         log.info("extract: %d clips (%d already stored) → %s", todo.num_rows, len(ids) - todo.num_rows, out_uri)
         ds = build_dataset(cfg, todo, stages)
@@ -380,9 +453,12 @@ def extract_features(cfg: MerConfig, manifest_uri: str, out_uri: str, *, limit: 
     summary["stage_busy_s"] = {k: round(v["busy_s"], 3) for k, v in times.stages.items()}
     summary["stage_ms_per_clip"] = {k: v["busy_ms_per_row"] for k, v in st["stages"].items()}
     summary["stage_busy_fraction"] = {k: v["busy_fraction"] for k, v in st["stages"].items()}
+    # tokens the generation stages (asr, describe) generated in this run: 0 when every row came from the cache
+    summary["stage_tokens"] = {k: v["tokens"] for k, v in st["stages"].items() if k in ("asr", "describe", "enrich")}
     try:  # the store as the stream left it: listed anew
         summary["status_counts"] = store.status_counts(read_parts(
-            out_uri, columns=["status", *[f"{b}_status" for b in store.vector_branches(cfg)], "decode_status"]))
+            out_uri, columns=["status", *[f"{b}_status" for b in store.vector_branches(cfg)], "decode_status",
+                              "asr_status", "describe_status"]))
     except FileNotFoundError:
         summary["status_counts"] = {}
     if verbose:
@@ -400,6 +476,8 @@ def format_summary(summary: dict[str, Any]) -> str:
     if summary["stage_ms_per_clip"]:
         lines.append("  busy ms/clip: " + ", ".join(f"{k}={v}" for k, v in summary["stage_ms_per_clip"].items()))
         lines.append("  busy fraction: " + ", ".join(f"{k}={v}" for k, v in summary["stage_busy_fraction"].items()))
+    if summary.get("stage_tokens"):
+        lines.append("  generated tokens: " + ", ".join(f"{k}={v}" for k, v in summary["stage_tokens"].items()))
     for col, counts in summary.get("status_counts", {}).items():
         lines.append(f"  {col}: " + json.dumps(counts, sort_keys=True))
     return "\n".join(lines)

@@ -16,7 +16,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from mer.config import BRANCHES, ConfigError, MerConfig, with_overrides
+from mer.config import BRANCHES, ConfigError, MerConfig, describes, transcribes, with_overrides
 from mer.store import storage
 from mer.store.parts import META_FILE, PartStore
 
@@ -32,6 +32,15 @@ FEATURE_SECTIONS = ("extract.decode.num_frames", "extract.decode.frame_size", "e
 # Enrichment settings that change the text features (only when enrichment is on).
 ENRICH_SECTIONS = ("enrich.text_source", "enrich.compose", "enrich.max_tokens", "enrich.prompt_language",
                    "enrich.temperature", "enrich.seed")
+# Where the transcript comes from and whether clips are described: always recorded (a store without them is
+# reproduced without them); the stages' settings only when they run.
+TEXT_SECTIONS = ("text.source", "extract.describe.enabled")
+ASR_SECTIONS = ("extract.asr.language", "extract.asr.window_s", "extract.asr.max_seconds", "extract.asr.silence_rms",
+                "extract.asr.max_tokens", "extract.asr.temperature", "extract.asr.top_p", "extract.asr.seed",
+                "extract.asr.max_compression_ratio")
+DESCRIBE_SECTIONS = ("extract.describe.frames", "extract.describe.prompt", "extract.describe.max_tokens",
+                     "extract.describe.temperature", "extract.describe.top_p", "extract.describe.seed",
+                     "extract.describe.max_output_chars", "extract.describe.max_compression_ratio")
 
 
 
@@ -49,15 +58,20 @@ BASE_FIELDS: list[tuple[str, pa.DataType]] = [
 ]
 TAIL_FIELDS: list[tuple[str, pa.DataType]] = [
     ("transcript", pa.string()), ("transcript_enriched", pa.string()), ("enrich_status", pa.string()),
+    ("transcript_source", pa.string()), ("asr_status", pa.string()), ("asr_language", pa.string()),
+    ("visual_description_text", pa.string()), ("describe_status", pa.string()),
     ("n_face_frames", pa.int32()), ("config_hash", pa.string()), ("model_ids", pa.string()),
 ]
 
 
 def vector_branches(cfg: MerConfig) -> list[str]:
-    """Vector columns of the store: the four branches, plus ``text_enriched`` with ``text_source: both``."""
+    """Vector columns of the store: the four branches, plus ``text_enriched`` with ``text_source: both`` and
+    ``visual_description`` with ``extract.describe`` on (both encoded by the text encoder)."""
     out = list(BRANCHES)
     if cfg.enrich.text_source == "both" and cfg.extract.encoders.text.enabled:
         out.append("text_enriched")
+    if describes(cfg) and cfg.extract.encoders.text.enabled:
+        out.append("visual_description")
     return out
 
 
@@ -66,7 +80,7 @@ def feature_schema(cfg: MerConfig) -> pa.Schema:
     fields = list(BASE_FIELDS)
     for b in vector_branches(cfg):
         fields += [(b, VECTOR), (f"{b}_status", pa.string())]
-        stage = getattr(cfg.extract.encoders, "text" if b == "text_enriched" else b)
+        stage = getattr(cfg.extract.encoders, b if b in BRANCHES else "text")
         if stage.keep_sequence:
             fields.append((f"{b}_seq", SEQUENCE))
     fields += TAIL_FIELDS
@@ -78,12 +92,29 @@ def vector_branches_from_schema(schema: pa.Schema) -> list[str]:
     return [f.name for f in schema if f.type.equals(VECTOR)]
 
 
-def config_hash(cfg: MerConfig) -> str:
-    """Hash of what determines the features: decode/face settings, the model profile, enrichment."""
-    sections = [*FEATURE_SECTIONS, f"profiles.{cfg.profile}"]
+def model_slots(cfg: MerConfig) -> list[str]:
+    """The model slots whose models make a store's features: the branches, and the LLM, the speech recogniser
+    and the vision-language model where their stages run."""
+    return [*BRANCHES, *(["llm"] if cfg.enrich.enabled else []), *(["asr"] if transcribes(cfg) else []),
+            *(["vlm"] if describes(cfg) else [])]
+
+
+def hashed_sections(cfg: MerConfig) -> list[str]:
+    """The dotted config keys that determine a store's features under ``cfg``."""
+    sections = [*FEATURE_SECTIONS, *TEXT_SECTIONS]
     if cfg.enrich.enabled:
         sections += list(ENRICH_SECTIONS)
-    return cfg.section_hash(*sections)
+    if transcribes(cfg):
+        sections += list(ASR_SECTIONS)
+    if describes(cfg):
+        sections += list(DESCRIBE_SECTIONS)
+    return sections
+
+
+def config_hash(cfg: MerConfig) -> str:
+    """Hash of what determines the features: decode/face settings, the models used, enrichment, where the
+    transcript comes from, the speech and description stages."""
+    return cfg.section_hash(*hashed_sections(cfg), *(f"profiles.{cfg.profile}.{slot}" for slot in model_slots(cfg)))
 
 
 def feature_settings(cfg: MerConfig) -> dict[str, Any]:
@@ -99,13 +130,11 @@ def feature_settings(cfg: MerConfig) -> dict[str, Any]:
             node = node[part]
         return node
 
-    out: dict[str, Any] = {key: get(key) for key in FEATURE_SECTIONS}
+    out: dict[str, Any] = {key: get(key) for key in hashed_sections(cfg)}
     out["profile"] = cfg.profile
-    for slot, spec in dumped["profiles"][cfg.profile].items():
-        out.update({f"models.{slot}.{k}": v for k, v in spec.items()})
+    for slot in model_slots(cfg):
+        out.update({f"models.{slot}.{k}": v for k, v in (dumped["profiles"][cfg.profile][slot] or {}).items()})
     out["enrich.enabled"] = cfg.enrich.enabled
-    if cfg.enrich.enabled:
-        out.update({key: get(key) for key in ENRICH_SECTIONS})
     return out
 
 
@@ -130,10 +159,9 @@ def differing(ours: dict[str, Any], theirs: dict[str, Any], names: tuple[str, st
 
 
 def model_ids_json(cfg: MerConfig) -> str:
-    ids = {b: getattr(cfg.models, b).model_id for b in BRANCHES}
-    if cfg.enrich.enabled:
-        ids["llm"] = cfg.models.llm.model_id
-    return json.dumps(ids, sort_keys=True)
+    """The model ids of :func:`model_slots`, as JSON."""
+    return json.dumps({slot: getattr(getattr(cfg.models, slot), "model_id", None) for slot in model_slots(cfg)},
+                      sort_keys=True)
 
 
 def read_meta(store: str | PartStore) -> dict[str, Any] | None:

@@ -23,7 +23,7 @@ from mer.extract.columns import normalize_batch
 PREFIX = "_t"
 BUSY = "_t_"  # seconds of UDF wall time per row
 _FIELDS = {"cpu": "_tc_", "helper_cpu": "_th_", "begin": "_tb_", "end": "_te_", "proc": "_tp_", "init": "_ti_",
-           "ready": "_tr_"}
+           "ready": "_tr_", "tokens": "_tk_"}
 
 
 def is_timing(column: str) -> bool:
@@ -76,6 +76,8 @@ def timed(cls: type, key: str) -> type:
         out[f"{_FIELDS['helper_cpu']}{key}"] = np.full(n, helper * per_row)
         out[f"{_FIELDS['begin']}{key}"] = np.full(n, begin)
         out[f"{_FIELDS['end']}{key}"] = np.full(n, time.time())
+        # a generation stage says how many tokens this call generated (``batch_tokens``)
+        out[f"{_FIELDS['tokens']}{key}"] = np.full(n, getattr(self, "batch_tokens", 0) * per_row)
         start = self.__dict__.pop("_timing_start", None)  # reported once, with the actor's first batch
         for name, value in zip(("proc", "init", "ready"), start or (math.nan,) * 3):
             out[f"{_FIELDS[name]}{key}"] = np.full(n, value)
@@ -123,9 +125,10 @@ class StageTimes:
             if not c.startswith(BUSY):
                 continue
             key = c[len(BUSY):]
-            s = self.stages.setdefault(key, {"busy_s": 0.0, "cpu_s": 0.0, "begin": math.inf, "end": -math.inf,
-                                              "actors": set(), "batch_ends": {}})
+            s = self.stages.setdefault(key, {"busy_s": 0.0, "cpu_s": 0.0, "tokens": 0.0, "begin": math.inf,
+                                              "end": -math.inf, "actors": set(), "batch_ends": {}})
             s["busy_s"] += float(np.nansum(v))
+            s["tokens"] += float(np.nansum(cols.get(f"{_FIELDS['tokens']}{key}", 0.0)))
             s["cpu_s"] += float(np.nansum(cols.get(f"{_FIELDS['cpu']}{key}", 0.0)))
             b, e = cols.get(f"{_FIELDS['begin']}{key}"), cols.get(f"{_FIELDS['end']}{key}")
             if b is not None and np.isfinite(b).any():
@@ -161,6 +164,9 @@ class StageTimes:
                 "busy_ms_per_row": round(1000 * s["busy_s"] / rows, 2),
                 "cpu_ms_per_row": round(1000 * s["cpu_s"] / rows, 2),
                 "busy_fraction": round(s["busy_s"] / (n_actors * run_s), 4),
+                "tokens": round(s["tokens"]),
+                # generated tokens per second the stage was busy (its own rate, start-up excluded)
+                "tokens_per_busy_s": round(s["tokens"] / s["busy_s"], 1) if s["busy_s"] > 0 else 0.0,
                 "first_batch_at_s": round(s["begin"] - self.t0, 2) if math.isfinite(s["begin"]) else None,
                 "actors": [{"process_started_s": round(p - self.t0, 2), "init_s": round(r - i, 2),
                             "ready_s": round(r - self.t0, 2)} for p, i, r in actors],

@@ -1,7 +1,9 @@
 """The LLM vote: the enrichment engine asked for one of the six labels — a label source independent of the
 trained models.
 
-Each clip's subtitle, plus its enriched description when one is given, goes through the same enrichment stage
+Each clip's transcript (its subtitle, or what the speech stage heard: ``--features``), plus its enriched
+description and the vision-language model's description of its keyframes when there are any, goes through the
+same enrichment stage
 (:mod:`mer.enrich.stage`: vLLM through ``ray.data.llm`` or the transformers backend, the same model, resources,
 guard rails and Parquet cache) with the vote template (``vote_<lang>.txt``: answer with one label only),
 greedy decoding and a few tokens. The answer is parsed strictly (:func:`parse_vote`): anything that is not
@@ -33,6 +35,8 @@ from mer.store.parts import read_parts
 
 VOTE_COLUMNS = ("clip_id", "label", "vote_status", "answer", "model_id", "prompt_hash")
 DESCRIPTION_COLUMN = "description"
+# The voice-free visual evidence: the feature store's `visual_description_text` (extract.describe).
+VISUAL_COLUMN = "visual_description"
 # Chinese names a model may answer with despite the instruction; anything else is no vote.
 CHINESE_LABELS = {
     "中性": "neutral", "平静": "neutral", "生气": "angry", "愤怒": "angry", "高兴": "happy", "开心": "happy",
@@ -63,7 +67,7 @@ def vote_config(cfg: MerConfig) -> MerConfig:
                                               / f"vote_{cfg.enrich.prompt_language}.txt")
     return with_overrides(cfg, [f"enrich.prompt_file={template}", "enrich.temperature=0",
                                 f"enrich.max_tokens={lc.llm_vote_max_tokens}", "enrich.compose=replace",
-                                f"enrich.context_columns=[{DESCRIPTION_COLUMN}]"])
+                                f"enrich.context_columns=[{DESCRIPTION_COLUMN},{VISUAL_COLUMN}]"])
 
 
 def enriched_descriptions(enriched: pa.Table) -> dict[str, str]:
@@ -84,11 +88,25 @@ def enriched_descriptions(enriched: pa.Table) -> dict[str, str]:
     return out
 
 
+def store_clips(features_uri: str) -> pa.Table:
+    """``clip_id, text, description, visual_description`` of a feature store's rows: the transcript it was
+    extracted with (subtitle or speech recognition), the enrichment's description and the visual description."""
+    t = read_parts(features_uri, columns=["clip_id", "transcript", "transcript_enriched", "enrich_status",
+                                          "visual_description_text"])
+    desc = enriched_descriptions(pa.table({"clip_id": t["clip_id"], "text": t["transcript"],
+                                           "text_enriched": t["transcript_enriched"],
+                                           "enrich_status": t["enrich_status"]}))
+    ids = t["clip_id"].to_pylist()
+    return pa.table({"clip_id": t["clip_id"], "text": t["transcript"],
+                     DESCRIPTION_COLUMN: pa.array([desc.get(c) for c in ids], pa.string()),
+                     VISUAL_COLUMN: t["visual_description_text"]})
+
+
 def vote_table(cfg: MerConfig, clips: pa.Table, cache_dir: str | None = None,
                stats: dict[str, Any] | None = None) -> pa.Table:
-    """Ask the LLM for a label for every row of ``clips`` (``clip_id, text[, description]``)."""
+    """Ask the LLM for a label for every row of ``clips`` (``clip_id, text[, description][, visual_description]``)."""
     vcfg = vote_config(cfg)
-    keep = ["clip_id", "text"] + ([DESCRIPTION_COLUMN] if DESCRIPTION_COLUMN in clips.column_names else [])
+    keep = ["clip_id", "text"] + [c for c in (DESCRIPTION_COLUMN, VISUAL_COLUMN) if c in clips.column_names]
     table = clips.select(keep).cast(pa.schema([(c, pa.string()) for c in keep]))
     st: dict[str, Any] = {}
     out = enrich_table(vcfg, table, cache_dir=cache_dir, stats=st)
@@ -117,19 +135,27 @@ def vote_table(cfg: MerConfig, clips: pa.Table, cache_dir: str | None = None,
     return result
 
 
-def llm_vote(cfg: MerConfig, manifest_uri: str, out_uri: str, *, enriched_uri: str | None = None,
-             cache_dir: str | None = None) -> dict[str, Any]:
-    """``mer llm-vote``: one vote row per manifest clip into ``out_uri`` (Parquet); resumable through the
+def llm_vote(cfg: MerConfig, manifest_uri: str | None, out_uri: str, *, enriched_uri: str | None = None,
+             cache_dir: str | None = None, features_uri: str | None = None) -> dict[str, Any]:
+    """``mer llm-vote``: one vote row per clip of the manifest, or of the feature store ``features_uri`` (its
+    transcripts, enriched and visual descriptions), into ``out_uri`` (Parquet); resumable through the
     enrichment cache (a re-run only asks for clips it has not seen). Returns a summary."""
     t0 = time.time()
-    manifest = read_manifest(manifest_uri)
-    if "clip_id" not in manifest.column_names:
-        raise ValueError(f"{manifest_uri}: manifest has no clip_id column")
-    if "text" not in manifest.column_names:
-        manifest = manifest.append_column("text", pa.nulls(manifest.num_rows, pa.string()))
-    clips = manifest.select(["clip_id", "text"])
+    if features_uri:
+        clips = store_clips(features_uri)
+    else:
+        if not manifest_uri:
+            raise ValueError("llm-vote needs a manifest or a feature store")
+        manifest = read_manifest(manifest_uri)
+        if "clip_id" not in manifest.column_names:
+            raise ValueError(f"{manifest_uri}: manifest has no clip_id column")
+        if "text" not in manifest.column_names:
+            manifest = manifest.append_column("text", pa.nulls(manifest.num_rows, pa.string()))
+        clips = manifest.select(["clip_id", "text"])
     if enriched_uri:
         desc = enriched_descriptions(read_parts(enriched_uri))
+        if DESCRIPTION_COLUMN in clips.column_names:  # the store's own enrichment gives way to the table named
+            clips = clips.drop_columns([DESCRIPTION_COLUMN])
         clips = clips.append_column(DESCRIPTION_COLUMN, pa.array([desc.get(c) for c in
                                                                  clips.column("clip_id").to_pylist()], pa.string()))
     cache_dir = cache_dir or default_cache_dir(cfg.enrich.cache_dir, out_uri)
@@ -139,5 +165,5 @@ def llm_vote(cfg: MerConfig, manifest_uri: str, out_uri: str, *, enriched_uri: s
     if stats.get("prompt_hash"):
         EnrichCache(cache_dir).compact(stats["model_id"], stats["prompt_hash"])
     return {"out": out_uri, "rows": votes.num_rows, "votes": sum(v is not None for v in votes.column("label").to_pylist()),
-            **stats, "with_descriptions": bool(enriched_uri), "cache_dir": cache_dir,
+            **stats, "with_descriptions": bool(enriched_uri) or bool(features_uri), "cache_dir": cache_dir,
             "seconds": round(time.time() - t0, 2)}

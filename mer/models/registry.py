@@ -17,7 +17,7 @@ log = logging.getLogger(__name__)
 
 TINY_PREFIX = "tiny:"
 RANDOM_PREFIX = "random:"
-SLOTS: tuple[str, ...] = (*BRANCHES, "llm")
+SLOTS: tuple[str, ...] = (*BRANCHES, "llm", "asr", "vlm")
 
 
 class ModelConfigError(ValueError):
@@ -30,7 +30,7 @@ def _spec_key(spec: ModelSpec, cfg: MerConfig) -> str:
         if getattr(cfg.models, slot) is spec or getattr(cfg.models, slot) == spec:
             return f"profiles.{cfg.profile}.{slot}"
     for slot in SLOTS:  # a modified copy of a configured spec: match on the id
-        if getattr(cfg.models, slot).model_id == spec.model_id:
+        if getattr(getattr(cfg.models, slot), "model_id", None) == spec.model_id:
             return f"profiles.{cfg.profile}.{slot}"
     return f"profiles.{cfg.profile}.<model>"
 
@@ -130,5 +130,15 @@ def pick_device(num_gpus: float) -> str:
 
 
 def model_ids(cfg: MerConfig) -> dict[str, str]:
-    """Slot -> configured model id (provenance for the feature store's ``model_ids`` column)."""
-    return {slot: getattr(cfg.models, slot).model_id for slot in SLOTS}
+    """Slot -> configured model id (provenance for the feature store's ``model_ids`` column); a slot the
+    profile leaves out is absent."""
+    return {slot: spec.model_id for slot in SLOTS if (spec := getattr(cfg.models, slot)) is not None}
+
+
+def slot_spec(cfg: MerConfig, slot: str) -> ModelSpec:
+    """The profile's model of ``slot``; a :class:`ModelConfigError` naming the key when the profile has none."""
+    spec = getattr(cfg.models, slot)
+    if spec is None:
+        raise ModelConfigError(f"profiles.{cfg.profile}.{slot}: this profile has no {slot} model (set one to use "
+                               f"the stage that reads it)")
+    return spec

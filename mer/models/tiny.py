@@ -19,11 +19,12 @@ from mer.models.build import build_slots, is_complete
 
 log = logging.getLogger(__name__)
 
-SLOTS: tuple[str, ...] = ("llm", "global_visual", "face", "audio", "text")
+SLOTS: tuple[str, ...] = ("llm", "global_visual", "face", "audio", "text", "asr", "vlm")
 SEED = 0
 # Hidden sizes differ per branch (64/48/32/96) so a test mixing branches up fails on the dimension.
 # Bump a slot's version when its recipe changes: existing builds with another version are rebuilt.
-_VERSIONS: dict[str, str] = {"llm": "1", "global_visual": "2", "face": "2", "audio": "3", "text": "2"}
+_VERSIONS: dict[str, str] = {"llm": "1", "global_visual": "2", "face": "2", "audio": "3", "text": "2", "asr": "1",
+                             "vlm": "1"}
 
 # Emotion vocabulary and everyday subtitle phrases so that the tokenizers learn merges for them; the
 # byte-level alphabet still covers every other character.
@@ -221,12 +222,120 @@ def _build_text(dst: Path) -> None:
     tok.save_pretrained(dst)
 
 
+def whisper_processor(vocab_size: int = 1024):
+    """A ``WhisperProcessor``: 80-bin log-mel features of 30-s windows and a byte-level BPE with Whisper's
+    special tokens (``<|startoftranscript|>``, one ``<|xx|>`` per language, tasks, ``<|nospeech|>``,
+    ``<|notimestamps|>``), so vLLM's Whisper prompts and language detection find every token they name."""
+    from transformers import WhisperFeatureExtractor, WhisperProcessor, WhisperTokenizer
+    from transformers.models.whisper.tokenization_whisper import LANGUAGES
+
+    raw = _train_byte_bpe(vocab_size, ["<|endoftext|>"])
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m)
+              for m in json.loads(raw.to_str())["model"]["merges"]]
+    tok = WhisperTokenizer(vocab=raw.get_vocab(), merges=merges)
+    specials = ["<|startoftranscript|>", *[f"<|{c}|>" for c in LANGUAGES], "<|translate|>", "<|transcribe|>",
+                "<|startoflm|>", "<|startofprev|>", "<|nospeech|>", "<|notimestamps|>"]
+    tok.add_special_tokens({"additional_special_tokens": specials})
+    return WhisperProcessor(feature_extractor=WhisperFeatureExtractor(feature_size=80), tokenizer=tok)
+
+
+def whisper_generation_config(tok):
+    """The ``GenerationConfig`` transformers' Whisper ``generate`` needs (language and task ids, no timestamps)."""
+    from transformers import GenerationConfig
+    from transformers.models.whisper.tokenization_whisper import LANGUAGES
+
+    ids = lambda t: tok.convert_tokens_to_ids(t)  # noqa: E731
+    eot = ids("<|endoftext|>")
+    return GenerationConfig(
+        decoder_start_token_id=ids("<|startoftranscript|>"), eos_token_id=eot, pad_token_id=eot, bos_token_id=eot,
+        max_length=448, is_multilingual=True, lang_to_id={f"<|{c}|>": ids(f"<|{c}|>") for c in LANGUAGES},
+        task_to_id={"transcribe": ids("<|transcribe|>"), "translate": ids("<|translate|>")},
+        no_timestamps_token_id=ids("<|notimestamps|>"), prev_sot_token_id=ids("<|startofprev|>"),
+        suppress_tokens=[], begin_suppress_tokens=[eot])
+
+
+def _build_asr(dst: Path) -> None:
+    """WhisperForConditionalGeneration (d_model 128, 4 heads -> head_dim 32 for vLLM's CPU attention, 2+2
+    layers; 30-s windows of 80 mel bins like Whisper's) + WhisperProcessor."""
+    from transformers import WhisperConfig, WhisperForConditionalGeneration
+
+    proc = whisper_processor()
+    tok = proc.tokenizer
+    eot = tok.convert_tokens_to_ids("<|endoftext|>")
+    config = WhisperConfig(
+        vocab_size=len(tok), num_mel_bins=80, d_model=128, encoder_layers=2, decoder_layers=2,
+        encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=256, decoder_ffn_dim=256,
+        max_source_positions=1500, max_target_positions=448, pad_token_id=eot, bos_token_id=eot, eos_token_id=eot,
+        decoder_start_token_id=tok.convert_tokens_to_ids("<|startoftranscript|>"), torch_dtype="float32")
+    _seed()
+    model = WhisperForConditionalGeneration(config)
+    model.generation_config = whisper_generation_config(tok)
+    model.save_pretrained(dst)
+    proc.save_pretrained(dst)
+
+
+# The vision-language prompt: the images are placed by the model's processor (BLIP-2 puts its query tokens
+# before the prompt), so the template renders the text parts of a message only.
+_VLM_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if loop.first and message['role'] != 'system' %}"
+    "{{ '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}"
+    "{% endif %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' }}"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}{% if part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}"
+    "{{ '<|im_end|>\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+def _build_vlm(dst: Path) -> None:
+    """Blip2ForConditionalGeneration: a ViT (hidden 64, 64 px) and a Q-Former (8 query tokens) in front of a
+    Qwen2 decoder like the tiny LLM's, + Blip2Processor with a ChatML template. BLIP-2, not Qwen2.5-VL (the
+    default profile's): transformers' Qwen2-VL-family processors need torchvision, which the CPU build of
+    torch used here does not have, and vLLM serves BLIP-2 with image inputs on CPU."""
+    from transformers import (Blip2Config, Blip2ForConditionalGeneration, Blip2Processor, BlipImageProcessor,
+                              GenerationConfig, PreTrainedTokenizerFast, Qwen2Config)
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>"]
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=_train_byte_bpe(1024, specials), eos_token="<|im_end|>", pad_token="<|endoftext|>",
+        bos_token=None, unk_token=None, additional_special_tokens=specials[1:], model_max_length=4096,
+        clean_up_tokenization_spaces=False)
+    tok.chat_template = _VLM_TEMPLATE
+    ids = {t: tok.convert_tokens_to_ids(t) for t in specials}
+    text = Qwen2Config(
+        vocab_size=len(tok), hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=32, max_position_embeddings=4096, tie_word_embeddings=True,
+        bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
+        rope_theta=10000.0, architectures=["Qwen2ForCausalLM"])
+    config = Blip2Config(
+        vision_config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                           image_size=64, patch_size=16),
+        qformer_config=dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+                            encoder_hidden_size=64),
+        text_config=text.to_dict(), num_query_tokens=8, image_token_index=ids["<image>"], tie_word_embeddings=True)
+    _seed()
+    model = Blip2ForConditionalGeneration(config)
+    model.generation_config = GenerationConfig(
+        bos_token_id=ids["<|endoftext|>"], eos_token_id=[ids["<|im_end|>"]], pad_token_id=ids["<|endoftext|>"],
+        do_sample=False, max_new_tokens=64)
+    model.save_pretrained(dst)
+    proc = Blip2Processor(image_processor=BlipImageProcessor(size={"height": 64, "width": 64}), tokenizer=tok,
+                          num_query_tokens=8)
+    proc.save_pretrained(dst)
+
+
 _BUILDERS: dict[str, Callable[[Path], None]] = {
     "llm": _build_llm,
     "global_visual": _build_global_visual,
     "face": _build_face,
     "audio": _build_audio,
     "text": _build_text,
+    "asr": _build_asr,
+    "vlm": _build_vlm,
 }
 
 

@@ -25,7 +25,8 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from mer.config import MerConfig, Resources, cpu_only, enabled_branches, with_overrides
+from mer.config import (MerConfig, Resources, cpu_only, describes, enabled_branches, enriches_inline, transcribes,
+                        with_overrides)
 
 log = logging.getLogger("mer.fit")
 
@@ -78,12 +79,19 @@ class Cluster:
 
 
 def stream_demands(cfg: MerConfig) -> list[Demand]:
-    """The actor pools of the widest stream ``cfg`` builds (extraction with face detection, every enabled
-    encoder and, when scoring from videos, the scorer), each ``concurrency`` actors."""
+    """The actor pools of the widest stream ``cfg`` builds (extraction with face detection, the speech and
+    description stages when on, every enabled encoder and, when scoring from videos, the scorer), each
+    ``concurrency`` actors."""
     branches = enabled_branches(cfg)
     pools = [("extract.decode.resources", cfg.extract.decode.resources)]
     if "face" in branches:
         pools.append(("extract.face.resources", cfg.extract.face.resources))
+    if transcribes(cfg):
+        pools.append(("extract.asr.resources", cfg.extract.asr.resources))
+    if describes(cfg):
+        pools.append(("extract.describe.resources", cfg.extract.describe.resources))
+    if enriches_inline(cfg):  # the enrichment follows the speech stage inside the stream
+        pools.append(("enrich.resources", cfg.enrich.resources))
     if cfg.extract.encoders.colocated is not None and branches:
         pools.append(("extract.encoders.colocated", cfg.extract.encoders.colocated))
     else:
@@ -109,10 +117,13 @@ def stream_fits_with_llm(cfg: MerConfig, cluster: Cluster, reserve_cpu: float = 
 
 
 def llm_placement(cfg: MerConfig, cluster: Cluster | None = None) -> str:
-    """Where extraction runs the LLM stage: ``stream`` (inside the stream) or ``before`` (first, as its own
-    stream). ``enrich.placement`` unless ``auto``; auto is ``stream`` on a cluster that autoscales or where the
-    stream's pools and the engine fit at once, else ``before``. A local Ray that mer started was fitted already
-    (:func:`fit_local` writes the choice into the config)."""
+    """Where extraction runs the LLM stage: ``inline`` (an actor pool after the speech stage: with ``text.source``
+    asr/auto the transcripts exist only there), ``stream`` (inside the stream, on the manifest rows) or
+    ``before`` (first, as its own stream). ``enrich.placement`` unless ``auto``; auto is ``stream`` on a cluster
+    that autoscales or where the stream's pools and the engine fit at once, else ``before``. A local Ray that
+    mer started was fitted already (:func:`fit_local` writes the choice into the config)."""
+    if enriches_inline(cfg):
+        return "inline"
     placement = cfg.enrich.placement
     if placement != "auto":
         return placement
@@ -208,7 +219,7 @@ def fit_local(cfg: MerConfig, cluster: Cluster) -> tuple[MerConfig, str]:
         notes.append("one decode actor (extract.decode.trim=never keeps resources.concurrency)")
     stream = stream_demands(cfg)
     groups = [("stream", stream), ("enrich", enrich_demands(cfg))]
-    if cfg.enrich.enabled and cfg.enrich.placement == "auto":
+    if cfg.enrich.enabled and cfg.enrich.placement == "auto" and not enriches_inline(cfg):
         # Fitted fractions would let the engine into the stream on any machine, but the engine and the encoders
         # would then share cores the pools already fill: on a machine where they do not fit as configured the
         # engine runs first, alone.
@@ -217,8 +228,12 @@ def fit_local(cfg: MerConfig, cluster: Cluster) -> tuple[MerConfig, str]:
         if placement == "before":
             notes.append(f"LLM enrichment first, as its own stream (its engine and the stream's pools do not fit "
                          f"{cluster.cpus:g} CPUs at once; enrich.placement=stream keeps it in the stream)")
-    if cfg.enrich.enabled and cfg.enrich.placement == "stream":
+    if cfg.enrich.enabled and cfg.enrich.placement == "stream" and not enriches_inline(cfg):
         groups = [("stream+enrich", stream + enrich_demands(cfg))]
+    elif enriches_inline(cfg):  # the engine is one of the stream's pools already (stream_demands)
+        groups = [("stream", stream)]
+        notes.append("LLM enrichment inside the stream, after speech recognition (text.source="
+                     f"{cfg.text.source}: the transcripts exist only there)")
     overrides: list[str] = []
     fitted: list[str] = []
     for name, demands in (*groups, ("train", train_demands(cfg, cfg.labels.parallel_runs))):

@@ -16,8 +16,9 @@ from mer.synth.dataset import SAMPLE_RATE, draw_face, encode_mp4, save_wav
 
 def make_clip(path: str | os.PathLike[str], *, seconds: float = 1.0, width: int = 160, height: int = 120,
               fps: int = 25, face: bool = True, audio: bool = True, gop: int = 12, seed: int = 0,
-              tone_hz: float = 440.0) -> str:
-    """Write one mp4; the face (if any) drifts a little so frames differ; ``gop`` = keyframe interval."""
+              tone_hz: float = 440.0, tone_amplitude: float = 0.2) -> str:
+    """Write one mp4; the face (if any) drifts a little so frames differ; ``gop`` = keyframe interval;
+    ``tone_amplitude`` 0 gives a silent audio track."""
     rng = np.random.default_rng(seed)
     n = max(1, int(round(seconds * fps)))
     base = np.zeros((height, width, 3), np.uint8)
@@ -41,7 +42,7 @@ def make_clip(path: str | os.PathLike[str], *, seconds: float = 1.0, width: int 
         if audio:
             wav = os.path.join(tmp, "tone.wav")
             t_s = np.arange(int(round(seconds * SAMPLE_RATE))) / SAMPLE_RATE
-            save_wav(wav, (0.2 * np.sin(2 * np.pi * tone_hz * t_s)).astype(np.float32))
+            save_wav(wav, (tone_amplitude * np.sin(2 * np.pi * tone_hz * t_s)).astype(np.float32))
         encode_mp4(str(path), frames, fps, wav, gop=gop)
     return str(path)
 
