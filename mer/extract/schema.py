@@ -8,6 +8,7 @@ name the text vectors (the training contract).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from collections import Counter
@@ -111,9 +112,28 @@ def hashed_sections(cfg: MerConfig) -> list[str]:
     return sections
 
 
+# Model slots added with the speech and description stages: a store that uses neither hashes without them.
+STAGE_SLOTS = ("asr", "vlm")
+
+
 def config_hash(cfg: MerConfig) -> str:
     """Hash of what determines the features: decode/face settings, the models used, enrichment, where the
-    transcript comes from, the speech and description stages."""
+    transcript comes from, the speech and description stages.
+
+    A config that runs neither the speech nor the description stage hashes exactly as stores were hashed before
+    those stages existed (the decode/face settings, the profile's other slots, enrichment when on), so stores
+    and runs made then keep their hash: they resume, and `mer score` scores them without a config change."""
+    if not transcribes(cfg) and not describes(cfg):
+        dumped = cfg.model_dump(mode="json")
+        picked: dict[str, Any] = {}
+        for key in (*FEATURE_SECTIONS, *(ENRICH_SECTIONS if cfg.enrich.enabled else ())):
+            node: Any = dumped
+            for part in key.split("."):
+                node = node[part]
+            picked[key] = node
+        picked[f"profiles.{cfg.profile}"] = {slot: spec for slot, spec in dumped["profiles"][cfg.profile].items()
+                                             if slot not in STAGE_SLOTS}
+        return hashlib.sha256(json.dumps(picked, sort_keys=True).encode()).hexdigest()[:16]
     return cfg.section_hash(*hashed_sections(cfg), *(f"profiles.{cfg.profile}.{slot}" for slot in model_slots(cfg)))
 
 
