@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
 from pathlib import Path
 
 import pyarrow.csv as pacsv
@@ -14,16 +13,10 @@ import pytest
 
 from mer.config import LABELS
 from mer.store.parts import read_parts
-from test_cli_plain import MER, REPO, user_env
+from test_cli_plain import mer
 
 # make check leaves the module out: an extraction with the LLM stage, a training run and two scorings, as commands
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(2400)]
-
-
-def mer(*args: str) -> subprocess.CompletedProcess:
-    proc = subprocess.run([*MER, *args], cwd=REPO, env=user_env(), capture_output=True, text=True, timeout=1500)
-    assert proc.returncode == 0, (args, proc.stdout[-3000:], proc.stderr[-3000:])
-    return proc
 
 
 @pytest.fixture(scope="module")

@@ -89,3 +89,15 @@ def request_error(output: Any) -> str | None:
     if reason == "abort":
         return "the engine aborted the request"
     return None
+
+
+def texts_and_tokens(outputs: list[Any]) -> list[tuple[str, int]]:
+    """(text, generated token count) of each finished request; raises on the first request the engine failed, so
+    the stage marks its whole batch (the caller keeps every row with an ``error`` status)."""
+    result = []
+    for o in outputs:
+        err = request_error(o)
+        if err:
+            raise RuntimeError(err)
+        result.append((o.outputs[0].text, len(o.outputs[0].token_ids)))
+    return result

@@ -32,7 +32,7 @@ import numpy as np
 from mer.config import MerConfig
 from mer.enrich import guard
 from mer.enrich.cache import GeneratedTextCache
-from mer.enrich.engine import request_error, sampling_params, vllm_engine
+from mer.enrich.engine import request_error, sampling_params, texts_and_tokens, vllm_engine
 from mer.models.registry import load_model, load_processor, pick_device, resolve_model_id, slot_spec
 from mer.runtime.batches import isolate_rows, object_column
 
@@ -120,13 +120,7 @@ class VllmWhisper:
         prompts = [{"prompt": f"<|startoftranscript|><|{lang}|><|transcribe|><|notimestamps|>",
                     "multi_modal_data": {"audio": (p, self.rate)}} for p, lang in zip(pieces, languages)]
         outs = self.llm.generate(prompts, sampling_params(self.stage), use_tqdm=False)
-        result = []
-        for o in outs:
-            err = request_error(o)
-            if err:
-                raise RuntimeError(err)
-            result.append((o.outputs[0].text, len(o.outputs[0].token_ids)))
-        return result
+        return texts_and_tokens(outs)
 
 
 class TransformersWhisper:
