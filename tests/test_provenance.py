@@ -162,3 +162,16 @@ def test_stores_made_before_the_speech_and_description_stages_keep_their_hash() 
     assert config_hash(load_config(profile="default", overrides=["enrich.enabled=true"])) == "1720a7a392615cb0"
     with_stage = load_config(profile="tiny", overrides=["text.source=auto"])
     assert config_hash(with_stage) != config_hash(load_config(profile="tiny"))
+
+
+def test_differing_names_a_stage_one_side_leaves_off_once() -> None:
+    """A stage the run ran and this config does not differs in each of its settings: the line names the stage with
+    its key count instead of listing every setting, and still lists each setting both sides have."""
+    from mer.extract.schema import differing
+
+    run = {"settings": {"text.source": "auto", "enrich.enabled": True, "enrich.seed": 0, "enrich.max_tokens": 64,
+                        "extract.decode.num_frames": 8, "models.llm.model_id": "tiny:llm"}}
+    config = {"settings": {"text.source": "subtitle", "extract.decode.num_frames": 16}}
+    msg = differing(run, config, ("run", "config"))
+    assert msg == ("differing keys: extract.decode.num_frames (run 8, config 16), text.source (run 'auto', config "
+                   "'subtitle'), set only in the run: enrich.* (3 keys), models.llm.model_id='tiny:llm'")

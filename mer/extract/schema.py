@@ -173,9 +173,25 @@ def differing(ours: dict[str, Any], theirs: dict[str, Any], names: tuple[str, st
     a, b = ours.get("settings"), theirs.get("settings")
     if a is None or b is None:
         return f"the {names[0] if a is None else names[1]} records no feature settings, only a hash"
-    keys = [f"{k} ({names[0]} {a.get(k)!r}, {names[1]} {b.get(k)!r})"
-            for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
-    return "differing keys: " + ", ".join(keys)
+    changed = [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    parts = [f"{k} ({names[0]} {a[k]!r}, {names[1]} {b[k]!r})" for k in changed
+             if a.get(k) is not None and b.get(k) is not None]
+    # A stage one side runs and the other does not differs in every one of its settings: name the stage once
+    # (with its key count), not each setting, so the line stays readable.
+    for side, mine, other in ((names[0], a, b), (names[1], b, a)):
+        only = [k for k in changed if mine.get(k) is not None and other.get(k) is None]
+        if only:
+            parts.append(f"set only in the {side}: " + ", ".join(_grouped(only, mine)))
+    return "differing keys: " + ", ".join(parts)
+
+
+def _grouped(keys: list[str], values: dict[str, Any]) -> list[str]:
+    """``prefix.* (n keys)`` for each dotted prefix holding several of ``keys``, ``key=value`` for a lone one."""
+    groups: dict[str, list[str]] = {}
+    for k in keys:
+        groups.setdefault(k.rsplit(".", 1)[0] if "." in k else k, []).append(k)
+    return [f"{prefix}.* ({len(ks)} keys)" if len(ks) > 1 else f"{ks[0]}={values[ks[0]]!r}"
+            for prefix, ks in groups.items()]
 
 
 def model_ids_json(cfg: MerConfig) -> str:
