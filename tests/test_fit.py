@@ -193,3 +193,41 @@ def test_a_stream_with_the_llm_stage_declares_its_engine(tiny_config) -> None:
     assert {"decode", "face_detect"} <= set(keys)
     with pytest.raises(PlacementError, match=r"enrich.resources: 1 x \(1.5 CPU"):
         check_placement("the stream", demands, autoscaler=False, cluster=LAPTOP)
+
+
+def test_scoring_fits_the_config_it_adopts_from_its_run(monkeypatch, tmp_path) -> None:
+    """`mer score --manifest` on a local Ray extracts with its run's feature settings; where they add stages (the
+    demo's run transcribes, describes and enriches inside the stream) the adopted config is fitted again, so the new
+    pools are placed with the others (unfitted, the describer waited forever for a CPU the fitted pools held)."""
+    import json
+
+    from mer.extract.schema import config_hash, feature_settings
+    from mer.predict import score as score_mod
+    from mer.runtime import session
+
+    plain, _ = fit_local(load_config(profile="tiny"), LAPTOP)
+    trained = with_overrides(load_config(profile="tiny"), ["text.source=auto", "extract.describe.enabled=true",
+                                                           "enrich.enabled=true"])
+    run = tmp_path / "run"
+    (run / "models").mkdir(parents=True)
+    (run / "models" / "model.json").write_text(json.dumps({"features": {
+        "uri": None, "config_hash": config_hash(trained), "settings": feature_settings(trained)}}))
+    seen = {}
+
+    class Extracted(Exception):
+        pass
+
+    def extract(cfg, *args, **kwargs):
+        seen["cfg"] = cfg
+        raise Extracted
+
+    monkeypatch.setattr(score_mod, "extract_features", extract)
+    monkeypatch.setattr(Cluster, "current", classmethod(lambda cls: LAPTOP))
+    monkeypatch.setitem(session._LOCAL, "started", True)  # as init_ray leaves it after starting a local Ray
+    with pytest.raises(Extracted):
+        score_mod.score(plain, str(run), str(tmp_path / "out"), manifest_uri=str(tmp_path / "m.parquet"))
+    adopted = seen["cfg"]
+    assert config_hash(adopted) == config_hash(trained)
+    keys = [d.key for d in stream_demands(adopted)]
+    assert {"extract.asr.resources", "extract.describe.resources", "enrich.resources"} <= set(keys)
+    assert placement_problem(stream_demands(adopted), LAPTOP) is None

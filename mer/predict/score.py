@@ -21,6 +21,7 @@ from mer.config import LABELS, PROB_COLUMNS, MerConfig
 from mer.extract.pipeline import extract_features
 from mer.runs.layout import best_run, run_id
 from mer.runs.provenance import check_store, enrich_cache_of, extraction_config
+from mer.runtime.session import fit_here
 from mer.runtime.stall import StallWatch
 from mer.runtime.stream import Stage, build, write_stream
 from mer.store import storage
@@ -180,7 +181,7 @@ def score(cfg: MerConfig, run_uri: str, out_uri: str, *, features_uri: str | Non
         summary["stage"] = chosen
     if manifest_uri is not None:
         features_uri = features_out or storage.join(out_uri, "features")
-        ex_cfg = extraction_config(cfg, run_uri, allow_config_change=allow_config_change)
+        ex_cfg = fit_here(extraction_config(cfg, run_uri, allow_config_change=allow_config_change))
         cache = None
         if ex_cfg.enrich.enabled and not ex_cfg.enrich.cache_dir:
             cache = enrich_cache_of(run_uri)

@@ -46,7 +46,7 @@ def init_ray(cfg: MerConfig, **extra: Any) -> MerConfig:
 
     storage.configure(cfg.storage.s3_endpoint_url, cfg.storage.s3_region)
     if ray.is_initialized():
-        return _fitted(cfg)
+        return fit_here(cfg)
     env_vars = {
         k: v
         for k, v in os.environ.items()
@@ -84,7 +84,7 @@ def init_ray(cfg: MerConfig, **extra: Any) -> MerConfig:
     resources = ray.cluster_resources()
     log.debug("ray resources: %s", resources)
     if _LOCAL["started"]:
-        return _fitted(cfg)
+        return fit_here(cfg)
     wanted = gpu_requests(cfg)
     if wanted and not resources.get("GPU"):
         # Not an error: an autoscaling cluster may add GPU nodes once the stages ask for them.
@@ -97,8 +97,10 @@ def init_ray(cfg: MerConfig, **extra: Any) -> MerConfig:
 _LOCAL = {"started": False}
 
 
-def _fitted(cfg: MerConfig) -> MerConfig:
-    """``cfg`` fitted to the local Ray this process started (unchanged on a joined cluster)."""
+def fit_here(cfg: MerConfig) -> MerConfig:
+    """``cfg`` fitted to the local Ray this process started (unchanged on a joined cluster). A command that derives
+    another config after :func:`init_ray` (``mer score --manifest`` adopts its run's feature settings, which may add
+    stages) fits that one again, or its new pools would ask for CPUs the fitted ones already hold."""
     if not _LOCAL["started"]:
         return cfg
 
