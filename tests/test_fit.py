@@ -196,7 +196,7 @@ def test_a_stream_with_the_llm_stage_declares_its_engine(tiny_config) -> None:
 
 
 def test_scoring_fits_the_config_it_adopts_from_its_run(monkeypatch, tmp_path) -> None:
-    """`mer score --manifest` on a local Ray extracts with its run's feature settings; where they add stages (the
+    """`mer score --manifest` on a local Ray extracts with its run's feature settings and transcript cache; where they add stages (the
     demo's run transcribes, describes and enriches inside the stream) the adopted config is fitted again, so the new
     pools are placed with the others (unfitted, the describer waited forever for a CPU the fitted pools held)."""
     import json
@@ -211,7 +211,9 @@ def test_scoring_fits_the_config_it_adopts_from_its_run(monkeypatch, tmp_path) -
     run = tmp_path / "run"
     (run / "models").mkdir(parents=True)
     (run / "models" / "model.json").write_text(json.dumps({"features": {
-        "uri": None, "config_hash": config_hash(trained), "settings": feature_settings(trained)}}))
+        "uri": None, "config_hash": config_hash(trained), "settings": feature_settings(trained),
+        "media_caches": {"asr": str(tmp_path / "asr_cache"), "describe": str(tmp_path / "gone")}}}))
+    (tmp_path / "asr_cache").mkdir()
     seen = {}
 
     class Extracted(Exception):
@@ -231,3 +233,5 @@ def test_scoring_fits_the_config_it_adopts_from_its_run(monkeypatch, tmp_path) -
     keys = [d.key for d in stream_demands(adopted)]
     assert {"extract.asr.resources", "extract.describe.resources", "enrich.resources"} <= set(keys)
     assert placement_problem(stream_demands(adopted), LAPTOP) is None
+    # the transcripts the run's store cached are read again; a recorded cache that is gone is not used
+    assert adopted.extract.asr.cache_dir == str(tmp_path / "asr_cache") and adopted.extract.describe.cache_dir is None

@@ -27,7 +27,7 @@ from mer.extract.schema import config_hash, feature_schema, read_meta
 from mer.runtime.batches import object_column
 from mer.runtime.placement import Cluster, fit_local, stream_demands
 from mer.store import storage
-from mer.store.parts import read_parts
+from mer.store.parts import PartStore, read_parts
 from mer.synth.clips import make_clip
 
 SR = 16000
@@ -227,6 +227,9 @@ def test_rerun_reuses_the_caches(stream_store, videos) -> None:
         for c in ("transcript", "asr_status", "visual_description_text", "describe_status", "transcript_enriched"):
             assert again[cid][c] == r[c], (cid, c)
     assert len(cache.lookup()) == cached == 3  # asr_0, asr_1, long: one row per transcribed audio
+    # the store records its caches, so `mer score` on a run trained on it reads them (mer.runs.provenance)
+    assert PartStore(str(d / "features_again")).meta["media_caches"] == {"asr": str(d / "asr_cache"),
+                                                                          "describe": str(d / "describe_cache")}
 
 
 @pytest.mark.slow

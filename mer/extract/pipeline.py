@@ -402,7 +402,8 @@ def extract_features(cfg: MerConfig, manifest_uri: str, out_uri: str, *, limit: 
     # Opened once before the stream: the meta check and the resume read share its listing.
     out = PartStore(out_uri)
     meta = store.ensure_meta(cfg, out, allow_config_change=allow_config_change,
-                             enrich_cache=cache_dir if extra_stages is None else None)
+                             enrich_cache=cache_dir if extra_stages is None else None,
+                             media_caches=media_cache_dirs(cfg, out_uri))
     lookup = dict(zip(ids, zip(manifest.column("split").to_pylist(), manifest.column("label").to_pylist())))
     times = StageTimes(time.time())
     concurrency: dict[str, int] = {}

@@ -206,16 +206,19 @@ def read_meta(store: str | PartStore) -> dict[str, Any] | None:
 
 
 def ensure_meta(cfg: MerConfig, uri: str | PartStore, *, allow_config_change: bool = False,
-                enrich_cache: str | None = None) -> dict[str, Any]:
+                enrich_cache: str | None = None, media_caches: dict[str, str] | None = None) -> dict[str, Any]:
     """Write ``_meta.json`` for a new store; refuse to mix features of another config into an old one.
-    ``enrich_cache``: where the store's LLM enrichment is cached (recorded, so runs trained on the store, and
-    ``mer score`` on them, find it). An open store keeps the meta written as its own."""
+    ``enrich_cache``: where the store's LLM enrichment is cached, ``media_caches`` its transcripts and descriptions
+    (``{"asr": …, "describe": …}``): recorded, so runs trained on the store, and ``mer score`` on them, find them.
+    An open store keeps the meta written as its own."""
     store = PartStore.of(uri)
     meta = {"schema_version": SCHEMA_VERSION, "config_hash": config_hash(cfg), "model_ids": json.loads(
         model_ids_json(cfg)), "profile": cfg.profile, "vector_columns": vector_branches(cfg),
         "settings": feature_settings(cfg), "schema": [f"{f.name}: {f.type}" for f in feature_schema(cfg)]}
     if enrich_cache:
         meta["enrich_cache"] = enrich_cache
+    if media_caches:
+        meta["media_caches"] = dict(media_caches)
     old = store.meta
     if old is not None and old.get("config_hash") != meta["config_hash"] and store.parts:
         if not allow_config_change:
@@ -225,7 +228,8 @@ def ensure_meta(cfg: MerConfig, uri: str | PartStore, *, allow_config_change: bo
                 f"output directory, or allow_config_change=True to mix them")
     # A store written before settings were recorded gets them (same hash: same settings).
     if (old is None or old.get("config_hash") != meta["config_hash"] or "settings" not in old
-            or (enrich_cache and old.get("enrich_cache") != enrich_cache)):
+            or (enrich_cache and old.get("enrich_cache") != enrich_cache)
+            or (media_caches and old.get("media_caches") != meta["media_caches"])):
         same = old is not None and old.get("config_hash") == meta["config_hash"]
         meta["created"] = old.get("created") if same else time.strftime("%Y-%m-%dT%H:%M:%S")
         store.write_meta(meta)

@@ -17,10 +17,10 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from mer.config import LABELS, PROB_COLUMNS, MerConfig
+from mer.config import LABELS, PROB_COLUMNS, MerConfig, with_overrides
 from mer.extract.pipeline import extract_features
 from mer.runs.layout import best_run, run_id
-from mer.runs.provenance import check_store, enrich_cache_of, extraction_config
+from mer.runs.provenance import check_store, enrich_cache_of, extraction_config, media_caches_of
 from mer.runtime.session import fit_here
 from mer.runtime.stall import StallWatch
 from mer.runtime.stream import Stage, build, write_stream
@@ -187,6 +187,13 @@ def score(cfg: MerConfig, run_uri: str, out_uri: str, *, features_uri: str | Non
             cache = enrich_cache_of(run_uri)
             if cache:
                 log.info("enrichment cache: %s (recorded by the run's training store)", cache)
+        # The speech and description caches too: clips the run has seen are not transcribed or described again.
+        media = {stage: cache for stage, cache in media_caches_of(run_uri).items()
+                 if getattr(ex_cfg.extract, stage).cache_dir is None}
+        if media:
+            ex_cfg = with_overrides(ex_cfg, [f"extract.{stage}.cache_dir={cache}" for stage, cache in media.items()])
+            log.info("transcript/description caches: %s (recorded by the run's training store)",
+                     ", ".join(f"{k} {v}" for k, v in media.items()))
         summary["extract"] = extract_features(ex_cfg, manifest_uri, features_uri, splits=splits,
                                               enrich_cache=cache)
         store = PartStore(features_uri)  # opened once extraction has written it

@@ -29,7 +29,8 @@ def store_record(features: str | PartStore) -> dict[str, Any]:
     store = PartStore.of(features)
     meta = store.meta or {}
     return {"uri": store.uri, "config_hash": meta.get("config_hash"), "model_ids": meta.get("model_ids"),
-            "settings": meta.get("settings"), "enrich_cache": meta.get("enrich_cache")}
+            "settings": meta.get("settings"), "enrich_cache": meta.get("enrich_cache"),
+            "media_caches": meta.get("media_caches")}
 
 
 def _recorded(run_uri: str) -> dict[str, Any] | None:
@@ -97,3 +98,18 @@ def enrich_cache_of(run_uri: str) -> str | None:
         cache = default_cache_dir(None, rec["uri"])
     return cache if cache and storage.exists(cache) else None
 
+
+
+def media_caches_of(run_uri: str) -> dict[str, str]:
+    """Where the transcripts and descriptions of ``run_uri``'s training store are cached (``{"asr": …,
+    "describe": …}``, the ones that exist): what the run recorded, else (runs recorded before) the default
+    caches beside that store."""
+    rec = run_record(run_uri) or {}
+    recorded = rec.get("media_caches") or {}
+    out = {}
+    for stage in ("asr", "describe"):
+        cache = recorded.get(stage) or (default_cache_dir(None, rec["uri"], f"{stage}_cache") if rec.get("uri")
+                                        else None)
+        if cache and storage.exists(cache):
+            out[stage] = cache
+    return out
