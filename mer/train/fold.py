@@ -136,7 +136,8 @@ def run_folds(cfg: MerConfig, *, folds: list[int], arch: str, dims: dict[str, in
     )
     t0 = time.time()
     result = trainer.fit()
-    log.debug("%s: trainer.fit %.1f s", name, time.time() - t0)
+    t1 = time.time()
+    log.debug("%s: trainer.fit %.1f s", name, t1 - t0)
     if result.checkpoint is None:
         raise RuntimeError(f"{name}: training produced no checkpoint ({result.error})")
     removed = remove_unregistered_checkpoints(ray_dir, name, [result.checkpoint.path,
@@ -145,7 +146,13 @@ def run_folds(cfg: MerConfig, *, folds: list[int], arch: str, dims: dict[str, in
         log.info("%s: removed %d checkpoint directories no restart registered: %s", name, len(removed), removed)
     out: dict[int, dict[str, Any]] = {}
     with result.checkpoint.as_directory() as d:
-        states = json.loads((Path(d) / "state.json").read_text())["folds"]
+        saved = json.loads((Path(d) / "state.json").read_text())
+        states = saved["folds"]
+        # Where the group's wall time went: the trainer's start (controller, worker processes, process group)
+        # up to the loop, the loop's imports and data hand-over (the latest attempt's), the trainer's end.
+        startup = saved.get("startup") or {}
+        timing = {"fit_s": t1 - t0, "group_start_s": startup.get("loop_at", t0) - t0,
+                  "imports_s": startup.get("imports_s", 0.0), "data_s": startup.get("data_s", 0.0)}
         for k in folds:
             state = states.get(str(k))
             if not state or not state.get("finished"):
@@ -154,7 +161,7 @@ def run_folds(cfg: MerConfig, *, folds: list[int], arch: str, dims: dict[str, in
             fold_dir = Path(d) / f"fold_{k}"
             out[k] = {"state": state, "best": (fold_dir / "best.pt").read_bytes(),
                       "val_pred": pq.read_table(io.BytesIO((fold_dir / "val_pred.parquet").read_bytes())),
-                      "checkpoint_path": result.checkpoint.path}
+                      "checkpoint_path": result.checkpoint.path, "group_timing": timing}
             log.debug("fold %d: best val WAF %.4f at epoch %d (%d epochs, resumed from %s)", k, state["best_waf"],
                       state["best_epoch"], state["epoch"], state["resumed_from"])
     return out

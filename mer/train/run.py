@@ -296,10 +296,12 @@ def train_run(cfg: MerConfig, features_uri: str | PartStore, out_uri: str, *, re
                       "epochs": st["epoch"], "n_train": len(train_targets), "n_val": len(val_targets),
                       "n_pseudo": len(pseudo_by_fold[k]), "resumed_from": st["resumed_from"],
                       "seconds": round(st["finished_at"] - st["started_at"], 2), "started_at": st["started_at"],
+                      "engine_s": round(float(st.get("engine_s", 0.0)), 3),
                       "finished_at": st["finished_at"], "history": st["history"],
                       "checkpoint": str(res["checkpoint_path"]), "config_hash": cfg.hash()}
             storage.write_json(storage.join(out_uri, "folds", f"fold_{k}.json"), record)  # the fold's commit record
             records[k] = record
+        group_timing.append({"folds": group, **results[group[0]]["group_timing"]})
         return records
 
     # parallel_folds groups of folds (fold k in group k mod groups), each one TorchTrainer training its folds in
@@ -307,6 +309,8 @@ def train_run(cfg: MerConfig, features_uri: str | PartStore, out_uri: str, *, re
     # from driver threads (it only installs its SIGINT handler on the main thread), and Ray schedules the
     # worker groups as resources allow. A failed group fails the run after the others finish, so their commit
     # records survive for resume=True (and the failed group's checkpoint keeps the folds it finished).
+    group_timing: list[dict[str, Any]] = []
+    t_train = time.time()
     n_groups = min(tc.parallel_folds, tc.folds)
     groups = [g for g in ([k for k in todo if k % n_groups == i] for i in range(n_groups)) if g]
     with controller_poll_interval(tc.poll_interval_s):
@@ -329,12 +333,19 @@ def train_run(cfg: MerConfig, features_uri: str | PartStore, out_uri: str, *, re
 
     t_fin = time.time()
     metrics = _finish_run(cfg, store, out_uri, records, mods, split_of)
+    # Where the run's wall time went (mer bench train reads it): the driver's preparation (Ray, the store's
+    # rows, input statistics), the worker groups, and the run directory's tables, plots and test scoring.
+    timing = {"prepare_s": round(t_train - t_start, 3), "train_s": round(t_fin - t_train, 3),
+              "groups": group_timing}
     metrics.update({"skipped_folds": skipped, "seconds": round(time.time() - t_start, 2),
                     "run_name": run_name or out_uri.rstrip("/").rsplit("/", 1)[-1], "labels": labels_uri,
                     "n_cv": len(cv_ids), "n_pseudo": len(pseudo_ids), "features": store.uri,
                     "features_config_hash": spec["features"]["config_hash"]})
+    timing["finish_s"] = round(time.time() - t_fin, 3)
+    metrics["timing"] = timing
     storage.write_json(metrics_uri, metrics)
     _write_report(out_uri)
+    metrics["timing"]["report_s"] = round(time.time() - t_fin - timing["finish_s"], 3)
     log.debug("train_run %s: reports in %.1f s", out_uri, time.time() - t_fin)
     log.info("train_run %s: fold val WAF %s, CV mean %.4f; %.0f s", out_uri,
              " ".join(f"{r['val_waf']:.3f}" for r in records), metrics["cv_waf_mean"], metrics["seconds"])

@@ -215,10 +215,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     The checkpoint's ``state.json`` holds every fold the group reached (``{"folds": {k: state}}``), and
     ``fold_<k>/`` its best weights (and, once finished, its validation predictions); the DeepSpeed shards and
     random states are those of the fold in training. A restored group skips its finished folds."""
+    t_start = time.time()
     import ray.train
     import torch
 
-    t_start = time.time()
+    import deepspeed  # noqa: F401 - imported here so that the start-up figures tell imports from the engine
+
+    from mer.fusion import build_model  # noqa: F401 - same
+
+    startup: dict[str, float] = {"loop_at": t_start, "imports_s": time.time() - t_start}
     folds = [int(k) for k in config["folds"]]
     torch.set_num_threads(max(1, int(config.get("threads", 1))))
     states: dict[int, dict[str, Any]] = {}
@@ -240,6 +245,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                      {m: int(d) for m, d in config["dims"].items()},
                      {c for tr, va in targets.values() for c in (*tr, *va)},
                      bool(config["train"].get("cache_shards", True)))
+    if rows.cache:
+        t0 = time.time()
+        rows.arrays()  # the hand-over of the rows to this worker, timed on its own
+        startup["data_s"] = time.time() - t0
     for k in folds:
         if states.get(k, {}).get("finished"):
             # The restored checkpoint already holds everything of this fold. Its last epoch is reported again
@@ -247,7 +256,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             # folds) hear of it.
             ray.train.report({**states[k]["history"][-1], "pid": os.getpid(), "finished": True, "restored": True})
             continue
-        _train_fold(config, k, rows, targets[k], states, files, ckpt if k in states else None, t_start)
+        _train_fold(config, k, rows, targets[k], states, files, ckpt if k in states else None, t_start, startup)
         t_start = time.time()
 
 
@@ -260,7 +269,8 @@ def _fold_targets(t: dict[str, list]) -> tuple[dict[str, tuple[int, float]], dic
 
 def _train_fold(config: dict[str, Any], fold: int, rows: GroupRows,
                 targets: tuple[dict[str, tuple[int, float]], dict[str, tuple[int, float]]],
-                states: dict[int, dict[str, Any]], files: dict[str, bytes], ckpt: Any, t_start: float) -> None:
+                states: dict[int, dict[str, Any]], files: dict[str, bytes], ckpt: Any, t_start: float,
+                startup: dict[str, float]) -> None:
     """One fold to its end: a fresh model and engine (or the fold's state from ``ckpt``), every epoch
     checkpointed and reported; adds the fold's state to ``states`` and its outputs to ``files``. ``targets``:
     the fold's (training, validation) clips with their labels and weights, rows of ``rows``."""
@@ -280,9 +290,11 @@ def _train_fold(config: dict[str, Any], fold: int, rows: GroupRows,
     model = build_model(config["arch"], dims, tc)
     if config.get("input_stats"):
         model.set_input_stats(*config["input_stats"])
+    t_engine = time.time()
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters()
                                                                           if p.requires_grad],
                                            config=deepspeed_config(tc))
+    engine_s = time.time() - t_engine
     dtype = torch.bfloat16 if tc.bf16 else torch.float32
     # What the fold really ran with, not what was asked for (every history row carries it): the process group's
     # backend (nccl on GPUs, gloo on CPUs) and the dtypes of the weights DeepSpeed trains (bfloat16 with bf16).
@@ -292,7 +304,8 @@ def _train_fold(config: dict[str, Any], fold: int, rows: GroupRows,
     torch.manual_seed(tc.seed * 1000 + fold * 10 + rank + 1)  # modality dropout differs per rank
 
     state: dict[str, Any] = {"fold": fold, "epoch": 0, "best_waf": -1.0, "best_epoch": 0, "bad_epochs": 0,
-                             "finished": False, "history": [], "resumed_from": [], "started_at": time.time()}
+                             "finished": False, "history": [], "resumed_from": [], "started_at": time.time(),
+                             "engine_s": engine_s}
     best: dict[str, Any] | None = None
     if ckpt is not None:
         with ckpt.as_directory() as d:
@@ -381,7 +394,8 @@ def _train_fold(config: dict[str, Any], fold: int, rows: GroupRows,
             (Path(tmp) / RNG_FILE.format(rank=rank)).write_text(json.dumps(rng_state()))
             engine.save_checkpoint(tmp, tag=DS_TAG)
             if rank == 0:
-                (Path(tmp) / "state.json").write_text(json.dumps({"folds": {str(k): v for k, v in states.items()}}))
+                (Path(tmp) / "state.json").write_text(json.dumps({"folds": {str(k): v for k, v in states.items()},
+                                                                  "startup": startup}))
                 fold_dir = Path(tmp) / f"fold_{fold}"
                 fold_dir.mkdir()
                 if best is not None:
