@@ -449,8 +449,9 @@ class LabelsConfig(_Strict):
     # modality of the fused run; [] trains none, leaving the fused run and any --source tables).
     source_modalities: list[str] | None = None
     refine: bool = True  # run the refinement stage before the pseudo-label rounds
-    # Stage-0 runs (fused + single-modality) trained, and their pools scored, this many at a time: they are
-    # independent, and Ray schedules their worker groups as the cluster's resources allow.
+    # Stage-0 runs (fused + single-modality) are one training job: its fits are dealt to parallel_runs x
+    # train.parallel_folds worker groups at once (each starts once and trains its fits in turn); their pools
+    # are scored this many at a time. Ray schedules the groups as the cluster's resources allow.
     parallel_runs: int = Field(1, ge=1)
     # Acceptance gate: a stage is kept when its out-of-fold WAF against the ORIGINAL labels is at least the
     # last accepted stage's plus this (0: "does not lower it").
