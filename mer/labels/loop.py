@@ -14,7 +14,8 @@ it does not lower the out-of-fold WAF against the original labels:
 
 Layout of ``out_uri``::
 
-    sources/<name>/                 stage-0 runs (fused and one per modality)
+    sources/<name>/                 stage-0 runs (fused and one per modality), trained as one job
+    sources/ray/                    that job's Ray Train checkpoints
     sources/pool/<name>/            their fold models' predictions on the pool
     sources/reliability.json        each source's reliability on the labelled rows
     refined/labels.parquet          refined label table (+ labels.reliability.json), refined/run/, stage.json,
