@@ -11,8 +11,10 @@ settings: 3 folds, one worker, 20 epochs, patience 5), it measures
 
 and the start-up split of (a): the driver's preparation, the worker group's start, the worker's imports, the
 data hand-over to the workers, the DeepSpeed engines, the run directory's finish. It prints ``run / floor`` and
-``overhead = run - fits``; ``--json`` carries them as ``run_over_floor`` and ``overhead_s``. ``--throughput``
-adds the older figure: samples/s of one fold with 1 and 2 Ray Train workers.
+``overhead = run - fits``; ``--json`` carries them as ``run_over_floor`` and ``overhead_s``. ``--job`` adds the
+label loop's source runs (fused + each modality) trained as one job (``--separate``: and one after another, as
+before they were one job), against their floor. ``--throughput`` adds the older figure: samples/s of one fold
+with 1 and 2 Ray Train workers.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ DEMO_TRAIN: list[str] = [
     "train.folds=3", "train.resources.concurrency=1", "train.parallel_folds=1", "train.max_epochs=20",
     "train.patience=5", "train.poll_interval_s=0.1",
     "train.modalities=[global_visual,face,audio,text,text_enriched,visual_description]",
+    "labels.source_modalities=[global_visual,face,audio,text,visual_description]",
 ]
 # The demo's modalities with the tiny encoders' vector sizes; 120 labelled train clips, a pool 2.5x that and
 # a 300-clip test split, as `make demo` makes them.
@@ -163,6 +166,54 @@ def bench_run(cfg: MerConfig, features_uri: str, out_uri: str) -> dict[str, Any]
             "loadavg_after": [round(x, 2) for x in os.getloadavg()]}
 
 
+def source_runs(cfg: MerConfig, store: PartStore) -> dict[str, list[str]]:
+    """The label loop's stage-0 runs on ``store``: ``fused`` (every configured modality the store has) and one
+    run per modality of ``labels.source_modalities`` (null: every fused modality)."""
+    mods = [m for m in cfg.train.modalities if m in store.columns]
+    wanted = cfg.labels.source_modalities
+    singles = list(mods) if wanted is None else [m for m in wanted if m in mods]
+    return {"fused": mods, **{m: [m] for m in singles}}
+
+
+def bench_job(cfg: MerConfig, features_uri: str, out_uri: str, *, separate: bool = False) -> dict[str, Any]:
+    """The label loop's stage-0 runs (:func:`source_runs`) as ONE training job (:func:`mer.train.run.train_runs`):
+    its wall, the sum of its fits, and the floor (each run's folds for the epochs they ran, one plain PyTorch
+    process, the vectors read once); with ``separate`` also the same runs one :func:`train_run` after another
+    (what the label loop did before its sources were one job)."""
+    import os
+
+    from mer.train.run import RunRequest, train_runs
+
+    store = PartStore.of(features_uri)
+    runs = source_runs(cfg, store)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    out: dict[str, Any] = {"runs": {n: m for n, m in runs.items()}}
+    modes = [("job", False), *([("separate", True)] if separate else [])]
+    for mode, alone in modes:
+        base = storage.join(out_uri, f"{mode}-{stamp}")
+        load = os.getloadavg()
+        t0 = time.time()
+        if alone:
+            metrics = [train_run(cfg, store, storage.join(base, n), modalities=m, run_name=n) for n, m in runs.items()]
+        else:
+            metrics = train_runs(cfg, store, [RunRequest(storage.join(base, n), None, m, n) for n, m in runs.items()],
+                                 job_dir=storage.join(base, "ray"))
+        wall = time.time() - t0
+        out[mode] = {"wall_s": round(wall, 2),
+                     "fits_s": round(sum(float(f["seconds"]) for mt in metrics for f in mt["folds"]), 2),
+                     "cv_waf_mean": {n: round(mt["cv_waf_mean"], 4) for n, mt in zip(runs, metrics)},
+                     "loadavg_before": [round(x, 2) for x in load],
+                     "loadavg_after": [round(x, 2) for x in os.getloadavg()]}
+        out[mode]["overhead_s"] = round(wall - out[mode]["fits_s"], 2)
+        if "floor_s" not in out:
+            floors = [compute_floor(cfg, features_uri, m, {int(f["fold"]): int(f["epochs"]) for f in mt["folds"]})
+                      for m, mt in zip(runs.values(), metrics)]
+            # The vectors are read once for the whole job's floor.
+            out["floor_s"] = round(max(f["load_s"] for f in floors) + sum(sum(f["folds_s"].values()) for f in floors), 2)
+        out[mode]["over_floor"] = wall / out["floor_s"] if out["floor_s"] else None
+    return out
+
+
 def bench_throughput(cfg: MerConfig, *, n: int = 4000, dim: int = 256, epochs: int = 4,
                      workers: tuple[int, ...] = (1, 2), out_uri: str | None = None) -> dict[str, Any]:
     """Samples/s of one fold for each worker count in ``workers`` on a generated store of ``n`` rows of
@@ -201,16 +252,19 @@ def bench_throughput(cfg: MerConfig, *, n: int = 4000, dim: int = 256, epochs: i
 
 
 def bench_train(cfg: MerConfig, *, features_uri: str | None = None, out_uri: str | None = None,
-                throughput: bool = False) -> dict[str, Any]:
+                throughput: bool = False, job: bool = False, separate: bool = False) -> dict[str, Any]:
     """:func:`bench_run` on ``features_uri`` (default: :func:`demo_store`) with ``cfg`` (``mer bench train``
     starts from :data:`DEMO_TRAIN`, the user's ``--set`` flags win), plus :func:`bench_throughput` when
-    ``throughput``; prints the table."""
+    ``throughput`` and :func:`bench_job` when ``job`` (``separate``: also the runs one after another); prints the
+    table."""
     cfg = init_ray(cfg)
     out_uri = out_uri or tempfile.mkdtemp(prefix="mer-bench-train-")
     if features_uri is None:
         features_uri = demo_store(storage.join(out_uri, "features-demo"))
     result = bench_run(cfg, features_uri, storage.join(out_uri, f"run-{time.strftime('%Y%m%d-%H%M%S')}"))
     result["features"] = features_uri
+    if job:
+        result["job"] = bench_job(cfg, features_uri, out_uri, separate=separate)
     if throughput:
         result["throughput"] = bench_throughput(cfg, out_uri=out_uri)
     print(format_bench(result))
@@ -235,6 +289,17 @@ def format_bench(r: dict[str, Any]) -> str:
         v = s.get(key)
         lines.append(f"{label:>28}{v if v is not None else float('nan'):>9.1f} s")
     lines.append(f"load average {r['loadavg_before']} before, {r['loadavg_after']} after")
+    j = r.get("job")
+    if j:
+        lines.append(f"label-loop sources {list(j['runs'])}: floor {j['floor_s']:.1f} s")
+        for mode in ("job", "separate"):
+            if mode in j:
+                x = j[mode]
+                lines.append(f"{('one job' if mode == 'job' else 'one run after another'):>28}{x['wall_s']:>9.1f} s"
+                             f"   fits {x['fits_s']:.1f} s, overhead {x['overhead_s']:.1f} s, "
+                             f"{x['over_floor']:.2f}x floor, load {x['loadavg_before']}")
+        if "separate" in j and j["job"]["wall_s"]:
+            lines.append(f"{'separate / job':>28}{j['separate']['wall_s'] / j['job']['wall_s']:>9.2f} x")
     t = r.get("throughput")
     if t:
         lines.append(f"throughput on {t['n_train']} rows: " + ", ".join(
@@ -245,16 +310,20 @@ def format_bench(r: dict[str, Any]) -> str:
 
 # ------------------------------------------------------------------------------------------ command
 def add_command(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
-    """``mer bench train [--features STORE] [--out DIR] [--throughput]`` (the demo's training settings and tiny
-    profile as its preset)."""
+    """``mer bench train [--features STORE] [--out DIR] [--throughput] [--job [--separate]]`` (the demo's
+    training settings and tiny profile as its preset)."""
     p = sub.add_parser("train", parents=parents,
                        help="a k-fold run's wall time vs its fits and the plain-PyTorch floor; start-up split")
     p.add_argument("--features", default=None, help="feature store (default: a generated one of the demo's size)")
     p.add_argument("--out", default=None, help="working directory (default: a temporary one)")
     p.add_argument("--throughput", action="store_true", help="also samples/s of one fold with 1 and 2 workers")
+    p.add_argument("--job", action="store_true",
+                   help="also the label loop's source runs (fused + each modality) as one training job")
+    p.add_argument("--separate", action="store_true", help="with --job: also those runs one after another")
     p.set_defaults(bench=run_command, preset=(DEMO_TRAIN, "tiny"))
 
 
 def run_command(cfg: MerConfig, args: argparse.Namespace) -> dict[str, Any]:
     """The figures (the table is printed as they are measured)."""
-    return bench_train(cfg, features_uri=args.features, out_uri=args.out, throughput=args.throughput)
+    return bench_train(cfg, features_uri=args.features, out_uri=args.out, throughput=args.throughput,
+                       job=args.job, separate=args.separate)
