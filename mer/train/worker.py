@@ -287,11 +287,12 @@ def reset_engine(engine: Any, weights: dict[str, Any]) -> None:
     with torch.no_grad():
         engine.module.load_state_dict(weights)
     opt = engine.optimizer
-    if hasattr(opt, "_restore_from_bit16_weights"):  # ZeRO-1/2: fp32 master copies of the module's partitions
-        opt._restore_from_bit16_weights()
+    if hasattr(opt, "refresh_fp32_params"):
+        # ZeRO-1/2: the fp32 master copies of this rank's partitions, taken again from the module's weights
+        # (what DeepSpeed's own load_checkpoint(load_module_only=True) calls).
+        opt.refresh_fp32_params()
     inner = getattr(opt, "optimizer", opt)
     inner.state.clear()  # AdamW's moments and step: created afresh at the next step, as for a new engine
-    engine.zero_grad() if hasattr(engine, "zero_grad") else None
     for p in engine.module.parameters():
         p.grad = None
     for attr in ("global_steps", "global_samples", "micro_steps", "skipped_steps"):
