@@ -401,8 +401,9 @@ class TrainConfig(_Strict):
     max_epochs: int = Field(30, ge=1)
     patience: int = Field(6, ge=1)
     folds: int = Field(5, ge=2)
-    # Folds trained at the same time, each its own Ray Train worker group (folds are independent; on a
-    # cluster with free GPUs, or a laptop where worker start-up dominates, this divides wall time).
+    # Worker groups training at the same time, each a Ray Train run that trains its share of the folds (of a
+    # training job's fits) in turn (folds are independent; on a cluster with free GPUs this divides wall time,
+    # while each group pays its own start-up once).
     parallel_folds: int = Field(1, ge=1)
     seed: int = 0
     # Each fold's worker group: `concurrency` Ray Train workers of `num_cpus` CPUs and `num_gpus` GPUs (> 0:
