@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import tempfile
 import time
 from typing import Any
@@ -35,7 +36,7 @@ from mer.synth.feature_store import make_feature_store
 from mer.train import train_run
 from mer.train.features import modality_dims, table_inputs
 from mer.train.fold import controller_poll_interval, run_folds
-from mer.train.run import cv_folds, fold_assignment, label_rows, quiet_data
+from mer.train.run import RunRequest, cv_folds, fold_assignment, label_rows, quiet_data, train_runs
 
 log = logging.getLogger("mer.train")
 
@@ -130,8 +131,6 @@ def compute_floor(cfg: MerConfig, features_uri: str, mods: list[str], epochs: di
 
 def bench_run(cfg: MerConfig, features_uri: str, out_uri: str) -> dict[str, Any]:
     """(a), (b), (c) and the start-up split for one k-fold run of ``cfg`` on ``features_uri``."""
-    import os
-
     store = PartStore.of(features_uri)
     mods = [m for m in cfg.train.modalities if m in store.columns]
     run_cfg = with_overrides(cfg, [f"train.modalities=[{','.join(mods)}]"])
@@ -180,10 +179,6 @@ def bench_job(cfg: MerConfig, features_uri: str, out_uri: str, *, separate: bool
     its wall, the sum of its fits, and the floor (each run's folds for the epochs they ran, one plain PyTorch
     process, the vectors read once); with ``separate`` also the same runs one :func:`train_run` after another
     (what the label loop did before its sources were one job)."""
-    import os
-
-    from mer.train.run import RunRequest, train_runs
-
     store = PartStore.of(features_uri)
     runs = source_runs(cfg, store)
     stamp = time.strftime("%Y%m%d-%H%M%S")

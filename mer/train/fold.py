@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import json
 import logging
@@ -100,8 +101,6 @@ def fit_spec(key: str, fold: int, *, train: dict[str, Any], arch: str, dims: dic
 def job_name(keys: list[str]) -> str:
     """The Ray Train run name of a job of fits from several runs: stable for the same fits, so a resumed job
     finds its checkpoints."""
-    import hashlib
-
     return "fits_" + hashlib.sha1("\n".join(keys).encode()).hexdigest()[:12]
 
 
