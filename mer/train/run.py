@@ -376,6 +376,9 @@ def train_runs(cfg: MerConfig, features_uri: str | PartStore, runs: list[RunRequ
         return [storage.read_json(storage.join(r.out_uri, "metrics.json")) for r in runs]
     cfg = init_ray(cfg)
     ensure_placeable(f"training {runs[0].out_uri}", train_demands(cfg, one_fold=True))
+    if not resume and job_dir is not None:
+        # Starting over: the job's stale checkpoints would otherwise be restored by Ray Train (same job names).
+        storage.delete_dir(job_dir)
     store = PartStore.of(features_uri)
     plans = [RunPlan(cfg, store, r.out_uri, resume=resume, labels_uri=r.labels_uri, modalities=r.modalities,
                      run_name=r.run_name) for r in runs]
