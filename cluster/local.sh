@@ -138,6 +138,6 @@ if [[ -n "$overlay" ]]; then
 fi
 rc=0
 ray job submit --address "$address" --working-dir . \
-  --runtime-env-json '{"excludes": [".git", ".venv", ".cache", "runs"]}' \
+  --runtime-env-json '{"excludes": [".git", ".venv", ".cache", "/runs"]}' \
   -- "${entrypoint[@]}" "$@" || rc=$?
 exit "$rc"

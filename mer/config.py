@@ -401,8 +401,9 @@ class TrainConfig(_Strict):
     max_epochs: int = Field(30, ge=1)
     patience: int = Field(6, ge=1)
     folds: int = Field(5, ge=2)
-    # Folds trained at the same time, each its own Ray Train worker group (folds are independent; on a
-    # cluster with free GPUs, or a laptop where worker start-up dominates, this divides wall time).
+    # Worker groups training at the same time, each a Ray Train run that trains its share of the folds (of a
+    # training job's fits) in turn (folds are independent; on a cluster with free GPUs this divides wall time,
+    # while each group pays its own start-up once).
     parallel_folds: int = Field(1, ge=1)
     seed: int = 0
     # Each fold's worker group: `concurrency` Ray Train workers of `num_cpus` CPUs and `num_gpus` GPUs (> 0:
@@ -449,8 +450,9 @@ class LabelsConfig(_Strict):
     # modality of the fused run; [] trains none, leaving the fused run and any --source tables).
     source_modalities: list[str] | None = None
     refine: bool = True  # run the refinement stage before the pseudo-label rounds
-    # Stage-0 runs (fused + single-modality) trained, and their pools scored, this many at a time: they are
-    # independent, and Ray schedules their worker groups as the cluster's resources allow.
+    # Stage-0 runs (fused + single-modality) are one training job: its fits are dealt to parallel_runs x
+    # train.parallel_folds worker groups at once (each starts once and trains its fits in turn); their pools
+    # are scored this many at a time. Ray schedules the groups as the cluster's resources allow.
     parallel_runs: int = Field(1, ge=1)
     # Acceptance gate: a stage is kept when its out-of-fold WAF against the ORIGINAL labels is at least the
     # last accepted stage's plus this (0: "does not lower it").

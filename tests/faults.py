@@ -50,9 +50,10 @@ class KillWorker:
     there by value (``ray.cloudpickle.register_pickle_by_value(faults)``)."""
 
     def __init__(self, marker: Path, in_epoch: int, rank: int = 0, fold: int = 0,
-                 node_pid: int | None = None) -> None:
+                 node_pid: int | None = None, fit: str | None = None) -> None:
         assert in_epoch >= 2, "a worker is killed after an epoch's report: in epoch 2 at the earliest"
         self.marker, self.in_epoch, self.rank, self.fold = Path(marker), in_epoch, rank, fold
+        self.fit = fit  # a job of several runs: the fit (its key) whose fold is meant
         self.node_pid = node_pid
 
     def callback(self) -> Any:
@@ -66,6 +67,8 @@ class KillWorker:
             def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
                 m = metrics[spec.rank]
                 if m["fold"] != spec.fold:  # a group's folds report through one controller
+                    return
+                if spec.fit is not None and m.get("fit") != spec.fit:  # another run's fold of the same number
                     return
                 if self.killed_pid is not None:
                     # The workers report without waiting for the controller, so reports they made before the kill

@@ -57,7 +57,7 @@ def _run_job(client, entrypoint: list[str], env_vars: dict[str, str], deadline_s
     from ray.job_submission import JobStatus
 
     runtime_env = {"working_dir": str(ROOT), "env_vars": env_vars,
-                   "excludes": [".git", ".venv", ".cache", "runs", "tests", "*.png"]}
+                   "excludes": [".git", ".venv", ".cache", "/runs", "tests", "*.png"]}
     def submit() -> str | None:
         try:
             return client.submit_job(entrypoint=shlex.join(entrypoint), runtime_env=runtime_env)

@@ -209,3 +209,54 @@ def test_unregistered_checkpoint_directories_are_removed(tmp_path: Path) -> None
     assert remove_unregistered_checkpoints(str(ray_dir), "folds_0_2", registered) == ["checkpoint_orphan"]
     assert checkpoint_dirs(str(ray_dir), "folds_0_2") == ["checkpoint_a", "checkpoint_b"]
     assert (group / "not_a_checkpoint").is_dir()
+
+
+@pytest.mark.slow
+def test_a_job_of_runs_restarted_mid_fit_resumes_at_its_first_unfinished_fit(
+        ray_local, train_store: str, ablation, train_cfg, kill_worker, tmp_path: Path) -> None:
+    """Two runs (audio alone, text alone) as one training job (mer.train.run.train_runs): four fits in one worker
+    group. A worker is killed in the third fit (text, fold 0); the restarted group resumes at that fit, from its
+    last checkpoint: the two audio fits are not trained again, and every fold's outputs are written once. Each
+    run equals the same run trained alone (the session's ablation), bit for bit."""
+    import torch
+
+    from mer.train.run import RunRequest, train_runs
+
+    _, ablation_dir = ablation
+    marker = tmp_path / "killed.txt"
+    kill = kill_worker(marker, in_epoch=3, rank=1, fold=0, fit="text.0")
+    runs = {m: tmp_path / m for m in ("audio", "text")}
+    job_dir = tmp_path / "job"
+    metrics = train_runs(train_cfg(**{"train.max_failures": 1}), train_store,
+                         [RunRequest(str(runs[m]), None, [m], m) for m in runs], job_dir=str(job_dir),
+                         callbacks=[kill.callback()])
+    assert marker.exists() and "killed rank 1 at epoch 3" in marker.read_text()
+    audio, text = metrics
+    # The fits finished before the kill were carried over by the checkpoint, not trained again.
+    assert [f["resumed_from"] for f in audio["folds"]] == [[], []]
+    assert {r["attempt"] for r in pq.read_table(runs["audio"] / "history.parquet").to_pylist()} == {0}
+    # The killed fit resumed from its last registered checkpoint; the one after it started once, after the restart.
+    assert text["folds"][0]["resumed_from"] == [faults.last_registered_epoch(marker, 3)]
+    assert text["folds"][1]["resumed_from"] == []
+    epochs_n = train_cfg().train.max_epochs
+    for m, run in runs.items():
+        assert [e for e, _ in _epochs(run, 0)] == list(range(1, epochs_n + 1)), f"{m}: every epoch once"
+        # Exactly once: one model, one OOF table and one commit record per fold, nothing else.
+        assert sorted(p.name for p in (run / "folds").iterdir()) == ["fold_0.json", "fold_1.json",
+                                                                    "oof_0.parquet", "oof_1.parquet"]
+        assert sorted(p.name for p in (run / "models").iterdir()) == ["fold_0.pt", "fold_1.pt", "model.json"]
+        assert not (run / "ray").exists(), "a job's checkpoints live in its job directory"
+        # The same run as trained alone (ablation: one train_run per modality), to the last bit.
+        alone = ablation_dir / m
+        assert _computed(run) == _computed(alone), m
+        for k in (0, 1):
+            ref, got = _weights(alone / "models" / f"fold_{k}.pt"), _weights(run / "models" / f"fold_{k}.pt")
+            assert all(torch.equal(ref[n], got[n]) for n in ref), f"{m} fold {k} weights"
+        assert pq.read_table(run / "oof.parquet").equals(pq.read_table(alone / "oof.parquet"))
+    # One job: its checkpoints under the job directory, at most checkpoints_to_keep registered ones.
+    (name,) = [p.name for p in job_dir.iterdir() if p.name.startswith("fits_")]
+    assert 1 <= len(checkpoint_dirs(str(job_dir), name)) <= train_cfg().train.checkpoints_to_keep
+    # Resumed, the finished job returns what it wrote.
+    again = train_runs(train_cfg(), train_store, [RunRequest(str(runs[m]), None, [m], m) for m in runs],
+                       resume=True, job_dir=str(job_dir))
+    assert again == [storage.read_json(str(runs[m] / "metrics.json")) for m in runs]

@@ -14,7 +14,8 @@ it does not lower the out-of-fold WAF against the original labels:
 
 Layout of ``out_uri``::
 
-    sources/<name>/                 stage-0 runs (fused and one per modality)
+    sources/<name>/                 stage-0 runs (fused and one per modality), trained as one job
+    sources/ray/                    that job's Ray Train checkpoints
     sources/pool/<name>/            their fold models' predictions on the pool
     sources/reliability.json        each source's reliability on the labelled rows
     refined/labels.parquet          refined label table (+ labels.reliability.json), refined/run/, stage.json,
@@ -54,7 +55,7 @@ from mer.store import storage
 from mer.store.parts import PartStore
 from mer.train import train_run
 from mer.train.features import label_index
-from mer.train.run import resolve_modalities
+from mer.train.run import RunRequest, resolve_modalities, train_runs
 
 log = logging.getLogger("mer.labels")
 
@@ -166,10 +167,16 @@ class LabelLoop:
         runs = {"fused": self.base_run or storage.join(self.out, "sources", "fused")}
         runs.update({m: storage.join(self.out, "sources", m) for m in self.source_mods})
         pools = {n: storage.join(self.out, "sources", "pool", n) for n in runs}
+        # The sources are independent runs on the same rows: one training job trains them all (every fold of
+        # every source a fit of the same worker groups, which start once), in labels.parallel_runs x
+        # train.parallel_folds groups at once.
+        requests = [RunRequest(u, None, self.fused_mods if n == "fused" else [n],
+                               "labelled_only" if n == "fused" else f"source_{n}") for n, u in runs.items()]
+        metrics = train_runs(self.cfg, self.features, requests, resume=True,
+                             job_dir=storage.join(self.out, "sources", "ray"),
+                             groups=self.cfg.labels.parallel_runs * self.cfg.train.parallel_folds)
+        fused_metrics = metrics[0]
         with ThreadPoolExecutor(max_workers=self.cfg.labels.parallel_runs, thread_name_prefix="mer-source") as ex:
-            trained = {n: ex.submit(self._train, u, "labelled_only" if n == "fused" else f"source_{n}",
-                                    modalities=None if n == "fused" else [n]) for n, u in runs.items()}
-            fused_metrics = {n: f.result() for n, f in trained.items()}["fused"]
             scored = {n: ex.submit(_pool_scores, self.cfg, n, u, self.features, pools[n]) for n, u in runs.items()}
             pool = [f.result() for f in scored.values()]
         labelled = [run_oof_votes(n, u) for n, u in runs.items()]

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import json
 import logging
@@ -19,7 +20,7 @@ import pyarrow.parquet as pq
 
 from mer.config import MerConfig
 from mer.store import storage
-from mer.train.worker import train_loop_per_worker
+from mer.train.worker import fit_dir, train_loop_per_worker
 
 log = logging.getLogger("mer.train")
 
@@ -82,42 +83,51 @@ def group_name(folds: list[int]) -> str:
 Targets = dict[str, tuple[int, float]]  # clip id -> (label index, sample weight)
 
 
-def run_folds(cfg: MerConfig, *, folds: list[int], arch: str, dims: dict[str, int], dataset: Any,
-              targets: dict[int, tuple[Targets, Targets]], ray_dir: str, max_failures: int | None = None,
-              input_stats: tuple[list[float], list[float]] | None = None,
-              callbacks: list[Any] | None = None) -> dict[int, dict[str, Any]]:
-    """Train a group of folds, one after the other, in one Ray Train run (one worker group); returns per fold
-    ``state`` (history, best epoch...), ``best`` (state-dict bytes), ``val_pred`` (table) and
-    ``checkpoint_path``, from the group's final checkpoint. ``dataset``: the store's rows (clip id and the
-    modalities' vectors), one Ray dataset for every fold; ``targets``: fold -> (training, validation) clips with
-    their label index and weight (every clip a row of ``dataset``).
+def fit_spec(key: str, fold: int, *, train: dict[str, Any], arch: str, dims: dict[str, int],
+             targets: tuple[Targets, Targets], input_stats: tuple[list[float], list[float]] | None = None,
+             run: str | None = None) -> dict[str, Any]:
+    """One fit of a job (:func:`run_fits`): a run's fold ``fold``, its model (``arch``, ``dims`` in model order, the
+    ``train`` section as JSON), its (training, validation) clips with label index and weight, and the input
+    statistics. ``key`` names it in the job's checkpoints (``fold_<key>/``) and reports; ``run`` says whose it is.
+    The ids, labels and weights (not the vectors) pass through the driver: each worker picks its rows of the one
+    dataset by id, so that a restarted worker group sees the rows the first one saw (worker.shard_ids)."""
+    tr, va = targets
+    return {"key": str(key), "fold": int(fold), "run": run, "arch": arch, "dims": dict(dims), "train": train,
+            "input_stats": input_stats,
+            "targets": {"train": [list(tr), [t[0] for t in tr.values()], [t[1] for t in tr.values()]],
+                        "val": [list(va), [t[0] for t in va.values()]]}}
 
-    One trainer for several folds pays the worker group's start-up (processes, torch and DeepSpeed imports,
-    the process group) once instead of once per fold; each fold still gets a fresh model and engine.
-    Re-running with the same ``ray_dir`` continues from the group's latest checkpoint (Ray Train restores its
-    checkpoint snapshot for the same storage path and run name): finished folds are not trained again, the
-    unfinished one continues at its next epoch. ``callbacks`` are Ray Train ``UserCallback``s of the group's
-    controller (``RunConfig(callbacks)``): they see every epoch's report, whose metrics include the fold and
-    each worker's process id (``pid``).
+
+def job_name(keys: list[str]) -> str:
+    """The Ray Train run name of a job of fits from several runs: stable for the same fits, so a resumed job
+    finds its checkpoints."""
+    return "fits_" + hashlib.sha1("\n".join(keys).encode()).hexdigest()[:12]
+
+
+def run_fits(cfg: MerConfig, fits: list[dict[str, Any]], *, dataset: Any, ray_dir: str, name: str,
+             max_failures: int | None = None, callbacks: list[Any] | None = None) -> dict[str, dict[str, Any]]:
+    """Train a job's fits (:func:`fit_spec`), one after the other, in one Ray Train run (one worker group) named
+    ``name`` under ``ray_dir``; returns per fit key ``state`` (history, best epoch...), ``best`` (state-dict
+    bytes), ``val_pred`` (table), ``checkpoint_path`` and ``group_timing``, from the job's final checkpoint.
+    ``dataset``: the store's rows (clip id and every modality the fits use), one Ray dataset for every fit.
+    ``cfg.train`` sizes the worker group (resources, failures, checkpoints kept).
+
+    One trainer for many fits pays the worker group's start-up (processes, torch and DeepSpeed imports, the
+    process group, the data hand-over, one DeepSpeed engine per model shape) once instead of once per fit;
+    each fit still starts from its own initial weights and a fresh optimizer state. Re-running with the same
+    ``ray_dir`` and ``name`` continues from the job's latest checkpoint (Ray Train restores its checkpoint
+    snapshot for the same storage path and run name): finished fits are not trained again, the first
+    unfinished one continues at its next epoch. ``callbacks`` are Ray Train ``UserCallback``s of the job's
+    controller (``RunConfig(callbacks)``): they see every epoch's report, whose metrics include the fold, the fit
+    key, the run and each worker's process id (``pid``).
     """
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-
     tc = cfg.train
-    name = group_name(folds)
     storage_path, fs = ray_storage(ray_dir)
     gpu = tc.resources.num_gpus > 0
-    # The ids, labels and weights (not the vectors) pass through the driver: each worker picks its rows of the
-    # one dataset by id, so that a restarted worker group sees the rows the first one saw (loop.shard_ids).
-    fold_targets: dict[str, dict[str, list]] = {}
-    for k in folds:
-        tr, va = targets[k]
-        fold_targets[str(k)] = {"train": [list(tr), [t[0] for t in tr.values()], [t[1] for t in tr.values()]],
-                                "val": [list(va), [t[0] for t in va.values()]]}
-    loop_config = {"train": tc.model_dump(mode="json"), "arch": arch, "dims": dims, "folds": list(folds),
-                   "input_stats": input_stats, "targets": fold_targets,
-                   "threads": max(1, int(tc.resources.num_cpus))}
+    loop_config = {"fits": fits, "threads": max(1, int(tc.resources.num_cpus))}
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
@@ -136,28 +146,51 @@ def run_folds(cfg: MerConfig, *, folds: list[int], arch: str, dims: dict[str, in
     )
     t0 = time.time()
     result = trainer.fit()
-    log.debug("%s: trainer.fit %.1f s", name, time.time() - t0)
+    t1 = time.time()
+    log.debug("%s: trainer.fit %.1f s", name, t1 - t0)
     if result.checkpoint is None:
         raise RuntimeError(f"{name}: training produced no checkpoint ({result.error})")
     removed = remove_unregistered_checkpoints(ray_dir, name, [result.checkpoint.path,
                                                               *(c.path for c, _ in result.best_checkpoints or [])])
     if removed:
         log.info("%s: removed %d checkpoint directories no restart registered: %s", name, len(removed), removed)
-    out: dict[int, dict[str, Any]] = {}
+    out: dict[str, dict[str, Any]] = {}
     with result.checkpoint.as_directory() as d:
-        states = json.loads((Path(d) / "state.json").read_text())["folds"]
-        for k in folds:
-            state = states.get(str(k))
+        saved = json.loads((Path(d) / "state.json").read_text())
+        states = saved["fits"]
+        # Where the job's wall time went: the trainer's start (controller, worker processes, process group)
+        # up to the loop, the loop's imports and data hand-over (the latest attempt's), the trainer's end.
+        startup = saved.get("startup") or {}
+        timing = {"fit_s": t1 - t0, "group_start_s": startup.get("loop_at", t0) - t0,
+                  "imports_s": startup.get("imports_s", 0.0), "data_s": startup.get("data_s", 0.0)}
+        for f in fits:
+            key = f["key"]
+            state = states.get(key)
             if not state or not state.get("finished"):
-                raise RuntimeError(f"fold {k}: latest checkpoint of {name} has not finished it "
+                raise RuntimeError(f"fit {key}: latest checkpoint of {name} has not finished it "
                                    f"(epoch {(state or {}).get('epoch')})")
-            fold_dir = Path(d) / f"fold_{k}"
-            out[k] = {"state": state, "best": (fold_dir / "best.pt").read_bytes(),
-                      "val_pred": pq.read_table(io.BytesIO((fold_dir / "val_pred.parquet").read_bytes())),
-                      "checkpoint_path": result.checkpoint.path}
-            log.debug("fold %d: best val WAF %.4f at epoch %d (%d epochs, resumed from %s)", k, state["best_waf"],
+            own = Path(d) / fit_dir(key)
+            out[key] = {"state": state, "best": (own / "best.pt").read_bytes(),
+                        "val_pred": pq.read_table(io.BytesIO((own / "val_pred.parquet").read_bytes())),
+                        "checkpoint_path": result.checkpoint.path, "group_timing": timing}
+            log.debug("fit %s: best val WAF %.4f at epoch %d (%d epochs, resumed from %s)", key, state["best_waf"],
                       state["best_epoch"], state["epoch"], state["resumed_from"])
     return out
+
+
+def run_folds(cfg: MerConfig, *, folds: list[int], arch: str, dims: dict[str, int], dataset: Any,
+              targets: dict[int, tuple[Targets, Targets]], ray_dir: str, max_failures: int | None = None,
+              input_stats: tuple[list[float], list[float]] | None = None,
+              callbacks: list[Any] | None = None) -> dict[int, dict[str, Any]]:
+    """A group of one run's folds as one job (:func:`run_fits`, named :func:`group_name` under ``ray_dir``);
+    returns per fold what :func:`run_fits` returns per fit. ``targets``: fold -> (training, validation) clips
+    with their label index and weight (every clip a row of ``dataset``)."""
+    train = cfg.train.model_dump(mode="json")
+    fits = [fit_spec(str(k), k, train=train, arch=arch, dims=dims, targets=targets[k], input_stats=input_stats)
+            for k in folds]
+    res = run_fits(cfg, fits, dataset=dataset, ray_dir=ray_dir, name=group_name(folds), max_failures=max_failures,
+                   callbacks=callbacks)
+    return {k: res[str(k)] for k in folds}
 
 
 def checkpoint_dirs(ray_dir: str, name: str) -> list[str]:

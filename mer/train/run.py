@@ -14,7 +14,7 @@ import io
 import logging
 import time
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -31,7 +31,7 @@ from mer.store.data_context import data_context
 from mer.store.parts import PartStore, iter_parts, read_dataset, read_parts
 from mer.train.ensemble import load_ensemble
 from mer.train.features import LABEL_INDEX, input_stats, label_index, modality_dims
-from mer.train.fold import controller_poll_interval, run_folds
+from mer.train.fold import controller_poll_interval, fit_spec, group_name, job_name, run_fits
 from mer.train.results import plot_curves, prediction_table, weight_summary
 
 log = logging.getLogger("mer.train")
@@ -187,6 +187,144 @@ def resolve_modalities(cfg: MerConfig, features_uri: str | PartStore, modalities
 
 
 # ----------------------------------------------------------------------------------------- train_run
+class RunPlan:
+    """One k-fold run of a training job, prepared on the driver: its directory started (config, model spec),
+    labels and folds resolved, the folds left to train; :meth:`commit` writes a fold's outputs and commit record
+    as the job hands them back, :meth:`finish` the run's tables, plots, test scoring and ``metrics.json``.
+
+    ``done``: a finished run's metrics (``resume=True`` and ``metrics.json`` exists): nothing to train.
+    """
+
+    def __init__(self, cfg: MerConfig, store: PartStore, out_uri: str, *, resume: bool, labels_uri: str | None,
+                 modalities: list[str] | None, run_name: str | None) -> None:
+        from mer.fusion import build_model  # lazy: mer.fusion imports torch (a light path never needs it)
+
+        self.t_start = time.time()
+        self.out_uri, self.labels_uri, self.store = out_uri, labels_uri, store
+        self.run_name = run_name or out_uri.rstrip("/").rsplit("/", 1)[-1]
+        self.metrics_uri = storage.join(out_uri, "metrics.json")
+        self.done: dict | None = None
+        self.metrics: dict | None = None  # set by finish
+        if resume and storage.exists(self.metrics_uri):
+            log.info("run %s already finished; resume returns its metrics", out_uri)
+            self.done = storage.read_json(self.metrics_uri)
+            return
+        if not resume:
+            # Starting over: stale checkpoints would otherwise be picked up by Ray Train (same run names).
+            for sub in ("ray", "folds", "models"):
+                storage.delete_dir(storage.join(out_uri, sub))
+            if storage.exists(self.metrics_uri):
+                fs, path = storage.filesystem(self.metrics_uri)
+                fs.delete_file(path)
+        mods = resolve_modalities(cfg, store, modalities)
+        self.cfg = cfg = with_overrides(cfg, [f"train.modalities=[{','.join(mods)}]"])
+        self.mods = mods
+        tc = cfg.train
+        self.dims = modality_dims(store, mods)
+        # What the model's inputs are: scoring checks (or reproduces) the extraction it was trained on.
+        self.spec = {**build_model(tc.model, self.dims, tc).spec(), "features": store_record(store)}
+        storage.write_text(storage.join(out_uri, "config.yaml"), dump_config(cfg))
+        storage.write_json(model_file(out_uri), self.spec)
+
+        cv, pseudo, self.split_of, store_train = label_rows(store, labels_uri)
+        self.cv_ids = cv.column("clip_id").to_pylist()
+        self.cv_y = np.asarray(cv.column("y").to_numpy(), np.int64)
+        self.cv_w = np.asarray(cv.column("w").to_numpy(), np.float32)
+        self.fold_of = cv_folds(store_train, self.cv_ids, tc.folds, tc.seed)
+        pseudo_fold = pseudo.column("fold").to_pylist()
+        bad_folds = sorted({f for f in pseudo_fold if f is not None and not 0 <= f < tc.folds})
+        if bad_folds:
+            raise ValueError(f"label table {labels_uri}: pseudo rows for folds {bad_folds}, but train.folds="
+                             f"{tc.folds} (per-fold pseudo-labels need the folds they were chosen for)")
+        # Per fold: (label, weight) of the pseudo rows that train it (fold null: every fold).
+        self.pseudo_by_fold: list[dict[str, tuple[int, float]]] = [{} for _ in range(tc.folds)]
+        for c, y, w, f in zip(pseudo.column("clip_id").to_pylist(), pseudo.column("y").to_pylist(),
+                              pseudo.column("w").to_pylist(), pseudo_fold):
+            for k in (range(tc.folds) if f is None else (f,)):
+                self.pseudo_by_fold[k][c] = (int(y), float(w))
+        self.pseudo_ids = {c for d in self.pseudo_by_fold for c in d}
+        log.info("train_run %s: %d CV rows, %d pseudo-labelled clips, %d folds, modalities %s", out_uri,
+                 len(self.cv_ids), len(self.pseudo_ids), tc.folds, mods)
+        self.records: dict[int, dict] = {}
+        self.skipped: list[int] = []
+        self.todo: list[int] = []
+        for k in range(tc.folds):
+            record_uri = storage.join(out_uri, "folds", f"fold_{k}.json")
+            if resume and storage.exists(record_uri):
+                self.records[k] = storage.read_json(record_uri)
+                self.skipped.append(k)
+            else:
+                self.todo.append(k)
+        self.targets = {k: self.fold_targets(k) for k in self.todo}
+        self.input_stats: tuple[list[float], list[float]] | None = None
+        self.timing: dict[str, Any] = {"groups": []}
+
+    @property
+    def stats_ids(self) -> set[str]:
+        """The rows the run's input statistics are taken over: every clip it trains on."""
+        return set(self.cv_ids) | self.pseudo_ids
+
+    def fold_targets(self, k: int) -> tuple[dict, dict]:
+        """Fold ``k``'s (training, validation) clips: clip id -> (label index, weight)."""
+        tr = self.fold_of != k
+        train_targets = {c: (int(y), float(w)) for c, y, w, t in zip(self.cv_ids, self.cv_y, self.cv_w, tr) if t}
+        val_targets = {c: (int(y), 1.0) for c, y, t in zip(self.cv_ids, self.cv_y, tr) if not t}
+        # A labelled clip keeps its own label; a validation clip never trains, not even as a pseudo-label.
+        train_targets.update({c: t for c, t in self.pseudo_by_fold[k].items()
+                              if c not in train_targets and c not in val_targets})
+        return train_targets, val_targets
+
+    def fits(self, tag: str | None) -> list[dict[str, Any]]:
+        """The job's fit specs of this run's unfinished folds; keyed ``<k>`` (``tag`` None: a job of this run
+        alone, checkpoint folders ``fold_<k>/`` as before jobs held several runs) or ``<tag>.<k>``."""
+        train = self.cfg.train.model_dump(mode="json")
+        return [fit_spec(str(k) if tag is None else f"{tag}.{k}", k, train=train, arch=self.cfg.train.model,
+                         dims=self.dims, targets=self.targets[k], input_stats=self.input_stats, run=self.run_name)
+                for k in self.todo]
+
+    def commit(self, k: int, res: dict[str, Any]) -> dict:
+        """Fold ``k``'s model and out-of-fold predictions, then its commit record (``folds/fold_<k>.json``: the
+        fold is finished; a resumed run skips it)."""
+        train_targets, val_targets = self.targets[k]
+        storage.write_bytes(storage.join(self.out_uri, "models", f"fold_{k}.pt"), res["best"])
+        vp = res["val_pred"].sort_by("clip_id")
+        storage.write_bytes(storage.join(self.out_uri, "folds", f"oof_{k}.parquet"), _table_bytes(vp))
+        st = res["state"]
+        record = {"fold": k, "best_epoch": st["best_epoch"], "val_waf": st["best_waf"],
+                  "val_acc": next((r["val_acc"] for r in st["history"] if r["epoch"] == st["best_epoch"]), None),
+                  "epochs": st["epoch"], "n_train": len(train_targets), "n_val": len(val_targets),
+                  "n_pseudo": len(self.pseudo_by_fold[k]), "resumed_from": st["resumed_from"],
+                  "seconds": round(st["finished_at"] - st["started_at"], 2), "started_at": st["started_at"],
+                  "engine_s": round(float(st.get("engine_s", 0.0)), 3),
+                  "finished_at": st["finished_at"], "history": st["history"],
+                  "checkpoint": str(res["checkpoint_path"]), "config_hash": self.cfg.hash()}
+        storage.write_json(storage.join(self.out_uri, "folds", f"fold_{k}.json"), record)
+        self.records[k] = record
+        return record
+
+    def finish(self, t_train: float) -> dict:
+        """The run directory's tables, plots, test scoring, ``metrics.json`` and report; returns the metrics."""
+        records = [self.records[k] for k in sorted(self.records)]
+        t_fin = time.time()
+        metrics = _finish_run(self.cfg, self.store, self.out_uri, records, self.mods, self.split_of)
+        # Where the run's wall time went (mer bench train reads it): the driver's preparation (Ray, the store's
+        # rows, input statistics), the worker groups (shared by every run of a job), and the run directory's
+        # tables, plots and test scoring.
+        timing = {**self.timing, "prepare_s": round(t_train - self.t_start, 3), "train_s": round(t_fin - t_train, 3)}
+        metrics.update({"skipped_folds": self.skipped, "seconds": round(time.time() - self.t_start, 2),
+                        "run_name": self.run_name, "labels": self.labels_uri,
+                        "n_cv": len(self.cv_ids), "n_pseudo": len(self.pseudo_ids), "features": self.store.uri,
+                        "features_config_hash": self.spec["features"]["config_hash"]})
+        timing["finish_s"] = round(time.time() - t_fin, 3)
+        metrics["timing"] = timing
+        storage.write_json(self.metrics_uri, metrics)
+        _write_report(self.out_uri)
+        metrics["timing"]["report_s"] = round(time.time() - t_fin - timing["finish_s"], 3)
+        log.info("train_run %s: fold val WAF %s, CV mean %.4f; %.0f s", self.out_uri,
+                 " ".join(f"{r['val_waf']:.3f}" for r in records), metrics["cv_waf_mean"], metrics["seconds"])
+        return metrics
+
+
 def train_run(cfg: MerConfig, features_uri: str | PartStore, out_uri: str, *, resume: bool = False,
               labels_uri: str | None = None, modalities: list[str] | None = None,
               run_name: str | None = None, callbacks: list[Any] | None = None) -> dict:
@@ -198,147 +336,151 @@ def train_run(cfg: MerConfig, features_uri: str | PartStore, out_uri: str, *, re
     ``labels_uri``: label table (clip_id, label, weight, source) overriding labels and sample weights.
     ``modalities`` restricts the branches (ablations). ``callbacks``: Ray Train ``UserCallback``s given to
     every group's controller (progress reporting, experiment tracking; tests inject worker failures with one),
-    see :func:`mer.train.fold.run_folds`. Folds train in ``train.parallel_folds`` groups at once, each group's
-    folds in turn in one worker group. Needs a Ray connection (started locally if none).
+    see :func:`mer.train.fold.run_fits`. Folds train in ``train.parallel_folds`` groups at once, each group's
+    folds in turn in one worker group (checkpoints in ``<out>/ray/folds_<k>_…``). Needs a Ray connection
+    (started locally if none).
     """
-    from mer.fusion import build_model  # lazy: mer.fusion imports torch (a light path never needs it)
+    return train_runs(cfg, features_uri, [RunRequest(out_uri, labels_uri, modalities, run_name)], resume=resume,
+                      callbacks=callbacks)[0]
 
-    t_start = time.time()
-    metrics_uri = storage.join(out_uri, "metrics.json")
-    if resume and storage.exists(metrics_uri):
-        log.info("run %s already finished; resume returns its metrics", out_uri)
-        return storage.read_json(metrics_uri)
+
+class RunRequest(NamedTuple):
+    """One run of :func:`train_runs`: its directory, label table, modalities and name (as for :func:`train_run`)."""
+
+    out_uri: str
+    labels_uri: str | None = None
+    modalities: list[str] | None = None
+    run_name: str | None = None
+
+
+def train_runs(cfg: MerConfig, features_uri: str | PartStore, runs: list[RunRequest], *, resume: bool = False,
+               job_dir: str | None = None, groups: int | None = None,
+               callbacks: list[Any] | None = None) -> list[dict]:
+    """Several k-fold runs on one store (each as :func:`train_run` would train it, same run directories and
+    figures) as ONE training job: every unfinished fold of every run is a fit of the same Ray Train job, so
+    the worker group's start-up, imports, data hand-over and (per model shape) DeepSpeed engine are paid once
+    for all of them. Returns each run's metrics, in ``runs``' order.
+
+    The fits are dealt to ``groups`` worker groups (default ``train.parallel_folds``; a run alone keeps its
+    groups of folds, ``<out>/ray/folds_<k>_…``); several runs' job checkpoints go under ``job_dir`` (default:
+    the first unfinished run's ``ray/``), named by their fits (:func:`mer.train.fold.job_name`), so a re-run
+    with ``resume=True`` continues the job at its first unfinished fit. A fold's outputs and commit record are
+    written once its group hands it back; a failed group fails the job after the others finish, so their
+    commit records survive. Runs that share their training rows share one input-statistics pass; all share one
+    materialised dataset of the store's rows.
+    """
+    t0 = time.time()
+    if resume and all(storage.exists(storage.join(r.out_uri, "metrics.json")) for r in runs):
+        for r in runs:
+            log.info("run %s already finished; resume returns its metrics", r.out_uri)
+        return [storage.read_json(storage.join(r.out_uri, "metrics.json")) for r in runs]
     cfg = init_ray(cfg)
-    ensure_placeable(f"training {out_uri}", train_demands(cfg, one_fold=True))
-    if not resume:
-        # Starting over: stale checkpoints would otherwise be picked up by Ray Train (same run names).
-        for sub in ("ray", "folds", "models"):
-            storage.delete_dir(storage.join(out_uri, sub))
-        if storage.exists(metrics_uri):
-            fs, path = storage.filesystem(metrics_uri)
-            fs.delete_file(path)
-
+    ensure_placeable(f"training {runs[0].out_uri}", train_demands(cfg, one_fold=True))
+    if not resume and job_dir is not None:
+        # Starting over: the job's stale checkpoints would otherwise be restored by Ray Train (same job names).
+        storage.delete_dir(job_dir)
     store = PartStore.of(features_uri)
-    mods = resolve_modalities(cfg, store, modalities)
-    cfg = with_overrides(cfg, [f"train.modalities=[{','.join(mods)}]"])
-    tc = cfg.train
-    dims = modality_dims(store, mods)
-    # What the model's inputs are: scoring checks (or reproduces) the extraction it was trained on.
-    spec = {**build_model(tc.model, dims, tc).spec(), "features": store_record(store)}
-    storage.write_text(storage.join(out_uri, "config.yaml"), dump_config(cfg))
-    storage.write_json(model_file(out_uri), spec)
+    plans = [RunPlan(cfg, store, r.out_uri, resume=resume, labels_uri=r.labels_uri, modalities=r.modalities,
+                     run_name=r.run_name) for r in runs]
+    for p in plans:
+        p.t_start = t0
+    live = [p for p in plans if p.done is None]
+    if live:
+        _train_job(cfg, store, live, job_dir=job_dir, groups=groups, callbacks=callbacks)
+    return [p.done if p.done is not None else p.metrics for p in plans]
 
-    cv, pseudo, split_of, store_train = label_rows(store, labels_uri)
-    cv_ids = cv.column("clip_id").to_pylist()
-    cv_y = np.asarray(cv.column("y").to_numpy(), np.int64)
-    cv_w = np.asarray(cv.column("w").to_numpy(), np.float32)
-    fold_of = cv_folds(store_train, cv_ids, tc.folds, tc.seed)
-    pseudo_fold = pseudo.column("fold").to_pylist()
-    bad_folds = sorted({f for f in pseudo_fold if f is not None and not 0 <= f < tc.folds})
-    if bad_folds:
-        raise ValueError(f"label table {labels_uri}: pseudo rows for folds {bad_folds}, but train.folds="
-                         f"{tc.folds} (per-fold pseudo-labels need the folds they were chosen for)")
-    # Per fold: (label, weight) of the pseudo rows that train it (fold null: every fold).
-    pseudo_by_fold: list[dict[str, tuple[int, float]]] = [{} for _ in range(tc.folds)]
-    for c, y, w, f in zip(pseudo.column("clip_id").to_pylist(), pseudo.column("y").to_pylist(),
-                          pseudo.column("w").to_pylist(), pseudo_fold):
-        for k in (range(tc.folds) if f is None else (f,)):
-            pseudo_by_fold[k][c] = (int(y), float(w))
-    pseudo_ids = {c for d in pseudo_by_fold for c in d}
-    log.info("train_run %s: %d CV rows, %d pseudo-labelled clips, %d folds, modalities %s", out_uri,
-             len(cv_ids), len(pseudo_ids), tc.folds, mods)
 
+def _train_job(cfg: MerConfig, store: PartStore, plans: list[RunPlan], *, job_dir: str | None,
+               groups: int | None, callbacks: list[Any] | None) -> None:
+    """Train the unfinished folds of ``plans`` as one job, commit them, finish every run (``plan.metrics``)."""
+    mods: list[str] = []
+    for p in plans:
+        mods += [m for m in p.mods if m not in mods]
+    dims = {m: d for p in plans for m, d in p.dims.items()}
     # Ray Data, not the driver, holds the vectors; materialised once so that the training workers (which
     # may hold every CPU of a small cluster) never wait for read tasks.
     with quiet_data():
         base = read_dataset(store, columns=mods).materialize()
-    stats = None
-    if tc.standardize_inputs:
-        t0 = time.time()
-        with quiet_data():
-            stats = input_stats(base, mods, dims, set(cv_ids) | pseudo_ids)
-        log.debug("input statistics over %d training rows in %.1f s", len(cv_ids) + len(pseudo_ids),
-                 time.time() - t0)
-    fold_records: dict[int, dict] = {}
-    skipped: list[int] = []
-    todo: list[int] = []
-    for k in range(tc.folds):
-        record_uri = storage.join(out_uri, "folds", f"fold_{k}.json")
-        if resume and storage.exists(record_uri):
-            fold_records[k] = storage.read_json(record_uri)
-            skipped.append(k)
-        else:
-            todo.append(k)
+    # Input statistics per distinct set of training rows, over every modality at once; a run takes its own
+    # modalities' values (a modality's statistics do not depend on the others').
+    by_rows: dict[frozenset, tuple[list[float], list[float]]] = {}
+    for p in plans:
+        if not p.cfg.train.standardize_inputs or not p.todo:
+            continue
+        ids = frozenset(p.stats_ids)
+        if ids not in by_rows:
+            with quiet_data():
+                by_rows[ids] = input_stats(base, mods, dims, set(ids))
+        p.input_stats = _stats_for(by_rows[ids], mods, dims, p.mods)
 
-    def fold_targets(k: int) -> tuple[dict, dict]:
-        tr = fold_of != k
-        train_targets = {c: (int(y), float(w)) for c, y, w, t in zip(cv_ids, cv_y, cv_w, tr) if t}
-        val_targets = {c: (int(y), 1.0) for c, y, t in zip(cv_ids, cv_y, tr) if not t}
-        # A labelled clip keeps its own label; a validation clip never trains, not even as a pseudo-label.
-        train_targets.update({c: t for c, t in pseudo_by_fold[k].items()
-                              if c not in train_targets and c not in val_targets})
-        return train_targets, val_targets
+    single = len(plans) == 1
+    tagged = {p.run_name: p for p in plans}
+    if len(tagged) != len(plans):  # names key the fits: fall back to positions
+        tagged = {f"run{i}": p for i, p in enumerate(plans)}
+    fits = [f for tag, p in tagged.items() for f in p.fits(None if single else tag)]
+    owner = {f["key"]: (p, f["fold"]) for tag, p in tagged.items() for f in p.fits(None if single else tag)}
+    n_groups = max(1, min(groups or cfg.train.parallel_folds, len(fits))) if fits else 0
+    if single:
+        # A run alone: fold k in group k mod parallel_folds, named by its folds as before jobs held several runs.
+        n_groups = min(cfg.train.parallel_folds, cfg.train.folds)
+        dealt = [g for g in ([f for f in fits if f["fold"] % n_groups == i] for i in range(n_groups)) if g]
+        ray_dir = storage.join(plans[0].out_uri, "ray")
+        jobs = [(g, ray_dir, group_name([f["fold"] for f in g])) for g in dealt]
+    else:
+        dealt = [g for g in (fits[i::n_groups] for i in range(n_groups)) if g]
+        ray_dir = job_dir or storage.join(plans[0].out_uri, "ray")
+        jobs = [(g, ray_dir, job_name([f["key"] for f in g])) for g in dealt]
+    if len(plans) > 1:
+        log.info("training job: %d runs, %d fits in %d worker group(s) (%s)", len(plans), len(fits), len(jobs),
+                 ", ".join(p.run_name for p in plans))
 
-    def fit_group(group: list[int]) -> dict[int, dict]:
-        data = {k: fold_targets(k) for k in group}
-        results = run_folds(cfg, folds=group, arch=tc.model, dims=dims, dataset=base, targets=data,
-                            ray_dir=storage.join(out_uri, "ray"), input_stats=stats, callbacks=callbacks)
-        records = {}
-        for k in group:
-            res, (train_targets, val_targets) = results[k], data[k]
-            storage.write_bytes(storage.join(out_uri, "models", f"fold_{k}.pt"), res["best"])
-            vp = res["val_pred"].sort_by("clip_id")
-            storage.write_bytes(storage.join(out_uri, "folds", f"oof_{k}.parquet"), _table_bytes(vp))
-            st = res["state"]
-            record = {"fold": k, "best_epoch": st["best_epoch"], "val_waf": st["best_waf"],
-                      "val_acc": next((r["val_acc"] for r in st["history"] if r["epoch"] == st["best_epoch"]),
-                                      None),
-                      "epochs": st["epoch"], "n_train": len(train_targets), "n_val": len(val_targets),
-                      "n_pseudo": len(pseudo_by_fold[k]), "resumed_from": st["resumed_from"],
-                      "seconds": round(st["finished_at"] - st["started_at"], 2), "started_at": st["started_at"],
-                      "finished_at": st["finished_at"], "history": st["history"],
-                      "checkpoint": str(res["checkpoint_path"]), "config_hash": cfg.hash()}
-            storage.write_json(storage.join(out_uri, "folds", f"fold_{k}.json"), record)  # the fold's commit record
-            records[k] = record
-        return records
+    def fit_group(job: tuple[list[dict], str, str]) -> None:
+        group, where, name = job
+        results = run_fits(cfg, group, dataset=base, ray_dir=where, name=name, callbacks=callbacks)
+        for f in group:
+            plan, k = owner[f["key"]]
+            plan.commit(k, results[f["key"]])
+        timing = {"fits": [f["key"] for f in group], **results[group[0]["key"]]["group_timing"]}
+        for plan in {id(owner[f["key"]][0]): owner[f["key"]][0] for f in group}.values():
+            plan.timing["groups"].append(timing)
 
-    # parallel_folds groups of folds (fold k in group k mod groups), each one TorchTrainer training its folds in
-    # turn: a worker group's start-up is paid once per group, not once per fold. TorchTrainer.fit is safe to call
-    # from driver threads (it only installs its SIGINT handler on the main thread), and Ray schedules the
-    # worker groups as resources allow. A failed group fails the run after the others finish, so their commit
-    # records survive for resume=True (and the failed group's checkpoint keeps the folds it finished).
-    n_groups = min(tc.parallel_folds, tc.folds)
-    groups = [g for g in ([k for k in todo if k % n_groups == i] for i in range(n_groups)) if g]
-    with controller_poll_interval(tc.poll_interval_s):
-        if len(groups) > 1:
+    # Groups train at once: TorchTrainer.fit is safe to call from driver threads (it only installs its SIGINT
+    # handler on the main thread), and Ray schedules the worker groups as resources allow. A failed group
+    # fails the job after the others finish, so their commit records survive for resume=True (and the failed
+    # group's checkpoint keeps the fits it finished).
+    t_train = time.time()
+    with controller_poll_interval(cfg.train.poll_interval_s):
+        if len(jobs) > 1:
             from concurrent.futures import ThreadPoolExecutor
 
-            with ThreadPoolExecutor(max_workers=len(groups), thread_name_prefix="mer-folds") as pool:
-                futures = [(g, pool.submit(fit_group, g)) for g in groups]
+            with ThreadPoolExecutor(max_workers=len(jobs), thread_name_prefix="mer-folds") as pool:
+                futures = [(g, pool.submit(fit_group, g)) for g in jobs]
             errors = [(g, f.exception()) for g, f in futures if f.exception() is not None]
             if errors:
-                (first, *_), err = errors[0]  # groups are in order of their first fold
-                failed = sorted(k for g, _ in errors for k in g)
-                raise RuntimeError(f"folds {failed} failed (first: fold {first}: {err})") from err
-            for _, f in futures:
-                fold_records.update(f.result())
+                (group, _, _), err = errors[0]  # groups are in order of their first fit
+                failed = [f["key"] for (g, _, _), _ in errors for f in g]
+                what = "folds" if single else "fits"
+                shown = sorted(int(k) for k in failed) if single else failed
+                raise RuntimeError(f"{what} {shown} failed (first: {'fold' if single else 'fit'} "
+                                   f"{group[0]['key']}: {err})") from err
         else:
-            for g in groups:
-                fold_records.update(fit_group(g))
-    records = [fold_records[k] for k in sorted(fold_records)]
+            for g in jobs:
+                fit_group(g)
+    for p in plans:
+        p.timing["job_runs"] = len(plans)
+        p.metrics = p.finish(t_train)
 
-    t_fin = time.time()
-    metrics = _finish_run(cfg, store, out_uri, records, mods, split_of)
-    metrics.update({"skipped_folds": skipped, "seconds": round(time.time() - t_start, 2),
-                    "run_name": run_name or out_uri.rstrip("/").rsplit("/", 1)[-1], "labels": labels_uri,
-                    "n_cv": len(cv_ids), "n_pseudo": len(pseudo_ids), "features": store.uri,
-                    "features_config_hash": spec["features"]["config_hash"]})
-    storage.write_json(metrics_uri, metrics)
-    _write_report(out_uri)
-    log.debug("train_run %s: reports in %.1f s", out_uri, time.time() - t_fin)
-    log.info("train_run %s: fold val WAF %s, CV mean %.4f; %.0f s", out_uri,
-             " ".join(f"{r['val_waf']:.3f}" for r in records), metrics["cv_waf_mean"], metrics["seconds"])
-    return metrics
+
+def _stats_for(stats: tuple[list[float], list[float]], mods: list[str], dims: dict[str, int], want: list[str]
+               ) -> tuple[list[float], list[float]]:
+    """``want``'s part (in ``want``'s order) of input statistics taken over ``mods``."""
+    start, offset = {}, 0
+    for m in mods:
+        start[m] = offset
+        offset += dims[m]
+    mean, std = stats
+    return ([v for m in want for v in mean[start[m]:start[m] + dims[m]]],
+            [v for m in want for v in std[start[m]:start[m] + dims[m]]])
 
 
 def _write_report(run_uri: str) -> None:

@@ -122,14 +122,27 @@ class GroupRows:
                 self._arrays = ([ids[i] for i in order], np.concatenate(xs)[order], np.concatenate(masks)[order])
         return self._arrays
 
+    def slices(self, mods: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """Where ``mods`` (a subset of this group's modalities, a fit's own) sit in :meth:`arrays`: the columns
+        of ``x`` and of ``mask``, in ``mods``' order."""
+        start, cols, offset = {}, [], 0
+        for m in self.mods:
+            start[m] = offset
+            offset += self.dims[m]
+        for m in mods:
+            cols.extend(range(start[m], start[m] + self.dims[m]))
+        return np.asarray(cols, np.int64), np.asarray([self.mods.index(m) for m in mods], np.int64)
+
 
 class ShardBatches:
     """Batches ``(clip_ids, x, mask, y, w)`` of one fold's rows: the clips of ``targets`` (clip id → (label
-    index, weight)), restricted to ``keep`` clips if given, from the group's :class:`GroupRows`."""
+    index, weight)), restricted to ``keep`` clips if given, from the group's :class:`GroupRows`; ``mods``: the
+    fit's modalities (default: all of the group's), in the fit's model order."""
 
     def __init__(self, rows: GroupRows, targets: dict[str, tuple[int, float]], batch_size: int, shuffle: bool,
-                 keep: set[str] | None = None) -> None:
+                 keep: set[str] | None = None, mods: list[str] | None = None) -> None:
         self.rows, self.batch_size, self.shuffle = rows, batch_size, shuffle
+        self.mods = list(mods or rows.mods)
         self.targets = targets if keep is None else {c: t for c, t in targets.items() if c in keep}
         self._arrays: tuple | None = None
 
@@ -140,9 +153,12 @@ class ShardBatches:
 
     def _load(self) -> tuple:
         ids, x, mask = self.rows.arrays()
-        idx = [i for i, c in enumerate(ids) if c in self.targets]
+        idx = np.asarray([i for i, c in enumerate(ids) if c in self.targets], np.int64)
         mine = [ids[i] for i in idx]
-        return (mine, x[idx], mask[idx], *self._yw(mine))
+        if self.mods == self.rows.mods:
+            return (mine, x[idx], mask[idx], *self._yw(mine))
+        xcols, mcols = self.rows.slices(self.mods)
+        return (mine, x[np.ix_(idx, xcols)], mask[np.ix_(idx, mcols)], *self._yw(mine))
 
     def epoch(self, seed: int):
         if not self.rows.cache:
@@ -152,7 +168,7 @@ class ShardBatches:
                 batch = self.rows.select(batch, self.targets)
                 if batch.num_rows:
                     ids = batch.column("clip_id").to_pylist()
-                    yield (ids, *table_inputs(batch, self.rows.mods, self.rows.dims), *self._yw(ids))
+                    yield (ids, *table_inputs(batch, self.mods, self.rows.dims), *self._yw(ids))
             return
         if self._arrays is None:
             self._arrays = self._load()
@@ -205,86 +221,191 @@ def _weighted_ce(logits: Any, y: Any, w: Any, smoothing: float) -> Any:
     return (per * w).sum() / w.sum().clamp_min(1e-6)
 
 
-def train_loop_per_worker(config: dict[str, Any]) -> None:
-    """Ray Train entry point: the group's folds, one after the other. ``config``: train (TrainConfig dump),
-    arch, dims, folds (the group's fold numbers, in training order), input_stats (``[mean, std]`` or None),
-    targets (fold -> ``{"train": [ids, y, w], "val": [ids, y]}``: the fold's training and validation clips of
-    the ``features`` dataset, with label indices and weights; each rank trains on its :func:`shard_ids` of the
-    training clips).
+def fit_dir(key: str) -> str:
+    """A fit's folder in the job's checkpoints (``fold_<k>`` for a run's fold ``k``)."""
+    return f"fold_{key}"
 
-    The checkpoint's ``state.json`` holds every fold the group reached (``{"folds": {k: state}}``), and
-    ``fold_<k>/`` its best weights (and, once finished, its validation predictions); the DeepSpeed shards and
-    random states are those of the fold in training. A restored group skips its finished folds."""
+
+class Engines:
+    """This worker's DeepSpeed engines, one per shape (architecture, modality sizes, model and optimizer
+    settings), set up once and handed from fit to fit.
+
+    A later fit of the same shape gets the engine with its own fresh initial weights loaded and every piece of
+    training state reset to what :func:`deepspeed.initialize` leaves: the ZeRO fp32 master partitions taken
+    from the new weights, the optimizer's moments and step counts cleared (AdamW creates them at its first step,
+    and DeepSpeed's ZeRO-1/2 set-up does not step), the engine's step counters zeroed. A fit's result then does
+    not depend on which fit ran before it on the worker (tests/test_train_engine.py). ZeRO-3 (partitioned
+    parameters) and bf16 without ZeRO (DeepSpeed's own bf16 optimizer) get a fresh engine per fit.
+    """
+
+    def __init__(self) -> None:
+        self.engines: dict[str, Any] = {}
+        self.built = 0  # engines set up by deepspeed.initialize (the rest were handed over)
+
+    @staticmethod
+    def shape(arch: str, dims: dict[str, int], tc: TrainConfig) -> str:
+        """What two fits must share to share an engine: everything that sizes the model or configures DeepSpeed."""
+        keep = {k: v for k, v in tc.model_dump(mode="json").items()
+                if k not in ("modalities", "max_epochs", "patience", "folds", "parallel_folds", "seed",
+                             "max_failures", "checkpoints_to_keep", "cache_shards", "standardize_inputs",
+                             "poll_interval_s", "label_smoothing")}
+        return json.dumps({"arch": arch, "dims": dims, "train": keep}, sort_keys=True)
+
+    @staticmethod
+    def reusable(tc: TrainConfig) -> bool:
+        return tc.zero_stage in (1, 2) or (tc.zero_stage == 0 and not tc.bf16)
+
+    def get(self, arch: str, dims: dict[str, int], tc: TrainConfig, model: Any) -> Any:
+        """An engine training ``model``'s initial weights (``model`` itself when a new engine is set up)."""
+        import deepspeed
+
+        key = self.shape(arch, dims, tc)
+        engine = self.engines.get(key) if self.reusable(tc) else None
+        if engine is None:
+            engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters()
+                                                                                  if p.requires_grad],
+                                                   config=deepspeed_config(tc))
+            self.built += 1
+            if self.reusable(tc):
+                self.engines[key] = engine
+            return engine
+        reset_engine(engine, model.state_dict())
+        return engine
+
+    def close(self) -> None:
+        for engine in self.engines.values():
+            if hasattr(engine, "destroy"):
+                engine.destroy()
+        self.engines.clear()
+
+
+def reset_engine(engine: Any, weights: dict[str, Any]) -> None:
+    """Put a ZeRO-0/1/2 engine back to the state :func:`deepspeed.initialize` would leave it in for a model with
+    ``weights``: module weights and buffers, fp32 master partitions, optimizer state, step counters."""
+    import torch
+
+    with torch.no_grad():
+        engine.module.load_state_dict(weights)
+    opt = engine.optimizer
+    if hasattr(opt, "refresh_fp32_params"):
+        # ZeRO-1/2: the fp32 master copies of this rank's partitions, taken again from the module's weights
+        # (what DeepSpeed's own load_checkpoint(load_module_only=True) calls).
+        opt.refresh_fp32_params()
+    inner = getattr(opt, "optimizer", opt)
+    inner.state.clear()  # AdamW's moments and step: created afresh at the next step, as for a new engine
+    for p in engine.module.parameters():
+        p.grad = None
+    for attr in ("global_steps", "global_samples", "micro_steps", "skipped_steps"):
+        if hasattr(engine, attr):
+            setattr(engine, attr, 0)
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Ray Train entry point: the job's fits, one after the other. ``config``: ``fits`` (in training order), each
+    ``{"key", "fold", "run", "arch", "dims", "train" (TrainConfig dump), "input_stats" ([mean, std] or None),
+    "targets" ({"train": [ids, y, w], "val": [ids, y]}: the fit's training and validation clips of the
+    ``features`` dataset, with label indices and weights; each rank trains on its :func:`shard_ids` of the
+    training clips)}``; ``threads``.
+
+    The checkpoint's ``state.json`` holds every fit the job reached (``{"fits": {key: state}}``), and
+    ``fold_<key>/`` its best weights (and, once finished, its validation predictions); the DeepSpeed shards and
+    random states are those of the fit in training. A restored job skips its finished fits and continues at the
+    first unfinished one. The worker process, its imports, the data hand-over and (per shape) the DeepSpeed
+    engine are paid once for all fits (:class:`Engines`)."""
+    t_start = time.time()
     import ray.train
     import torch
 
-    t_start = time.time()
-    folds = [int(k) for k in config["folds"]]
+    import deepspeed  # noqa: F401 - imported here so that the start-up figures tell imports from the engine
+
+    from mer.fusion import build_model  # noqa: F401 - same
+
+    startup: dict[str, float] = {"loop_at": t_start, "imports_s": time.time() - t_start}
+    fits = list(config["fits"])
     torch.set_num_threads(max(1, int(config.get("threads", 1))))
-    states: dict[int, dict[str, Any]] = {}
-    files: dict[str, bytes] = {}  # finished folds' outputs, carried into every later checkpoint of the group
+    states: dict[str, dict[str, Any]] = {}
+    files: dict[str, bytes] = {}  # finished fits' outputs, carried into every later checkpoint of the job
     ckpt = ray.train.get_checkpoint()
     if ckpt is not None:
         with ckpt.as_directory() as d:
-            states = {int(k): v for k, v in json.loads((Path(d) / "state.json").read_text())["folds"].items()}
-            for k, st in states.items():
+            states = dict(json.loads((Path(d) / "state.json").read_text())["fits"])
+            for key, st in states.items():
                 if st["finished"]:
                     for name in ("best.pt", "val_pred.parquet"):
-                        path = Path(d) / f"fold_{k}" / name
+                        path = Path(d) / fit_dir(key) / name
                         if path.exists():
-                            files[f"fold_{k}/{name}"] = path.read_bytes()
-    todo = [k for k in folds if not states.get(k, {}).get("finished")]
-    targets = {k: _fold_targets(config["targets"][str(k)]) for k in todo}
-    # One dataset for every fold of the group: each worker reads the rows its folds use once.
-    rows = GroupRows(ray.train.get_dataset_shard("features"), list(config["dims"]),
-                     {m: int(d) for m, d in config["dims"].items()},
+                            files[f"{fit_dir(key)}/{name}"] = path.read_bytes()
+    todo = [f for f in fits if not states.get(f["key"], {}).get("finished")]
+    targets = {f["key"]: _fold_targets(f["targets"]) for f in todo}
+    # One dataset for every fit of the job: each worker reads the rows its fits use once, every modality any
+    # fit uses; a fit takes its own modalities' columns.
+    mods: list[str] = []
+    dims: dict[str, int] = {}
+    for f in fits:
+        for m, d in f["dims"].items():
+            if m not in dims:
+                mods.append(m)
+                dims[m] = int(d)
+    rows = GroupRows(ray.train.get_dataset_shard("features"), mods, dims,
                      {c for tr, va in targets.values() for c in (*tr, *va)},
-                     bool(config["train"].get("cache_shards", True)))
-    for k in folds:
-        if states.get(k, {}).get("finished"):
-            # The restored checkpoint already holds everything of this fold. Its last epoch is reported again
-            # (no checkpoint) so that callbacks that follow folds to their end (a study's per-epoch score over
+                     all(bool(f["train"].get("cache_shards", True)) for f in fits))
+    if rows.cache and todo:
+        t0 = time.time()
+        rows.arrays()  # the hand-over of the rows to this worker, timed on its own
+        startup["data_s"] = time.time() - t0
+    engines = Engines()
+    for f in fits:
+        key = f["key"]
+        if states.get(key, {}).get("finished"):
+            # The restored checkpoint already holds everything of this fit. Its last epoch is reported again
+            # (no checkpoint) so that callbacks that follow fits to their end (a study's per-epoch score over
             # folds) hear of it.
-            ray.train.report({**states[k]["history"][-1], "pid": os.getpid(), "finished": True, "restored": True})
+            ray.train.report({**states[key]["history"][-1], "pid": os.getpid(), "finished": True, "restored": True,
+                              "fit": key, "run": f.get("run")})
             continue
-        _train_fold(config, k, rows, targets[k], states, files, ckpt if k in states else None, t_start)
+        _train_fit(f, rows, targets[key], states, files, ckpt if key in states else None, t_start, startup,
+                   engines)
         t_start = time.time()
+    engines.close()
 
 
 def _fold_targets(t: dict[str, list]) -> tuple[dict[str, tuple[int, float]], dict[str, tuple[int, float]]]:
-    """(training, validation) clip id → (label index, weight) of one fold's ``targets`` entry."""
+    """(training, validation) clip id → (label index, weight) of one fit's ``targets`` entry."""
     ids, y, w = t["train"]
     vids, vy = t["val"]
     return ({c: (int(a), float(b)) for c, a, b in zip(ids, y, w)}, {c: (int(a), 1.0) for c, a in zip(vids, vy)})
 
 
-def _train_fold(config: dict[str, Any], fold: int, rows: GroupRows,
-                targets: tuple[dict[str, tuple[int, float]], dict[str, tuple[int, float]]],
-                states: dict[int, dict[str, Any]], files: dict[str, bytes], ckpt: Any, t_start: float) -> None:
-    """One fold to its end: a fresh model and engine (or the fold's state from ``ckpt``), every epoch
-    checkpointed and reported; adds the fold's state to ``states`` and its outputs to ``files``. ``targets``:
-    the fold's (training, validation) clips with their labels and weights, rows of ``rows``."""
-    import deepspeed
+def _train_fit(fit: dict[str, Any], rows: GroupRows,
+               targets: tuple[dict[str, tuple[int, float]], dict[str, tuple[int, float]]],
+               states: dict[str, dict[str, Any]], files: dict[str, bytes], ckpt: Any, t_start: float,
+               startup: dict[str, float], engines: Engines) -> None:
+    """One fit (a run's fold) to its end: fresh initial weights on this worker's engine of its shape (or the
+    fit's state from ``ckpt``), every epoch checkpointed and reported; adds the fit's state to ``states`` and
+    its outputs to ``files``. ``targets``: the fit's (training, validation) clips with their labels and weights,
+    rows of ``rows``."""
     import ray.train
     import torch  # lazy: torch and the fusion models load only where a model is built
 
     from mer.fusion import build_model
 
-    tc = TrainConfig.model_validate(config["train"])
-    dims: dict[str, int] = {m: int(d) for m, d in config["dims"].items()}
+    key, fold = str(fit["key"]), int(fit["fold"])
+    tc = TrainConfig.model_validate(fit["train"])
+    dims: dict[str, int] = {m: int(d) for m, d in fit["dims"].items()}
+    mods = list(dims)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
 
     torch.manual_seed(tc.seed * 1000 + fold)  # same initial weights on every rank
-    model = build_model(config["arch"], dims, tc)
-    if config.get("input_stats"):
-        model.set_input_stats(*config["input_stats"])
-    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters()
-                                                                          if p.requires_grad],
-                                           config=deepspeed_config(tc))
+    model = build_model(fit["arch"], dims, tc)
+    if fit.get("input_stats"):
+        model.set_input_stats(*fit["input_stats"])
+    t_engine = time.time()
+    engine = engines.get(fit["arch"], dims, tc, model)
+    engine_s = time.time() - t_engine
     dtype = torch.bfloat16 if tc.bf16 else torch.float32
-    # What the fold really ran with, not what was asked for (every history row carries it): the process group's
+    # What the fit really ran with, not what was asked for (every history row carries it): the process group's
     # backend (nccl on GPUs, gloo on CPUs) and the dtypes of the weights DeepSpeed trains (bfloat16 with bf16).
     ran_with = {"dist_backend": str(torch.distributed.get_backend()),
                 "weights_dtype": ",".join(sorted({str(p.dtype).removeprefix("torch.")
@@ -292,29 +413,31 @@ def _train_fold(config: dict[str, Any], fold: int, rows: GroupRows,
     torch.manual_seed(tc.seed * 1000 + fold * 10 + rank + 1)  # modality dropout differs per rank
 
     state: dict[str, Any] = {"fold": fold, "epoch": 0, "best_waf": -1.0, "best_epoch": 0, "bad_epochs": 0,
-                             "finished": False, "history": [], "resumed_from": [], "started_at": time.time()}
+                             "finished": False, "history": [], "resumed_from": [], "started_at": time.time(),
+                             "engine_s": engine_s}
     best: dict[str, Any] | None = None
     if ckpt is not None:
         with ckpt.as_directory() as d:
             engine.load_checkpoint(d, tag=DS_TAG, load_optimizer_states=True)
-            state = dict(states[fold])
-            best_path = Path(d) / f"fold_{fold}" / "best.pt"
+            state = dict(states[key])
+            best_path = Path(d) / fit_dir(key) / "best.pt"
             if best_path.exists():
                 best = torch.load(best_path, map_location="cpu", weights_only=True)
             rng_path = Path(d) / RNG_FILE.format(rank=rank)
             if rng_path.exists():
                 set_rng_state(json.loads(rng_path.read_text()))
             else:  # a checkpoint written by another world size: dropout draws differ from here on
-                print(f"[mer.train] fold {fold} rank {rank}: checkpoint has no random state for this rank; "
+                print(f"[mer.train] fit {key} rank {rank}: checkpoint has no random state for this rank; "
                       "continuing with fresh seeds", flush=True)
         state["resumed_from"] = [*state["resumed_from"], int(state["epoch"])]
-    print(f"[mer.train] fold {fold} rank {rank}: engine ready in {time.time() - t_start:.1f} s", flush=True)
+    print(f"[mer.train] fit {key} rank {rank}: engine ready in {time.time() - t_start:.1f} s "
+          f"({engines.built} engine(s) set up on this worker)", flush=True)
 
     shuffle_seed = tc.seed * 1000 + fold * 100
     train_targets, val_targets = targets
     train_src = ShardBatches(rows, train_targets, tc.resources.batch_size, shuffle=True,
-                             keep=shard_ids(list(train_targets), world, rank, shuffle_seed))
-    val_src = ShardBatches(rows, val_targets, 256, shuffle=False)
+                             keep=shard_ids(list(train_targets), world, rank, shuffle_seed), mods=mods)
+    val_src = ShardBatches(rows, val_targets, 256, shuffle=False, mods=mods)
 
     def to_t(a: np.ndarray, dt: Any = None) -> Any:
         t = torch.from_numpy(np.ascontiguousarray(a)).to(device)
@@ -374,49 +497,51 @@ def _train_fold(config: dict[str, Any], fold: int, rows: GroupRows,
         state["history"].append(row)
         if state["finished"]:
             state["finished_at"] = time.time()
-        states[fold] = state
+        states[key] = state
 
         with tempfile.TemporaryDirectory() as tmp:
             # Taken before _write_val_predictions (which draws initial weights): the next epoch starts here.
             (Path(tmp) / RNG_FILE.format(rank=rank)).write_text(json.dumps(rng_state()))
             engine.save_checkpoint(tmp, tag=DS_TAG)
             if rank == 0:
-                (Path(tmp) / "state.json").write_text(json.dumps({"folds": {str(k): v for k, v in states.items()}}))
-                fold_dir = Path(tmp) / f"fold_{fold}"
-                fold_dir.mkdir()
+                (Path(tmp) / "state.json").write_text(json.dumps({"fits": states, "startup": startup}))
+                own = Path(tmp) / fit_dir(key)
+                own.mkdir()
                 if best is not None:
-                    torch.save(best, fold_dir / "best.pt")
+                    torch.save(best, own / "best.pt")
                 if state["finished"]:
-                    _write_val_predictions(fold_dir / "val_pred.parquet", config, tc, best, ids, y_val,
+                    _write_val_predictions(own / "val_pred.parquet", fit, tc, best, ids, y_val,
                                            np.concatenate(xs)[by_id] if xs else None,
                                            np.concatenate(masks)[by_id] if masks else None)
-                    files.update({f"fold_{fold}/{p.name}": p.read_bytes() for p in fold_dir.iterdir()})
+                    files.update({f"{fit_dir(key)}/{p.name}": p.read_bytes() for p in own.iterdir()})
                 for rel, data in files.items():
                     if not (Path(tmp) / rel).exists():
                         (Path(tmp) / rel).parent.mkdir(exist_ok=True)
                         (Path(tmp) / rel).write_bytes(data)
             t_rep = time.time()
-            # Which process trained the epoch, and whether it was the fold's last: lets a Ray Train callback tell
-            # the workers apart and follow a fold to its end (a study's per-epoch score over folds).
-            ray.train.report({**row, "pid": os.getpid(), "finished": state["finished"]},
+            # Which process trained the epoch, which fit it was and whether it was the fit's last: lets a Ray
+            # Train callback tell the workers apart and follow a fit to its end (a study's per-epoch score over
+            # folds).
+            ray.train.report({**row, "pid": os.getpid(), "finished": state["finished"], "fit": key,
+                              "run": fit.get("run")},
                              checkpoint=ray.train.Checkpoint.from_directory(tmp))
-            print(f"[mer.train] fold {fold} rank {rank} epoch {epoch}: train+val {seconds:.2f} s, "
+            print(f"[mer.train] fit {key} rank {rank} epoch {epoch}: train+val {seconds:.2f} s, "
                   f"checkpoint {t_rep - t0 - seconds:.2f} s, report {time.time() - t_rep:.2f} s", flush=True)
         if state["finished"]:
             break
-    if hasattr(engine, "destroy"):
-        engine.destroy()  # the next fold's engine starts clean (DeepSpeed keeps hooks and buffers otherwise)
+    if not Engines.reusable(tc) and hasattr(engine, "destroy"):
+        engine.destroy()  # a per-fit engine: the next one starts clean (DeepSpeed keeps hooks and buffers otherwise)
 
 
-def _write_val_predictions(path: Path, config: dict, tc: Any, best: dict | None, ids: list[str],
+def _write_val_predictions(path: Path, fit: dict, tc: Any, best: dict | None, ids: list[str],
                            y: np.ndarray, x: np.ndarray | None, mask: np.ndarray | None) -> None:
     """The best epoch's model on the validation rows: OOF probabilities and modality weights."""
     import torch  # lazy: torch and the fusion models load only where a model is built
 
     from mer.fusion import build_model
 
-    mods = list(config["dims"])
-    model = build_model(config["arch"], config["dims"], tc)
+    mods = list(fit["dims"])
+    model = build_model(fit["arch"], fit["dims"], tc)
     if best is not None:
         model.load_state_dict(best)
     model.eval()
