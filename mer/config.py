@@ -419,6 +419,10 @@ class TrainConfig(_Strict):
     # Ray Train controller poll interval; each per-epoch report waits for the previous one to be polled.
     poll_interval_s: float = Field(0.5, gt=0)
     label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
+    # ECMF's auxiliary unimodal heads: their cross entropy (one head per present modality) is added to the
+    # fused loss with this weight; it makes every modality's token carry the label by itself, and their
+    # confidence feeds the modality gate (0 trains the heads not at all).
+    aux_loss_weight: float = Field(0.5, ge=0.0)
 
     @field_validator("modalities")
     @classmethod
