@@ -468,6 +468,11 @@ class LabelsConfig(_Strict):
     # several models). Not the default: `mer bench labels` finds the two level in the mean (docs/results.md).
     # A loop with one accepted stage scores it alone either way.
     final: Literal["best", "ensemble"] = "best"
+    # Then ship the best of that, the stacked run over the best stage and the single-modality source runs
+    # (mer/train/stack.py), and the best single-modality run, by out-of-fold WAF against the original labels
+    # (<loop>/selection.json says why). A fused model can lose to its best input when other modalities are
+    # noise; the out-of-fold comparison catches that without touching the test split.
+    select_final: bool = True
     # Per-class reliability weights of probability sources: shrinkage towards the source's mean weight, and
     # their upper bound.
     reliability_shrinkage: float = Field(0.5, ge=0.0)

@@ -47,9 +47,14 @@ def _oof_table(run_uri: str) -> pa.Table:
     return storage.read_table(storage.join(run_uri, "oof.parquet")).sort_by("clip_id")
 
 
-def build_stacked_run(run_uris: list[str], out_uri: str, names: list[str] | None = None) -> dict[str, Any]:
+def build_stacked_run(run_uris: list[str], out_uri: str, names: list[str] | None = None,
+                      labels: dict[str, str] | None = None) -> dict[str, Any]:
     """Stack finished runs (same store, same folds: the label loop's or ``mer ablation``'s) into the run
-    directory ``out_uri``; returns its metrics (``waf``: the nested out-of-fold WAF; ``test`` when labelled)."""
+    directory ``out_uri``; returns its metrics (``waf``: the nested out-of-fold WAF; ``test`` when labelled).
+
+    ``labels`` ({clip_id: label}, e.g. the label loop's original labels): what the meta-learner fits and is
+    judged against; default the first run's out-of-fold labels. The rows stacked are the out-of-fold rows every
+    run has (with a label)."""
     if len(run_uris) < 2:
         raise ValueError("stacking needs at least two runs")
     metrics = [storage.read_json(storage.join(r, "metrics.json")) for r in run_uris]
@@ -58,24 +63,29 @@ def build_stacked_run(run_uris: list[str], out_uri: str, names: list[str] | None
         raise ValueError(f"stacking: runs {run_uris} were trained on different feature stores")
     features_uri = stores.pop()
     oofs = [_oof_table(r) for r in run_uris]
-    ids = oofs[0].column("clip_id").to_pylist()
-    fold_of = np.asarray(oofs[0].column("fold").to_numpy())
-    for r, t in zip(run_uris[1:], oofs[1:]):
-        if t.column("clip_id").to_pylist() != ids or not np.array_equal(np.asarray(t.column("fold").to_numpy()),
-                                                                          fold_of):
-            raise ValueError(f"stacking: run {r} has other out-of-fold rows or folds than {run_uris[0]}")
-    y = label_index(oofs[0].column("label").to_pylist())
-    labelled = y >= 0
-    # Whether each member saw one of its modalities on each row: from the store (a row's OOF probabilities exist
-    # either way).
+    if labels is None:
+        labels = {c: lab for c, lab in zip(oofs[0].column("clip_id").to_pylist(), oofs[0].column("label").to_pylist())
+                  if lab is not None}
+    common = set(labels)
+    for t in oofs:
+        common &= set(t.column("clip_id").to_pylist())
+    ids = sorted(common)
+    if not ids:
+        raise ValueError(f"stacking: runs {run_uris} share no labelled out-of-fold row")
+    pos = [{c: i for i, c in enumerate(t.column("clip_id").to_pylist())} for t in oofs]
+    rows = [np.array([p[c] for c in ids]) for p in pos]
+    folds_of = [np.asarray(t.column("fold").to_numpy())[r] for t, r in zip(oofs, rows)]
+    for r, f in zip(run_uris[1:], folds_of[1:]):
+        if not np.array_equal(f, folds_of[0]):
+            raise ValueError(f"stacking: run {r} drew other folds than {run_uris[0]}")
+    fold_of = folds_of[0]
+    y = label_index([labels[c] for c in ids])
+    # Whether each member saw one of its modalities on each row (a row's OOF probabilities exist either way).
     store = PartStore(features_uri)
     mods_all = list(dict.fromkeys(m for mt in metrics for m in mt["modalities"]))
     spec_dims = [storage.read_json(model_file(r)).get("dims") or {} for r in run_uris]
     present = _presence(store, ids, [mt["modalities"] for mt in metrics], spec_dims)
-    fit = fit_stack([_probs(t) for t in oofs], y[labelled], fold_of[labelled],
-                    [p[labelled] for p in present]) if labelled.all() else None
-    if fit is None:
-        raise ValueError("stacking: every out-of-fold row needs a label")
+    fit = fit_stack([_probs(t)[r] for t, r in zip(oofs, rows)], y, fold_of, present)
 
     members = []
     for i, (r, m) in enumerate(zip(run_uris, metrics)):
@@ -92,7 +102,7 @@ def build_stacked_run(run_uris: list[str], out_uri: str, names: list[str] | None
         spec["features"] = recorded
     storage.write_json(model_file(out_uri), spec)
     zeros = np.zeros((len(ids), len(mods_all)), np.float32)
-    oof = prediction_table(ids, oofs[0].column("label").to_pylist(), fit.oof_probs, zeros, mods_all,
+    oof = prediction_table(ids, [labels[c] for c in ids], fit.oof_probs, zeros, mods_all,
                            extra={"fold": pa.array(fold_of.astype(np.int32), pa.int32())})
     storage.write_table(storage.join(out_uri, "oof.parquet"), oof)
     pred = fit.oof_probs.argmax(axis=1)
