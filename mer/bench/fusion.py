@@ -69,8 +69,12 @@ def run_case(tc_json: dict[str, Any], scenario: str, seed: int, n: int, test_fra
     """One scenario and seed: every candidate's out-of-fold and test WAF, the selection, the mean modality
     weights of the fused ECMF (test rows)."""
     import torch
+    from threadpoolctl import threadpool_limits
 
+    # One thread per case, BLAS included: cases run side by side, and on a shared box idle-spinning thread
+    # pools of scikit-learn's BLAS cost far more than they give.
     torch.set_num_threads(1)
+    threadpool_limits(1)
     tc = TrainConfig.model_validate(tc_json)
     _, kw, _ = SCENARIOS[scenario]
     dims = dict(kw.get("dims") or {m: DIM for m in MODS})

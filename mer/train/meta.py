@@ -51,7 +51,7 @@ def fit_meta(kind: str, reg: float, p: np.ndarray, y: np.ndarray) -> dict[str, A
         from sklearn.linear_model import LogisticRegression
 
         present = sorted(set(y.tolist()))
-        if len(present) < 2:  # a degenerate training set: predict its one class
+        if len(present) < 2 and present:  # a degenerate training set: predict its one class
             return {"kind": "const", "reg": reg, "probs": np.eye(c)[present[0]].tolist()}
         lr = LogisticRegression(C=reg, max_iter=500)
         lr.fit(np.log(p).reshape(n, j * c), y)
@@ -86,8 +86,12 @@ def apply_meta(meta: dict[str, Any], p: np.ndarray) -> np.ndarray:
 def choose_meta(p: np.ndarray, y: np.ndarray, fold_of: np.ndarray,
                 candidates: tuple[tuple[str, float], ...] = META_CANDIDATES) -> tuple[tuple[str, float], dict]:
     """The candidate with the best leave-one-fold-out WAF over the folds of these rows (ties: the earlier,
-    simpler one), and every candidate's figure."""
+    simpler one), and every candidate's figure. Rows of one fold only (2-fold outer CV) are split in two,
+    stratified and seeded, for the comparison."""
     folds = sorted(set(fold_of.tolist()))
+    if len(folds) < 2:
+        fold_of = _halves(y)
+        folds = [0, 1]
     scores: dict[str, float] = {}
     best, best_waf = candidates[0], -1.0
     for cand in candidates:
@@ -100,6 +104,16 @@ def choose_meta(p: np.ndarray, y: np.ndarray, fold_of: np.ndarray,
         if waf > best_waf + 1e-9:
             best, best_waf = cand, waf
     return best, scores
+
+
+def _halves(y: np.ndarray) -> np.ndarray:
+    """A stratified, seeded split of the rows in two (fold 0/1): per class, alternate rows of a fixed shuffle."""
+    out = np.zeros(len(y), np.int64)
+    order = np.random.default_rng(0).permutation(len(y))
+    for k in np.unique(y):
+        rows = order[y[order] == k]
+        out[rows[1::2]] = 1
+    return out
 
 
 @dataclass
