@@ -127,7 +127,7 @@ def run_case(tc_json: dict[str, Any], scenario: str, seed: int, n: int, test_fra
 
 
 def bench_fusion(cfg: MerConfig, *, scenarios: list[str] | None = None, seeds: int = 5, n: int = 480,
-                 test_frac: float = 0.4, folds: int = 3, jobs: int = 2) -> dict[str, Any]:
+                 test_frac: float = 0.4, folds: int = 3, jobs: int = 2, seed_start: int = 0) -> dict[str, Any]:
     """Run every (scenario, seed) case (``jobs`` processes at a time) and check the targets; prints the
     tables and returns the figures."""
     names = list(scenarios or SCENARIOS)
@@ -137,7 +137,7 @@ def bench_fusion(cfg: MerConfig, *, scenarios: list[str] | None = None, seeds: i
     tc = bench_config(cfg, folds)
     t0 = time.time()
     # Seed-major: an interrupted bench has printed every scenario's first seeds.
-    cases = [(s, seed) for seed in range(seeds) for s in names]
+    cases = [(s, seed) for seed in range(seed_start, seed_start + seeds) for s in names]
     args = [(tc.model_dump(mode="json"), s, seed, n, test_frac) for s, seed in cases]
     results = []
     with ProcessPoolExecutor(max_workers=max(1, jobs)) as pool:
@@ -231,6 +231,7 @@ def add_command(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("fusion", parents=parents,
                        help="single modalities vs ECMF, concat_mlp, stacked and what ships, over generated scenarios")
     p.add_argument("--seeds", type=int, default=5)
+    p.add_argument("--seed-start", type=int, default=0, help="first seed (split a bench over several runs)")
     p.add_argument("--scenario", action="append", default=None, choices=list(SCENARIOS),
                    help="run only these scenarios (repeatable; default every one)")
     p.add_argument("--n", type=int, default=480, help="rows per generated store (60 %% train, 40 %% test)")
@@ -242,5 +243,6 @@ def add_command(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
 
 def run_command(cfg: MerConfig, args: argparse.Namespace) -> dict[str, Any] | None:
     """The tables are printed; ``--json`` also prints every figure."""
-    out = bench_fusion(cfg, scenarios=args.scenario, seeds=args.seeds, n=args.n, folds=args.folds, jobs=args.jobs)
+    out = bench_fusion(cfg, scenarios=args.scenario, seeds=args.seeds, n=args.n, folds=args.folds, jobs=args.jobs,
+                       seed_start=args.seed_start)
     return out if args.json else None
