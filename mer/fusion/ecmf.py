@@ -16,6 +16,8 @@ the weights track how much each modality can be trusted (docs/architecture.md, "
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -58,7 +60,7 @@ class ECMF(FusionModel):
     def confidence(self, aux_logits: torch.Tensor) -> torch.Tensor:
         """``[B, M, 2]``: each unimodal head's maximum probability and 1 - normalised entropy (no gradient)."""
         p = torch.softmax(aux_logits.detach().float(), dim=-1)
-        entropy = -(p * p.clamp_min(1e-8).log()).sum(-1) / torch.log(torch.tensor(float(p.shape[-1])))
+        entropy = -(p * p.clamp_min(1e-8).log()).sum(-1) / math.log(p.shape[-1])
         return torch.stack([p.max(-1).values, 1.0 - entropy], dim=-1)
 
     def fuse(self, x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
