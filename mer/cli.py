@@ -191,7 +191,7 @@ def _demo(args: argparse.Namespace) -> None:
 def _bench(args: argparse.Namespace) -> None:
     """``mer bench <what>``: the bench module's handler (:mod:`mer.bench`) with the config and Ray started."""
     t0 = time.perf_counter()
-    cfg = _with_ray(args)
+    cfg = _with_ray(args) if getattr(args, "needs_ray", True) else resolve_config(args)
     args.ray_init_s = time.perf_counter() - t0
     out = args.bench(cfg, args)
     if isinstance(out, str):

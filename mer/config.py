@@ -420,6 +420,10 @@ class TrainConfig(_Strict):
     # Ray Train controller poll interval; each per-epoch report waits for the previous one to be polled.
     poll_interval_s: float = Field(0.5, gt=0)
     label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
+    # ECMF's auxiliary unimodal heads: their cross entropy (one head per present modality) is added to the
+    # fused loss with this weight; it makes every modality's token carry the label by itself, and their
+    # confidence feeds the modality gate (0 trains the heads not at all).
+    aux_loss_weight: float = Field(0.5, ge=0.0)
 
     @field_validator("modalities")
     @classmethod
@@ -466,6 +470,11 @@ class LabelsConfig(_Strict):
     # several models). Not the default: `mer bench labels` finds the two level in the mean (docs/results.md).
     # A loop with one accepted stage scores it alone either way.
     final: Literal["best", "ensemble"] = "best"
+    # Then ship the best of that, the stacked run over the best stage and the single-modality source runs
+    # (mer/train/stack.py), and the best single-modality run, by out-of-fold WAF against the original labels
+    # (<loop>/selection.json says why). A fused model can lose to its best input when other modalities are
+    # noise; the out-of-fold comparison catches that without touching the test split.
+    select_final: bool = True
     # Per-class reliability weights of probability sources: shrinkage towards the source's mean weight, and
     # their upper bound.
     reliability_shrinkage: float = Field(0.5, ge=0.0)

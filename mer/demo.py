@@ -243,7 +243,11 @@ def run_demo(cfg: MerConfig, workdir: str, *, n_train: int = 120, n_unlabeled: i
         + ([{"stage": "ensemble", "test_waf": (loop["best"].get("test") or {}).get("waf"),
              "gate_waf": loop["best"]["gate_waf"], "accepted": True,
              "decision": "scored: mean of " + ", ".join(loop["best"]["members"])}]
-           if loop["best"]["stage"] == "ensemble" else []),
+           if loop["best"]["stage"] == "ensemble" else [])
+        + ([{"stage": loop["best"]["stage"], "test_waf": (loop["best"].get("test") or {}).get("waf"),
+             "gate_waf": loop["best"]["gate_waf"], "accepted": True,
+             "decision": "shipped: best out-of-fold WAF over fused, stacked and single runs"}]
+           if loop["best"]["stage"] in ("stacked", *(f"single_{m}" for m in runs)) else []),
         "best_stage": loop["best"],
         "label_quality": _label_quality(loop, _truth(data)),
         "scored_test": {"waf": report.get("waf"), "accuracy": report.get("accuracy"),
@@ -294,6 +298,11 @@ def format_summary(summary: dict[str, Any]) -> str:
         fig = "".join(_figure(v).rjust(9) for v in (s["test_waf"], s["gate_waf"]))
         lines.append(f"{s['stage']:<16}{fig}  {what}{extra}")
     best, scored = summary["best_stage"], summary["scored_test"]
+    sel = best.get("selection")
+    if sel:
+        lines.append("what ships (out-of-fold WAF vs the original labels; test WAF shown, never used to choose): "
+                     + ", ".join(f"{c['kind']} {c['name']} {c['oof_waf']:.4f}/{_figure(c.get('test_waf'))}"
+                                 for c in sel["candidates"]))
     lines += [f"scored with: {best['stage']} ({best['why']})",
               f"label quality vs the generator's truth: {json.dumps(summary['label_quality'])}",
               "", f"extraction statuses: {json.dumps(summary['extract_status'])}",

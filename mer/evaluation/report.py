@@ -162,6 +162,12 @@ def loop_sections(loop: dict[str, Any]) -> list[str]:
                      "flatters one run more than a mean of several)",
                      ", ".join(best["members"])])
         classes.append("best")
+    sel = best.get("selection")
+    if sel and best["stage"] != "ensemble" and best["stage"] not in {x["stage"] for x in loop["stages"]}:
+        rows.append([best["stage"], best.get("gate_waf"), (best.get("test") or {}).get("waf"), "shipped",
+                     best.get("why", ""), ", ".join(f"{c['kind']} {c['name']}: {c['oof_waf']:.4f}"
+                                                   for c in sel["candidates"])])
+        classes.append("best")
     return ["<h2>Label stages</h2>",
             '<p class="note">gate WAF: out-of-fold WAF against the original labels (decides); test WAF: the '
             "store's labelled test split (shown, never used to decide). Highlighted: what is scored.</p>",
@@ -173,6 +179,14 @@ def scored_sections(loop: dict[str, Any]) -> list[str]:
     """The run ``mer score`` uses; for the accepted stages' ensemble, then also the best single stage's run (its
     folds, plots and modality weights: an ensemble has no training of its own)."""
     best = loop["best"]
+    if (best.get("selection") or {}).get("kind") in ("stacked", "single"):
+        # A stacked run has no training of its own; a single-modality run is a source run: the best stage's
+        # run follows, its modality weights included.
+        head = [f"<h2>Shipped: {_e(best['stage'])}</h2>", f"<p>{_e(best['why'])}</p>"]
+        stage = loop["best_stage"]
+        if best["selection"]["kind"] == "single":
+            head += run_sections(best["run"], heading=f"shipped single-modality run ({best['stage']})")
+        return head + run_sections(stage["run"], heading=f"best stage ({stage['stage']})")
     if best["stage"] != "ensemble":
         return run_sections(best["run"], heading=f"best stage ({best['stage']})")
     stage = loop["best_stage"]

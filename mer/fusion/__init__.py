@@ -22,14 +22,18 @@ def build_model(name: str, dims: dict[str, int], cfg: Any = None) -> FusionModel
     kw: dict[str, Any] = {}
     if tc is not None:
         kw = {"hidden_dim": tc.hidden_dim, "num_heads": tc.num_heads, "num_layers": tc.num_layers,
-              "dropout": tc.dropout, "modality_dropout": tc.modality_dropout}
+              "dropout": tc.dropout, "modality_dropout": tc.modality_dropout,
+              "aux_loss_weight": tc.aux_loss_weight}
     return MODELS[name](dims, **kw)
 
 
 def model_from_spec(spec: dict[str, Any]) -> FusionModel:
     """Rebuild a model from :meth:`FusionModel.spec` (``models/model.json``) — weights not loaded."""
-    kw = {k: spec[k] for k in ("hidden_dim", "num_heads", "num_layers", "modality_dropout", "num_classes")
-          if k in spec}
+    kw = {k: spec[k] for k in ("hidden_dim", "num_heads", "num_layers", "modality_dropout", "num_classes",
+                               "aux_loss_weight") if k in spec}
+    if spec["arch"] == "ecmf":
+        # Specs written before the reliability additions have no such key: rebuild the model they trained.
+        kw["reliability"] = bool(spec.get("reliability", False))
     if "dropout" in spec:
         kw["dropout"] = spec["dropout"]
     dims = {m: int(spec["dims"][m]) for m in spec["modalities"]}

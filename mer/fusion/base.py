@@ -6,6 +6,10 @@ True where the modality is present. Each vector is standardised inside the model
 buffers, set from the training rows by :meth:`FusionModel.set_input_stats` and saved with the weights, so
 scoring applies the same statistics). ``forward`` returns ``(logits [B, 6], weights [B, M])``; weights are 0 for
 missing modalities and sum to 1 over the present ones (all 0 for a row with nothing present).
+
+Training computes its loss with :meth:`FusionModel.loss` on the logits of the last ``forward``: the weighted cross
+entropy, plus whatever auxiliary terms the model adds (ECMF's unimodal heads), so every trainer (the Ray Train
+worker, the in-process :mod:`mer.train.local`) optimises the same objective.
 """
 
 from __future__ import annotations
@@ -16,6 +20,12 @@ import torch
 from torch import nn
 
 from mer.config import LABELS
+
+
+def weighted_ce(logits: torch.Tensor, y: torch.Tensor, w: torch.Tensor, smoothing: float = 0.0) -> torch.Tensor:
+    """Cross entropy per row, weighted by ``w`` and normalised by its sum."""
+    per = nn.functional.cross_entropy(logits.float(), y, reduction="none", label_smoothing=smoothing)
+    return (per * w).sum() / w.sum().clamp_min(1e-6)
 
 
 class Projection(nn.Module):
@@ -36,8 +46,13 @@ class FusionModel(nn.Module):
     arch = "base"
 
     def __init__(self, dims: dict[str, int], hidden_dim: int = 128, num_heads: int = 4, num_layers: int = 1,
-                 dropout: float = 0.2, modality_dropout: float = 0.0, num_classes: int = len(LABELS)) -> None:
+                 dropout: float = 0.2, modality_dropout: float = 0.0, num_classes: int = len(LABELS),
+                 aux_loss_weight: float = 0.0) -> None:
         super().__init__()
+        self.aux_loss_weight = float(aux_loss_weight)
+        # (aux logits [B, M, C], mask the forward used [B, M]) of the last forward, for loss(); None for models
+        # without auxiliary heads.
+        self.aux_out: tuple[torch.Tensor, torch.Tensor] | None = None
         if not dims:
             raise ValueError("fusion model needs at least one modality")
         self.modalities = list(dims)
@@ -69,7 +84,7 @@ class FusionModel(nn.Module):
         return {"arch": self.arch, "dims": self.dims, "modalities": self.modalities,
                 "hidden_dim": self.hidden_dim, "num_heads": self.num_heads, "num_layers": self.num_layers,
                 "dropout": self.dropout_p, "modality_dropout": self.modality_dropout,
-                "num_classes": self.num_classes, "labels": list(LABELS)}
+                "num_classes": self.num_classes, "aux_loss_weight": self.aux_loss_weight, "labels": list(LABELS)}
 
     def project(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Projected modality tokens ``[B, M, H]``, zeroed where the modality is missing."""
@@ -107,6 +122,20 @@ class FusionModel(nn.Module):
         return (tokens * m).sum(dim=1) / m.sum(dim=1).clamp_min(1.0)
 
     # -- interface -----------------------------------------------------------------------------------
+    def loss(self, logits: torch.Tensor, y: torch.Tensor, w: torch.Tensor, smoothing: float = 0.0) -> torch.Tensor:
+        """The training objective for ``logits`` of the last :meth:`forward`: cross entropy weighted per row by
+        ``w`` (label weights of refined or pseudo labels), plus ``aux_loss_weight`` x the same cross entropy of
+        each auxiliary unimodal head on the rows where its modality was present (models with such heads)."""
+        main = weighted_ce(logits, y, w, smoothing)
+        if self.aux_out is None or self.aux_loss_weight <= 0:
+            return main
+        aux_logits, mask = self.aux_out
+        b, m, c = aux_logits.shape
+        per = nn.functional.cross_entropy(aux_logits.float().reshape(b * m, c), y.repeat_interleave(m),
+                                          reduction="none", label_smoothing=smoothing).reshape(b, m)
+        rw = w.float().unsqueeze(1) * mask.float()
+        return main + self.aux_loss_weight * (per * rw).sum() / rw.sum().clamp_min(1e-6)
+
     def fuse(self, x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
 

@@ -54,6 +54,7 @@ from mer.runs.layout import LOOP_FILE
 from mer.store import storage
 from mer.store.parts import PartStore
 from mer.train import train_run
+from mer.train.ablation import select_shipped
 from mer.train.features import label_index
 from mer.train.run import RunRequest, resolve_modalities, train_runs
 
@@ -279,6 +280,25 @@ class LabelLoop:
                         f"labels.final=ensemble); the best single stage is {best_stage['stage']} "
                         f"(gate WAF {best_stage['gate_waf']:.4f})")}
 
+    def select(self, final: dict[str, Any], best: dict[str, Any]) -> dict[str, Any]:
+        """What ships (``labels.select_final``): the highest out-of-fold WAF against the original labels among
+        ``final`` (the fused best stage, or the accepted stages' ensemble), the stacked run over the best
+        stage's fused run and the single-modality source runs (``<out>/stacked``, :mod:`mer.train.stack`), and
+        the best single-modality run; the record goes to ``<out>/selection.json`` and the returned ``best``."""
+        singles = {m: storage.join(self.out, "sources", m) for m in self.source_mods}
+        record = select_shipped({"fused": final["run"]}, singles, storage.join(self.out, "stacked"),
+                                labels=self.original, fused_member=best["run"])
+        storage.write_json(storage.join(self.out, "selection.json"), record)
+        log.info("label loop ships %s: %s", record["candidate"], record["why"])
+        if record["kind"] == "fused":
+            return {**final, "selection": record,
+                    "why": f"{final['why']}; selected over stacked and single runs: {record['why']}"}
+        metrics = storage.read_json(storage.join(record["run"], "metrics.json"))
+        name = "stacked" if record["kind"] == "stacked" else f"single_{record['candidate']}"
+        return {"stage": name, "run": record["run"], "labels": None, "gate_waf": record["oof_waf"],
+                "gate": gate_figures(record["run"], self.original), "test": _test_figures(metrics),
+                "selection": record, "why": f"selected: {record['why']}"}
+
     def run(self, rounds: int | None = None) -> dict[str, Any]:
         """Run (or resume) every stage; write and return ``loop.json``."""
         t0 = time.time()
@@ -302,9 +322,12 @@ class LabelLoop:
                       "gate_waf": best["gate"]["waf"],
                       "why": (f"highest gate WAF among accepted stages ({best['gate']['waf']:.4f}: out-of-fold "
                               f"WAF against the original labels, on {best['gate']['n']} labelled clips)")}
+        shipped = self.final(best_stage)
+        if self.cfg.labels.select_final and self.source_mods:
+            shipped = self.select(shipped, best)
         result = {
             "features": self.features.uri, "out": self.out, "stages": self.stages,
-            "best_stage": best_stage, "best": self.final(best_stage),
+            "best_stage": best_stage, "best": shipped,
             "seconds": round(time.time() - t0, 1),
         }
         storage.write_json(storage.join(self.out, LOOP_FILE), result)

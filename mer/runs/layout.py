@@ -2,7 +2,8 @@
 
 A training run (``mer train``, ``mer ensemble``) holds ``models/model.json`` (its fold models, and the
 provenance of the store it was trained on under ``features``) and ``metrics.json``. A label-loop directory
-(``mer pseudolabel``) holds ``loop.json``, whose ``best`` names the run to score.
+(``mer pseudolabel``) holds ``loop.json``, whose ``best`` names the run to score; an ablation directory
+(``mer ablation``) holds ``selection.json``, whose ``run`` is the candidate it ships.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from typing import Any
 from mer.store import storage
 
 LOOP_FILE = "loop.json"
+# What a directory of candidate runs (``mer ablation``) ships: the selection record names the run to score.
+SELECTION_FILE = "selection.json"
 MODEL_FILE = ("models", "model.json")
 
 
@@ -30,8 +33,12 @@ def best_run(uri: str) -> tuple[str, dict[str, Any] | None]:
     if storage.exists(loop_file):
         loop = storage.read_json(loop_file)
         return loop["best"]["run"], loop["best"]
-    raise FileNotFoundError(f"{uri} is not a training run (no models/model.json) nor a label-loop directory "
-                            f"(no {LOOP_FILE})")
+    selection_file = storage.join(uri, SELECTION_FILE)
+    if storage.exists(selection_file):
+        selection = storage.read_json(selection_file)
+        return selection["run"], selection
+    raise FileNotFoundError(f"{uri} is not a training run (no models/model.json), a label-loop directory "
+                            f"(no {LOOP_FILE}) nor an ablation directory (no {SELECTION_FILE})")
 
 
 def run_record(run_uri: str) -> dict[str, Any] | None:

@@ -40,18 +40,29 @@ def _pairings(branches: list[str], rng: np.random.Generator) -> dict[str, np.nda
 
 
 def make_feature_store(uri: str, n: int = 240, dims: dict[str, int] | None = None, seed: int = 0,
-                       noise: float = 1.0, *, missing: float = 0.1, test_frac: float = 0.25,
+                       noise: float = 1.0, *, missing: float | dict[str, float] = 0.1, test_frac: float = 0.25,
                        unlabeled_frac: float = 0.0, class_signal: float = 0.3, label_noise: float = 0.0,
-                       rows_per_part: int = 64) -> dict:
+                       strength: dict[str, float] | None = None, rows_per_part: int = 64) -> dict:
     """Write a synthetic feature store (Parquet parts + ``_meta.json``) to ``uri``; returns a summary.
 
     ``n`` rows split into ``test`` (labelled), ``unlabeled`` (label null) and ``train``; ``missing`` is the
-    chance that one branch's vector is null (a row always keeps at least one branch). ``label_noise``: the
-    fraction of ``train`` labels replaced by another class (annotator noise; features keep the true class).
-    The same arguments with ``label_noise=0`` regenerate the true labels.
+    chance that one branch's vector is null (one figure for every branch, or per branch; a row always keeps
+    at least one branch). ``label_noise``: the fraction of ``train`` labels replaced by another class
+    (annotator noise; features keep the true class). The same arguments with ``label_noise=0`` regenerate
+    the true labels. ``strength``: per-branch cue strength, the factor on the branch's label signal (pair and
+    class prototypes) against its unit noise: 1 (the default for a branch not named) is the generator's usual
+    signal, 0 a branch that carries no label at all (a broken camera, a silent room). Random draws do not
+    depend on ``strength`` or ``missing``, so the defaults write exactly the store they always wrote.
     """
     dims = dict(dims or DEFAULT_DIMS)
     branches = list(dims)
+    unknown = sorted(set(strength or {}) - set(branches)) + (sorted(set(missing) - set(branches))
+                                                           if isinstance(missing, dict) else [])
+    if unknown:
+        raise ValueError(f"strength/missing name branches {unknown} not in dims {branches}")
+    strength = {b: float((strength or {}).get(b, 1.0)) for b in branches}
+    miss = (np.array([float(missing.get(b, 0.1)) for b in branches]) if isinstance(missing, dict)
+            else float(missing))
     rng = np.random.default_rng(seed)
     c = len(LABELS)
     y = rng.integers(0, c, size=n)
@@ -60,7 +71,7 @@ def make_feature_store(uri: str, n: int = 240, dims: dict[str, int] | None = Non
     split = np.array(["test"] * n_test + ["unlabeled"] * n_unl + ["train"] * (n - n_test - n_unl))
     rng.shuffle(split)
 
-    present = rng.random((n, len(branches))) >= missing
+    present = rng.random((n, len(branches))) >= miss
     empty = ~present.any(axis=1)
     present[empty, rng.integers(0, len(branches), size=int(empty.sum()))] = True
 
@@ -81,7 +92,10 @@ def make_feature_store(uri: str, n: int = 240, dims: dict[str, int] | None = Non
         d = dims[b]
         pair_proto = rng.normal(size=(c // 2, d)).astype(np.float32)
         class_proto = rng.normal(size=(c, d)).astype(np.float32)
-        vec = pair_proto[groups[b][y]] + class_signal * class_proto[y] + noise * rng.normal(size=(n, d))
+        signal = pair_proto[groups[b][y]] + class_signal * class_proto[y]
+        if strength[b] != 1.0:  # x1.0 would round identically; skipped to keep the default path as it was
+            signal = strength[b] * signal
+        vec = signal + noise * rng.normal(size=(n, d))
         vec = vec.astype(np.float32)
         values = [v.tolist() if ok else None for v, ok in zip(vec, present[:, j])]
         cols[b] = pa.array(values, pa.list_(pa.float32()))
@@ -97,6 +111,7 @@ def make_feature_store(uri: str, n: int = 240, dims: dict[str, int] | None = Non
     for k, start in enumerate(range(0, n, rows_per_part)):
         storage.write_table(storage.join(uri, f"part-{k:05d}.parquet"), table.slice(start, rows_per_part))
     meta = {"synthetic": True, "n": n, "dims": dims, "seed": seed, "noise": noise, "missing": missing,
+            **({"strength": strength} if any(v != 1.0 for v in strength.values()) else {}),
             "label_noise": label_noise, "flipped": int(len(flipped)),
             "branches": branches, "splits": {s: int((split == s).sum()) for s in ("train", "unlabeled", "test")}}
     storage.write_json(storage.join(uri, "_meta.json"), meta)

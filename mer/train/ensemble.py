@@ -12,6 +12,7 @@ import pyarrow as pa
 from mer.runs.layout import model_file
 from mer.store import storage
 from mer.train.features import table_inputs
+from mer.train.meta import StackedEnsemble
 
 
 @dataclass
@@ -109,9 +110,10 @@ class RunsEnsemble:
         return self.predict(table)[0]
 
 
-def load_ensemble(run_uri: str, device: str = "cpu") -> Ensemble | RunsEnsemble:
+def load_ensemble(run_uri: str, device: str = "cpu") -> Ensemble | RunsEnsemble | StackedEnsemble:
     """Load ``<run>/models/model.json`` and every ``fold_<k>.pt`` (plain torch state dicts); for a
-    ``mer ensemble`` directory, each member run's fold ensemble (``members/<name>``)."""
+    ``mer ensemble`` directory, each member run's fold ensemble (``members/<name>``); for a stacked run
+    (:mod:`mer.train.stack`), its members and per-fold meta-learners."""
     import torch  # lazy: torch and the fusion models load only where a model is built
 
     from mer.fusion import model_from_spec
@@ -119,6 +121,8 @@ def load_ensemble(run_uri: str, device: str = "cpu") -> Ensemble | RunsEnsemble:
     spec = storage.read_json(model_file(run_uri))
     if "members" in spec:
         members = [load_ensemble(storage.join(run_uri, *m["path"].split("/")), device) for m in spec["members"]]
+        if "stack" in spec:
+            return StackedEnsemble(spec=spec, members=members, metas={int(k): v for k, v in spec["stack"].items()})
         return RunsEnsemble(spec=spec, members=members, weights=[float(m["weight"]) for m in spec["members"]])
     files = storage.list_files(storage.join(run_uri, "models"), ".pt")
     fold_files = sorted((int(f.rsplit("fold_", 1)[1][:-3]), f) for f in files if "fold_" in f.rsplit("/", 1)[-1])

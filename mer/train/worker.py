@@ -214,13 +214,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all([tensor(b) for b in state["cuda"]])
 
 
-def _weighted_ce(logits: Any, y: Any, w: Any, smoothing: float) -> Any:
-    import torch.nn.functional as F
-
-    per = F.cross_entropy(logits.float(), y, reduction="none", label_smoothing=smoothing)
-    return (per * w).sum() / w.sum().clamp_min(1e-6)
-
-
 def fit_dir(key: str) -> str:
     """A fit's folder in the job's checkpoints (``fold_<k>`` for a run's fold ``k``)."""
     return f"fold_{key}"
@@ -450,7 +443,8 @@ def _train_fit(fit: dict[str, Any], rows: GroupRows,
         loss_sum, n_seen = 0.0, 0
         for _, x, mask, y, w in train_src.epoch(shuffle_seed + epoch):
             logits, _ = engine(to_t(x, dtype), to_t(mask))
-            loss = _weighted_ce(logits, to_t(y), to_t(w), tc.label_smoothing)
+            # The model's own objective (weighted CE + its auxiliary heads' terms), shared with mer.train.local.
+            loss = engine.module.loss(logits, to_t(y), to_t(w), tc.label_smoothing)
             engine.backward(loss)
             engine.step()
             loss_sum += float(loss.detach()) * len(y)
