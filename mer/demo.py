@@ -34,6 +34,7 @@ from mer.runtime.session import init_ray
 from mer.store import storage
 from mer.synth.dataset import synth_dataset
 from mer.train.ablation import run_figures
+from mer.train.stack import candidate_label
 
 log = logging.getLogger("mer.demo")
 
@@ -301,7 +302,7 @@ def format_summary(summary: dict[str, Any]) -> str:
     sel = best.get("selection")
     if sel:
         lines.append("what ships (out-of-fold WAF vs the original labels; test WAF shown, never used to choose): "
-                     + ", ".join(f"{c['kind']} {c['name']} {c['oof_waf']:.4f}/{_figure(c.get('test_waf'))}"
+                     + ", ".join(f"{candidate_label(c['kind'], c['name'])} {c['oof_waf']:.4f}/{_figure(c.get('test_waf'))}"
                                  for c in sel["candidates"]))
     lines += [f"scored with: {best['stage']} ({best['why']})",
               f"label quality vs the generator's truth: {json.dumps(summary['label_quality'])}",

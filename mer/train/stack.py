@@ -153,6 +153,11 @@ def _presence(store: PartStore, ids: list[str], member_mods: list[list[str]],
 
 
 # ------------------------------------------------------------------------------------------ selection
+def candidate_label(kind: str, name: str) -> str:
+    """How a candidate reads in a line: ``fused``, ``stacked``, ``single audio`` (the kind once, not ``fused fused``)."""
+    return kind if name == kind else f"{kind} {name}"
+
+
 def select_candidate(fused: tuple[str, float], stacked: tuple[str, float] | None,
                      singles: dict[str, float]) -> dict[str, Any]:
     """What ships: the highest out-of-fold WAF among the fused run, the stacked run and the best single modality
@@ -169,7 +174,7 @@ def select_candidate(fused: tuple[str, float], stacked: tuple[str, float] | None
     for c in cands[1:]:
         if c[2] > waf + 1e-9:
             kind, name, waf = c
-    others = ", ".join(f"{k} {n} {w:.4f}" for k, n, w in cands if (k, n) != (kind, name))
+    others = ", ".join(f"{candidate_label(k, n)} {w:.4f}" for k, n, w in cands if (k, n) != (kind, name))
     return {"candidate": name, "kind": kind, "oof_waf": waf,
             "candidates": [{"kind": k, "name": n, "oof_waf": w} for k, n, w in cands],
             "singles": dict(singles),
