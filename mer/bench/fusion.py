@@ -42,6 +42,9 @@ WIDE = 768
 # name → (what it is, store arguments, how many modalities carry the label)
 SCENARIOS: dict[str, tuple[str, dict[str, Any], int]] = {
     "all_informative": ("every modality carries the label (strength 1)", {}, 4),
+    # The same at half strength: at strength 1 every fusion model is at its ceiling (test WAF ~0.997), too close to
+    # tell two models apart; here a single modality reaches ~0.4 and fusion has room to differ.
+    "all_weak": ("every modality carries the label at half strength (0.5)", {"strength": {m: 0.5 for m in MODS}}, 4),
     "one_strong": ("text carries it, the other three are noise (strength 0)",
                    {"strength": {"global_visual": 0.0, "face": 0.0, "audio": 0.0}}, 1),
     "strong_weak_noise": ("text strong (1), audio weak (0.5), visual and face noise (0)",
@@ -188,10 +191,11 @@ def check_targets(summary: dict[str, Any], results: list[dict[str, Any]], names:
         if SCENARIOS[s][2] >= 2:
             out.append({"target": f"{s}: shipped mean >= best single mean + 0.03", "ok": ship >= best + 0.03 - 1e-12,
                         "detail": f"{ship - best:+.4f}"})
-    if "all_informative" in names:
-        e, c = summary["all_informative"]["test"]["ecmf"][0], summary["all_informative"]["test"]["concat_mlp"][0]
-        out.append({"target": "all_informative: ECMF mean >= concat_mlp mean", "ok": e >= c - 1e-12,
-                    "detail": f"{e:.4f} vs {c:.4f}"})
+    for s in ("all_informative", "all_weak"):
+        if s in names:
+            e, c = summary[s]["test"]["ecmf"][0], summary[s]["test"]["concat_mlp"][0]
+            out.append({"target": f"{s}: ECMF mean >= concat_mlp mean", "ok": e >= c - 1e-12,
+                        "detail": f"{e:.4f} vs {c:.4f}"})
     return out
 
 
