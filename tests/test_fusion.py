@@ -71,6 +71,12 @@ def test_ecmf_weights_are_dynamic_and_rebuild_from_spec() -> None:
     clone.eval()
     assert torch.allclose(clone(x, full)[0], model(x, full)[0])
     assert model.spec()["modalities"] == list(DIMS) and model.spec()["labels"] == list(LABELS)
+    # one slot per modality for the head; a spec written before slots rebuilds (and loads) the summed head
+    h = model.spec()["hidden_dim"]
+    assert model.spec()["slots"] and model.head[0].in_features == h * len(DIMS)
+    old = model_from_spec({k: v for k, v in model.spec().items() if k != "slots"})
+    assert not old.slots and old.head[0].in_features == h
+    assert torch.isfinite(old.eval()(x, full)[0]).all()
 
 
 def test_modality_dropout_never_drops_all() -> None:

@@ -34,6 +34,7 @@ def model_from_spec(spec: dict[str, Any]) -> FusionModel:
     if spec["arch"] == "ecmf":
         # Specs written before the reliability additions have no such key: rebuild the model they trained.
         kw["reliability"] = bool(spec.get("reliability", False))
+        kw["slots"] = bool(spec.get("slots", False))
     if "dropout" in spec:
         kw["dropout"] = spec["dropout"]
     dims = {m: int(spec["dims"][m]) for m in spec["modalities"]}

@@ -11,7 +11,10 @@ the weights track how much each modality can be trusted (docs/architecture.md, "
   apart is weighed down (confidence-aware dynamic fusion: Han et al., "Multimodal Dynamics", CVPR 2022;
   Zhang et al., "Provable Dynamic Fusion for Low-Quality Multimodal Data", ICML 2023);
 - the residual of the projected representations is weighted by the same modality weights (not their plain
-  mean), so that a modality the gate discounts is discounted on both paths.
+  mean), so that a modality the gate discounts is discounted on both paths;
+- with ``slots`` (default) the head reads one slot per modality, its weighted attended token plus its own
+  projection, concatenated: the residual keeps each original representation apart instead of summing them all
+  into one hidden-size vector (ECMF's "residual connections that keep each original representation").
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ class ECMF(FusionModel):
 
     arch = "ecmf"
 
-    def __init__(self, dims: dict[str, int], reliability: bool = True, **kw) -> None:
+    def __init__(self, dims: dict[str, int], reliability: bool = True, slots: bool = True, **kw) -> None:
         super().__init__(dims, **kw)
         h = self.hidden_dim
         if h % self.num_heads:
@@ -44,8 +47,14 @@ class ECMF(FusionModel):
                                            activation="gelu", batch_first=True, norm_first=True)
         self.encoder = nn.TransformerEncoder(layer, self.num_layers, enable_nested_tensor=False)
         self.gate = nn.Sequential(nn.Linear(h, h // 2), nn.Tanh(), nn.Linear(h // 2, 1))
-        self.norm = nn.LayerNorm(h)
-        self.head = nn.Sequential(nn.Linear(h, h), nn.GELU(), nn.Dropout(self.dropout_p),
+        # ``slots``: the head reads one slot per modality (its weighted attended token plus its own projection)
+        # instead of their sum, so the residual keeps each original representation apart (a sum of tokens is
+        # one hidden-size vector for every modality together: it lost to a plain concatenation MLP whenever
+        # every modality carried the label, `mer bench fusion` all_weak). Specs written before have no slots.
+        self.slots = bool(reliability and slots)
+        width = h * len(self.modalities) if self.slots else h
+        self.norm = nn.LayerNorm(width)
+        self.head = nn.Sequential(nn.Linear(width, h), nn.GELU(), nn.Dropout(self.dropout_p),
                                   nn.Linear(h, self.num_classes))
         if self.reliability:
             self.aux = nn.ModuleDict({m: nn.Linear(h, self.num_classes) for m in self.modalities})
@@ -55,7 +64,7 @@ class ECMF(FusionModel):
             self.confidence_bias = nn.Parameter(torch.zeros(len(self.modalities)))
 
     def spec(self) -> dict:
-        return {**super().spec(), "reliability": self.reliability}
+        return {**super().spec(), "reliability": self.reliability, "slots": self.slots}
 
     def confidence(self, aux_logits: torch.Tensor) -> torch.Tensor:
         """``[B, M, 2]``: each unimodal head's maximum probability and 1 - normalised entropy (no gradient)."""
@@ -83,5 +92,9 @@ class ECMF(FusionModel):
         scores = scores.float() + (conf * self.confidence_gate).sum(-1) + self.confidence_bias
         weights = self.masked_softmax(scores, mask)
         wt = weights.to(attended.dtype).unsqueeze(-1)
-        fused = (wt * attended).sum(dim=1) + (wt * projected).sum(dim=1)
+        if self.slots:
+            # x M: uniform weights leave each slot at the scale of its token; a missing modality's slot is 0.
+            fused = (wt * len(self.modalities) * (attended + projected)).flatten(1)
+        else:
+            fused = (wt * attended).sum(dim=1) + (wt * projected).sum(dim=1)
         return self.head(self.norm(fused)), weights
