@@ -18,7 +18,7 @@ import pyarrow as pa
 
 from mer.config import LABELS, PROB_COLUMNS
 from mer.evaluation.metrics import accuracy, weighted_f1
-from mer.runs.layout import best_run, model_file, run_record
+from mer.runs.layout import best_run, common_store, model_file, run_record
 from mer.store import storage
 from mer.store.parts import PartStore
 from mer.train.ensemble import load_ensemble
@@ -45,10 +45,7 @@ def build_ensemble(run_uris: list[str], out_uri: str, weighting: Weighting = "wa
         raise ValueError("mer ensemble: give at least two runs")
     runs = [best_run(u)[0] for u in run_uris]
     metrics = [storage.read_json(storage.join(r, "metrics.json")) for r in runs]
-    stores = {m.get("features") for m in metrics}
-    if len(stores) != 1 or None in stores:
-        raise ValueError(f"mer ensemble: runs {runs} were trained on different feature stores {sorted(map(str, stores))}")
-    features_uri = stores.pop()
+    features_uri = common_store(runs, "mer ensemble")
     folds = [_fold_map(r) for r in runs]
     for r, f in zip(runs[1:], folds[1:]):
         if f != folds[0]:

@@ -51,3 +51,13 @@ def run_id(run_uri: str) -> str:
     metrics = storage.join(run_uri, "metrics.json")
     name = storage.read_json(metrics).get("run_name") if storage.exists(metrics) else None
     return str(name or run_uri.rstrip("/").rsplit("/", 1)[-1])
+
+
+def common_store(run_uris: list[str], what: str) -> str:
+    """The feature store every run of ``run_uris`` was trained on (their ``metrics.json`` ``features``); raises,
+    naming ``what`` combines them, when they differ or a run records none."""
+    stores = {storage.read_json(storage.join(r, "metrics.json")).get("features") for r in run_uris}
+    if len(stores) != 1 or None in stores:
+        raise ValueError(f"{what}: runs {run_uris} were trained on different feature stores "
+                         f"{sorted(map(str, stores))}")
+    return stores.pop()

@@ -12,6 +12,7 @@ import pyarrow as pa
 from mer.runs.layout import model_file
 from mer.store import storage
 from mer.train.features import table_inputs
+from mer.train.members import MemberRuns
 from mer.train.meta import StackedEnsemble
 
 
@@ -61,26 +62,12 @@ class Ensemble:
 
 
 @dataclass
-class RunsEnsemble:
+class RunsEnsemble(MemberRuns):
     """Several runs' fold ensembles as one (``mer ensemble``): fold k's probabilities are the members' fold-k
     probabilities averaged with the members' weights. A member has a say on a row only when the row holds one of
     its modalities (weights renormalised per row). Same interface as :class:`Ensemble`."""
 
-    spec: dict[str, Any]
-    members: list[Any]
     weights: list[float]
-
-    @property
-    def modalities(self) -> list[str]:
-        return list(self.spec["modalities"])
-
-    @property
-    def dims(self) -> dict[str, int]:
-        return {m: d for member in self.members for m, d in member.dims.items()}
-
-    @property
-    def folds(self) -> list[int]:
-        return list(self.members[0].folds)
 
     def predict(self, table: pa.Table) -> tuple[np.ndarray, np.ndarray]:
         """``(probs [N, folds, 6], modality weights [N, folds, M])`` — weighted means over the members."""

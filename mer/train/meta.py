@@ -12,6 +12,7 @@ import pyarrow as pa
 
 from mer.evaluation.metrics import weighted_f1
 from mer.train.features import table_inputs
+from mer.train.members import MemberRuns
 
 # The meta-learner candidates nested CV chooses from: (kind, regularisation). wavg: L2 on the member logits of
 # the class-wise weights (towards equal weights); logreg: scikit-learn's inverse strength C.
@@ -162,24 +163,10 @@ def stack_fold_probs(metas: dict[int, dict[str, Any]], folds: list[int], member_
 
 
 @dataclass
-class StackedEnsemble:
+class StackedEnsemble(MemberRuns):
     """A stacked run loaded for scoring (same interface as :class:`mer.train.ensemble.Ensemble`)."""
 
-    spec: dict[str, Any]
-    members: list[Any]
     metas: dict[int, dict[str, Any]]
-
-    @property
-    def modalities(self) -> list[str]:
-        return list(self.spec["modalities"])
-
-    @property
-    def dims(self) -> dict[str, int]:
-        return {m: d for member in self.members for m, d in member.dims.items()}
-
-    @property
-    def folds(self) -> list[int]:
-        return list(self.members[0].folds)
 
     def predict(self, table: pa.Table) -> tuple[np.ndarray, np.ndarray]:
         """``(probs [N, folds, 6], modality weights [N, folds, M])``; the weights are the members' (each

@@ -33,7 +33,7 @@ import pyarrow as pa
 
 from mer.config import LABELS, PROB_COLUMNS
 from mer.evaluation.metrics import accuracy, weighted_f1
-from mer.runs.layout import model_file, run_record
+from mer.runs.layout import common_store, model_file, run_record
 from mer.store import storage
 from mer.store.parts import PartStore
 from mer.train.features import LABEL_INDEX, label_index, table_inputs
@@ -58,10 +58,7 @@ def build_stacked_run(run_uris: list[str], out_uri: str, names: list[str] | None
     if len(run_uris) < 2:
         raise ValueError("stacking needs at least two runs")
     metrics = [storage.read_json(storage.join(r, "metrics.json")) for r in run_uris]
-    stores = {m.get("features") for m in metrics}
-    if len(stores) != 1 or None in stores:
-        raise ValueError(f"stacking: runs {run_uris} were trained on different feature stores")
-    features_uri = stores.pop()
+    features_uri = common_store(run_uris, "stacking")
     oofs = [_oof_table(r) for r in run_uris]
     if labels is None:
         labels = {c: lab for c, lab in zip(oofs[0].column("clip_id").to_pylist(), oofs[0].column("label").to_pylist())
