@@ -18,7 +18,7 @@ import numpy as np
 import pyarrow as pa
 
 from mer.config import LABELS, PROB_COLUMNS, MerConfig, with_overrides
-from mer.extract.pipeline import extract_features
+from mer.extract.pipeline import extract_features, media_cache_dirs
 from mer.runs.layout import best_run, run_id
 from mer.runs.provenance import check_store, enrich_cache_of, extraction_config, media_caches_of
 from mer.runtime.session import fit_here
@@ -188,8 +188,9 @@ def score(cfg: MerConfig, run_uri: str, out_uri: str, *, features_uri: str | Non
             if cache:
                 log.info("enrichment cache: %s (recorded by the run's training store)", cache)
         # The speech and description caches too: clips the run has seen are not transcribed or described again.
+        runs_here = media_cache_dirs(ex_cfg, features_uri)  # the stages this extraction runs
         media = {stage: cache for stage, cache in media_caches_of(run_uri).items()
-                 if getattr(ex_cfg.extract, stage).cache_dir is None}
+                 if stage in runs_here and getattr(ex_cfg.extract, stage).cache_dir is None}
         if media:
             ex_cfg = with_overrides(ex_cfg, [f"extract.{stage}.cache_dir={cache}" for stage, cache in media.items()])
             log.info("transcript/description caches: %s (recorded by the run's training store)",

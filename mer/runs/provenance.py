@@ -99,7 +99,6 @@ def enrich_cache_of(run_uri: str) -> str | None:
     return cache if cache and storage.exists(cache) else None
 
 
-
 def media_caches_of(run_uri: str) -> dict[str, str]:
     """Where the transcripts and descriptions of ``run_uri``'s training store are cached (``{"asr": …,
     "describe": …}``, the ones that exist): what the run recorded, else (runs recorded before) the default
