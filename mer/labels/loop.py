@@ -50,7 +50,7 @@ from mer.labels.relabel import fit_sources, refine_labels, rule_counts, train_la
 from mer.labels.sources import SourceVotes, pool_votes, read_source, run_oof_votes
 from mer.predict.combine import build_ensemble
 from mer.predict.score import PRED_SCHEMA, score_features
-from mer.runs.layout import LOOP_FILE
+from mer.runs.layout import LOOP_FILE, SELECTION_FILE
 from mer.store import storage
 from mer.store.parts import PartStore
 from mer.train import train_run
@@ -288,7 +288,7 @@ class LabelLoop:
         singles = {m: storage.join(self.out, "sources", m) for m in self.source_mods}
         record = select_shipped({"fused": final["run"]}, singles, storage.join(self.out, "stacked"),
                                 labels=self.original, fused_member=best["run"])
-        storage.write_json(storage.join(self.out, "selection.json"), record)
+        storage.write_json(storage.join(self.out, SELECTION_FILE), record)
         log.info("label loop ships %s: %s", record["candidate"], record["why"])
         if record["kind"] == "fused":
             return {**final, "selection": record,
