@@ -416,6 +416,13 @@ class TrainConfig(_Strict):
     # Each worker reads the rows its group's folds use once and keeps them in memory (pooled vectors are
     # small); false streams them from Ray Data for every epoch.
     cache_shards: bool = True
+    # A job whose store's rows (rows x the fused vectors' floats x 4 bytes) fit in this many MiB reads them on
+    # the driver (pyarrow), takes the input statistics there (numpy) and hands the rows to the workers through
+    # the object store; a larger one reads them as one materialised Ray Data dataset (read tasks, statistics
+    # reduced on the workers). On a small store the Ray Data read costs more start-up (task workers, Ray Data's
+    # and Ray Train's dataset actors) than reading it does. Same rows, statistics and results either way;
+    # 0: always Ray Data. Needs cache_shards (the streaming path is Ray Data's).
+    driver_rows_mb: float = Field(256.0, ge=0.0)
     standardize_inputs: bool = True
     # Ray Train controller poll interval; each per-epoch report waits for the previous one to be polled.
     poll_interval_s: float = Field(0.5, gt=0)

@@ -224,6 +224,53 @@ def test_input_stats_match_numpy_over_the_chosen_rows(ray_local, store: str) -> 
     np.testing.assert_allclose(std, np.concatenate([a.std(0), t.std(0)]), rtol=1e-3, atol=1e-5)
 
 
+def test_input_stats_of_the_driver_parts_equal_ray_datas(ray_local, store: str) -> None:
+    """A small store's statistics, taken on the driver over its parts (``train.driver_rows_mb``), are the ones
+    Ray Data's per-block reduction gives: the same moments per part, summed alike; the model stores them as
+    float32, where they are equal to the last bit."""
+    from mer.store.parts import PartStore, read_dataset
+    from mer.train.features import input_stats, modality_dims, table_stats
+
+    table = pq.read_table(store)
+    ids = set(table.column("clip_id").to_pylist()[::3])
+    dims = modality_dims(store, MODS)
+    assert len(PartStore(store).parts) > 1  # a sum over several parts, as over several blocks
+    mean_r, std_r = input_stats(read_dataset(store, columns=MODS).materialize(), MODS, dims, ids)
+    mean_d, std_d = table_stats(PartStore(store).iter(columns=MODS), MODS, dims, ids)
+    np.testing.assert_allclose(mean_d, mean_r, rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(std_d, std_r, rtol=1e-12, atol=1e-14)
+    assert np.array_equal(np.float32(mean_d), np.float32(mean_r))
+    assert np.array_equal(np.float32(std_d), np.float32(std_r))
+
+
+@pytest.mark.slow
+def test_driver_rows_train_the_run_ray_data_trains(trained_run: Path, store: str, train_cfg, tmp_path: Path
+                                                   ) -> None:
+    """The suite's run read its small store on the driver and handed the rows over through the object store
+    (the default ``train.driver_rows_mb``); the same run through a materialised Ray Data dataset
+    (``train.driver_rows_mb=0``) trains the same models to the last bit: same fold figures, out-of-fold and
+    test predictions, weights and input statistics."""
+    import torch
+
+    run = tmp_path / "fused"
+    metrics = train_run(train_cfg(**{"train.driver_rows_mb": 0}), store, str(run), modalities=MODS)
+    before = storage.read_json(str(trained_run / "metrics.json"))
+    assert before["timing"]["rows"] == "driver" and metrics["timing"]["rows"] == "ray_data"
+    for key in ("folds", "waf", "cv_waf_mean", "test", "confusion"):
+        got = [{k: v for k, v in f.items() if k != "seconds"} for f in metrics[key]] if key == "folds" \
+            else metrics[key]
+        want = [{k: v for k, v in f.items() if k != "seconds"} for f in before[key]] if key == "folds" \
+            else before[key]
+        assert got == want, key
+    for name in ("oof.parquet", "test_predictions.parquet"):
+        assert pq.read_table(run / name).equals(pq.read_table(trained_run / name)), name
+    for k in (0, 1):
+        a = torch.load(run / "models" / f"fold_{k}.pt", map_location="cpu", weights_only=True)
+        b = torch.load(trained_run / "models" / f"fold_{k}.pt", map_location="cpu", weights_only=True)
+        a, b = a.get("state_dict", a), b.get("state_dict", b)
+        assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a), k
+
+
 def test_training_reads_each_clip_once(ray_local, store: str, tmp_path: Path) -> None:
     """A clip committed twice (two extraction runs racing) is read once, from the first part that holds it, by
     the readers training uses: the labels and folds, and the Ray Data rows the workers train on."""

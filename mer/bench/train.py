@@ -155,6 +155,7 @@ def bench_run(cfg: MerConfig, features_uri: str, out_uri: str) -> dict[str, Any]
     return {"model": run_cfg.train.model, "modalities": mods, "folds": len(folds),
             "n_cv": metrics["n_cv"], "epochs": [int(f["epochs"]) for f in folds],
             "workers": run_cfg.train.resources.concurrency, "zero_stage": run_cfg.train.zero_stage,
+            "rows": timing.get("rows"),
             "run_s": round(wall, 2), "fits_s": round(fits, 2), "floor_s": round(floor["total_s"], 2),
             "floor": {"load_s": round(floor["load_s"], 2),
                       "folds_s": [round(v, 2) for _, v in sorted(floor["folds_s"].items())]},
@@ -270,7 +271,8 @@ def format_bench(r: dict[str, Any]) -> str:
     """Plain-text table of :func:`bench_train`'s figures."""
     s = r["startup"]
     lines = [f"train bench: {r['model']} on {r['n_cv']} labelled rows, {r['folds']} folds (epochs {r['epochs']}), "
-             f"{r['workers']} worker(s), ZeRO-{r['zero_stage']}, modalities {r['modalities']}",
+             f"{r['workers']} worker(s), ZeRO-{r['zero_stage']}, modalities {r['modalities']}, rows read "
+             f"{'on the driver' if r.get('rows') == 'driver' else 'by Ray Data'}",
              f"{'run (wall)':>28}{r['run_s']:>9.1f} s",
              f"{'fits (workers)':>28}{r['fits_s']:>9.1f} s",
              f"{'floor (plain PyTorch)':>28}{r['floor_s']:>9.1f} s   (load {r['floor']['load_s']:.1f} s, folds "

@@ -97,6 +97,14 @@ def init_ray(cfg: MerConfig, **extra: Any) -> MerConfig:
 _LOCAL = {"started": False}
 
 
+def started_local() -> bool:
+    """Whether this process started the local Ray it is connected to (one machine: no autoscaler, no node is
+    ever drained or preempted)."""
+    import ray
+
+    return bool(_LOCAL["started"]) and ray.is_initialized()
+
+
 def fit_here(cfg: MerConfig) -> MerConfig:
     """``cfg`` fitted to the local Ray this process started (unchanged on a joined cluster). A command that derives
     another config after :func:`init_ray` (``mer score --manifest`` adopts its run's feature settings, which may add

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -78,6 +80,21 @@ def input_stats(ds: object, modalities: list[str], dims: dict[str, int], ids: se
     gets mean 0, std 1."""
     rows = ds.map_batches(_partial_moments, fn_kwargs={"modalities": modalities, "dims": dims, "ids": ids},  # type: ignore[attr-defined]
                           batch_format="pyarrow", batch_size=None).take_all()
+    return _combine_moments(rows, modalities, dims)
+
+
+def table_stats(tables: Iterable[pa.Table], modalities: list[str], dims: dict[str, int],
+                ids: set[str] | None = None) -> tuple[list[float], list[float]]:
+    """:func:`input_stats` over Arrow tables held by the driver (a small store's parts, read with pyarrow):
+    the same moments per table, summed in the same way, so a table per part gives the figures a Ray dataset
+    of one block per part gives."""
+    rows = [_partial_moments(t, modalities, dims, ids).to_pylist()[0] for t in tables]
+    return _combine_moments(rows, modalities, dims)
+
+
+def _combine_moments(rows: list[dict], modalities: list[str], dims: dict[str, int]
+                     ) -> tuple[list[float], list[float]]:
+    """Mean and standard deviation, in model input order, from :func:`_partial_moments` rows."""
     means: list[np.ndarray] = []
     stds: list[np.ndarray] = []
     for m in modalities:

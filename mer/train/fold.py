@@ -44,34 +44,38 @@ def ray_storage(uri: str) -> tuple[str, pafs.FileSystem | None]:
 
 
 _POLL_VAR = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
-_poll_lock = threading.Lock()
-_poll_users = 0  # runs inside controller_poll_interval that set the variable (runs may overlap in threads)
+_PREEMPTION_VAR = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
+_env_lock = threading.Lock()
+_env_users = 0  # runs inside controller_poll_interval at the moment (runs may overlap in threads)
+_env_owned: dict[str, str] = {}  # the variables the first of them set (the last one out removes them)
 
 
 @contextlib.contextmanager
-def controller_poll_interval(seconds: float) -> Iterator[None]:
+def controller_poll_interval(seconds: float, *, preemption_watcher: bool = True) -> Iterator[None]:
     """How often the Ray Train controller polls workers (its default, 2 s, also paces every report:
-    a worker's report waits until the previous one was consumed). Ray Train forwards this variable from
-    the driver to the controller; a value the user set in the environment wins. Runs trained at the same
-    time (threads of one driver) share the process environment: the first sets the variable, the last one
-    out removes it."""
-    global _poll_users
-    with _poll_lock:
-        if _poll_users == 0 and _POLL_VAR in os.environ:
-            owned = False
-        else:
-            owned = True
-            if _poll_users == 0:
-                os.environ[_POLL_VAR] = str(seconds)
-            _poll_users += 1
+    a worker's report waits until the previous one was consumed), and whether it starts its preemption watcher
+    (an actor per worker group that polls Ray for nodes being drained: a process of its own, started while the
+    workers import, that buys nothing on a local Ray where no node is ever drained). Ray Train forwards these
+    variables from the driver to the controller; a value the user set in the environment wins. Runs trained at
+    the same time (threads of one driver) share the process environment: the first sets the variables, the last
+    one out removes them."""
+    global _env_users
+    wanted = {_POLL_VAR: str(seconds), **({} if preemption_watcher else {_PREEMPTION_VAR: "0"})}
+    with _env_lock:
+        if _env_users == 0:
+            _env_owned.clear()
+            _env_owned.update({k: v for k, v in wanted.items() if k not in os.environ})
+            os.environ.update(_env_owned)
+        _env_users += 1
     try:
         yield
     finally:
-        if owned:
-            with _poll_lock:
-                _poll_users -= 1
-                if _poll_users == 0:
-                    os.environ.pop(_POLL_VAR, None)
+        with _env_lock:
+            _env_users -= 1
+            if _env_users == 0:
+                for k in _env_owned:
+                    os.environ.pop(k, None)
+                _env_owned.clear()
 
 
 def group_name(folds: list[int]) -> str:
@@ -104,12 +108,15 @@ def job_name(keys: list[str]) -> str:
     return "fits_" + hashlib.sha1("\n".join(keys).encode()).hexdigest()[:12]
 
 
-def run_fits(cfg: MerConfig, fits: list[dict[str, Any]], *, dataset: Any, ray_dir: str, name: str,
-             max_failures: int | None = None, callbacks: list[Any] | None = None) -> dict[str, dict[str, Any]]:
+def run_fits(cfg: MerConfig, fits: list[dict[str, Any]], *, dataset: Any = None, rows: Any = None, ray_dir: str,
+             name: str, max_failures: int | None = None, callbacks: list[Any] | None = None
+             ) -> dict[str, dict[str, Any]]:
     """Train a job's fits (:func:`fit_spec`), one after the other, in one Ray Train run (one worker group) named
     ``name`` under ``ray_dir``; returns per fit key ``state`` (history, best epoch...), ``best`` (state-dict
     bytes), ``val_pred`` (table), ``checkpoint_path`` and ``group_timing``, from the job's final checkpoint.
-    ``dataset``: the store's rows (clip id and every modality the fits use), one Ray dataset for every fit.
+    ``dataset``: the store's rows (clip id and every modality the fits use), one Ray dataset for every fit; or
+    ``rows``: the same rows as one Arrow table in the object store (an object ref: a small store read on the
+    driver, ``train.driver_rows_mb``), handed to the workers in the loop's config instead of a dataset.
     ``cfg.train`` sizes the worker group (resources, failures, checkpoints kept).
 
     One trainer for many fits pays the worker group's start-up (processes, torch and DeepSpeed imports, the
@@ -124,10 +131,12 @@ def run_fits(cfg: MerConfig, fits: list[dict[str, Any]], *, dataset: Any, ray_di
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    if (dataset is None) == (rows is None):
+        raise ValueError("run_fits: pass the rows as a Ray dataset or as an object ref of a table, one of them")
     tc = cfg.train
     storage_path, fs = ray_storage(ray_dir)
     gpu = tc.resources.num_gpus > 0
-    loop_config = {"fits": fits, "threads": max(1, int(tc.resources.num_cpus))}
+    loop_config = {"fits": fits, "threads": max(1, int(tc.resources.num_cpus)), "rows": rows}
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
@@ -139,7 +148,7 @@ def run_fits(cfg: MerConfig, fits: list[dict[str, Any]], *, dataset: Any, ray_di
             checkpoint_config=CheckpointConfig(num_to_keep=tc.checkpoints_to_keep),
             callbacks=list(callbacks or []),
         ),
-        datasets={"features": dataset},
+        datasets={"features": dataset} if dataset is not None else None,
         # Nothing is split by Ray Data: every worker validates on the whole (small) validation fold, so all
         # reach the same WAF, and keeps its own training rows of the whole training set by clip id.
         dataset_config=DataConfig(datasets_to_split=[]),

@@ -25,12 +25,12 @@ from mer.evaluation.report import write_run_report
 from mer.runs.layout import model_file
 from mer.runs.provenance import store_record
 from mer.runtime.placement import ensure_placeable, train_demands
-from mer.runtime.session import init_ray
+from mer.runtime.session import init_ray, started_local
 from mer.store import storage
 from mer.store.data_context import data_context
 from mer.store.parts import PartStore, iter_parts, read_dataset, read_parts
 from mer.train.ensemble import load_ensemble
-from mer.train.features import LABEL_INDEX, input_stats, label_index, modality_dims
+from mer.train.features import LABEL_INDEX, input_stats, label_index, modality_dims, table_stats
 from mer.train.fold import controller_poll_interval, fit_spec, group_name, job_name, run_fits
 from mer.train.results import plot_curves, prediction_table, weight_summary
 
@@ -367,7 +367,8 @@ def train_runs(cfg: MerConfig, features_uri: str | PartStore, runs: list[RunRequ
     with ``resume=True`` continues the job at its first unfinished fit. A fold's outputs and commit record are
     written once its group hands it back; a failed group fails the job after the others finish, so their
     commit records survive. Runs that share their training rows share one input-statistics pass; all share one
-    materialised dataset of the store's rows.
+    copy of the store's rows: a materialised Ray dataset, or on a small store (``train.driver_rows_mb``) one Arrow
+    table read on the driver and put in the object store.
     """
     t0 = time.time()
     if resume and all(storage.exists(storage.join(r.out_uri, "metrics.json")) for r in runs):
@@ -397,21 +398,39 @@ def _train_job(cfg: MerConfig, store: PartStore, plans: list[RunPlan], *, job_di
     for p in plans:
         mods += [m for m in p.mods if m not in mods]
     dims = {m: d for p in plans for m, d in p.dims.items()}
-    # Ray Data, not the driver, holds the vectors; materialised once so that the training workers (which
-    # may hold every CPU of a small cluster) never wait for read tasks.
-    with quiet_data():
-        base = read_dataset(store, columns=mods).materialize()
+    base: Any = None  # the rows as a materialised Ray dataset (a large store) ...
+    rows_ref: Any = None  # ... or as one Arrow table in the object store (a small one)
+    parts: list[pa.Table] = []
+    if driver_rows(cfg, store, mods, dims, plans):
+        # A small store: its parts read here with pyarrow, one row per clip as Ray Data's reader gives them,
+        # and put in the object store once for every worker of the job. No read tasks, no Ray Data actors and no
+        # dataset actor in the worker group: on a small store those start-ups cost more than the read.
+        import ray
+
+        parts = list(store.iter(columns=mods))
+        rows_ref = ray.put(pa.concat_tables(parts, promote_options="default"))
+    else:
+        # Ray Data, not the driver, holds the vectors; materialised once so that the training workers (which
+        # may hold every CPU of a small cluster) never wait for read tasks.
+        with quiet_data():
+            base = read_dataset(store, columns=mods).materialize()
     # Input statistics per distinct set of training rows, over every modality at once; a run takes its own
-    # modalities' values (a modality's statistics do not depend on the others').
+    # modalities' values (a modality's statistics do not depend on the others'). Over the driver's parts the
+    # moments are summed per part, as Ray Data sums them per block (a part is read as one block).
     by_rows: dict[frozenset, tuple[list[float], list[float]]] = {}
     for p in plans:
         if not p.cfg.train.standardize_inputs or not p.todo:
             continue
         ids = frozenset(p.stats_ids)
         if ids not in by_rows:
-            with quiet_data():
-                by_rows[ids] = input_stats(base, mods, dims, set(ids))
+            if rows_ref is not None:
+                by_rows[ids] = table_stats(parts, mods, dims, set(ids))
+            else:
+                with quiet_data():
+                    by_rows[ids] = input_stats(base, mods, dims, set(ids))
         p.input_stats = _stats_for(by_rows[ids], mods, dims, p.mods)
+    for p in plans:
+        p.timing["rows"] = "driver" if rows_ref is not None else "ray_data"
 
     single = len(plans) == 1
     tagged = {p.run_name: p for p in plans}
@@ -436,7 +455,7 @@ def _train_job(cfg: MerConfig, store: PartStore, plans: list[RunPlan], *, job_di
 
     def fit_group(job: tuple[list[dict], str, str]) -> None:
         group, where, name = job
-        results = run_fits(cfg, group, dataset=base, ray_dir=where, name=name, callbacks=callbacks)
+        results = run_fits(cfg, group, dataset=base, rows=rows_ref, ray_dir=where, name=name, callbacks=callbacks)
         for f in group:
             plan, k = owner[f["key"]]
             plan.commit(k, results[f["key"]])
@@ -449,7 +468,7 @@ def _train_job(cfg: MerConfig, store: PartStore, plans: list[RunPlan], *, job_di
     # fails the job after the others finish, so their commit records survive for resume=True (and the failed
     # group's checkpoint keeps the fits it finished).
     t_train = time.time()
-    with controller_poll_interval(cfg.train.poll_interval_s):
+    with controller_poll_interval(cfg.train.poll_interval_s, preemption_watcher=not started_local()):
         if len(jobs) > 1:
             from concurrent.futures import ThreadPoolExecutor
 
@@ -469,6 +488,18 @@ def _train_job(cfg: MerConfig, store: PartStore, plans: list[RunPlan], *, job_di
     for p in plans:
         p.timing["job_runs"] = len(plans)
         p.metrics = p.finish(t_train)
+
+
+def driver_rows(cfg: MerConfig, store: PartStore, mods: list[str], dims: dict[str, int], plans: list[RunPlan]
+                ) -> bool:
+    """Whether a job reads its store's rows on the driver (``train.driver_rows_mb``): the rows' vectors of
+    ``mods`` fit in that many MiB as float32, and every run caches its rows in the workers (streaming them per
+    epoch is Ray Data's)."""
+    limit = cfg.train.driver_rows_mb
+    if limit <= 0 or not all(p.cfg.train.cache_shards for p in plans):
+        return False
+    # The stored ids come with the label read that prepared the runs (PartStore caches each part's keys).
+    return len(store.ids()) * sum(dims[m] for m in mods) * 4 <= limit * 2**20
 
 
 def _stats_for(stats: tuple[list[float], list[float]], mods: list[str], dims: dict[str, int], want: list[str]

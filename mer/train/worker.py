@@ -88,14 +88,18 @@ class GroupRows:
     dataset every fold shares: fold membership, labels and weights come from the folds' targets, not from
     per-fold datasets.
 
+    ``it``: the worker's shard of the features dataset (a Ray Data iterator), or the store's rows as one Arrow
+    table (a small store, read on the driver and handed over through the object store: ``train.driver_rows_mb``).
     ``cache=True`` streams the dataset once per worker and keeps the needed rows' model inputs in memory as
-    arrays sorted by clip id (pooled feature vectors are small; every later fold and epoch indexes them).
-    ``cache=False`` streams it from Ray Data again for every epoch of every fold (local shuffle buffer; the
-    row order then follows Ray Data's block order, so only ``cache=True`` makes a fold reproducible across
-    processes).
+    arrays sorted by clip id (pooled feature vectors are small; every later fold and epoch indexes them), so
+    both sources give the same arrays. ``cache=False`` (a dataset only) streams it from Ray Data again for every
+    epoch of every fold (local shuffle buffer; the row order then follows Ray Data's block order, so only
+    ``cache=True`` makes a fold reproducible across processes).
     """
 
     def __init__(self, it: Any, mods: list[str], dims: dict[str, int], needed: set[str], cache: bool) -> None:
+        if isinstance(it, pa.Table) and not cache:
+            raise ValueError("rows handed over as a table are cached (train.cache_shards); streaming needs Ray Data")
         self.it, self.mods, self.dims, self.needed, self.cache = it, mods, dims, needed, cache
         self._arrays: tuple[list[str], np.ndarray, np.ndarray] | None = None
 
@@ -108,7 +112,9 @@ class GroupRows:
         if self._arrays is None:
             ids: list[str] = []
             xs, masks = [], []
-            for batch in self.it.iter_batches(batch_size=None, batch_format="pyarrow"):
+            batches = ([self.it] if isinstance(self.it, pa.Table)
+                       else self.it.iter_batches(batch_size=None, batch_format="pyarrow"))
+            for batch in batches:
                 batch = self.select(batch, self.needed)
                 ids += batch.column("clip_id").to_pylist()
                 x, mask = table_inputs(batch, self.mods, self.dims)
@@ -240,7 +246,8 @@ class Engines:
         """What two fits must share to share an engine: everything that sizes the model or configures DeepSpeed."""
         keep = {k: v for k, v in tc.model_dump(mode="json").items()
                 if k not in ("modalities", "max_epochs", "patience", "folds", "parallel_folds", "seed",
-                             "max_failures", "checkpoints_to_keep", "cache_shards", "standardize_inputs",
+                             "max_failures", "checkpoints_to_keep", "cache_shards", "driver_rows_mb",
+                             "standardize_inputs",
                              "poll_interval_s", "label_smoothing")}
         return json.dumps({"arch": arch, "dims": dims, "train": keep}, sort_keys=True)
 
@@ -298,7 +305,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     ``{"key", "fold", "run", "arch", "dims", "train" (TrainConfig dump), "input_stats" ([mean, std] or None),
     "targets" ({"train": [ids, y, w], "val": [ids, y]}: the fit's training and validation clips of the
     ``features`` dataset, with label indices and weights; each rank trains on its :func:`shard_ids` of the
-    training clips)}``; ``threads``.
+    training clips)}``; ``threads``; ``rows``: an object ref of the store's rows as one Arrow table (a small store,
+    ``train.driver_rows_mb``), else None and the rows are the ``features`` dataset.
 
     The checkpoint's ``state.json`` holds every fit the job reached (``{"fits": {key: state}}``), and
     ``fold_<key>/`` its best weights (and, once finished, its validation predictions); the DeepSpeed shards and
@@ -306,6 +314,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     first unfinished one. The worker process, its imports, the data hand-over and (per shape) the DeepSpeed
     engine are paid once for all fits (:class:`Engines`)."""
     t_start = time.time()
+    import ray
     import ray.train
     import torch
 
@@ -339,7 +348,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             if m not in dims:
                 mods.append(m)
                 dims[m] = int(d)
-    rows = GroupRows(ray.train.get_dataset_shard("features"), mods, dims,
+    # The rows: a small store's table from the object store (read on the driver), else this worker's shard
+    # of the job's Ray dataset.
+    source = ray.get(config["rows"]) if config.get("rows") is not None else ray.train.get_dataset_shard("features")
+    rows = GroupRows(source, mods, dims,
                      {c for tr, va in targets.values() for c in (*tr, *va)},
                      all(bool(f["train"].get("cache_shards", True)) for f in fits))
     if rows.cache and todo:
