@@ -403,8 +403,9 @@ def _train_job(cfg: MerConfig, store: PartStore, plans: list[RunPlan], *, job_di
     parts: list[pa.Table] = []
     if driver_rows(cfg, store, mods, dims, plans):
         # A small store: its parts read here with pyarrow, one row per clip as Ray Data's reader gives them,
-        # and put in the object store once for every worker of the job. No read tasks, no Ray Data actors and no
-        # dataset actor in the worker group: on a small store those start-ups cost more than the read.
+        # and put in the object store once for every worker of the job. No read tasks, no Ray Data actors, and no
+        # worker waits for its shard from the worker group's dataset actor: on a small store those start-ups cost
+        # more than the read.
         import ray
 
         parts = list(store.iter(columns=mods))
@@ -429,6 +430,7 @@ def _train_job(cfg: MerConfig, store: PartStore, plans: list[RunPlan], *, job_di
                 with quiet_data():
                     by_rows[ids] = input_stats(base, mods, dims, set(ids))
         p.input_stats = _stats_for(by_rows[ids], mods, dims, p.mods)
+    parts.clear()  # the object store holds the rows from here on
     for p in plans:
         p.timing["rows"] = "driver" if rows_ref is not None else "ray_data"
 
