@@ -468,9 +468,10 @@ class LabelsConfig(_Strict):
     # Acceptance gate: a stage is kept when its out-of-fold WAF against the ORIGINAL labels is at least the
     # last accepted stage's plus this (0: "does not lower it").
     min_gain: float = Field(0.0, ge=-1.0, le=1.0)
-    # ... and, above 0, better than it in at least this share of paired bootstrap resamples of the labelled
-    # clips: on a small labelled set a higher gate WAF is often a few clips' luck (0: the plain comparison).
-    gate_confidence: float = Field(0.0, ge=0.0, lt=1.0)
+    # ... and better than it in at least this share of paired bootstrap resamples of the labelled clips: on a
+    # small labelled set a higher gate WAF is often a few clips' luck, and a tie is no reason to keep a stage
+    # (0: the plain comparison; docs/architecture.md, "the gate").
+    gate_confidence: float = Field(0.7, ge=0.0, lt=1.0)
     gate_resamples: int = Field(2000, ge=100)
     # What `mer score` uses from a finished loop. "best": the accepted stage with the highest gate WAF.
     # "ensemble": the mean of every accepted stage's fold ensemble (the strongest MER-SEMI entries vote over

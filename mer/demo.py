@@ -28,6 +28,7 @@ from mer.evaluation.report import write_demo_report
 from mer.extract.pipeline import extract_features
 from mer.labels.llm_vote import llm_vote
 from mer.labels.loop import label_loop
+from mer.labels.relabel import table_folds
 from mer.models.tiny import ensure_tiny_models
 from mer.predict.score import score
 from mer.runtime.session import init_ray
@@ -138,11 +139,13 @@ def _label_quality(loop: dict[str, Any], truth: dict[str, str]) -> dict[str, Any
     out: dict[str, Any] = {}
     for s in loop["stages"]:
         if s["stage"] == "refined":
-            rows = storage.read_table(s["labels"]).to_pylist()
-            flipped = {r["clip_id"] for r in rows if r["original_label"] != truth[r["clip_id"]]}
-            flagged = {r["clip_id"] for r in rows if r["rule"] in ("relabel", "downweight")}
-            out["refinement"] = {"flipped": len(flipped), "flagged": len(flagged),
-                                 "flagged_and_flipped": len(flipped & flagged)}
+            table = storage.read_table(s["labels"])
+            rows, n = table.to_pylist(), table_folds(table)
+            # decided once per fold: (clip, fold) pairs, counted per fold
+            flipped = {(r["clip_id"], r.get("fold")) for r in rows if r["original_label"] != truth[r["clip_id"]]}
+            flagged = {(r["clip_id"], r.get("fold")) for r in rows if r["rule"] in ("relabel", "downweight")}
+            out["refinement"] = {"flipped": round(len(flipped) / n), "flagged": round(len(flagged) / n),
+                                 "flagged_and_flipped": round(len(flipped & flagged) / n)}
         elif s["stage"].startswith("round_") and s.get("selection"):
             sel = storage.read_table(s["selection"])
             picked = sel.filter(sel.column("selected"))

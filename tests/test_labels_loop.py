@@ -67,7 +67,10 @@ def test_the_loop_raises_test_waf_over_labelled_only(bench: dict) -> None:
 def test_refinement_finds_flipped_labels_and_pseudo_labels_are_right(bench: dict) -> None:
     ref = bench["result"]["refinement"]
     assert ref["flipped"] == 30
-    assert ref["flip_precision"] >= 0.8 and ref["flip_recall"] >= 0.6, ref
+    # Decided per fold, each fold's models vote in-sample on the rows they trained on (the price of a gate that
+    # refinement cannot fool): they side with most flipped labels they learnt, so fewer are found (29 % here,
+    # 77 % with out-of-fold votes), but what they doubt is mostly wrong.
+    assert ref["flip_precision"] >= 0.8 and ref["flip_recall"] >= 0.25, ref
     # no label changes (relabel.mode weight); the doubted ones weigh less, so training sees cleaner labels
     assert ref["relabelled"] == 0 and ref["label_accuracy_after"] == ref["label_accuracy_before"]
     assert ref["right_weight_after"] > ref["label_accuracy_before"]
@@ -194,7 +197,8 @@ def test_a_harmful_stage_is_rejected_and_scoring_uses_the_earlier_run(bench: dic
                       base_run=str(root / "loop" / "sources" / "fused"))
     stages = {s["stage"]: s for s in loop["stages"]}
     refined = stages["refined"]
-    assert refined["rules"].get("relabel", 0) >= 40, refined["rules"]
+    # decided per fold, with each fold's own models voting in-sample for the annotation: ~1 clip in 10 per fold
+    assert refined["rules"].get("relabel", 0) >= 15, refined["rules"]
     # harmful indeed: the test split (never seen by the loop) agrees
     assert refined["test"]["waf"] < stages["labelled_only"]["test"]["waf"]
     assert not refined["accepted"] and "<" in refined["decision"]

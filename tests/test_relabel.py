@@ -10,7 +10,7 @@ import pytest
 
 from mer.config import LABELS, LabelsConfig, RelabelConfig
 from mer.labels.evidence import class_prior, evidence, fit_reliability, one_hot, posterior
-from mer.labels.relabel import refine_labels, reliability_uri, rule_counts
+from mer.labels.relabel import fit_sources, refine_labels, refine_labels_per_fold, reliability_uri, rule_counts
 from mer.labels.sources import SourceVotes, parse_sources, read_source, table_votes
 
 K = len(LABELS)
@@ -152,3 +152,29 @@ def test_vote_tables_csv_and_parquet(tmp_path) -> None:
     with pytest.raises(ValueError, match="reserved"):
         parse_sources(["original=x"])
     assert reliability_uri("s3://b/labels.parquet") == "s3://b/labels.reliability.json"
+
+
+def test_the_loop_s_refinement_takes_fold_k_s_votes_for_fold_k() -> None:
+    """Per fold: fold k's rows take slice k of a per-fold source (fold k's model), fold-free tables as they
+    are, the reliabilities given (measured out of fold), not measured again on these votes."""
+    truth, orig, _ = _world(n=200)
+    ids = [f"c{i:03d}" for i in range(len(truth))]
+    oof = _source("fused", ids, truth, 0.85, 0.8, 1)
+    # fold 0's model votes like the out-of-fold source; fold 1's model sides with the annotation everywhere
+    per_fold = SourceVotes("fused", "probs", ids, np.stack([oof.probs, _probs(orig.tolist(), 0.9)], axis=1))
+    llm = SourceVotes("llm", "label", ids, one_hot([LABELS[k] for k in truth]))
+    y = np.asarray(orig)
+    rel = fit_sources([oof, llm], ids, y, class_prior(y), LC)
+    rc = RelabelConfig(mode="relabel", min_agree=2)
+    table = refine_labels_per_fold(_original(orig.tolist()), [per_fold, llm], rel, rc, LC, folds=2)
+    assert table.num_rows == 2 * len(ids) and sorted(set(table.column("fold").to_pylist())) == [0, 1]
+    rows = table.to_pylist()
+    by_fold = [[r for r in rows if r["fold"] == k] for k in (0, 1)]
+    alone, _ = refine_labels(_original(orig.tolist()), [oof, llm], rc, LC, rel=rel)
+    assert [r["label"] for r in by_fold[0]] == alone.column("label").to_pylist()
+    # two agreeing sources are needed to relabel: fold 1's model never agrees with the LLM against the label
+    assert sum(r["rule"] == "relabel" for r in by_fold[0]) > 10
+    assert not any(r["rule"] == "relabel" for r in by_fold[1])
+    # rule counts are per fold
+    counts = rule_counts(table)
+    assert counts["relabel"] == round(sum(r["rule"] == "relabel" for r in rows) / 2)

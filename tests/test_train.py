@@ -144,6 +144,46 @@ def test_label_table_pseudo_rows_only_train(tmp_path: Path, store: str) -> None:
     assert subset.tolist() == [every[c] for c in cv.column("clip_id").to_pylist()]
 
 
+def test_a_label_table_decided_per_fold_gives_each_fold_its_own_labels(tmp_path: Path, store: str,
+                                                                         train_cfg) -> None:
+    """The label loop's refinement decides every clip once per fold: fold k trains and validates on the rows
+    with fold = k, a clip without one keeps its fold-free row, pseudo rows are unchanged."""
+    from mer.store.parts import PartStore
+    from mer.train.run import RunPlan
+
+    labels = pq.read_table(store, columns=["clip_id", "split", "label"]).to_pylist()
+    train = [r for r in labels if r["split"] == "train"]
+    other = {lab: LABELS[(LABELS.index(lab) + 1) % len(LABELS)] for lab in LABELS}
+    rows = [{"clip_id": r["clip_id"], "label": r["label"] if k == 0 else other[r["label"]],
+             "weight": 0.9 if k == 0 else 0.4, "source": "original", "fold": k}
+            for k in (0, 1) for r in train[:40]]
+    rows += [{"clip_id": r["clip_id"], "label": r["label"], "weight": 1.0, "source": "original", "fold": None}
+             for r in train[40:60]]
+    uri = str(tmp_path / "labels.parquet")
+    storage.write_table(uri, pa.Table.from_pylist(rows))
+    cv, _, _, _ = label_rows(store, uri)
+    assert cv.num_rows == 100 and "fold" in cv.column_names
+    plan = RunPlan(train_cfg(**{"train.modalities": MODS}), PartStore.of(store), str(tmp_path / "run"),
+                   resume=False, labels_uri=uri, modalities=MODS, run_name="r")
+    assert sorted(plan.cv_ids) == sorted(r["clip_id"] for r in train[:60])  # one CV row per clip
+    true = {r["clip_id"]: LABELS.index(r["label"]) for r in train}
+    shifted = {c: (y + 1) % len(LABELS) for c, y in true.items()}
+    for k, want, w in ((0, true, 0.9), (1, shifted, 0.4)):
+        tr, val = plan.fold_targets(k)
+        for c, (y, wt) in {**tr, **val}.items():
+            if c in {r["clip_id"] for r in train[:40]}:
+                assert y == want[c], (k, c)
+                assert wt == pytest.approx(w if c in tr else 1.0)
+            else:  # fold-free rows: the same label and weight in every fold
+                assert (y, wt) == (true[c], 1.0)
+        assert not set(tr) & set(val) and len(tr) + len(val) == 60
+    bad = str(tmp_path / "bad.parquet")
+    storage.write_table(bad, pa.Table.from_pylist([{**rows[0], "fold": 5}]))
+    with pytest.raises(ValueError, match="labelled rows for folds \\[5\\]"):
+        RunPlan(train_cfg(**{"train.modalities": MODS}), PartStore.of(store), str(tmp_path / "bad"),
+                resume=False, labels_uri=bad, modalities=MODS, run_name="b")
+
+
 def test_folds_do_not_depend_on_the_order_rows_were_committed() -> None:
     """The same labelled clips in another part order (extraction actors finishing in another order) get the
     same folds."""

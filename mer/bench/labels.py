@@ -22,6 +22,7 @@ import numpy as np
 from mer.config import MerConfig, with_overrides
 from mer.evaluation.evaluate import read_labels
 from mer.labels.loop import label_loop
+from mer.labels.relabel import table_folds
 from mer.labels.sources import parse_sources
 from mer.store import storage
 from mer.store.parts import read_parts
@@ -50,12 +51,15 @@ def _truth(root: str, seed: int, n: int, noise: float, test_frac: float) -> dict
 
 
 def _refinement_scores(labels_uri: str, truth: dict[str, str]) -> dict[str, Any]:
-    rows = storage.read_table(labels_uri).to_pylist()
-    flipped = {r["clip_id"] for r in rows if r["original_label"] != truth[r["clip_id"]]}
-    flagged = {r["clip_id"] for r in rows if r["rule"] in ("relabel", "downweight")}
+    table = storage.read_table(labels_uri)
+    rows, n = table.to_pylist(), table_folds(table)
+    # A per-fold table decides every clip once per fold: (clip, fold) pairs, counts given per fold.
+    flipped = {(r["clip_id"], r.get("fold")) for r in rows if r["original_label"] != truth[r["clip_id"]]}
+    flagged = {(r["clip_id"], r.get("fold")) for r in rows if r["rule"] in ("relabel", "downweight")}
     relabelled = [r for r in rows if r["rule"] == "relabel"]
     hit = len(flipped & flagged)
-    return {"flipped": len(flipped), "flagged": len(flagged), "relabelled": len(relabelled),
+    return {"flipped": round(len(flipped) / n), "flagged": round(len(flagged) / n),
+            "relabelled": round(len(relabelled) / n),
             "flip_precision": hit / len(flagged) if flagged else None,
             "flip_recall": hit / len(flipped) if flipped else None,
             "relabel_correct": (sum(r["label"] == truth[r["clip_id"]] for r in relabelled) / len(relabelled)

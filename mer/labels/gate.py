@@ -5,14 +5,10 @@ same folds (drawn over the store's labelled train rows, :func:`mer.train.run.cv_
 is scored by the fold model that did not train on it, and it is compared with the label the annotators gave
 — not with a refined label, which would let a stage confirm itself. Pseudo-labels for fold ``k`` come only
 from fold ``k``'s models (:mod:`mer.labels.pseudolabel`), so no validation row reaches its fold's training
-through the pool. Refinement is the one stage whose training labels were decided with out-of-fold votes of
-models that did see the other folds' rows: fold ``j``'s source model learnt fold ``k``'s labels, its votes
-set the weights (and, with ``relabel.mode: relabel``, the labels) of fold ``j``'s rows, and those train fold
-``k``'s refined model — a distillation of fold ``k``'s labels into the model judged on them. Measured by
-``mer bench labels``: on the generated stores its gate gain matched its test gain (within 0.005 on average over
-6 seeds), on the demo's extracted store it overstated it by +0.035 (weight mode; +0.084 with relabels) over 4
-seeds, while the rounds' gate gains stayed honest there (±0.01). A leak-free figure needs source runs that saw
-neither fold (nested), not built. ``labels.min_gain`` > 0 demands a margin. Every decision also gives the
+through the pool, and the refinement is decided per fold with fold ``k``'s models' votes for the same reason
+(:func:`mer.labels.relabel.refine_labels_per_fold`: out-of-fold votes distilled fold ``k``'s labels into the
+model judged on them; the gate then overstated the refinement, +0.03 gate WAF for a stage whose test WAF fell).
+``labels.min_gain`` > 0 demands a margin. Every decision also gives the
 paired-bootstrap share of resamples of the labelled clips in which the stage wins (:func:`better_share`);
 ``labels.gate_confidence`` > 0 demands it. ``mer bench labels`` checks the decisions against a test split the
 loop never sees.

@@ -4,9 +4,10 @@ Stages, each a k-fold training run on the same folds, each kept only if the gate
 it does not lower the out-of-fold WAF against the original labels:
 
 0. ``labelled_only`` — the fused run on the labelled rows, plus one run per single modality
-   (``labels.source_modalities``): the independent label sources. Their fold models score the pool.
+   (``labels.source_modalities``): the independent label sources. Their fold models score the pool (and,
+   for the refinement, the labelled rows).
 1. ``refined`` — the train labels refined by every source's reliability-weighted vote
-   (:mod:`mer.labels.relabel`), retrained.
+   (:mod:`mer.labels.relabel`), decided per fold with that fold's models' votes, retrained.
 2. ``round_<r>`` — pool clips on which the last accepted fused run and the independent sources agree
    become pseudo-labels, fold by fold and class-balanced (:mod:`mer.labels.pseudolabel`), added to the last
    accepted label table and retrained; k grows each round. A rejected round is recorded with its figures and
@@ -46,7 +47,8 @@ from mer.evaluation.report import write_loop_report
 from mer.labels.evidence import Reliability, class_prior, fit_reliability
 from mer.labels.gate import better_share, decide, gate_figures, oof_predictions
 from mer.labels.pseudolabel import build_label_table, round_quota, select_pseudo_labels, selection_summary
-from mer.labels.relabel import fit_sources, refine_labels, rule_counts, train_labels, write_label_table
+from mer.labels.relabel import (fit_sources, refine_labels_per_fold, rule_counts, train_labels,
+                                write_label_table)
 from mer.labels.sources import SourceVotes, pool_votes, read_source, run_oof_votes
 from mer.predict.combine import build_ensemble
 from mer.predict.score import PRED_SCHEMA, score_features
@@ -75,14 +77,21 @@ def _source_modalities(cfg: MerConfig, fused: list[str]) -> list[str]:
     return [] if mods == list(fused) and len(fused) == 1 else mods
 
 
-def _pool_scores(cfg: MerConfig, name: str, run_uri: str, features: PartStore, out: str) -> SourceVotes:
+def _pool_scores(cfg: MerConfig, name: str, run_uri: str, features: PartStore, out: str, *,
+                 labelled: bool = False) -> tuple[SourceVotes, SourceVotes | None]:
     """Per-fold predictions of a run's fold models on the pool, scored into ``out`` (a resumable Ray Data
-    scoring job)."""
-    score_features(cfg, run_uri, features, out, splits=[POOL_SPLIT])
+    scoring job); with ``labelled`` also on the labelled train rows, in the same job (fold ``k``'s models on
+    every labelled clip: what the per-fold refinement votes with), else None."""
+    splits = [POOL_SPLIT, "train"] if labelled else [POOL_SPLIT]
+    score_features(cfg, run_uri, features, out, splits=splits)
     scores = PartStore(out)  # listed once scoring has written it
-    if not scores.parts:
-        return pool_votes(name, _empty_predictions(), cfg.train.folds)
-    return pool_votes(name, scores.read(columns=["fold_probs"]), cfg.train.folds)
+    table = scores.read(columns=["split", "fold_probs"]) if scores.parts else _empty_predictions()
+    split = table.column("split").to_pylist()
+
+    def votes(which: str) -> SourceVotes:
+        return pool_votes(name, table.filter(pa.array([s == which for s in split], pa.bool_())), cfg.train.folds)
+
+    return votes(POOL_SPLIT), (votes("train") if labelled else None)
 
 
 def _empty_predictions() -> Any:
@@ -178,14 +187,19 @@ class LabelLoop:
                              groups=self.cfg.labels.parallel_runs * self.cfg.train.parallel_folds)
         fused_metrics = metrics[0]
         with ThreadPoolExecutor(max_workers=self.cfg.labels.parallel_runs, thread_name_prefix="mer-source") as ex:
-            scored = {n: ex.submit(_pool_scores, self.cfg, n, u, self.features, pools[n]) for n, u in runs.items()}
-            pool = [f.result() for f in scored.values()]
+            scored = {n: ex.submit(_pool_scores, self.cfg, n, u, self.features, pools[n],
+                                   labelled=self.cfg.labels.refine) for n, u in runs.items()}
+            votes = [f.result() for f in scored.values()]
+        pool = [p for p, _ in votes]
+        # Fold k's models on every labelled clip: the per-fold refinement's votes (relabel.refine_labels_per_fold).
+        self.fold_votes = [lv for _, lv in votes if lv is not None]
         labelled = [run_oof_votes(n, u) for n, u in runs.items()]
         fused_run = runs["fused"]
         for name, uri in self.tables.items():
             table = read_source(name, uri)
             labelled.append(table)
             pool.append(table)
+            self.fold_votes.append(table)
         rel = fit_sources(labelled, self.original_ids, self.y, self.prior, self.cfg.labels)
         storage.write_json(storage.join(self.out, "sources", "reliability.json"),
                            {"sources": [r.to_json() for r in rel.values()],
@@ -194,14 +208,17 @@ class LabelLoop:
                                     {"sources": sorted(rel)})
         return stage0, labelled, pool, rel
 
-    def refine(self, labelled: list[SourceVotes], best: dict[str, Any]) -> dict[str, Any]:
-        """Stage 1: refined labels from every source, retrained, gated."""
+    def refine(self, rel: dict[str, Reliability], best: dict[str, Any]) -> dict[str, Any]:
+        """Stage 1: refined labels from every source, decided per fold with that fold's models' votes
+        (:func:`mer.labels.relabel.refine_labels_per_fold`: no fold's labels reach the model judged on
+        them), retrained, gated. ``rel``: the sources' reliabilities from their out-of-fold votes."""
         sdir = storage.join(self.out, "refined")
         done = self._finished(sdir)
         if done:
             return done
         labels_uri = storage.join(sdir, "labels.parquet")
-        refined, rel = refine_labels(self.original_table, labelled, self.cfg.relabel, self.cfg.labels)
+        refined = refine_labels_per_fold(self.original_table, self.fold_votes, rel, self.cfg.relabel,
+                                         self.cfg.labels, self.cfg.train.folds)
         write_label_table(labels_uri, refined, rel)
         run_uri = storage.join(sdir, "run")
         metrics = self._train(run_uri, "refined", labels_uri=labels_uri)
@@ -217,7 +234,7 @@ class LabelLoop:
         done = self._finished(sdir)
         if done:
             return done
-        fused_pool = _pool_scores(self.cfg, "fused", base["run"], self.features, base["pool"])
+        fused_pool, _ = _pool_scores(self.cfg, "fused", base["run"], self.features, base["pool"])
         if not fused_pool.ids:
             # Nothing to pseudo-label: a retrain would only repeat the accepted stage.
             return self._untrained(sdir, r, base, f"no clip in the store's {POOL_SPLIT!r} split: nothing to "
@@ -306,7 +323,7 @@ class LabelLoop:
         self.stages = [stage0]
         best = stage0
         if self.cfg.labels.refine:
-            rec = self.refine(labelled, best)
+            rec = self.refine(rel, best)
             self.stages.append(rec)
             if rec["accepted"]:
                 best = rec

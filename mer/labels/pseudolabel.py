@@ -109,14 +109,16 @@ def select_pseudo_labels(ids: list[str], fused: SourceVotes, others: list[Source
 
 
 def build_label_table(base: pa.Table, selection: pa.Table) -> pa.Table:
-    """Base labels (original/refined, every fold) plus the selected pseudo-labels (``source=pseudo``, their
-    fold). A clip of the base table never gets a pseudo-label on top."""
+    """Base labels (original/refined: every fold, or per fold) plus the selected pseudo-labels
+    (``source=pseudo``, their fold). A clip of the base table never gets a pseudo-label on top."""
     n = base.num_rows
     if "weight" not in base.column_names:
         base = base.append_column("weight", pa.array(np.ones(n, dtype=np.float32)))
     if "source" not in base.column_names:
         base = base.append_column("source", pa.array(["original"] * n))
-    base = base.select(["clip_id", "label", "weight", "source"]).append_column("fold", pa.nulls(n, pa.int32()))
+    # A per-fold base (the refinement decides each fold's labels) keeps its folds.
+    fold = base.column("fold").cast(pa.int32()) if "fold" in base.column_names else pa.nulls(n, pa.int32())
+    base = base.select(["clip_id", "label", "weight", "source"]).append_column("fold", fold)
     base = base.cast(LABEL_TABLE_SCHEMA)
     base_ids = set(base.column("clip_id").to_pylist())
     sel = selection.filter(selection.column("selected"))

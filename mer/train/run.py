@@ -51,6 +51,8 @@ def label_rows(features_uri: str | PartStore, labels_uri: str | None
     training set through them). Without a label table the CV rows are the store's labelled ``train`` split.
     With one, its labels and weights override; ``source=pseudo`` rows only ever train. Test-split clips never
     train. The store's train rows (clip_id, y) fix the fold assignment whatever the label table says.
+    A label table whose labelled rows carry a ``fold`` (the label loop's refinement, decided per fold) gives
+    CV rows with ``fold`` too: a clip's label and weight in fold k's training and validation (null: every fold).
     """
     store = read_parts(features_uri, columns=["split", "label"])
     ids_all = store.column("clip_id").to_pylist()
@@ -87,7 +89,31 @@ def label_rows(features_uri: str | PartStore, labels_uri: str | None
             cols["fold"] = pa.array([f for f, k in zip(fold, sel) if k], pa.int32())
         return pa.table(cols)
 
-    return pick(usable & ~pseudo, False), pick(usable & pseudo, True), split_of, store_train
+    labelled = usable & ~pseudo
+    per_fold = any(f is not None for f, k in zip(fold, labelled) if k)
+    return pick(labelled, per_fold), pick(usable & pseudo, True), split_of, store_train
+
+
+def _per_fold_labels(cv: pa.Table, folds: int, labels_uri: str | None
+                     ) -> tuple[pa.Table, list[dict[str, tuple[int, float]]]]:
+    """CV rows with a ``fold`` column (:func:`label_rows`) → one row per clip (its fold-free row, else its
+    first) and, per fold, {clip: (label, weight)} of the rows decided for that fold."""
+    by_fold: list[dict[str, tuple[int, float]]] = [{} for _ in range(folds)]
+    if "fold" not in cv.column_names:
+        return cv, by_fold
+    ids, fold = cv.column("clip_id").to_pylist(), cv.column("fold").to_pylist()
+    bad = sorted({f for f in fold if f is not None and not 0 <= f < folds})
+    if bad:
+        raise ValueError(f"label table {labels_uri}: labelled rows for folds {bad}, but train.folds={folds}")
+    for c, y, w, f in zip(ids, cv.column("y").to_pylist(), cv.column("w").to_pylist(), fold):
+        if f is not None:
+            by_fold[f][c] = (int(y), float(w))
+    first: dict[str, int] = {}
+    for i, (c, f) in enumerate(zip(ids, fold)):
+        if c not in first or (f is None and fold[first[c]] is not None):
+            first[c] = i
+    keep = sorted(first.values())
+    return cv.take(pa.array(keep, pa.int64())).drop_columns(["fold"]), by_fold
 
 
 def fold_assignment(y: np.ndarray, folds: int, seed: int) -> np.ndarray:
@@ -227,6 +253,7 @@ class RunPlan:
         storage.write_json(model_file(out_uri), self.spec)
 
         cv, pseudo, self.split_of, store_train = label_rows(store, labels_uri)
+        cv, self.cv_by_fold = _per_fold_labels(cv, tc.folds, labels_uri)
         self.cv_ids = cv.column("clip_id").to_pylist()
         self.cv_y = np.asarray(cv.column("y").to_numpy(), np.int64)
         self.cv_w = np.asarray(cv.column("w").to_numpy(), np.float32)
@@ -267,8 +294,10 @@ class RunPlan:
     def fold_targets(self, k: int) -> tuple[dict, dict]:
         """Fold ``k``'s (training, validation) clips: clip id -> (label index, weight)."""
         tr = self.fold_of != k
-        train_targets = {c: (int(y), float(w)) for c, y, w, t in zip(self.cv_ids, self.cv_y, self.cv_w, tr) if t}
-        val_targets = {c: (int(y), 1.0) for c, y, t in zip(self.cv_ids, self.cv_y, tr) if not t}
+        own = self.cv_by_fold[k]  # labels decided for this fold (a per-fold refinement), else the clip's one
+        train_targets = {c: own.get(c, (int(y), float(w)))
+                         for c, y, w, t in zip(self.cv_ids, self.cv_y, self.cv_w, tr) if t}
+        val_targets = {c: (own.get(c, (int(y), 1.0))[0], 1.0) for c, y, t in zip(self.cv_ids, self.cv_y, tr) if not t}
         # A labelled clip keeps its own label; a validation clip never trains, not even as a pseudo-label.
         train_targets.update({c: t for c, t in self.pseudo_by_fold[k].items()
                               if c not in train_targets and c not in val_targets})
