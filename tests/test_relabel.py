@@ -178,3 +178,26 @@ def test_the_loop_s_refinement_takes_fold_k_s_votes_for_fold_k() -> None:
     # rule counts are per fold
     counts = rule_counts(table)
     assert counts["relabel"] == round(sum(r["rule"] == "relabel" for r in rows) / 2)
+
+
+def test_a_per_fold_refinement_that_only_doubts_validation_rows_changes_no_training(tmp_path) -> None:
+    """The loop does not retrain a refinement whose every change is a weight on a fold's own validation rows:
+    fold k's training would be the labelled-only run's (validation weights are 1 anyway); a weight on a training
+    row, or any label change, does change it."""
+    from mer.labels.loop import changes_training
+    from mer.store import storage
+
+    run = tmp_path / "run"
+    storage.write_table(str(run / "oof.parquet"), pa.table({"clip_id": ["a", "b"], "fold": pa.array([0, 1], pa.int32())}))
+
+    def table(rows: list[tuple[str, int, str, float]]) -> pa.Table:
+        return pa.table({"clip_id": [r[0] for r in rows], "fold": pa.array([r[1] for r in rows], pa.int32()),
+                         "label": [r[2] for r in rows], "original_label": ["happy"] * len(rows),
+                         "weight": pa.array([r[3] for r in rows], pa.float32())})
+
+    same = [("a", 0, "happy", 1.0), ("b", 0, "happy", 1.0), ("a", 1, "happy", 1.0), ("b", 1, "happy", 1.0)]
+    assert not changes_training(table(same), str(run))
+    doubted_in_validation = [("a", 0, "happy", 0.4), ("b", 0, "happy", 1.0), ("a", 1, "happy", 1.0), ("b", 1, "happy", 0.3)]
+    assert not changes_training(table(doubted_in_validation), str(run))
+    assert changes_training(table([("a", 1, "happy", 0.4)]), str(run))  # a's weight in fold 1's training
+    assert changes_training(table([("a", 0, "sad", 0.9)]), str(run))  # a validation label: early stopping reads it

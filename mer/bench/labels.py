@@ -96,8 +96,9 @@ def _loop_figures(loop: dict[str, Any], truth: dict[str, str] | None) -> dict[st
     out["final_test_waf"] = best["test"]["waf"] if best["stage"] == "ensemble" else out["best_stage_test_waf"]
     out["gain"] = out["final_test_waf"] - lo
     out["gain_best_stage"] = out["best_stage_test_waf"] - lo
-    if truth is not None and "refined" in stages:
-        out["refinement"] = _refinement_scores(stages["refined"]["labels"], truth)
+    refined = next((s for s in loop["stages"] if s["stage"] == "refined" and s.get("labels")), None)
+    if truth is not None and refined is not None:  # also when its labels changed no training row (not trained)
+        out["refinement"] = _refinement_scores(refined["labels"], truth)
     out["pseudo_precision"] = {}
     out["pseudo_selected"] = {}
     for name, s in stages.items():

@@ -94,6 +94,19 @@ def _pool_scores(cfg: MerConfig, name: str, run_uri: str, features: PartStore, o
     return votes(POOL_SPLIT), (votes("train") if labelled else None)
 
 
+def changes_training(refined: pa.Table, run_uri: str) -> bool:
+    """Whether a per-fold refined table changes anything fold ``k``'s training sees against the run it would
+    replace (``run_uri``: its folds, from its out-of-fold rows): a label or weight of a training row of fold
+    ``k``, or a label of a validation row (early stopping reads them; validation weights are 1 anyway)."""
+    oof = storage.read_table(storage.join(run_uri, "oof.parquet"), columns=["clip_id", "fold"])
+    fold_of = dict(zip(oof.column("clip_id").to_pylist(), oof.column("fold").to_pylist()))
+    for r in refined.select(["clip_id", "label", "original_label", "weight", "fold"]).to_pylist():
+        validation = r["fold"] is not None and fold_of.get(r["clip_id"]) == r["fold"]
+        if r["label"] != r["original_label"] or (not validation and r["weight"] != 1.0):
+            return True
+    return False
+
+
 def _empty_predictions() -> Any:
     return PRED_SCHEMA.empty_table()
 
@@ -220,9 +233,17 @@ class LabelLoop:
         refined = refine_labels_per_fold(self.original_table, self.fold_votes, rel, self.cfg.relabel,
                                          self.cfg.labels, self.cfg.train.folds)
         write_label_table(labels_uri, refined, rel)
+        rules = rule_counts(refined)
+        if not changes_training(refined, best["run"]):
+            # Training is deterministic: with every fold's training targets and validation labels as the labelled-only
+            # run had them, the refined run would repeat it (and the gate would reject the tie).
+            return self._commit(sdir, {"stage": "refined", "run": None, "labels": labels_uri, "pool": best["pool"],
+                                       "gate": None, "accepted": False, "test": None, "rules": rules,
+                                       "decision": "no fold's training labels or weights changed (what the sources "
+                                                   "doubt lies in each fold's own validation rows): the run would "
+                                                   "repeat labelled_only; not trained"})
         run_uri = storage.join(sdir, "run")
         metrics = self._train(run_uri, "refined", labels_uri=labels_uri)
-        rules = rule_counts(refined)
         return self._commit(sdir, self._stage_record("refined", run_uri, metrics, labels_uri,
                                                      storage.join(sdir, "pool"), best, {"rules": rules}))
 
