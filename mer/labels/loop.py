@@ -183,8 +183,8 @@ class LabelLoop:
     # ------------------------------------------------------------------------------------- stages
     def sources(self) -> tuple[dict[str, Any], list[SourceVotes], list[SourceVotes], dict[str, Reliability]]:
         """Stage 0: the fused and single-modality runs, their OOF votes and pool votes, vote tables, and
-        every source's reliability. Returns (the labelled-only stage, labelled-row sources, pool sources,
-        reliabilities)."""
+        every source's reliability. Returns (the labelled-only stage, the per-fold votes on the labelled rows that
+        the refinement takes, pool sources, reliabilities)."""
         from concurrent.futures import ThreadPoolExecutor
 
         runs = {"fused": self.base_run or storage.join(self.out, "sources", "fused")}
@@ -205,32 +205,34 @@ class LabelLoop:
             votes = [f.result() for f in scored.values()]
         pool = [p for p, _ in votes]
         # Fold k's models on every labelled clip: the per-fold refinement's votes (relabel.refine_labels_per_fold).
-        self.fold_votes = [lv for _, lv in votes if lv is not None]
+        fold_votes = [lv for _, lv in votes if lv is not None]
         labelled = [run_oof_votes(n, u) for n, u in runs.items()]
         fused_run = runs["fused"]
         for name, uri in self.tables.items():
             table = read_source(name, uri)
             labelled.append(table)
             pool.append(table)
-            self.fold_votes.append(table)
+            fold_votes.append(table)
         rel = fit_sources(labelled, self.original_ids, self.y, self.prior, self.cfg.labels)
         storage.write_json(storage.join(self.out, "sources", "reliability.json"),
                            {"sources": [r.to_json() for r in rel.values()],
                             "runs": runs, "tables": self.tables})
         stage0 = self._stage_record("labelled_only", fused_run, fused_metrics, None, pools["fused"], None,
                                     {"sources": sorted(rel)})
-        return stage0, labelled, pool, rel
+        return stage0, fold_votes, pool, rel
 
-    def refine(self, rel: dict[str, Reliability], best: dict[str, Any]) -> dict[str, Any]:
+    def refine(self, fold_votes: list[SourceVotes], rel: dict[str, Reliability], best: dict[str, Any]
+               ) -> dict[str, Any]:
         """Stage 1: refined labels from every source, decided per fold with that fold's models' votes
         (:func:`mer.labels.relabel.refine_labels_per_fold`: no fold's labels reach the model judged on
-        them), retrained, gated. ``rel``: the sources' reliabilities from their out-of-fold votes."""
+        them), retrained, gated. ``fold_votes``: per-fold votes on the labelled rows (and fold-free tables);
+        ``rel``: the sources' reliabilities from their out-of-fold votes."""
         sdir = storage.join(self.out, "refined")
         done = self._finished(sdir)
         if done:
             return done
         labels_uri = storage.join(sdir, "labels.parquet")
-        refined = refine_labels_per_fold(self.original_table, self.fold_votes, rel, self.cfg.relabel,
+        refined = refine_labels_per_fold(self.original_table, fold_votes, rel, self.cfg.relabel,
                                          self.cfg.labels, self.cfg.train.folds)
         write_label_table(labels_uri, refined, rel)
         rules = rule_counts(refined)
@@ -340,11 +342,11 @@ class LabelLoop:
     def run(self, rounds: int | None = None) -> dict[str, Any]:
         """Run (or resume) every stage; write and return ``loop.json``."""
         t0 = time.time()
-        stage0, labelled, pool, rel = self.sources()
+        stage0, fold_votes, pool, rel = self.sources()
         self.stages = [stage0]
         best = stage0
         if self.cfg.labels.refine:
-            rec = self.refine(rel, best)
+            rec = self.refine(fold_votes, rel, best)
             self.stages.append(rec)
             if rec["accepted"]:
                 best = rec
