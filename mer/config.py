@@ -667,6 +667,10 @@ class ScoreConfig(_Strict):
     rows_per_part: int = Field(1024, ge=1)
     # As extract.stream_restarts: restarts of an aborted scoring stream over the clips not yet scored.
     stream_restarts: int = Field(2, ge=0)
+    # A CPU scoring whose rows (rows x the run's vectors' floats x 4 bytes) fit in this many MiB runs on the
+    # driver, part by part, with the ensemble the driver loads anyway: an actor pool's start-up costs more than
+    # such a store's forward passes. Same rows, same parts, same resume either way; 0: always the actor pool.
+    driver_rows_mb: float = Field(256.0, ge=0.0)
 
 
 class MerConfig(_Strict):

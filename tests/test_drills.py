@@ -92,7 +92,9 @@ def drill_config(tiny_config, tmp_path_factory: pytest.TempPathFactory) -> str:
     driver gets, and at the text encoder's 32 most of the 46 clips would arrive at once)."""
     from mer.config import dump_config, with_overrides
 
-    cfg = with_overrides(tiny_config, ["extract.rows_per_part=4", "score.rows_per_part=4",
+    # score.driver_rows_mb=0: the drill's store is small enough to be scored on the driver, and the drill is
+    # about the scoring actor pool losing its node.
+    cfg = with_overrides(tiny_config, ["extract.rows_per_part=4", "score.rows_per_part=4", "score.driver_rows_mb=0",
                                        "score.resources.batch_size=4", "extract.decode.resources.batch_size=4",
                                        *(f"extract.encoders.{b}.resources.batch_size=4"
                                          for b in ("global_visual", "face", "audio", "text"))])

@@ -95,6 +95,33 @@ def test_score_resumes_after_a_lost_part(small_run, train_store: str, tmp_path: 
         sorted(read_parts(store, columns=["split"]).column("clip_id").to_pylist())
 
 
+def test_a_small_store_scored_on_the_driver_equals_the_actor_pool(small_run, train_store: str,
+                                                                  tmp_path: Path) -> None:
+    """score.driver_rows_mb: a small store's forward passes run on the driver; the rows, parts and figures are
+    those of the Ray Data actor pool."""
+    from mer.config import PROB_COLUMNS
+    from mer.predict.score import score_features
+
+    cfg, run = small_run
+    cfg = with_overrides(cfg, ["score.rows_per_part=20"])
+    driver = score_features(cfg, run, train_store, str(tmp_path / "driver"), splits=["train", "test"])
+    pool = score_features(with_overrides(cfg, ["score.driver_rows_mb=0"]), run, train_store, str(tmp_path / "pool"),
+                          splits=["train", "test"])
+    assert driver["on_driver"] and not pool["on_driver"]
+    assert driver["written"] == pool["written"] == driver["total"] > 0
+    assert len(storage.list_files(str(tmp_path / "driver"), ".parquet")) == \
+        len(storage.list_files(str(tmp_path / "pool"), ".parquet")) >= 2
+    a, b = (read_parts(str(tmp_path / d)).sort_by("clip_id") for d in ("driver", "pool"))
+    for col in ("clip_id", "split", "label", "pred_label", "status", "run_id"):
+        assert a.column(col).to_pylist() == b.column(col).to_pylist(), col
+    for col in (*PROB_COLUMNS, "confidence", "fold_agreement"):
+        assert a.column(col).to_pylist() == pytest.approx(b.column(col).to_pylist(), abs=1e-6), col
+    assert a.column("fold_probs").to_pylist() == pytest.approx(b.column("fold_probs").to_pylist(), abs=1e-6)
+    # Resumes the same way: nothing left to score.
+    again = score_features(cfg, run, train_store, str(tmp_path / "driver"), splits=["train", "test"])
+    assert again["written"] == 0 and again["skipped_done"] == driver["total"]
+
+
 def _release_with_missing_videos(synth_root: Path, root: Path) -> dict[str, list[str]]:
     """A small MER2025 release cut from the generated one, where a train clip, a test clip and two
     unlabelled candidates (the generator's own missing one among them) have no video file."""

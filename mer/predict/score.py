@@ -12,6 +12,7 @@ import csv
 import io
 import logging
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -27,6 +28,7 @@ from mer.runtime.stream import Stage, build, write_stream
 from mer.store import storage
 from mer.store.parts import PartStore
 from mer.train import load_ensemble
+from mer.train.features import modality_dims
 
 log = logging.getLogger("mer.score")
 
@@ -44,8 +46,8 @@ PRED_SCHEMA = pa.schema(
 class EnsemblePredictor:
     """Callable class for ``map_batches``: loads the run's fold models once per actor."""
 
-    def __init__(self, run_uri: str, device: str = "cpu") -> None:
-        self.ensemble = load_ensemble(run_uri, device=device)
+    def __init__(self, run_uri: str, device: str = "cpu", ensemble: Any = None) -> None:
+        self.ensemble = ensemble if ensemble is not None else load_ensemble(run_uri, device=device)
         self.run_id = run_id(run_uri)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -115,27 +117,53 @@ def score_features(cfg: MerConfig, run_uri: str, features: str | PartStore, out_
     store's URI, or the store opened once by the caller (the label loop scores one store many times)."""
     t0 = time.time()
     store = PartStore.of(features)
-    modalities = list(load_ensemble(run_uri).modalities)
+    ensemble = load_ensemble(run_uri)
+    modalities = list(ensemble.modalities)
     store_cols = store.read(columns=["split"])
     wanted = [cid for cid, sp in zip(store_cols.column("clip_id").to_pylist(),
                                      store_cols.column("split").to_pylist())
               if splits is None or sp in splits]
+    have = set(store.columns)
+    cols = [c for c in ["clip_id", "split", "label", "status", "error", *modalities] if c in have]
+    local = on_driver(cfg, store, [m for m in modalities if m in have], len(wanted))
 
     def stream(pending: list[str]) -> Any:
-        have = set(store.columns)
-        cols = [c for c in ["clip_id", "split", "label", "status", "error", *modalities] if c in have]
+        if local:
+            return _driver_batches(store, cols, EnsemblePredictor(run_uri, ensemble=ensemble), pending,
+                                   cfg.score.resources.batch_size)
         return build(store.dataset(columns=cols), score_stages(cfg, run_uri, pending), cols)
 
     run = write_stream(out_uri, PRED_SCHEMA, cfg.score.rows_per_part, wanted, stream, label=progress,
                        restarts=cfg.score.stream_restarts,
                        watch=StallWatch.from_config(cfg, f"the scoring stream into {out_uri}"))
     summary: dict[str, Any] = {"out": out_uri, "total": run.wanted, "skipped_done": run.already,
-                               "written": run.writer.rows_written, "stream_restarts": run.restarts}
+                               "written": run.writer.rows_written, "stream_restarts": run.restarts,
+                               "on_driver": local}
     written = PartStore(out_uri)  # listed after the stream wrote it
     preds = written.read(columns=["status"]) if written.parts else PRED_SCHEMA.empty_table()
     summary["status_counts"] = _counts(preds.column("status").to_pylist())
     summary["seconds"] = round(time.time() - t0, 2)
     return summary
+
+
+def on_driver(cfg: MerConfig, store: PartStore, modalities: list[str], rows: int) -> bool:
+    """Whether scoring ``rows`` rows of ``store`` runs on the driver (``score.driver_rows_mb``): a CPU scoring
+    whose rows' vectors of ``modalities`` fit in that many MiB as float32."""
+    limit = cfg.score.driver_rows_mb
+    if limit <= 0 or cfg.score.resources.num_gpus > 0 or not modalities:
+        return False
+    return rows * sum(modality_dims(store, modalities).values()) * 4 <= limit * 2**20
+
+
+def _driver_batches(store: PartStore, cols: list[str], predictor: EnsemblePredictor, pending: list[str],
+                    batch_size: int) -> Iterator[pa.Table]:
+    """The pending rows of ``store`` scored on the driver, part by part, ``batch_size`` rows a call: the
+    rows :func:`score_stages`' actor pool would return."""
+    keep = _filter_ids(frozenset(pending), keep=True)
+    for part in store.iter(columns=cols):
+        rows = keep(part)
+        for start in range(0, rows.num_rows, max(1, batch_size)):
+            yield predictor(rows.slice(start, batch_size))
 
 
 def _counts(values: list) -> dict[str, int]:

@@ -147,7 +147,8 @@ def write_stream(out: str | PartStore, schema: pa.Schema, rows_per_part: int, wa
     """Write one row per key of ``wanted`` into the part store ``out``: keys already committed are skipped
     (resume; read once, before the stream starts: an open :class:`~mer.store.parts.PartStore` shares the listing
     its caller made); ``stream(pending_keys)`` builds the Ray Dataset of the others, whose batches the driver
-    commits as parts of ``rows_per_part`` rows (after ``on_batch``, which may collect figures or add columns).
+    commits as parts of ``rows_per_part`` rows (after ``on_batch``, which may collect figures or add columns);
+    ``stream`` may instead return an iterable of Arrow batches made on the driver (a small input: no Ray job).
     A stream that Ray aborts is built again over the keys not yet committed, at most ``restarts`` times
     (:func:`with_restarts`); every key still gets exactly one row. With ``label``, a progress line on the
     console (:class:`mer.runtime.console.Progress`). ``watch``: what to do when the stream stops moving
@@ -171,8 +172,11 @@ def write_stream(out: str | PartStore, schema: pa.Schema, rows_per_part: int, wa
         result.restarts, attempts = attempts, attempts + 1
         def batches() -> Any:
             # Building the stream runs Ray tasks too (from_arrow's metadata, a store's listing): it is watched.
-            result.dataset = stream(pending)
-            return result.dataset.iter_batches(batch_format="pyarrow", batch_size=None, prefetch_batches=1)
+            made = stream(pending)
+            if not hasattr(made, "iter_batches"):  # batches made on the driver (a small input, no Ray job)
+                return iter(made)
+            result.dataset = made
+            return made.iter_batches(batch_format="pyarrow", batch_size=None, prefetch_batches=1)
 
         for batch in watched(batches, watch):
             writer.add(on_batch(batch) if on_batch else batch)
