@@ -28,7 +28,6 @@ from mer.runtime.stream import Stage, build, write_stream
 from mer.store import storage
 from mer.store.parts import PartStore
 from mer.train import load_ensemble
-from mer.train.features import modality_dims
 
 log = logging.getLogger("mer.score")
 
@@ -125,7 +124,7 @@ def score_features(cfg: MerConfig, run_uri: str, features: str | PartStore, out_
               if splits is None or sp in splits]
     have = set(store.columns)
     cols = [c for c in ["clip_id", "split", "label", "status", "error", *modalities] if c in have]
-    local = on_driver(cfg, store, [m for m in modalities if m in have], len(wanted))
+    local = on_driver(cfg, ensemble.dims, len(wanted))
 
     def stream(pending: list[str]) -> Any:
         if local:
@@ -146,13 +145,13 @@ def score_features(cfg: MerConfig, run_uri: str, features: str | PartStore, out_
     return summary
 
 
-def on_driver(cfg: MerConfig, store: PartStore, modalities: list[str], rows: int) -> bool:
-    """Whether scoring ``rows`` rows of ``store`` runs on the driver (``score.driver_rows_mb``): a CPU scoring
-    whose rows' vectors of ``modalities`` fit in that many MiB as float32."""
+def on_driver(cfg: MerConfig, dims: dict[str, int], rows: int) -> bool:
+    """Whether scoring ``rows`` rows runs on the driver (``score.driver_rows_mb``): a CPU scoring whose rows'
+    vectors (the run's modality sizes ``dims``) fit in that many MiB as float32."""
     limit = cfg.score.driver_rows_mb
-    if limit <= 0 or cfg.score.resources.num_gpus > 0 or not modalities:
+    if limit <= 0 or cfg.score.resources.num_gpus > 0:
         return False
-    return rows * sum(modality_dims(store, modalities).values()) * 4 <= limit * 2**20
+    return rows * sum(dims.values()) * 4 <= limit * 2**20
 
 
 def _driver_batches(store: PartStore, cols: list[str], predictor: EnsemblePredictor, pending: list[str],
