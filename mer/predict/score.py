@@ -28,6 +28,7 @@ from mer.runtime.stream import Stage, build, write_stream
 from mer.store import storage
 from mer.store.parts import PartStore
 from mer.train import load_ensemble
+from mer.train.features import fits_in_mb
 
 log = logging.getLogger("mer.score")
 
@@ -151,7 +152,7 @@ def on_driver(cfg: MerConfig, dims: dict[str, int], rows: int) -> bool:
     limit = cfg.score.driver_rows_mb
     if limit <= 0 or cfg.score.resources.num_gpus > 0:
         return False
-    return rows * sum(dims.values()) * 4 <= limit * 2**20
+    return fits_in_mb(rows, dims.values(), limit)
 
 
 def _driver_batches(store: PartStore, cols: list[str], predictor: EnsemblePredictor, pending: list[str],

@@ -134,6 +134,12 @@ def modality_dims(features: str | PartStore, modalities: list[str]) -> dict[str,
     return dims
 
 
+def fits_in_mb(rows: int, dims: Iterable[int], limit_mb: float) -> bool:
+    """Whether ``rows`` rows of vectors of sizes ``dims`` fit in ``limit_mb`` MiB as float32: the test by which a
+    small store is read (``train.driver_rows_mb``) or scored (``score.driver_rows_mb``) on the driver."""
+    return rows * sum(dims) * 4 <= limit_mb * 2**20
+
+
 def label_index(labels: list[str | None]) -> np.ndarray:
     """Label names → class indices (-1 for null/unknown)."""
     return np.array([LABEL_INDEX.get(str(lab).strip().lower(), -1) if lab is not None else -1

@@ -30,7 +30,7 @@ from mer.store import storage
 from mer.store.data_context import data_context
 from mer.store.parts import PartStore, iter_parts, read_dataset, read_parts
 from mer.train.ensemble import load_ensemble
-from mer.train.features import LABEL_INDEX, input_stats, label_index, modality_dims, table_stats
+from mer.train.features import LABEL_INDEX, fits_in_mb, input_stats, label_index, modality_dims, table_stats
 from mer.train.fold import controller_poll_interval, fit_spec, group_name, job_name, run_fits
 from mer.train.results import plot_curves, prediction_table, weight_summary
 
@@ -530,7 +530,7 @@ def driver_rows(cfg: MerConfig, store: PartStore, mods: list[str], dims: dict[st
     if limit <= 0 or not all(p.cfg.train.cache_shards for p in plans):
         return False
     # The stored ids come with the label read that prepared the runs (PartStore caches each part's keys).
-    return len(store.ids()) * sum(dims[m] for m in mods) * 4 <= limit * 2**20
+    return fits_in_mb(len(store.ids()), (dims[m] for m in mods), limit)
 
 
 def _stats_for(stats: tuple[list[float], list[float]], mods: list[str], dims: dict[str, int], want: list[str]
