@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pytest
 
 from mer.cli import main
+from mer.config import LABELS
 from mer.evaluation.evaluate import evaluate, format_report
 from mer.store import storage
 
@@ -53,3 +55,27 @@ def test_missing_column_is_named(tmp_path: Path) -> None:
     bad.write_text("id,what\n1,2\n")
     with pytest.raises(ValueError, match=r"bad.csv: no id column"):
         evaluate(str(bad), str(bad))
+
+
+def test_metrics_equal_scikit_learns() -> None:
+    """WAF, per-class F1, accuracy and the confusion matrix are scikit-learn's to the last bit, with missing
+    predictions (-1), classes never predicted or never true, and a single row."""
+    from sklearn.metrics import accuracy_score, confusion_matrix, f1_score
+
+    from mer.evaluation.metrics import accuracy, confusion, per_class_f1, weighted_f1
+
+    rng = np.random.default_rng(1)
+    labels = list(range(len(LABELS)))
+    for n in (1, 2, 7, 60, 500):
+        for _ in range(20):
+            t = rng.integers(0, len(LABELS), n)
+            p = np.where(rng.random(n) < 0.6, t, rng.integers(-1, len(LABELS), n))
+            if n > 2 and rng.random() < 0.3:
+                t[t == 2] = 0  # a class never true (but maybe predicted)
+            assert weighted_f1(t, p) == float(f1_score(t, p, labels=labels, average="weighted", zero_division=0.0))
+            assert list(per_class_f1(t, p).values()) == \
+                f1_score(t, p, labels=labels, average=None, zero_division=0.0).tolist()
+            assert accuracy(t, p) == float(accuracy_score(t, p))
+            np.testing.assert_array_equal(confusion(t, p), confusion_matrix(t, p, labels=labels))
+    assert weighted_f1([], []) == 0.0 and accuracy([], []) == 0.0
+    assert weighted_f1([1, 1], [-1, -1]) == 0.0 and confusion([1], [-1]).sum() == 0

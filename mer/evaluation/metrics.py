@@ -1,7 +1,12 @@
-"""Classification metrics of the MER challenge (scikit-learn's): weighted-average F1 (WAF), accuracy, confusion.
+"""Classification metrics of the MER challenge: weighted-average F1 (WAF), accuracy, confusion.
 
 Labels are class indices into :data:`mer.config.LABELS`. A prediction of ``-1`` (no prediction for a clip)
 counts as wrong for every metric and is left out of the confusion matrix's columns.
+
+The figures are scikit-learn's (``f1_score(labels=range(6), zero_division=0)``, ``accuracy_score``,
+``confusion_matrix(labels=range(6))``), computed here with NumPy to the same float64 operations
+(tests/test_evaluate.py compares them): every Ray Train worker scores each epoch, and importing
+scikit-learn costs a new process over a second.
 """
 
 from __future__ import annotations
@@ -28,31 +33,42 @@ def _arrays(y_true: Sequence[int], y_pred: Sequence[int]) -> tuple[np.ndarray, n
 
 def accuracy(y_true: Sequence[int], y_pred: Sequence[int]) -> float:
     """Fraction of exact matches (0.0 for empty input)."""
-    from sklearn.metrics import accuracy_score
-
     t, p = _arrays(y_true, y_pred)
-    return float(accuracy_score(t, p)) if t.size else 0.0
+    return float(np.average(t == p)) if t.size else 0.0
+
+
+def _f1_support(t: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-class F1 (0.0 where the class has no true and no predicted sample) and true support, over the classes
+    0..5; a sample whose true or predicted index is outside them adds to no class's hits or predictions."""
+    valid_t = (t >= 0) & (t < N_CLASSES)
+    valid_p = (p >= 0) & (p < N_CLASSES)
+    true_sum = np.bincount(t[valid_t], minlength=N_CLASSES)
+    pred_sum = np.bincount(p[valid_p], minlength=N_CLASSES)
+    tp_sum = np.bincount(t[valid_t & (t == p)], minlength=N_CLASSES)
+    # scikit-learn's F-beta at beta = 1: (1 + b^2) tp / (b^2 true + pred), zero where the denominator is zero.
+    denom = 1.0 * true_sum + pred_sum
+    f1 = np.divide(2.0 * tp_sum, denom, out=np.zeros(N_CLASSES, dtype=np.float64), where=denom != 0)
+    return f1, true_sum
 
 
 def per_class_f1(y_true: Sequence[int], y_pred: Sequence[int]) -> dict[str, float]:
     """F1 of each class, keyed by label name (0.0 for a class with no true and no predicted sample)."""
-    from sklearn.metrics import f1_score
-
     t, p = _arrays(y_true, y_pred)
     if not t.size:
         return {name: 0.0 for name in LABELS}
-    f1 = f1_score(t, p, labels=list(range(N_CLASSES)), average=None, zero_division=0.0)
+    f1, _ = _f1_support(t, p)
     return {name: float(v) for name, v in zip(LABELS, f1)}
 
 
 def weighted_f1(y_true: Sequence[int], y_pred: Sequence[int]) -> float:
     """Weighted-average F1 (the MER2025 WAF): per-class F1 weighted by the class's true support."""
-    from sklearn.metrics import f1_score
-
     t, p = _arrays(y_true, y_pred)
     if not t.size:
         return 0.0
-    return float(f1_score(t, p, labels=list(range(N_CLASSES)), average="weighted", zero_division=0.0))
+    f1, support = _f1_support(t, p)
+    if support.sum() == 0:
+        return 0.0
+    return float(np.average(f1, weights=support))
 
 
 def weighted_f1_resampled(y_true: np.ndarray, y_pred: np.ndarray, counts: np.ndarray) -> np.ndarray:
@@ -70,12 +86,11 @@ def weighted_f1_resampled(y_true: np.ndarray, y_pred: np.ndarray, counts: np.nda
 
 def confusion(y_true: Sequence[int], y_pred: Sequence[int]) -> np.ndarray:
     """Confusion matrix ``[true, pred]`` of shape (6, 6); rows with no prediction (-1) are not counted."""
-    from sklearn.metrics import confusion_matrix
-
     t, p = _arrays(y_true, y_pred)
-    if not t.size:
-        return np.zeros((N_CLASSES, N_CLASSES), dtype=np.int64)
-    return confusion_matrix(t, p, labels=list(range(N_CLASSES))).astype(np.int64)
+    cm = np.zeros((N_CLASSES, N_CLASSES), dtype=np.int64)
+    both = (t >= 0) & (t < N_CLASSES) & (p >= 0) & (p < N_CLASSES)
+    np.add.at(cm, (t[both], p[both]), 1)
+    return cm
 
 
 def plot_confusion(cm: np.ndarray, path_or_uri: str, title: str = "confusion matrix") -> str:

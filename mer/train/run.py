@@ -117,17 +117,30 @@ def _per_fold_labels(cv: pa.Table, folds: int, labels_uri: str | None
 
 
 def fold_assignment(y: np.ndarray, folds: int, seed: int) -> np.ndarray:
-    """Stratified, seeded fold index per row."""
-    from sklearn.model_selection import StratifiedKFold
-
+    """Stratified, seeded fold index per row: scikit-learn's ``StratifiedKFold(folds, shuffle=True,
+    random_state=seed)`` test folds, drawn here with NumPy (the same allocation and the same draws of
+    ``RandomState(seed)``, so every earlier run's folds stay as they were; tests/test_folds.py compares them)
+    because importing scikit-learn costs the driver over a second."""
     if len(y) < folds:
         raise ValueError(f"{len(y)} labelled rows cannot make {folds} folds")
+    y = np.asarray(y, dtype=np.int64)
     counts = np.bincount(y, minlength=len(LABELS))
-    # StratifiedKFold needs every class to have >= folds members to stratify it; rarer ones are spread.
+    # Stratifying a class needs >= folds members; rarer ones are spread as one group.
     strat = np.where(counts[y] >= folds, y, -1)
-    out = np.zeros(len(y), dtype=np.int64)
-    for k, (_, val_idx) in enumerate(StratifiedKFold(folds, shuffle=True, random_state=seed).split(y, strat)):
-        out[val_idx] = k
+    # Classes numbered in order of first appearance, each class's fold counts dealt round robin over the
+    # sorted classes, then each class's block of fold indices shuffled (StratifiedKFold._make_test_folds).
+    _, first, inverse = np.unique(strat, return_index=True, return_inverse=True)
+    _, perm = np.unique(first, return_inverse=True)
+    encoded = perm[inverse.reshape(-1)]
+    n_classes = len(first)
+    ordered = np.sort(encoded)
+    allocation = np.asarray([np.bincount(ordered[i::folds], minlength=n_classes) for i in range(folds)])
+    rng = np.random.RandomState(seed)
+    out = np.empty(len(y), dtype=np.int64)
+    for k in range(n_classes):
+        block = np.arange(folds).repeat(allocation[:, k])
+        rng.shuffle(block)
+        out[encoded == k] = block
     return out
 
 
