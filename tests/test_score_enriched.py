@@ -15,6 +15,8 @@ from mer.config import LABELS
 from mer.store.parts import read_parts
 from test_cli_plain import mer
 
+EAGER = ("--set", "enrich.enforce_eager=true")
+
 # make check leaves the module out: an extraction with the LLM stage, a training run and two scorings, as commands
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(2400)]
 
@@ -26,8 +28,11 @@ def enriched_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
     mer("data", "synth", "--out", str(data), "--n-train", "20", "--n-unlabeled", "4", "--n-test", "6")
     mer("data", "import-mer2025", "--root", str(data), "--out", str(manifest),
         "--test-labels", str(data / "test_labels.csv"))
+    # Eager engines (no torch.compile of the LLM at their start; EAGER below for the scorings, since an engine
+    # setting is not a feature setting the run records): on a fresh checkout the compile cache is empty, and
+    # compiling the tiny LLM took longer than the rest of the extraction.
     extract = mer("extract", "--profile", "tiny", "--manifest", str(manifest), "--out", str(root / "features"),
-                  "--set", "enrich.enabled=true")
+                  "--set", "enrich.enabled=true", "--set", "enrich.enforce_eager=true")
     # Any trained run does for what the module checks (scoring with and without its enrichment cache): 2 folds of
     # 4 epochs, reports polled every 0.1 s, instead of the repo's 5 folds of up to 30 epochs at 0.5 s.
     mer("train", "--profile", "tiny", "--features", str(root / "features"), "--out", str(root / "run"),
@@ -56,7 +61,7 @@ def test_scoring_new_videos_with_no_cache_generates_and_finishes(enriched_run: d
     try:
         out = root / "scores_nocache"
         proc = mer("score", "--profile", "tiny", "--run", str(root / "run"), "--manifest",
-                   str(enriched_run["manifest"]), "--splits", "unlabeled,test", "--out", str(out))
+                   str(enriched_run["manifest"]), "--splits", "unlabeled,test", "--out", str(out), *EAGER)
     finally:
         shutil.move(root / "enrich_cache.away", root / "enrich_cache")
     candidates = _candidates(enriched_run["data"])
@@ -76,7 +81,7 @@ def test_scoring_with_the_run_s_cache_generates_nothing(enriched_run: dict) -> N
     root = enriched_run["root"]
     out = root / "scores_cached"
     proc = mer("score", "--profile", "tiny", "--run", str(root / "run"), "--manifest", str(enriched_run["manifest"]),
-               "--splits", "unlabeled,test", "--out", str(out))
+               "--splits", "unlabeled,test", "--out", str(out), *EAGER)
     assert f"enrichment cache: {root / 'enrich_cache'}" in proc.stderr, proc.stderr[-3000:]
     generated = [ln for ln in proc.stderr.splitlines() if "to the vllm engine" in ln]
     assert generated and generated[0].rstrip().endswith(" 0 to the vllm engine"), proc.stderr[-3000:]

@@ -96,11 +96,13 @@ STUDY_SETS = [
     "train.modalities=[audio,text]", "train.folds=2", "train.max_epochs=3", "train.patience=3",
     "train.hidden_dim=32", "train.num_heads=4", "train.resources.batch_size=16", "train.lr=0.003",
     "train.max_failures=0", "train.resources.concurrency=2", "train.poll_interval_s=0.1", "train.zero_stage=2",
-    # 3 trials (the default config first) over hidden size and learning rate; each trial 2 folds at once of
-    # 2 workers x 0.25 CPU: two trials share the 2-CPU head
+    # 3 trials (the default config first) over hidden size and learning rate; each trial 2 folds at once (two
+    # worker groups reporting to one trial) of one worker x 0.25 CPU: two trials share the 2-CPU head. One worker
+    # per group: a second would add a process with torch and DeepSpeed to start for each of the study's ~10 groups
+    # and test nothing of tuning (data-parallel workers are tests/test_train.py's).
     "tune.num_samples=3", "tune.seed=1", "tune.space.hidden_dim=[choice, 16, 32]",
     "tune.space.lr=[choice, 0.003, 0.0003]", *(f"tune.space.{k}=null" for k in SPACE_OFF),
-    "tune.train={parallel_folds: 2, resources: {num_cpus: 0.25}}", "tune.asha.grace_period=1",
+    "tune.train={parallel_folds: 2, resources: {num_cpus: 0.25, concurrency: 1}}", "tune.asha.grace_period=1",
 ]
 
 
