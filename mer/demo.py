@@ -62,6 +62,9 @@ DEMO_OVERRIDES: list[str] = [
     # A random-weight LLM decoded greedily repeats one token (often a byte piece that cleans to nothing);
     # seeded sampling makes it write varied noise the fusion must learn to down-weight.
     "enrich.temperature=1.0",
+    # An eager engine: compiling the tiny LLM at the engine's start (a fresh checkout has no compile cache) cost
+    # more than its whole enrichment.
+    "enrich.enforce_eager=true",
     # Text from the video itself: clips without a subtitle are transcribed (tiny Whisper), every clip's keyframes
     # described (tiny vision-language model), both inside the extraction stream. Random weights: sampled, like the
     # enrichment, since their greedy answer is an end token; eager engines (no compilation at start-up).
