@@ -28,11 +28,6 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --no-build-isolation deepspeed==0.19.8
 	$(PY) -m pip install -q -e ".[dev,cpu]"
 	$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec triton 2>/dev/null || true
-	# DeepSpeed compiles its CPU shared-memory op (into .cache/torch_extensions) on first use: here it costs ~1 min
-	# once, instead of stalling the first training's workers, one of which a killed run can leave holding the lock.
-	$(PY) -c "from deepspeed.accelerator import get_accelerator as a; b = a().create_op_builder('ShareMemCommBuilder'); \
-		b.load(verbose=False) if b is not None and b.is_compatible() else None" \
-		|| echo "note: DeepSpeed's shm op did not build now; the first training builds it"
 	touch $@
 
 demo: $(STAMP)

@@ -262,6 +262,7 @@ class Engines:
         key = self.shape(arch, dims, tc)
         engine = self.engines.get(key) if self.reusable(tc) else None
         if engine is None:
+            without_inference_shm_op()
             engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters()
                                                                                   if p.requires_grad],
                                                    config=deepspeed_config(tc))
@@ -277,6 +278,20 @@ class Engines:
             if hasattr(engine, "destroy"):
                 engine.destroy()
         self.engines.clear()
+
+
+def without_inference_shm_op() -> None:
+    """Keep DeepSpeed from building its CPU shared-memory collective, which only its inference all-reduce uses.
+
+    DeepSpeed's comm backend loads that op whenever the op counts as buildable, and on a CPU machine that means a
+    JIT compile of C++ (30-70 s on two cores) into ``torch_extensions`` at a process's first engine, under a file
+    lock that a worker killed mid-compile leaves behind for every later start to wait on. Training's collectives
+    (gloo, NCCL) never go through it. ``deepspeed.ops.__compatible_ops__`` is the one dict DeepSpeed consults for
+    what may be built, kept in its module so that edits to it persist; marked off there, the backend starts
+    without the op."""
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
 def reset_engine(engine: Any, weights: dict[str, Any]) -> None:
