@@ -220,8 +220,10 @@ def test_parallel_folds_overlap_and_resume_the_failed_one(ray_local, store: str,
                                                           tmp_path: Path) -> None:
     """Folds as concurrent worker groups: they overlap in time; one failing fold fails the run after the
     other commits, and resume trains only the failed one."""
-    # 0.1 CPU per worker: both worker groups fit beside whatever else the session's Ray holds
+    # 0.1 CPU per worker: both worker groups fit beside whatever else the session's Ray holds. One worker per group:
+    # what is tested is groups side by side (a group's data-parallel ranks are the suite run's, two per group).
     cfg = train_cfg(**{"train.parallel_folds": 2, "train.resources.num_cpus": 0.1, "train.max_failures": 0,
+                       "train.resources.concurrency": 1,
                        "train.max_epochs": 10, "train.patience": 10})
     out = str(tmp_path / "par")
     # fold 1, rank 0 dies in epoch 2 with no retries left: the run must fail, fold 0 must still commit.
