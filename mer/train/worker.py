@@ -284,8 +284,9 @@ def without_inference_shm_op() -> None:
     """Keep DeepSpeed from building its CPU shared-memory collective, which only its inference all-reduce uses.
 
     DeepSpeed's comm backend loads that op whenever the op counts as buildable, and on a CPU machine that means a
-    JIT compile of C++ (30-70 s on two cores) into ``torch_extensions`` at a process's first engine, under a file
-    lock that a worker killed mid-compile leaves behind for every later start to wait on. Training's collectives
+    JIT compile of C++ (30-70 s on two cores) into ``torch_extensions`` at a process's first engine — again whenever
+    a process started from another directory finds a build made with another command — under a file lock that a
+    worker killed mid-compile leaves behind for every later start to wait on. Training's collectives
     (gloo, NCCL) never go through it. ``deepspeed.ops.__compatible_ops__`` is the one dict DeepSpeed consults for
     what may be built, kept in its module so that edits to it persist; marked off there, the backend starts
     without the op."""
