@@ -423,6 +423,10 @@ class TrainConfig(_Strict):
     # and Ray Train's dataset actors) than reading it does. Same rows, statistics and results either way;
     # 0: always Ray Data. Needs cache_shards (the streaming path is Ray Data's).
     driver_rows_mb: float = Field(256.0, ge=0.0)
+    # A job of many runs (the label loop, an ablation, a study, mer bench train) on a store read as above, whose
+    # pool scoring also runs on the driver, hands its fits to worker groups that stay up for the whole job
+    # (mer.train.service); false: every run starts its own worker groups.
+    fit_service: bool = True
     standardize_inputs: bool = True
     # Ray Train controller poll interval; each per-epoch report waits for the previous one to be polled.
     poll_interval_s: float = Field(0.5, gt=0)

@@ -13,7 +13,7 @@ import contextlib
 import io
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -33,6 +33,7 @@ from mer.train.ensemble import load_ensemble
 from mer.train.features import LABEL_INDEX, fits_in_mb, input_stats, label_index, modality_dims, table_stats
 from mer.train.fold import controller_poll_interval, fit_spec, group_name, job_name, run_fits
 from mer.train.results import plot_curves, prediction_table, weight_summary
+from mer.train.service import active as active_service
 
 log = logging.getLogger("mer.train")
 
@@ -369,21 +370,23 @@ class RunPlan:
 
 def train_run(cfg: MerConfig, features_uri: str | PartStore, out_uri: str, *, resume: bool = False,
               labels_uri: str | None = None, modalities: list[str] | None = None,
-              run_name: str | None = None, callbacks: list[Any] | None = None) -> dict:
+              run_name: str | None = None, callbacks: list[Any] | None = None,
+              progress: Callable[[dict[str, Any]], None] | None = None) -> dict:
     """k-fold training of ``cfg.train.model`` on a feature store (its URI, or the store opened once by the caller:
     every read of it here shares one listing); writes the run directory, returns metrics.
 
     ``resume=True`` returns a finished run's metrics as they are, skips finished folds and continues the
     unfinished one from its latest Ray Train checkpoint; ``resume=False`` starts over (clears checkpoints).
     ``labels_uri``: label table (clip_id, label, weight, source) overriding labels and sample weights.
-    ``modalities`` restricts the branches (ablations). ``callbacks``: Ray Train ``UserCallback``s given to
+    ``modalities`` restricts the branches (ablations). ``progress``: called with every epoch's report when the
+    run trains on a fit service (:mod:`mer.train.service`). ``callbacks``: Ray Train ``UserCallback``s given to
     every group's controller (progress reporting, experiment tracking; tests inject worker failures with one),
     see :func:`mer.train.fold.run_fits`. Folds train in ``train.parallel_folds`` groups at once, each group's
     folds in turn in one worker group (checkpoints in ``<out>/ray/folds_<k>_…``). Needs a Ray connection
     (started locally if none).
     """
     return train_runs(cfg, features_uri, [RunRequest(out_uri, labels_uri, modalities, run_name)], resume=resume,
-                      callbacks=callbacks)[0]
+                      callbacks=callbacks, progress=progress)[0]
 
 
 class RunRequest(NamedTuple):
@@ -397,7 +400,8 @@ class RunRequest(NamedTuple):
 
 def train_runs(cfg: MerConfig, features_uri: str | PartStore, runs: list[RunRequest], *, resume: bool = False,
                job_dir: str | None = None, groups: int | None = None,
-               callbacks: list[Any] | None = None) -> list[dict]:
+               callbacks: list[Any] | None = None,
+               progress: Callable[[dict[str, Any]], None] | None = None) -> list[dict]:
     """Several k-fold runs on one store (each as :func:`train_run` would train it, same run directories and
     figures) as ONE training job: every unfinished fold of every run is a fit of the same Ray Train job, so
     the worker group's start-up, imports, data hand-over and (per model shape) DeepSpeed engine are paid once
@@ -419,6 +423,9 @@ def train_runs(cfg: MerConfig, features_uri: str | PartStore, runs: list[RunRequ
         return [storage.read_json(storage.join(r.out_uri, "metrics.json")) for r in runs]
     cfg = init_ray(cfg)
     ensure_placeable(f"training {runs[0].out_uri}", train_demands(cfg, one_fold=True))
+    client = active_service()
+    if client is not None and not callbacks and cfg.train.driver_rows_mb > 0:
+        client.warm()  # a fit service's groups start while the runs are prepared here
     if not resume and job_dir is not None:
         # Starting over: the job's stale checkpoints would otherwise be restored by Ray Train (same job names).
         storage.delete_dir(job_dir)
@@ -429,12 +436,13 @@ def train_runs(cfg: MerConfig, features_uri: str | PartStore, runs: list[RunRequ
         p.t_start = t0
     live = [p for p in plans if p.done is None]
     if live:
-        _train_job(cfg, store, live, job_dir=job_dir, groups=groups, callbacks=callbacks)
+        _train_job(cfg, store, live, job_dir=job_dir, groups=groups, callbacks=callbacks, progress=progress)
     return [p.done if p.done is not None else p.metrics for p in plans]
 
 
 def _train_job(cfg: MerConfig, store: PartStore, plans: list[RunPlan], *, job_dir: str | None,
-               groups: int | None, callbacks: list[Any] | None) -> None:
+               groups: int | None, callbacks: list[Any] | None,
+               progress: Callable[[dict[str, Any]], None] | None = None) -> None:
     """Train the unfinished folds of ``plans`` as one job, commit them, finish every run (``plan.metrics``)."""
     mods: list[str] = []
     for p in plans:
@@ -443,7 +451,13 @@ def _train_job(cfg: MerConfig, store: PartStore, plans: list[RunPlan], *, job_di
     base: Any = None  # the rows as a materialised Ray dataset (a large store) ...
     rows_ref: Any = None  # ... or as one Arrow table in the object store (a small one)
     parts: list[pa.Table] = []
-    if driver_rows(cfg, store, mods, dims, plans):
+    small = driver_rows(cfg, store, mods, dims, plans)
+    # A fit service open in this process (mer.train.service) trains a small store's fits on its warm worker
+    # groups; its workers read the rows themselves. Ray Train callbacks belong to a job's own trainer.
+    client = active_service() if small and not callbacks else None
+    if client is not None:
+        parts = list(store.iter(columns=mods))  # for the input statistics only
+    elif small:
         # A small store: its parts read here with pyarrow, one row per clip as Ray Data's reader gives them,
         # and put in the object store once for every worker of the job. No read tasks, no Ray Data actors, and no
         # worker waits for its shard from the worker group's dataset actor: on a small store those start-ups cost
@@ -466,7 +480,7 @@ def _train_job(cfg: MerConfig, store: PartStore, plans: list[RunPlan], *, job_di
             continue
         ids = frozenset(p.stats_ids)
         if ids not in by_rows:
-            if rows_ref is not None:
+            if base is None:
                 by_rows[ids] = table_stats(parts, mods, dims, set(ids))
             else:
                 with quiet_data():
@@ -474,7 +488,7 @@ def _train_job(cfg: MerConfig, store: PartStore, plans: list[RunPlan], *, job_di
         p.input_stats = _stats_for(by_rows[ids], mods, dims, p.mods)
     parts.clear()  # the object store holds the rows from here on
     for p in plans:
-        p.timing["rows"] = "driver" if rows_ref is not None else "ray_data"
+        p.timing["rows"] = "service" if client is not None else "driver" if rows_ref is not None else "ray_data"
 
     single = len(plans) == 1
     tagged = {p.run_name: p for p in plans}
@@ -493,6 +507,9 @@ def _train_job(cfg: MerConfig, store: PartStore, plans: list[RunPlan], *, job_di
         dealt = [g for g in (fits[i::n_groups] for i in range(n_groups)) if g]
         ray_dir = job_dir or storage.join(plans[0].out_uri, "ray")
         jobs = [(g, ray_dir, job_name([f["key"] for f in g])) for g in dealt]
+    if client is not None:
+        _train_on_service(client, store, plans, fits, owner, mods, dims, progress)
+        return
     if len(plans) > 1:
         log.info("training job: %d runs, %d fits in %d worker group(s) (%s)", len(plans), len(fits), len(jobs),
                  ", ".join(p.run_name for p in plans))
@@ -529,6 +546,27 @@ def _train_job(cfg: MerConfig, store: PartStore, plans: list[RunPlan], *, job_di
         else:
             for g in jobs:
                 fit_group(g)
+    for p in plans:
+        p.timing["job_runs"] = len(plans)
+        p.metrics = p.finish(t_train)
+
+
+def _train_on_service(client: Any, store: PartStore, plans: list[RunPlan], fits: list[dict[str, Any]],
+                      owner: dict[str, tuple[RunPlan, int]], mods: list[str], dims: dict[str, int],
+                      progress: Callable[[dict[str, Any]], None] | None) -> None:
+    """The job's fits handed to a fit service's warm worker groups; each fold committed as it is answered (a
+    failed service leaves the answered folds committed, for ``resume=True``), then every run finished."""
+    if len(plans) > 1:
+        log.info("training job: %d runs, %d fits on the fit service (%s)", len(plans), len(fits),
+                 ", ".join(p.run_name for p in plans))
+
+    def commit(key: str, res: dict[str, Any]) -> None:
+        plan, k = owner[key]
+        plan.commit(k, res)
+        plan.timing["groups"].append({"fits": [key], **res["group_timing"]})
+
+    t_train = time.time()
+    client.run(fits, store=store, mods=mods, dims=dims, on_result=commit, on_progress=progress)
     for p in plans:
         p.timing["job_runs"] = len(plans)
         p.metrics = p.finish(t_train)

@@ -27,6 +27,7 @@ import os
 import random
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -237,8 +238,9 @@ class Engines:
     parameters) and bf16 without ZeRO (DeepSpeed's own bf16 optimizer) get a fresh engine per fit.
     """
 
-    def __init__(self) -> None:
-        self.engines: dict[str, Any] = {}
+    def __init__(self, keep: int = 4) -> None:
+        self.engines: dict[str, Any] = {}  # in order of last use
+        self.keep = keep  # engines held at most (a study's trials come in many shapes); the oldest goes first
         self.built = 0  # engines set up by deepspeed.initialize (the rest were handed over)
 
     @staticmethod
@@ -246,7 +248,7 @@ class Engines:
         """What two fits must share to share an engine: everything that sizes the model or configures DeepSpeed."""
         keep = {k: v for k, v in tc.model_dump(mode="json").items()
                 if k not in ("modalities", "max_epochs", "patience", "folds", "parallel_folds", "seed",
-                             "max_failures", "checkpoints_to_keep", "cache_shards", "driver_rows_mb",
+                             "max_failures", "checkpoints_to_keep", "cache_shards", "driver_rows_mb", "fit_service",
                              "standardize_inputs",
                              "poll_interval_s", "label_smoothing")}
         return json.dumps({"arch": arch, "dims": dims, "train": keep}, sort_keys=True)
@@ -269,7 +271,12 @@ class Engines:
             self.built += 1
             if self.reusable(tc):
                 self.engines[key] = engine
+                while len(self.engines) > self.keep:
+                    oldest = self.engines.pop(next(iter(self.engines)))
+                    if hasattr(oldest, "destroy"):
+                        oldest.destroy()
             return engine
+        self.engines[key] = self.engines.pop(key)  # the most recently used goes last
         reset_engine(engine, model.state_dict())
         return engine
 
@@ -347,12 +354,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if ckpt is not None:
         with ckpt.as_directory() as d:
             states = dict(json.loads((Path(d) / "state.json").read_text())["fits"])
-            for key, st in states.items():
-                if st["finished"]:
-                    for name in ("best.pt", "val_pred.parquet"):
-                        path = Path(d) / fit_dir(key) / name
-                        if path.exists():
-                            files[f"{fit_dir(key)}/{name}"] = path.read_bytes()
+            files.update(_finished_files(Path(d), states))
     todo = [f for f in fits if not states.get(f["key"], {}).get("finished")]
     targets = {f["key"]: _fold_targets(f["targets"]) for f in todo}
     # One dataset for every fit of the job: each worker reads the rows its fits use once, every modality any
@@ -390,6 +392,173 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     engines.close()
 
 
+def _finished_files(d: Path, states: dict[str, dict[str, Any]]) -> dict[str, bytes]:
+    """The outputs (best weights, validation predictions) of the finished fits in checkpoint directory ``d``."""
+    out: dict[str, bytes] = {}
+    for key, st in states.items():
+        if st["finished"]:
+            for name in ("best.pt", "val_pred.parquet"):
+                path = d / fit_dir(key) / name
+                if path.exists():
+                    out[f"{fit_dir(key)}/{name}"] = path.read_bytes()
+    return out
+
+
+SERVICE_STOP = "stop"  # what :class:`mer.train.service.FitService` puts on its queue to end a worker group
+
+
+def service_loop_per_worker(config: dict[str, Any]) -> None:
+    """Ray Train entry point of a fit service's worker group (:mod:`mer.train.service`): requests of fits taken in
+    turn from the service's queue until it says :data:`SERVICE_STOP`, each answered on its client's queue.
+
+    ``config``: ``requests`` (the service's ``ray.util.queue.Queue``), ``threads``, ``idle_s`` (how long rank 0
+    waits on the queue before telling the other ranks that nothing came: they wait in a broadcast, whose timeout
+    must never run out). A request: ``{"id", "store" (URI), "parts" (its part files), "mods", "dims", "fits"
+    (:func:`mer.train.fold.fit_spec` dicts), "progress" (epoch reports go to the client too), "reply" (the client's
+    queue)}``. Each worker reads the store's rows itself (a service takes small stores only) and keeps them, and its
+    DeepSpeed engines (:class:`Engines`), for every later request on the same rows: a request pays its fits' compute.
+
+    A request is checkpointed as soon as rank 0 takes it (``state.json`` ``request`` and the client's queue,
+    pickled), then with every epoch of its fits as :func:`train_loop_per_worker` does: a restarted worker group
+    (``FailureConfig``) continues the request at its first unfinished fit and answers it. An answer may come twice
+    (a group restarted after answering, before its next request); clients keep the first.
+    """
+    t_start = time.time()
+    import ray
+    import ray.train
+    import torch
+    from ray.exceptions import RayError
+    from ray.util.queue import Empty
+
+    import deepspeed  # noqa: F401 - imported here so that the start-up figures tell imports from the engine
+
+    from mer.fusion import build_model  # noqa: F401 - same
+    from mer.store.parts import PartStore
+
+    startup: dict[str, float] = {"loop_at": t_start, "imports_s": time.time() - t_start}
+    torch.set_num_threads(max(1, int(config.get("threads", 1))))
+    rank = ray.train.get_context().get_world_rank()
+    requests, idle_s = config["requests"], float(config.get("idle_s", 5.0))
+    engines = Engines()
+    cached: dict[tuple, GroupRows] = {}
+    current: dict[str, Any] | None = None
+    reply: Any = None
+    states: dict[str, dict[str, Any]] = {}
+    files: dict[str, bytes] = {}
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            saved = json.loads((Path(d) / "state.json").read_text())
+            current = saved.get("request")
+            if current is not None:
+                states = dict(saved.get("fits", {}))
+                files = _finished_files(Path(d), states)
+                reply = _unpickle(saved["reply"]) if saved.get("reply") else None
+    while True:
+        taken = current is None
+        msg: Any = current
+        if rank == 0 and current is None:
+            try:
+                msg = requests.get(timeout=idle_s)
+            except Empty:
+                msg = None
+            except RayError:
+                msg = SERVICE_STOP  # the queue is gone: the service stopped (another group failed), so end cleanly
+            if isinstance(msg, dict):
+                reply = msg.pop("reply", None)
+        box = [msg if rank == 0 else None]
+        torch.distributed.broadcast_object_list(box, src=0)
+        req = box[0]
+        if req is None:
+            continue
+        if req == SERVICE_STOP:
+            break
+        header = {"request": req, "reply": _pickled(reply) if rank == 0 else None}
+        if taken:
+            # From here a restarted group finds the request in its checkpoint.
+            req["taken_at"] = time.time()
+            states, files, ckpt = {}, {}, None
+            with tempfile.TemporaryDirectory() as tmp:
+                if rank == 0:
+                    (Path(tmp) / "state.json").write_text(json.dumps({"fits": {}, "startup": startup, **header}))
+                # Epoch 0 of the request's first fit: a callback that follows fits by fold and epoch sees it too.
+                first = req["fits"][0] if req["fits"] else {}
+                ray.train.report({"request": req["id"], "taken": True, "fit": first.get("key"),
+                                  "fold": first.get("fold"), "run": first.get("run"), "epoch": 0, "pid": os.getpid()},
+                                 checkpoint=ray.train.Checkpoint.from_directory(tmp) if rank == 0 else None)
+        current = req
+        key_rows = (req["store"], tuple(req["parts"]), tuple(req["mods"]))
+        data_s = 0.0  # this request's reading of the rows (none when a worker holds them already)
+        if key_rows not in cached:
+            t0 = time.time()
+            cached.clear()  # one store's rows at a time
+            table = pa.concat_tables(list(PartStore(req["store"]).iter(columns=list(req["mods"]))),
+                                     promote_options="default")
+            rows = GroupRows(table, list(req["mods"]), {m: int(d) for m, d in req["dims"].items()},
+                             set(table.column("clip_id").to_pylist()), cache=True)
+            rows.arrays()
+            cached[key_rows] = rows
+            data_s = time.time() - t0
+        rows = cached[key_rows]
+
+        def progress(metrics: dict[str, Any], rid: str = req["id"]) -> bool:
+            return _answer(reply, {"id": rid, "progress": metrics})
+
+        t_fits = time.time()
+        cancelled = False
+        for f in req["fits"]:
+            key = f["key"]
+            if states.get(key, {}).get("finished"):
+                continue
+            _train_fit(f, rows, _fold_targets(f["targets"]), states, files, ckpt if key in states else None,
+                       t_fits, startup, engines, header=header,
+                       on_report=progress if req.get("progress") and reply is not None else None,
+                       cancellable=bool(req.get("progress")))
+            t_fits = time.time()
+            if states[key].get("cancelled"):
+                print(f"[mer.train] request {req['id']}: its client is gone; fit {key} left at epoch "
+                      f"{states[key]['epoch']}", flush=True)
+                cancelled = True
+                break
+        if rank == 0 and reply is not None and not cancelled:
+            _answer(reply, {"id": req["id"], "taken_at": req.get("taken_at"), "done_at": time.time(), "data_s": data_s,
+                       "startup": dict(startup), "engines_built": engines.built,
+                       "results": {f["key"]: {"state": states[f["key"]],
+                                              "best": files[f"{fit_dir(f['key'])}/best.pt"],
+                                              "val_pred": files[f"{fit_dir(f['key'])}/val_pred.parquet"]}
+                                   for f in req["fits"]}})
+        current, reply, states, files, ckpt = None, None, {}, {}, None
+    engines.close()
+
+
+def _answer(reply: Any, message: dict[str, Any]) -> bool:
+    """Put ``message`` on a client's queue; whether it got there. A client gone since (its process ended: a Tune
+    trial stopped by ASHA, a killed driver) is only logged: the group goes on with the next request."""
+    from ray.exceptions import RayError
+
+    try:
+        reply.put(message)
+        return True
+    except RayError as e:
+        print(f"[mer.train] request {message.get('id')}: its client is gone ({type(e).__name__})", flush=True)
+        return False
+
+
+def _pickled(obj: Any) -> str | None:
+    """``obj`` (a client's Ray queue: an actor handle) as text for ``state.json``."""
+    if obj is None:
+        return None
+    import ray.cloudpickle
+
+    return base64.b64encode(ray.cloudpickle.dumps(obj)).decode()
+
+
+def _unpickle(text: str) -> Any:
+    import ray.cloudpickle
+
+    return ray.cloudpickle.loads(base64.b64decode(text))
+
+
 def _fold_targets(t: dict[str, list]) -> tuple[dict[str, tuple[int, float]], dict[str, tuple[int, float]]]:
     """(training, validation) clip id → (label index, weight) of one fit's ``targets`` entry."""
     ids, y, w = t["train"]
@@ -400,11 +569,14 @@ def _fold_targets(t: dict[str, list]) -> tuple[dict[str, tuple[int, float]], dic
 def _train_fit(fit: dict[str, Any], rows: GroupRows,
                targets: tuple[dict[str, tuple[int, float]], dict[str, tuple[int, float]]],
                states: dict[str, dict[str, Any]], files: dict[str, bytes], ckpt: Any, t_start: float,
-               startup: dict[str, float], engines: Engines) -> None:
+               startup: dict[str, float], engines: Engines, header: dict[str, Any] | None = None,
+               on_report: Callable[[dict[str, Any]], bool] | None = None, cancellable: bool = False) -> None:
     """One fit (a run's fold) to its end: fresh initial weights on this worker's engine of its shape (or the
     fit's state from ``ckpt``), every epoch checkpointed and reported; adds the fit's state to ``states`` and
     its outputs to ``files``. ``targets``: the fit's (training, validation) clips with their labels and weights,
-    rows of ``rows``."""
+    rows of ``rows``. ``header``: more of ``state.json`` (a fit service's request); ``on_report``: called on rank
+    0 with every epoch's reported metrics; with ``cancellable`` (the same on every rank) its False (nobody listens
+    any more: a Tune trial that ASHA stopped) ends the fit after that epoch, ``state["cancelled"]`` set."""
     import ray.train
     import torch  # lazy: torch and the fusion models load only where a model is built
 
@@ -526,7 +698,8 @@ def _train_fit(fit: dict[str, Any], rows: GroupRows,
             (Path(tmp) / RNG_FILE.format(rank=rank)).write_text(json.dumps(rng_state()))
             engine.save_checkpoint(tmp, tag=DS_TAG)
             if rank == 0:
-                (Path(tmp) / "state.json").write_text(json.dumps({"fits": states, "startup": startup}))
+                (Path(tmp) / "state.json").write_text(json.dumps({"fits": states, "startup": startup,
+                                                                  **(header or {})}))
                 own = Path(tmp) / fit_dir(key)
                 own.mkdir()
                 if best is not None:
@@ -544,11 +717,18 @@ def _train_fit(fit: dict[str, Any], rows: GroupRows,
             # Which process trained the epoch, which fit it was and whether it was the fit's last: lets a Ray
             # Train callback tell the workers apart and follow a fit to its end (a study's per-epoch score over
             # folds).
-            ray.train.report({**row, "pid": os.getpid(), "finished": state["finished"], "fit": key,
-                              "run": fit.get("run")},
-                             checkpoint=ray.train.Checkpoint.from_directory(tmp))
+            metrics = {**row, "pid": os.getpid(), "finished": state["finished"], "fit": key, "run": fit.get("run")}
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+            listened = on_report(metrics) if on_report is not None and rank == 0 else True
             print(f"[mer.train] fit {key} rank {rank} epoch {epoch}: train+val {seconds:.2f} s, "
                   f"checkpoint {t_rep - t0 - seconds:.2f} s, report {time.time() - t_rep:.2f} s", flush=True)
+        if cancellable:
+            # Rank 0 heard whether anyone still wants the fit; every rank leaves at the same epoch.
+            gone = torch.tensor([0.0 if listened is not False else 1.0], device=device)
+            torch.distributed.broadcast(gone, src=0)
+            if gone.item() and not state["finished"]:
+                state["cancelled"] = True
+                break
         if state["finished"]:
             break
     if not Engines.reusable(tc) and hasattr(engine, "destroy"):
