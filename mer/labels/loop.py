@@ -16,7 +16,8 @@ it does not lower the out-of-fold WAF against the original labels:
 Layout of ``out_uri``::
 
     sources/<name>/                 stage-0 runs (fused and one per modality), trained as one job
-    sources/ray/                    that job's Ray Train checkpoints
+    sources/ray/                    that job's Ray Train checkpoints (without a fit service)
+    ray/                            the fit service's checkpoints while the loop runs (removed at its end)
     sources/pool/<name>/            their fold models' predictions on the pool
     sources/reliability.json        each source's reliability on the labelled rows
     refined/labels.parquet          refined label table (+ labels.reliability.json), refined/run/, stage.json,
@@ -59,6 +60,7 @@ from mer.train import train_run
 from mer.train.ablation import select_shipped
 from mer.train.features import label_index
 from mer.train.run import RunRequest, resolve_modalities, train_runs
+from mer.train.service import job_service
 
 log = logging.getLogger("mer.labels")
 
@@ -340,7 +342,13 @@ class LabelLoop:
                 "selection": record, "why": f"selected: {record['why']}"}
 
     def run(self, rounds: int | None = None) -> dict[str, Any]:
-        """Run (or resume) every stage; write and return ``loop.json``."""
+        """Run (or resume) every stage; write and return ``loop.json``. Every stage's runs train on one fit service
+        (:func:`mer.train.service.job_service`): worker groups that start once for the whole loop."""
+        groups = self.cfg.labels.parallel_runs * self.cfg.train.parallel_folds
+        with job_service(self.cfg, self.features, storage.join(self.out, "ray"), groups=groups, mods=self.fused_mods):
+            return self._run(rounds)
+
+    def _run(self, rounds: int | None) -> dict[str, Any]:
         t0 = time.time()
         stage0, fold_votes, pool, rel = self.sources()
         self.stages = [stage0]

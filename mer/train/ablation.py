@@ -14,6 +14,7 @@ from mer.store import storage
 from mer.store.parts import PartStore
 from mer.train.features import label_index
 from mer.train.run import train_run
+from mer.train.service import job_service
 from mer.train.stack import build_stacked_run, select_candidate
 
 
@@ -32,8 +33,10 @@ def ablation_table(cfg: MerConfig, features_uri: str | PartStore, out_uri: str) 
     settings = {m: [m] for m in mods}
     settings["fused"] = mods
     runs = {name: storage.join(out_uri, name) for name in settings}
-    for name, ms in settings.items():
-        train_run(cfg, store, runs[name], resume=True, modalities=ms)
+    # The settings' runs one after another on one fit service: worker groups that start once.
+    with job_service(cfg, store, storage.join(out_uri, "ray"), groups=cfg.train.parallel_folds, mods=mods):
+        for name, ms in settings.items():
+            train_run(cfg, store, runs[name], resume=True, modalities=ms)
     table = {name: f["waf"] for name, f in run_figures(runs).items()}
     storage.write_json(storage.join(out_uri, "ablation.json"), table)
     print(format_ablation(table))

@@ -1,11 +1,12 @@
 """One trial of ``mer tune``: the k-fold run of ``mer train`` (:func:`mer.train.train_run`) for one sampled config,
 reporting the mean fold validation WAF to Ray Tune epoch by epoch.
 
-Each group of folds (``train.parallel_folds`` groups) is one Ray Train run; its controller hands each epoch's
-report to :class:`FoldReports` (a Ray Train ``UserCallback``) which forwards it through a Ray queue to the
-trial, where :class:`EpochScores` turns the folds' reports into one score per epoch: the mean over folds of
-each fold's best validation WAF so far (a fold that stopped early keeps its final best). ASHA compares trials
-on that score at the same epoch.
+The trial's folds train on the study's fit service (:mod:`mer.train.service`), whose answers carry each epoch's
+report; without one, each group of folds (``train.parallel_folds`` groups) is a Ray Train run of its own whose
+controller hands each epoch's report to :class:`FoldReports` (a Ray Train ``UserCallback``). Either way the
+reports reach the trial through a Ray queue, where :class:`EpochScores` turns them into one score per epoch: the
+mean over folds of each fold's best validation WAF so far (a fold that stopped early keeps its final best). ASHA
+compares trials on that score at the same epoch.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Any
 from mer.config import MerConfig
 from mer.store import storage
 from mer.train import train_run
+from mer.train.service import FitClient, using
 from mer.tune.space import trial_config
 
 log = logging.getLogger("mer.tune")
@@ -91,9 +93,14 @@ def _seed_finished_folds(run_uri: str, scores: EpochScores) -> None:
                 scores.add(k, int(h["epoch"]), float(h["best_val_waf"]), h is hist[-1])
 
 
-def run_trial(params: dict[str, Any], *, cfg: MerConfig, features_uri: str, study_uri: str) -> None:
+def run_trial(params: dict[str, Any], *, cfg: MerConfig, features_uri: str, study_uri: str,
+              service: Any = None) -> None:
     """Ray Tune function trainable: train ``cfg`` with ``params`` as ``<study>/trials/<trial id>`` (a normal run
     directory) and report ``{"epoch", "waf"}`` per epoch, then the run's figures.
+
+    ``service``: the request queue of the study's fit service (:mod:`mer.train.service`): the trial's folds are
+    handed to its warm worker groups, and their epoch reports come back with the answers; without one the trial
+    starts its own worker groups and a Ray Train callback relays their reports.
 
     The run resumes (``train_run(resume=True)``): a trial restarted after a failure, or by ``Tuner.restore`` after
     an interrupted study, skips its finished folds and continues the unfinished ones from their checkpoints.
@@ -108,10 +115,18 @@ def run_trial(params: dict[str, Any], *, cfg: MerConfig, features_uri: str, stud
     relay = FoldReports()
     outcome: dict[str, Any] = {}
 
+    def forward(m: dict[str, Any]) -> None:
+        relay.queue.put((int(m["fold"]), int(m["epoch"]), float(m["best_val_waf"]), bool(m.get("finished"))))
+
     def fit() -> None:
         try:
-            outcome["metrics"] = train_run(tcfg, features_uri, run_uri, resume=True, run_name=trial_id,
-                                           callbacks=[relay.callback()])
+            if service is not None:
+                with using(FitClient(service)):
+                    outcome["metrics"] = train_run(tcfg, features_uri, run_uri, resume=True, run_name=trial_id,
+                                                   progress=forward)
+            else:
+                outcome["metrics"] = train_run(tcfg, features_uri, run_uri, resume=True, run_name=trial_id,
+                                               callbacks=[relay.callback()])
         except BaseException as e:  # noqa: BLE001 - re-raised in the trial's thread below
             outcome["error"] = e
         finally:
