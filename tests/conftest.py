@@ -406,11 +406,12 @@ def train_store(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 @pytest.fixture(scope="session")
 def ablation(ray_local, train_cfg, train_store: str, tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path]:
-    """Each modality alone, then both fused (``mer ablation``): the table and its directory. Read-only."""
+    """Each modality alone, then both fused (``mer ablation``), each run with its own worker group (no fit service:
+    the reference every other way of training is compared with): the table and its directory. Read-only."""
     from mer.train import ablation_table
 
     out = tmp_path_factory.mktemp("ablation")
-    return ablation_table(train_cfg(), train_store, str(out)), out
+    return ablation_table(train_cfg(**{"train.fit_service": False}), train_store, str(out)), out
 
 
 @pytest.fixture(scope="session")

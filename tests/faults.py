@@ -106,8 +106,10 @@ class HoldFold:
     time whatever the machine's load: run in turn, the held fold would wait for a fold that never starts, and it
     fails."""
 
-    def __init__(self, marker: Path, fold: int = 0, after_epoch: int = 1, timeout_s: float = 300.0) -> None:
+    def __init__(self, marker: Path, fold: int = 0, after_epoch: int = 1, timeout_s: float = 300.0,
+                 arrived: Path | None = None) -> None:
         self.marker, self.fold, self.after_epoch, self.timeout_s = Path(marker), fold, after_epoch, timeout_s
+        self.arrived = Path(arrived) if arrived is not None else None  # written when the fold gets there
 
     def callback(self) -> Any:
         from ray.train import UserCallback
@@ -118,6 +120,8 @@ class HoldFold:
             def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
                 if metrics[0]["fold"] != spec.fold or metrics[0]["epoch"] != spec.after_epoch:
                     return
+                if spec.arrived is not None:
+                    spec.arrived.write_text(f"fold {spec.fold} reported epoch {spec.after_epoch}\n")
                 wait_for(f"fold {spec.fold} held until {spec.marker} is written (by a fold training beside it)",
                          spec.marker.exists, spec.timeout_s)
 

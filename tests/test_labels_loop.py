@@ -56,6 +56,20 @@ def test_every_stage_is_recorded_with_its_gate(bench: dict) -> None:
     assert all(set(r["alpha"]) == set(LABELS) for r in rel["sources"])
 
 
+def test_every_stage_trains_on_worker_groups_that_started_once(bench: dict) -> None:
+    """The loop's fit service: only the first fit of the loop waited for a worker group to start."""
+    runs = [s["run"] for s in bench["loop"]["stages"] if s["run"]]
+    runs += [str(p) for p in sorted((bench["root"] / "loop" / "sources").iterdir())
+             if (p / "metrics.json").exists() and str(p) not in runs]
+    timings = [storage.read_json(f"{r}/metrics.json")["timing"] for r in runs]
+    assert all(t["rows"] == "service" for t in timings)
+    starts = [g["group_start_s"] for t in timings for g in t["groups"]]
+    groups = bench["cfg"].labels.parallel_runs * bench["cfg"].train.parallel_folds
+    # One answer per fit; a group's start counts once (at its first fit, if it was not up by then), never again.
+    assert len(starts) == bench["cfg"].train.folds * len(runs) and sum(s > 0 for s in starts) <= groups, starts
+    assert not (bench["root"] / "loop" / "ray").exists(), "the service's checkpoints go with it"
+
+
 def test_the_loop_raises_test_waf_over_labelled_only(bench: dict) -> None:
     r = bench["result"]
     before, after = r["test_waf"]["labelled_only"], r["final_test_waf"]

@@ -230,11 +230,14 @@ def test_parallel_folds_overlap_and_resume_the_failed_one(ray_local, store: str,
     kill = kill_worker(tmp_path / "fault.marker", in_epoch=2, rank=0, fold=1)
     import faults
 
-    # Fold 0 waits after its first epoch until fold 1 has reached its fault: on a loaded machine fold 0 could
-    # otherwise finish its 10 epochs before fold 1's worker group is up. Folds run in turn would fail here.
-    hold = faults.HoldFold(tmp_path / "fault.marker", fold=0, after_epoch=1)
+    # Fold 0 waits after its first epoch until fold 1 has reached its fault, and fold 1 after its first epoch (before
+    # the fault) until fold 0 has got there: on a loaded machine either group could otherwise be done, or not yet
+    # up, while the other trains. Folds run in turn would fail here (each would wait for the other).
+    arrived = tmp_path / "fold0.arrived"
+    hold = faults.HoldFold(tmp_path / "fault.marker", fold=0, after_epoch=1, arrived=arrived)
+    hold_1 = faults.HoldFold(arrived, fold=1, after_epoch=1)
     with pytest.raises(Exception, match="fold"):
-        train_run(cfg, store, out, callbacks=[kill.callback(), hold.callback()])
+        train_run(cfg, store, out, callbacks=[hold_1.callback(), kill.callback(), hold.callback()])
     assert (tmp_path / "par" / "folds" / "fold_0.json").exists()
     assert not (tmp_path / "par" / "folds" / "fold_1.json").exists()
     r0 = storage.read_json(f"{out}/folds/fold_0.json")
