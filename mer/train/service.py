@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import os
 import threading
 import time
 import uuid
@@ -178,11 +179,13 @@ class FitClient:
                 self.requests = self.service.requests_handle()
             if self.replies is None:
                 self.replies = Queue(actor_options={"num_cpus": 0})  # no CPU: it only relays answers
+        # The workers run elsewhere (another directory, another node): a local store by its absolute path.
+        uri = store.uri if storage.is_s3(store.uri) else os.path.abspath(os.path.expanduser(store.uri))
         submitted: dict[str, tuple[str, float]] = {}
         for f in fits:
             rid = uuid.uuid4().hex
             submitted[rid] = (f["key"], time.time())
-            self.requests.put({"id": rid, "store": store.uri, "parts": list(store.parts), "mods": list(mods),
+            self.requests.put({"id": rid, "store": uri, "parts": list(store.parts), "mods": list(mods),
                                "dims": {m: int(dims[m]) for m in mods}, "fits": [f],
                                "progress": on_progress is not None, "reply": self.replies})
         out: dict[str, Result] = {}
