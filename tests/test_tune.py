@@ -166,8 +166,11 @@ def test_study_resumes_after_being_killed_and_ranks_its_trials(study: dict) -> N
     # Ranked by mean fold validation WAF (finished first), with its spread, OOF WAF, time and parameters.
     assert [r["waf_mean"] for r in finished] == sorted((r["waf_mean"] for r in finished), reverse=True)
     assert [r["rank"] for r in board] == [1, 2, 3]
+    # The trials trained on the study's fit service (worker groups that started once per study process).
+    assert summary["fit_service"] is True
     for r in finished:
         m = json.loads((Path(r["run"]) / "metrics.json").read_text())
+        assert m["timing"]["rows"] == "service"
         fold_waf = [f["val_waf"] for f in m["folds"]]
         assert r["waf_mean"] == pytest.approx(np.mean(fold_waf)) and r["waf_std"] == pytest.approx(np.std(fold_waf))
         assert r["oof_waf"] == pytest.approx(m["waf"]) and r["seconds"] > 0
