@@ -250,7 +250,9 @@ class FitClient:
                   "data_s": float(msg.get("data_s", 0.0)), "service": True}
         r = msg["results"][key]
         return {"state": r["state"], "best": r["best"], "val_pred": pq.read_table(io.BytesIO(r["val_pred"])),
-                "checkpoint_path": f"{self.service.where if self.service else 'fit service'}", "group_timing": timing}
+                # The fit's checkpoints lived in the service's folder, which goes when the service closes.
+                "checkpoint_path": f"fit service ({self.service.where if self.service else 'another process'}; "
+                                   "removed when it closed)", "group_timing": timing}
 
     def close(self) -> None:
         if self.replies is not None:
