@@ -28,7 +28,7 @@ from mer.runtime.stream import Stage, build, write_stream
 from mer.store import storage
 from mer.store.parts import PartStore
 from mer.train import load_ensemble
-from mer.train.features import fits_in_mb
+from mer.train.features import scored_on_driver as on_driver
 
 log = logging.getLogger("mer.score")
 
@@ -144,15 +144,6 @@ def score_features(cfg: MerConfig, run_uri: str, features: str | PartStore, out_
     summary["status_counts"] = _counts(preds.column("status").to_pylist())
     summary["seconds"] = round(time.time() - t0, 2)
     return summary
-
-
-def on_driver(cfg: MerConfig, dims: dict[str, int], rows: int) -> bool:
-    """Whether scoring ``rows`` rows runs on the driver (``score.driver_rows_mb``): a CPU scoring whose rows'
-    vectors (the run's modality sizes ``dims``) fit in that many MiB as float32."""
-    limit = cfg.score.driver_rows_mb
-    if limit <= 0 or cfg.score.resources.num_gpus > 0:
-        return False
-    return fits_in_mb(rows, dims.values(), limit)
 
 
 def _driver_batches(store: PartStore, cols: list[str], predictor: EnsemblePredictor, pending: list[str],

@@ -8,7 +8,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from mer.config import LABELS
+from mer.config import LABELS, MerConfig
 from mer.store.parts import PartStore
 
 LABEL_INDEX = {lab: k for k, lab in enumerate(LABELS)}
@@ -138,6 +138,16 @@ def fits_in_mb(rows: int, dims: Iterable[int], limit_mb: float) -> bool:
     """Whether ``rows`` rows of vectors of sizes ``dims`` fit in ``limit_mb`` MiB as float32: the test by which a
     small store is read (``train.driver_rows_mb``) or scored (``score.driver_rows_mb``) on the driver."""
     return rows * sum(dims) * 4 <= limit_mb * 2**20
+
+
+def scored_on_driver(cfg: MerConfig, dims: dict[str, int], rows: int) -> bool:
+    """Whether scoring ``rows`` rows runs on the driver (``score.driver_rows_mb``): a CPU scoring whose rows'
+    vectors (the run's modality sizes ``dims``) fit in that many MiB as float32. Here, below scoring, because a
+    training job asks it too (a fit service holds CPUs that a scoring actor pool would wait for)."""
+    limit = cfg.score.driver_rows_mb
+    if limit <= 0 or cfg.score.resources.num_gpus > 0:
+        return False
+    return fits_in_mb(rows, dims.values(), limit)
 
 
 def label_index(labels: list[str | None]) -> np.ndarray:

@@ -35,7 +35,7 @@ import pyarrow.parquet as pq
 from mer.config import MerConfig
 from mer.store import storage
 from mer.store.parts import PartStore
-from mer.train.features import fits_in_mb, modality_dims
+from mer.train.features import fits_in_mb, modality_dims, scored_on_driver
 from mer.train.fold import controller_poll_interval, ray_storage
 from mer.train.worker import SERVICE_STOP, service_loop_per_worker
 
@@ -304,8 +304,6 @@ def job_service(cfg: MerConfig, store: PartStore, where: str, *, groups: int = 1
         return contextlib.nullcontext()
     dims = modality_dims(store, mods or [m for m in tc.modalities if m in store.columns])
     rows = len(store.ids())
-    score_driver = (cfg.score.driver_rows_mb > 0 and cfg.score.resources.num_gpus == 0
-                    and fits_in_mb(rows, dims.values(), cfg.score.driver_rows_mb))
-    if not (fits_in_mb(rows, dims.values(), tc.driver_rows_mb) and score_driver):
+    if not (fits_in_mb(rows, dims.values(), tc.driver_rows_mb) and scored_on_driver(cfg, dims, rows)):
         return contextlib.nullcontext()
     return fit_service(cfg, where, groups=groups)
