@@ -492,8 +492,7 @@ def service_loop_per_worker(config: dict[str, Any]) -> None:
         if key_rows not in cached:
             t0 = time.time()
             cached.clear()  # one store's rows at a time
-            table = pa.concat_tables(list(PartStore(req["store"]).iter(columns=list(req["mods"]))),
-                                     promote_options="default")
+            table = PartStore(req["store"]).read(columns=list(req["mods"]))
             rows = GroupRows(table, list(req["mods"]), {m: int(d) for m, d in req["dims"].items()},
                              set(table.column("clip_id").to_pylist()), cache=True)
             rows.arrays()
